@@ -1,0 +1,196 @@
+//! Admin API: HTTP/1.1 + JSON under `/v1`, served on a Unix socket (see `openapi.yaml`).
+//!
+//! Bodies are parsed here, not by an extractor, so every malformed request gets a JSON error
+//! naming what is wrong. Volume operations run on the blocking pool: creating a preallocated
+//! volume or draining a deleted one's I/O takes real time.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::service::{self, VolumeService};
+
+/// Shared state of the API handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    pub service: Arc<Mutex<VolumeService>>,
+    pub metrics: Metrics,
+    pub metrics_url: Option<String>,
+}
+
+/// An error answer: a status and `{"error": "..."}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<service::Error> for ApiError {
+    fn from(e: service::Error) -> Self {
+        use service::Error as E;
+        let status = match &e {
+            E::Invalid(_) | E::BadRequest(_) | E::Shrink(..) => StatusCode::BAD_REQUEST,
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::AlreadyExists(_) | E::Attached(_) => StatusCode::CONFLICT,
+            E::PoolFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            E::NotServing(..) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Backing(crate::backing::Error::DeviceTooSmall { .. })
+            | E::Backing(crate::backing::Error::NotBlockOrFile { .. }) => StatusCode::BAD_REQUEST,
+            E::Backing(crate::backing::Error::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!("API request failed: {}", crate::error_chain(&e));
+        }
+        ApiError(status, crate::error_chain(&e))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "Request body is empty; expected a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("Invalid request body: {e}")))
+}
+
+/// Runs a service call on the blocking pool.
+async fn with_service<T, F>(state: &ApiState, f: F) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut VolumeService) -> Result<T, service::Error> + Send + 'static,
+{
+    let svc = state.service.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = svc.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("Internal error: {e}")))?
+    .map_err(ApiError::from)
+}
+
+async fn list_volumes(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, |svc| Ok(svc.list())).await?;
+    Ok(Json(v))
+}
+
+async fn create_volume(State(s): State<ApiState>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let req: service::CreateVolume = parse_body(&body)?;
+    let v = with_service(&s, move |svc| svc.create(req)).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn get_volume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, move |svc| svc.get(&name)).await?;
+    Ok(Json(v))
+}
+
+async fn update_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let req: service::UpdateVolume = parse_body(&body)?;
+    let v = with_service(&s, move |svc| svc.update(&name, req)).await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(params) =
+        params.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("Invalid query: {}", e.body_text())))?;
+    let v = with_service(&s, move |svc| svc.delete(&name, params.force)).await?;
+    Ok(Json(v))
+}
+
+async fn info(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let url = s.metrics_url.clone();
+    let v = with_service(&s, move |svc| {
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "data_dir": svc.data_dir(),
+            "admin_socket": svc.paths().admin_socket,
+            "socket_dir": svc.paths().socket_dir,
+            "metrics_url": url,
+            "pool_capacity_bytes": svc.pool_capacity(),
+            "allocated_bytes": svc.allocated_bytes(),
+        }))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+async fn metrics(State(m): State<Metrics>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "No such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed on this endpoint".into(),
+    )
+}
+
+/// The admin API router.
+pub fn router(state: ApiState) -> Router {
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state.metrics.clone());
+    Router::new()
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(update_volume).delete(delete_volume),
+        )
+        .route("/v1/info", get(info))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .merge(metrics)
+}
+
+/// The metrics router served on TCP.
+pub fn metrics_router(metrics: Metrics) -> Router {
+    Router::new()
+        .route("/metrics", get(self::metrics))
+        .fallback(not_found)
+        .with_state(metrics)
+}

@@ -1,0 +1,135 @@
+//! `storagectl`: command-line client of storaged's admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use storaged::client::AdminClient;
+
+/// Manage the volumes of a running storaged through its admin socket.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Admin socket of storaged.
+    #[arg(
+        long,
+        env = "STORAGED_ADMIN_SOCKET",
+        default_value = "/var/lib/storaged/admin.sock"
+    )]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a volume: `storagectl create db1 --size 2TiB --tier premium`.
+    Create {
+        name: String,
+        /// Size, e.g. 500GiB, 2TiB, 1TB (a multiple of 4096 bytes).
+        #[arg(long)]
+        size: String,
+        /// essential, standard, premium, enterprise, ultra or mass [default: from config].
+        #[arg(long)]
+        tier: Option<String>,
+        /// Serve the volume read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Number of virtqueues [default: from config].
+        #[arg(long)]
+        queues: Option<u16>,
+        /// Allocate the whole backing file now.
+        #[arg(long)]
+        preallocate: bool,
+        /// Serve this existing block device instead of a file in the data dir.
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Get { name: String },
+    /// Grow a volume online: `storagectl resize db1 3TiB`.
+    Resize { name: String, size: String },
+    /// Change a volume's tier.
+    SetTier { name: String, tier: String },
+    /// Delete a volume and its data.
+    Delete {
+        name: String,
+        /// Delete even while a frontend is attached (disconnects it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Daemon facts: version, data dir, metrics URL, pool usage.
+    Info,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let client = AdminClient::new(&args.socket);
+    let (method, target, body) = match &args.command {
+        Command::Create {
+            name,
+            size,
+            tier,
+            read_only,
+            queues,
+            preallocate,
+            device,
+        } => {
+            let mut b = json!({ "name": name, "size": size, "read_only": read_only });
+            if let Some(t) = tier {
+                b["tier"] = json!(t);
+            }
+            if let Some(q) = queues {
+                b["num_queues"] = json!(q);
+            }
+            if *preallocate {
+                b["preallocate"] = json!(true);
+            }
+            if let Some(d) = device {
+                b["device"] = json!(d);
+            }
+            ("POST", "/v1/volumes".to_string(), Some(b))
+        }
+        Command::List => ("GET", "/v1/volumes".into(), None),
+        Command::Get { name } => ("GET", format!("/v1/volumes/{name}"), None),
+        Command::Resize { name, size } => (
+            "PATCH",
+            format!("/v1/volumes/{name}"),
+            Some(json!({ "size": size })),
+        ),
+        Command::SetTier { name, tier } => (
+            "PATCH",
+            format!("/v1/volumes/{name}"),
+            Some(json!({ "tier": tier })),
+        ),
+        Command::Delete { name, force } => (
+            "DELETE",
+            format!("/v1/volumes/{name}{}", if *force { "?force=true" } else { "" }),
+            None,
+        ),
+        Command::Info => ("GET", "/v1/info".into(), None),
+    };
+    let body = body.map(|b| b.to_string());
+    match client.request(method, &target, body.as_deref()) {
+        Ok(resp) if resp.is_success() => {
+            let v = resp.json();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or(resp.body));
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            let msg = resp.json()["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(resp.body);
+            eprintln!("storagectl: {} (HTTP {})", msg, resp.status);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("storagectl: {}", storaged::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

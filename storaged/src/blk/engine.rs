@@ -1,0 +1,622 @@
+//! One io_uring per virtqueue: the queue's requests go to the backing storage straight from and
+//! into guest memory.
+//!
+//! A kick pops every available chain, parses it, and queues its SQEs; one `io_uring_enter`
+//! submits the whole batch. The ring signals completions through an eventfd registered with the
+//! queue's epoll worker, which reaps them, writes the status bytes, fills the used ring and
+//! signals the call eventfd once per batch (respecting EVENT_IDX).
+//!
+//! Each in-flight request owns what the kernel reads or writes: the iovec array, a bounce buffer
+//! if one is needed, and a reference to the guest memory mapping, so none of them can go away
+//! before its completion is reaped, even if the frontend replaces its memory table.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
+use super::VolumeIo;
+use crate::backing::{AlignedBuf, FALLOC_PUNCH, FALLOC_ZERO};
+use crate::metrics::op_index;
+
+/// Guest memory as vhost-user-backend maps it.
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Errors of the engine itself (not of requests, which are answered with a status).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot create io_uring of {0} entries")]
+    CreateRing(u32, #[source] std::io::Error),
+    #[error("Cannot create the completion eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Cannot register the completion eventfd with io_uring")]
+    RegisterEventFd(#[source] std::io::Error),
+    #[error("io_uring_enter failed")]
+    Submit(#[source] std::io::Error),
+    #[error("Virtqueue access failed: {0}")]
+    Queue(String),
+    #[error("Cannot signal the used queue")]
+    Signal(#[source] std::io::Error),
+}
+
+/// A request between submission and completion.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    op: Operation,
+    /// Keeps the guest mapping alive while the kernel may still access it.
+    mem: Arc<GuestMem>,
+    iovecs: Vec<libc::iovec>,
+    /// Guest ranges of the data, for bounce copies and GET_ID.
+    data: Vec<GuestRange>,
+    bounce: Option<AlignedBuf>,
+    /// Byte offset on the backing storage where the next resubmission of a short transfer
+    /// starts, and bytes still to transfer.
+    offset: u64,
+    remaining: u64,
+    /// SQEs not yet completed (discard and write-zeroes have one per range).
+    parts: u32,
+    failed: bool,
+    started: Instant,
+}
+
+// SAFETY: the raw pointers in `iovecs` point into `mem` or `bounce`, both owned by the
+// InFlight; the struct moves between threads only as a whole, under the engine's mutex.
+unsafe impl Send for InFlight {}
+
+/// The io_uring and in-flight table of one virtqueue.
+pub struct QueueEngine {
+    ring: IoUring,
+    eventfd: EventFd,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<u32>,
+    volume: Arc<VolumeIo>,
+    /// Used-ring entries added since the last signal.
+    pending_signal: bool,
+    /// The queue this engine serves, known from its first kick; used to answer in-flight
+    /// requests when the frontend stops the queue.
+    vring: Option<VringRwLock>,
+}
+
+fn user_data(slot: u32, part: u32) -> u64 {
+    (u64::from(part) << 32) | u64::from(slot)
+}
+
+impl QueueEngine {
+    pub fn new(volume: Arc<VolumeIo>, entries: u32) -> Result<Self, Error> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(|e| Error::CreateRing(entries, e))?;
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(Error::RegisterEventFd)?;
+        Ok(QueueEngine {
+            ring,
+            eventfd,
+            slots: Vec::new(),
+            free: Vec::new(),
+            volume,
+            pending_signal: false,
+            vring: None,
+        })
+    }
+
+    /// The eventfd that becomes readable when completions are ready.
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.eventfd
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Handles a kick: takes every available chain off the queue, then submits the batch.
+    pub fn process_queue(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::warn!(volume = %self.volume.name, "cannot disable notifications: {e}");
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                self.start_request(chain, vring, mem);
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume.name, "cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+        }
+        self.signal(vring);
+    }
+
+    /// Parses one chain and either answers it at once or queues its I/O.
+    fn start_request(
+        &mut self,
+        chain: DescriptorChain<Arc<GuestMem>>,
+        vring: &VringRwLock,
+        mem: &Arc<GuestMem>,
+    ) {
+        let head = chain.head_index();
+        let descs = chain.map(|d| ChainDesc {
+            addr: d.addr(),
+            len: d.len(),
+            writable: d.is_write_only(),
+        });
+        let started = Instant::now();
+        let req = match request::parse(mem.as_ref(), descs, &self.volume.limits()) {
+            Parsed::Request(r) => r,
+            Parsed::Reject {
+                status,
+                code,
+                error,
+            } => {
+                tracing::debug!(volume = %self.volume.name, "refused request: {error}");
+                self.volume.metrics.invalid_requests.inc();
+                let used = match mem.write_obj(code, status) {
+                    Ok(()) => 1,
+                    Err(_) => 0,
+                };
+                self.add_used(vring, head, used);
+                return;
+            }
+            Parsed::Drop(error) => {
+                tracing::debug!(volume = %self.volume.name, "dropped chain: {error}");
+                self.volume.metrics.invalid_requests.inc();
+                self.add_used(vring, head, 0);
+                return;
+            }
+        };
+        // Stages a volume may enable (rate limit, transform) go here, before submission.
+        self.submit_request(head, req, mem.clone(), started, vring);
+    }
+
+    /// Builds the in-flight entry and pushes its SQEs. Requests without I/O complete at once.
+    fn submit_request(
+        &mut self,
+        head: u16,
+        req: Request,
+        mem: Arc<GuestMem>,
+        started: Instant,
+        vring: &VringRwLock,
+    ) {
+        let Request { op, data, status } = req;
+        let mut inflight = InFlight {
+            head,
+            status,
+            op,
+            mem,
+            iovecs: Vec::new(),
+            data,
+            bounce: None,
+            offset: 0,
+            remaining: 0,
+            parts: 1,
+            failed: false,
+            started,
+        };
+        match &inflight.op {
+            Operation::Read { offset, len } | Operation::Write { offset, len } => {
+                let (offset, len) = (*offset, *len);
+                let write = matches!(inflight.op, Operation::Write { .. });
+                if !self.build_iovecs(&mut inflight, write) {
+                    self.volume.metrics.invalid_requests.inc();
+                    self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+                    return;
+                }
+                inflight.offset = offset;
+                inflight.remaining = len;
+            }
+            Operation::GetId { len } => {
+                let n = (*len as usize).min(self.volume.serial.len());
+                let ok = copy_to_guest(&inflight.mem, &inflight.data, &self.volume.serial[..n]);
+                let (code, used) = if ok {
+                    (VIRTIO_BLK_S_OK as u8, n as u32)
+                } else {
+                    (VIRTIO_BLK_S_IOERR as u8, 0)
+                };
+                self.finish(vring, inflight, code, used);
+                return;
+            }
+            Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
+                inflight.parts = ranges.len() as u32;
+            }
+            Operation::Flush => {}
+        }
+        let slot = self.alloc_slot(inflight);
+        self.push_sqes(slot);
+        self.volume.metrics.inflight.inc();
+    }
+
+    /// Translates the data ranges into iovecs, or sets up a bounce buffer where direct I/O
+    /// cannot use guest memory as it is. False if guest memory is not mapped.
+    fn build_iovecs(&self, inflight: &mut InFlight, write: bool) -> bool {
+        let align = self.volume.store.align as usize;
+        let direct = self.volume.store.direct;
+        let mut iovecs = Vec::with_capacity(inflight.data.len());
+        let mut aligned = true;
+        for r in &inflight.data {
+            for slice in inflight.mem.get_slices(r.addr, r.len as usize) {
+                let Ok(slice) = slice else { return false };
+                let ptr = slice.ptr_guard_mut().as_ptr();
+                if direct && (ptr as usize % align != 0 || slice.len() % align != 0) {
+                    aligned = false;
+                }
+                iovecs.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: slice.len(),
+                });
+            }
+        }
+        if aligned {
+            inflight.iovecs = iovecs;
+            return true;
+        }
+        let len: usize = iovecs.iter().map(|v| v.iov_len).sum();
+        let mut bounce = AlignedBuf::new(len, align.max(4096));
+        if write && !copy_from_guest(&inflight.mem, &inflight.data, &mut bounce.as_mut_slice()[..len]) {
+            return false;
+        }
+        inflight.iovecs = vec![libc::iovec {
+            iov_base: bounce.as_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        inflight.bounce = Some(bounce);
+        true
+    }
+
+    fn alloc_slot(&mut self, inflight: InFlight) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(inflight);
+                i
+            }
+            None => {
+                self.slots.push(Some(inflight));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Pushes the SQEs of a slot's request (all its parts).
+    fn push_sqes(&mut self, slot: u32) {
+        let Some(inflight) = self.slots[slot as usize].as_ref() else {
+            return;
+        };
+        let fd = types::Fd(self.volume.store.file.as_raw_fd());
+        let sqes: Vec<squeue::Entry> = match &inflight.op {
+            Operation::Read { .. } => vec![opcode::Readv::new(
+                fd,
+                inflight.iovecs.as_ptr(),
+                inflight.iovecs.len() as u32,
+            )
+            .offset(inflight.offset)
+            .build()
+            .user_data(user_data(slot, 0))],
+            Operation::Write { .. } => vec![opcode::Writev::new(
+                fd,
+                inflight.iovecs.as_ptr(),
+                inflight.iovecs.len() as u32,
+            )
+            .offset(inflight.offset)
+            .build()
+            .user_data(user_data(slot, 0))],
+            Operation::Flush => vec![opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(user_data(slot, 0))],
+            Operation::Discard(ranges) => ranges
+                .iter()
+                .enumerate()
+                .map(|(i, r)| fallocate_sqe(fd, r, FALLOC_PUNCH, user_data(slot, i as u32)))
+                .collect(),
+            Operation::WriteZeroes(ranges) => ranges
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let mode = if r.unmap { FALLOC_PUNCH } else { FALLOC_ZERO };
+                    fallocate_sqe(fd, r, mode, user_data(slot, i as u32))
+                })
+                .collect(),
+            Operation::GetId { .. } => Vec::new(),
+        };
+        for sqe in sqes {
+            self.push(&sqe);
+        }
+    }
+
+    fn push(&mut self, sqe: &squeue::Entry) {
+        loop {
+            // SAFETY: every buffer and iovec array the SQE points to is owned by an InFlight in
+            // `slots`, which is only freed after this SQE's completion has been reaped.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand the batch to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Handles the completion eventfd: reaps every CQE and signals the guest once.
+    pub fn process_completions(&mut self, vring: &VringRwLock) {
+        let _ = self.eventfd.read();
+        self.reap(Some(vring));
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+        }
+        self.signal(vring);
+    }
+
+    fn reap(&mut self, vring: Option<&VringRwLock>) {
+        loop {
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            if cqes.is_empty() {
+                return;
+            }
+            for (ud, res) in cqes {
+                self.complete(vring, (ud & 0xffff_ffff) as u32, (ud >> 32) as u32, res);
+            }
+        }
+    }
+
+    /// Accounts one CQE; when a request's last part is done, answers it.
+    fn complete(&mut self, vring: Option<&VringRwLock>, slot: u32, part: u32, res: i32) {
+        let Some(inflight) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            tracing::error!(volume = %self.volume.name, slot, "completion for an empty slot");
+            return;
+        };
+        match &inflight.op {
+            Operation::Read { .. } | Operation::Write { .. } => {
+                if res > 0 && (res as u64) < inflight.remaining {
+                    // Short transfer: resubmit the rest.
+                    advance_iovecs(&mut inflight.iovecs, res as usize);
+                    inflight.offset += res as u64;
+                    inflight.remaining -= res as u64;
+                    self.push_sqes(slot);
+                    return;
+                }
+                if res <= 0 {
+                    tracing::warn!(
+                        volume = %self.volume.name,
+                        offset = inflight.offset,
+                        "{} failed: {}",
+                        inflight.op.label(),
+                        if res < 0 { std::io::Error::from_raw_os_error(-res).to_string() } else { "end of file".into() }
+                    );
+                    inflight.failed = true;
+                }
+            }
+            Operation::WriteZeroes(ranges) if res == -libc::EOPNOTSUPP => {
+                // No ZERO_RANGE here (or no discard for unmap): a punched hole also reads zeros.
+                let r = ranges[part as usize];
+                let fd = types::Fd(self.volume.store.file.as_raw_fd());
+                if !r.unmap {
+                    let sqe = fallocate_sqe(fd, &ByteRange { unmap: true, ..r }, FALLOC_PUNCH, user_data(slot, part));
+                    if let Operation::WriteZeroes(ranges) = &mut inflight.op {
+                        ranges[part as usize].unmap = true;
+                    }
+                    self.push(&sqe);
+                    return;
+                }
+                inflight.failed = true;
+            }
+            Operation::Discard(_) if res == -libc::EOPNOTSUPP => {
+                // Discard is a hint; storage that cannot deallocate keeps the data.
+            }
+            _ => {
+                if res < 0 {
+                    tracing::warn!(
+                        volume = %self.volume.name,
+                        "{} failed: {}",
+                        inflight.op.label(),
+                        std::io::Error::from_raw_os_error(-res)
+                    );
+                    inflight.failed = true;
+                }
+            }
+        }
+        inflight.parts -= 1;
+        if inflight.parts > 0 {
+            return;
+        }
+        let Some(inflight) = self.slots[slot as usize].take() else {
+            return;
+        };
+        self.free.push(slot);
+        self.volume.metrics.inflight.dec();
+        let mut used = 0;
+        let mut code = VIRTIO_BLK_S_OK as u8;
+        if inflight.failed {
+            code = VIRTIO_BLK_S_IOERR as u8;
+            self.volume.metrics.io_errors.inc();
+        } else if let Operation::Read { len, .. } = inflight.op {
+            used = len as u32;
+            if let Some(bounce) = &inflight.bounce {
+                if !copy_to_guest(&inflight.mem, &inflight.data, &bounce.as_slice()[..len as usize]) {
+                    code = VIRTIO_BLK_S_IOERR as u8;
+                    used = 0;
+                }
+            }
+        }
+        // Stages a volume may enable (replicate, transform of read data) go here.
+        match vring {
+            Some(vring) => self.finish(vring, inflight, code, used),
+            None => drop(inflight),
+        }
+    }
+
+    /// Writes the status, returns the chain to the guest and records metrics.
+    fn finish(&mut self, vring: &VringRwLock, inflight: InFlight, code: u8, data_used: u32) {
+        let used = match inflight.mem.write_obj(code, inflight.status) {
+            Ok(()) => data_used + 1,
+            Err(_) => 0,
+        };
+        if code == VIRTIO_BLK_S_OK as u8 {
+            let i = op_index(&inflight.op);
+            let m = &self.volume.metrics;
+            m.requests[i].inc();
+            let bytes = match &inflight.op {
+                Operation::Read { len, .. } | Operation::Write { len, .. } => *len,
+                Operation::Discard(r) | Operation::WriteZeroes(r) => r.iter().map(|r| r.len).sum(),
+                Operation::Flush | Operation::GetId { .. } => 0,
+            };
+            m.bytes[i].inc_by(bytes);
+            m.latency[i].observe(inflight.started.elapsed().as_secs_f64());
+        }
+        self.add_used(vring, inflight.head, used);
+    }
+
+    fn add_used(&mut self, vring: &VringRwLock, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            tracing::error!(volume = %self.volume.name, "cannot add to the used ring: {e}");
+        }
+        self.pending_signal = true;
+    }
+
+    fn signal(&mut self, vring: &VringRwLock) {
+        if !self.pending_signal {
+            return;
+        }
+        self.pending_signal = false;
+        match vring.needs_notification() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::debug!(volume = %self.volume.name, "cannot signal the guest: {e}");
+                }
+            }
+        }
+    }
+
+    /// Waits for every in-flight request, answering them through `vring` if given (the queue
+    /// is being stopped) or discarding the answers (the frontend is gone).
+    pub fn drain(&mut self, vring: Option<&VringRwLock>) {
+        while self.in_flight() > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(volume = %self.volume.name, "io_uring wait failed: {e}");
+                    return;
+                }
+            }
+            self.reap(vring);
+        }
+        if let Some(vring) = vring {
+            self.signal(vring);
+        }
+    }
+}
+
+impl QueueEngine {
+    /// Answers every in-flight request through the used ring (the frontend stops the queue).
+    pub fn drain_to_guest(&mut self) {
+        let vring = self.vring.take();
+        self.drain(vring.as_ref());
+    }
+}
+
+impl Drop for QueueEngine {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers owned by in-flight entries.
+        self.drain(None);
+    }
+}
+
+fn fallocate_sqe(fd: types::Fd, r: &ByteRange, mode: i32, ud: u64) -> squeue::Entry {
+    opcode::Fallocate::new(fd, r.len)
+        .offset(r.offset)
+        .mode(mode)
+        .build()
+        .user_data(ud)
+}
+
+/// Drops the first `n` bytes from an iovec array.
+fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut drop_count = 0;
+    for v in iovecs.iter_mut() {
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            drop_count += 1;
+        } else {
+            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+    }
+    iovecs.drain(..drop_count);
+}
+
+fn copy_to_guest(mem: &GuestMem, ranges: &[GuestRange], mut src: &[u8]) -> bool {
+    for r in ranges {
+        if src.is_empty() {
+            break;
+        }
+        let n = src.len().min(r.len as usize);
+        if mem.write_slice(&src[..n], r.addr).is_err() {
+            return false;
+        }
+        src = &src[n..];
+    }
+    true
+}
+
+fn copy_from_guest(mem: &GuestMem, ranges: &[GuestRange], mut dst: &mut [u8]) -> bool {
+    for r in ranges {
+        if dst.is_empty() {
+            break;
+        }
+        let n = dst.len().min(r.len as usize);
+        let (head, tail) = dst.split_at_mut(n);
+        if mem.read_slice(head, r.addr).is_err() {
+            return false;
+        }
+        dst = tail;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advancing_iovecs_skips_whole_and_partial_buffers() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        let mut v = vec![
+            libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: 8 },
+            libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 8 },
+        ];
+        advance_iovecs(&mut v, 11);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].iov_len, 5);
+        assert_eq!(v[0].iov_base as usize, b.as_ptr() as usize + 3);
+    }
+}

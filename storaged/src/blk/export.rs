@@ -1,0 +1,288 @@
+//! The vhost-user socket of one volume.
+//!
+//! A volume is dedicated: one frontend at a time. A thread per volume owns the listening
+//! socket. When a frontend connects it gets a fresh device ([`BlkBackend`]) with its own worker
+//! threads and rings; while it stays connected, further connections are accepted and closed at
+//! once (and logged). When it disconnects, its in-flight I/O is drained and the socket accepts
+//! the next frontend.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::BlkBackend;
+use super::VolumeIo;
+
+/// Errors setting up a volume's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("Cannot set permissions of {path}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Cannot start the socket thread for volume {volume}")]
+    Thread {
+        volume: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Default)]
+struct ExportState {
+    attached: AtomicBool,
+    stopping: AtomicBool,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+/// A volume being served on its vhost-user socket.
+pub struct Export {
+    volume: Arc<VolumeIo>,
+    socket_path: PathBuf,
+    state: Arc<ExportState>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Export {
+    /// Binds the socket (listening when this returns) and starts serving it.
+    pub fn start(volume: Arc<VolumeIo>, socket_path: &Path) -> Result<Self, Error> {
+        let listener = Listener::new(socket_path, true).map_err(|source| Error::Listen {
+            path: socket_path.to_owned(),
+            source,
+        })?;
+        std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o660)).map_err(
+            |source| Error::Permissions {
+                path: socket_path.to_owned(),
+                source,
+            },
+        )?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let state = Arc::new(ExportState::default());
+        let server = Server {
+            volume: volume.clone(),
+            listener,
+            stop: stop.try_clone().map_err(Error::EventFd)?,
+            state: state.clone(),
+        };
+        let thread = thread::Builder::new()
+            .name(format!("export-{}", volume.name))
+            .spawn(move || server.run())
+            .map_err(|source| Error::Thread {
+                volume: volume.name.clone(),
+                source,
+            })?;
+        Ok(Export {
+            volume,
+            socket_path: socket_path.to_owned(),
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn volume(&self) -> &Arc<VolumeIo> {
+        &self.volume
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// True while a frontend is connected.
+    pub fn is_attached(&self) -> bool {
+        self.state.attached.load(Ordering::Acquire)
+    }
+
+    /// Closes the current frontend connection, if any (the socket keeps listening).
+    pub fn disconnect(&self) {
+        if let Some(conn) = lock(&self.state.connection).as_ref() {
+            conn.shutdown();
+        }
+    }
+
+    /// Stops accepting, closes the connection, waits for in-flight I/O and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.state.stopping.store(true, Ordering::Release);
+        let _ = self.stop.write(1);
+        self.disconnect();
+        if thread.join().is_err() {
+            tracing::error!(volume = %self.volume.name, "socket thread panicked");
+        }
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits until one of `fds` is readable; returns which are.
+fn poll_readable<const N: usize>(fds: [RawFd; N]) -> [bool; N] {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: pfds is a valid array of N pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, -1) };
+        if rc >= 0 {
+            break;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
+    pfds.map(|p| p.revents != 0)
+}
+
+struct Server {
+    volume: Arc<VolumeIo>,
+    listener: Listener,
+    stop: EventFd,
+    state: Arc<ExportState>,
+}
+
+impl Server {
+    fn stopping(&self) -> bool {
+        self.state.stopping.load(Ordering::Acquire)
+    }
+
+    fn run(mut self) {
+        let name = self.volume.name.clone();
+        loop {
+            let [incoming, stop] = poll_readable([self.listener.as_raw_fd(), self.stop.as_raw_fd()]);
+            if stop || self.stopping() {
+                return;
+            }
+            if incoming {
+                if let Err(e) = self.serve_one() {
+                    tracing::error!(volume = %name, "frontend connection failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Accepts one frontend and serves it until it disconnects (or the export stops).
+    fn serve_one(&mut self) -> Result<(), String> {
+        let name = self.volume.name.clone();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(self.volume.clone(), mem.clone()).map_err(|e| {
+            // Take the connection off the queue so it is not retried forever.
+            let _ = self.listener.accept();
+            format!("cannot set up the device: {e}")
+        })?);
+        let mut daemon = VhostUserDaemon::new(format!("vu-{name}"), backend.clone(), mem)
+            .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+        for (q, (handler, fd)) in daemon
+            .get_epoll_handlers()
+            .iter()
+            .zip(backend.completion_fds())
+            .enumerate()
+        {
+            handler
+                .register_listener(fd, EventSet::IN, backend.completion_event_id(q))
+                .map_err(|e| format!("cannot register the completion eventfd: {e}"))?;
+        }
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| format!("cannot accept the frontend: {e}"))?;
+        *lock(&self.state.connection) = daemon.shutdown_handle();
+        self.state.attached.store(true, Ordering::Release);
+        self.volume.metrics.attached.set(1);
+        tracing::info!(volume = %name, "frontend attached");
+
+        let done = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let done_signal = done.try_clone().map_err(|e| e.to_string())?;
+        let waiter = thread::Builder::new()
+            .name(format!("wait-{name}"))
+            .spawn(move || {
+                let result = daemon.wait();
+                let _ = done_signal.write(1);
+                (daemon, result)
+            })
+            .map_err(|e| e.to_string())?;
+        loop {
+            let [incoming, stop, finished] = poll_readable([
+                self.listener.as_raw_fd(),
+                self.stop.as_raw_fd(),
+                done.as_raw_fd(),
+            ]);
+            if finished {
+                break;
+            }
+            if stop {
+                if let Some(conn) = lock(&self.state.connection).as_ref() {
+                    conn.shutdown();
+                }
+                let _ = self.stop.read();
+            }
+            if incoming {
+                if let Ok(Some(stream)) = self.listener.accept() {
+                    refuse(stream, &name);
+                }
+            }
+        }
+        let (daemon, result) = match waiter.join() {
+            Ok(r) => r,
+            Err(_) => return Err("connection thread panicked".into()),
+        };
+        lock(&self.state.connection).take();
+        // Dropping the daemon stops and joins its worker threads; then no one submits I/O and
+        // what is in flight can be drained.
+        drop(daemon);
+        backend.drain();
+        self.state.attached.store(false, Ordering::Release);
+        self.volume.metrics.attached.set(0);
+        if self.stopping() {
+            // Keep the stop event readable for run().
+            let _ = self.stop.write(1);
+        }
+        match result {
+            Ok(()) => tracing::info!(volume = %name, "frontend detached"),
+            Err(e) => tracing::info!(volume = %name, "frontend detached: {e}"),
+        }
+        Ok(())
+    }
+}
+
+fn refuse(stream: UnixStream, volume: &str) {
+    tracing::warn!(
+        volume,
+        "refused a second frontend connection: the volume is attached to another one"
+    );
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}

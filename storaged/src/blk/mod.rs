@@ -1,0 +1,122 @@
+//! The vhost-user-blk data path.
+//!
+//! - [`request`]: parsing and validating virtio-blk requests (pure, unit-tested).
+//! - [`engine`]: one io_uring per virtqueue, executing requests straight from and into guest
+//!   memory.
+//! - [`backend`]: the `vhost-user-backend` device of one frontend connection.
+//! - [`export`]: the socket of one volume: accepts one frontend at a time, refuses others,
+//!   accepts a new one after a disconnect.
+//!
+//! A request passes through stages: parse, then (for volumes that enable them) limit, transform
+//! and replicate, then the backing storage. Today only parsing and storage exist; the stages
+//! plug in at [`engine::QueueEngine::start_request`] (limit, transform) and
+//! [`engine::QueueEngine::complete`] (replicate, transform of read data).
+
+pub mod backend;
+pub mod engine;
+pub mod export;
+pub mod request;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backing::BackingStore;
+use crate::metrics::VolumeMetrics;
+use request::{Limits, ID_BYTES, SECTOR_SHIFT};
+
+/// Most segments in one discard or write-zeroes request.
+pub const MAX_DISCARD_SEG: u32 = 16;
+/// Most sectors in one discard or write-zeroes segment (2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+
+/// What the data path of one volume needs, shared by its queues and connections.
+pub struct VolumeIo {
+    pub name: String,
+    pub serial: [u8; ID_BYTES],
+    pub store: BackingStore,
+    capacity: AtomicU64,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub max_queue_size: u16,
+    pub seg_max: u32,
+    pub metrics: VolumeMetrics,
+}
+
+impl VolumeIo {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        id: &str,
+        store: BackingStore,
+        capacity: u64,
+        read_only: bool,
+        num_queues: u16,
+        max_queue_size: u16,
+        seg_max: u32,
+        metrics: VolumeMetrics,
+    ) -> Self {
+        let mut serial = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        metrics.size.set(capacity as i64);
+        VolumeIo {
+            name,
+            serial,
+            store,
+            capacity: AtomicU64::new(capacity),
+            read_only,
+            num_queues,
+            max_queue_size,
+            seg_max,
+            metrics,
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new (larger) capacity to the data path and the config space.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::Release);
+        self.metrics.size.set(bytes as i64);
+    }
+
+    /// Logical block size offered to the guest: what direct I/O on the backing store needs.
+    pub fn block_size(&self) -> u32 {
+        self.store.align.max(512)
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.capacity() >> SECTOR_SHIFT,
+            read_only: self.read_only,
+            seg_max: self.seg_max,
+            block_size: self.block_size(),
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        }
+    }
+
+    /// The virtio-blk configuration space (`struct virtio_blk_config`, up to
+    /// `write_zeroes_may_unmap`), little-endian.
+    pub fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        let put32 = |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        c[0..8].copy_from_slice(&(self.capacity() >> SECTOR_SHIFT).to_le_bytes());
+        // size_max (8) stays 0: VIRTIO_BLK_F_SIZE_MAX is not offered.
+        put32(&mut c, 12, self.seg_max);
+        // geometry (16..20) unused.
+        put32(&mut c, 20, self.block_size());
+        // topology (24..32): physical_block_exp, alignment_offset, min_io_size, opt_io_size left 0.
+        // writeback (32) 0, unused0 (33).
+        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        put32(&mut c, 36, MAX_DISCARD_SECTORS);
+        put32(&mut c, 40, MAX_DISCARD_SEG);
+        put32(&mut c, 44, self.block_size() >> SECTOR_SHIFT);
+        put32(&mut c, 48, MAX_DISCARD_SECTORS);
+        put32(&mut c, 52, MAX_DISCARD_SEG);
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}

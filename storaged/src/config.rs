@@ -1,0 +1,276 @@
+//! Daemon configuration: a TOML file whose every key has a default, so `--data-dir` alone is
+//! enough. Unknown keys are refused (`deny_unknown_fields`), and [`Config::validate`] refuses
+//! settings that are wrong together, naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::ByteSize;
+use crate::volume::{self, Tier};
+
+/// Longest path a Unix socket address can hold (`sun_path` less its terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Most queues per volume: vhost-user-backend assigns queues to worker threads by a 64-bit mask.
+pub const MAX_QUEUES: u16 = 64;
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Invalid config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("No data dir: pass --data-dir or set data_dir in the config file")]
+    NoDataDir,
+    #[error("Invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Everything `storaged` can be told.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the catalog, backing files, sockets and admin socket live. Required (here or as
+    /// `--data-dir`).
+    pub data_dir: Option<PathBuf>,
+    /// Admin API socket. Default: `DATA_DIR/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// Folder of the volumes' vhost-user sockets. Default: `DATA_DIR/sockets`.
+    pub socket_dir: Option<PathBuf>,
+    /// Prometheus `/metrics` listen address. Default: `127.0.0.1:9563`. `"off"` disables it.
+    pub metrics_addr: Option<String>,
+    /// Total bytes volumes may take; creation beyond it fails. Default: unlimited.
+    pub pool_capacity: Option<ByteSize>,
+    pub volume_defaults: VolumeDefaults,
+    pub io: IoConfig,
+}
+
+/// Defaults applied to volumes created without saying otherwise.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumeDefaults {
+    /// Performance tier. Default: standard.
+    pub tier: Tier,
+    /// Virtqueues offered to the frontend (VIRTIO_BLK_F_MQ). Default: 1.
+    pub num_queues: u16,
+    /// Allocate the whole backing file at creation (fallocate) instead of a sparse file.
+    pub preallocate: bool,
+}
+
+impl Default for VolumeDefaults {
+    fn default() -> Self {
+        VolumeDefaults {
+            tier: Tier::Standard,
+            num_queues: 1,
+            preallocate: false,
+        }
+    }
+}
+
+/// Data-path settings shared by every volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IoConfig {
+    /// Largest virtqueue a frontend may set up. A power of two, 256 to 32768. Default: 1024.
+    pub max_queue_size: u16,
+    /// Open backing storage with O_DIRECT, falling back to buffered I/O (with a warning) where
+    /// the file system refuses it. Default: true.
+    pub direct: bool,
+    /// Most data segments in one request (VIRTIO_BLK_F_SEG_MAX). Default: 128.
+    pub seg_max: u32,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        IoConfig {
+            max_queue_size: 1024,
+            direct: true,
+            seg_max: 128,
+        }
+    }
+}
+
+/// Fully resolved paths and addresses, after defaults.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub socket_dir: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| Error::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Applies defaults and checks settings that depend on each other.
+    pub fn validate(&self) -> Result<Resolved, Error> {
+        let data_dir = self.data_dir.clone().ok_or(Error::NoDataDir)?;
+        let admin_socket = self
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| data_dir.join("admin.sock"));
+        let socket_dir = self
+            .socket_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("sockets"));
+        let invalid = |key, reason: String| Error::Invalid { key, reason };
+
+        if admin_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "admin_socket",
+                format!(
+                    "{} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path can have",
+                    admin_socket.display()
+                ),
+            ));
+        }
+        // Socket paths are SOCKET_DIR/NAME.sock with names up to MAX_NAME_LEN.
+        let longest = socket_dir.as_os_str().len() + 1 + volume::MAX_NAME_LEN + ".sock".len();
+        if longest > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "socket_dir",
+                format!(
+                    "{} is too long: a socket for a {}-character volume name would exceed {MAX_SOCKET_PATH} bytes",
+                    socket_dir.display(),
+                    volume::MAX_NAME_LEN
+                ),
+            ));
+        }
+        let metrics_addr = match self.metrics_addr.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9563))),
+            Some("off") => None,
+            Some(a) => Some(a.parse().map_err(|e| {
+                invalid("metrics_addr", format!("'{a}' is not an IP:port address ({e})"))
+            })?),
+        };
+        let d = &self.volume_defaults;
+        if d.num_queues == 0 || d.num_queues > MAX_QUEUES {
+            return Err(invalid(
+                "volume_defaults.num_queues",
+                format!("{} is not between 1 and {MAX_QUEUES}", d.num_queues),
+            ));
+        }
+        let q = self.io.max_queue_size;
+        if !q.is_power_of_two() || !(256..=32768).contains(&q) {
+            return Err(invalid(
+                "io.max_queue_size",
+                format!("{q} is not a power of two between 256 and 32768"),
+            ));
+        }
+        if self.io.seg_max == 0 || self.io.seg_max > u32::from(q) {
+            return Err(invalid(
+                "io.seg_max",
+                format!("{} is not between 1 and io.max_queue_size ({q})", self.io.seg_max),
+            ));
+        }
+        if let Some(cap) = self.pool_capacity {
+            volume::validate_size(cap.0).map_err(|e| invalid("pool_capacity", e.to_string()))?;
+        }
+        Ok(Resolved {
+            data_dir,
+            admin_socket,
+            socket_dir,
+            metrics_addr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_alone_is_a_valid_config() {
+        let c = Config {
+            data_dir: Some("/var/lib/storaged".into()),
+            ..Default::default()
+        };
+        let r = c.validate().unwrap();
+        assert_eq!(r.admin_socket, Path::new("/var/lib/storaged/admin.sock"));
+        assert_eq!(r.socket_dir, Path::new("/var/lib/storaged/sockets"));
+        assert_eq!(r.metrics_addr, Some("127.0.0.1:9563".parse().unwrap()));
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+            data_dir = "/srv/st"
+            metrics_addr = "off"
+            pool_capacity = "10TiB"
+            [volume_defaults]
+            tier = "premium"
+            num_queues = 4
+            preallocate = true
+            [io]
+            max_queue_size = 256
+            direct = false
+            seg_max = 64
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.pool_capacity, Some(ByteSize(10 << 40)));
+        assert_eq!(c.volume_defaults.tier, Tier::Premium);
+        assert!(c.validate().unwrap().metrics_addr.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::from_toml("data_dir = \"/x\"\nqueues = 3\n").unwrap_err();
+        assert!(err.to_string().contains("queues"), "{err}");
+        let err = Config::from_toml("[io]\nturbo = true\n").unwrap_err();
+        assert!(err.to_string().contains("turbo"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_settings_name_the_key() {
+        let base = || Config {
+            data_dir: Some("/d".into()),
+            ..Default::default()
+        };
+        let mut c = base();
+        c.io.max_queue_size = 128;
+        assert!(matches!(c.validate(), Err(Error::Invalid { key: "io.max_queue_size", .. })));
+        let mut c = base();
+        c.io.seg_max = 2048;
+        assert!(matches!(c.validate(), Err(Error::Invalid { key: "io.seg_max", .. })));
+        let mut c = base();
+        c.volume_defaults.num_queues = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid { key: "volume_defaults.num_queues", .. })
+        ));
+        let mut c = base();
+        c.metrics_addr = Some("localhost".into());
+        assert!(matches!(c.validate(), Err(Error::Invalid { key: "metrics_addr", .. })));
+        let mut c = base();
+        c.socket_dir = Some(PathBuf::from("/".repeat(60)));
+        assert!(matches!(c.validate(), Err(Error::Invalid { key: "socket_dir", .. })));
+        assert!(matches!(Config::default().validate(), Err(Error::NoDataDir)));
+    }
+}

@@ -1,0 +1,195 @@
+//! Wires the daemon together: data dir, volume service, admin API, metrics, signals.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::notify::sd_notify;
+use crate::service::{self, VolumeService};
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error("Cannot create directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Data dir {0} is in use by another storaged")]
+    Locked(PathBuf),
+    #[error("Cannot lock data dir {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metrics(#[from] metrics::Error),
+    #[error(transparent)]
+    Service(#[from] service::Error),
+    #[error("Cannot listen on {what} {addr}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), Error> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|source| Error::CreateDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Takes an exclusive lock on the data dir for the life of the returned file.
+fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join("storaged.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock only takes the fd and flags; the fd is valid while `file` lives.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::Locked(dir.to_owned()));
+    }
+    Ok(file)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), Error> {
+    let paths = config.validate()?;
+    create_dir(&paths.data_dir, 0o700)?;
+    create_dir(&paths.data_dir.join("volumes"), 0o700)?;
+    create_dir(&paths.socket_dir, 0o755)?;
+    let _lock = lock_data_dir(&paths.data_dir)?;
+
+    let metrics = Metrics::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("storaged-ctl")
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+
+    let service = VolumeService::start(config, paths.clone(), metrics.clone())?;
+    let service = Arc::new(Mutex::new(service));
+
+    let result = runtime.block_on(async {
+        let metrics_listener = match paths.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| Error::Listen {
+                what: "metrics address",
+                addr: addr.to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let metrics_url = match &metrics_listener {
+            Some(l) => l.local_addr().ok().map(|a| format!("http://{a}/metrics")),
+            None => None,
+        };
+        let _ = fs::remove_file(&paths.admin_socket);
+        let admin = UnixListener::bind(&paths.admin_socket).map_err(|source| Error::Listen {
+            what: "admin socket",
+            addr: paths.admin_socket.display().to_string(),
+            source,
+        })?;
+        fs::set_permissions(&paths.admin_socket, fs::Permissions::from_mode(0o600)).map_err(
+            |source| Error::Listen {
+                what: "admin socket",
+                addr: paths.admin_socket.display().to_string(),
+                source,
+            },
+        )?;
+        let state = ApiState {
+            service: service.clone(),
+            metrics: metrics.clone(),
+            metrics_url: metrics_url.clone(),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut admin_rx = stop_rx.clone();
+        let admin_task = tokio::spawn(async move {
+            let serve = axum::serve(admin, api::router(state))
+                .with_graceful_shutdown(async move {
+                    let _ = admin_rx.wait_for(|s| *s).await;
+                });
+            if let Err(e) = serve.await {
+                tracing::error!("admin API failed: {e}");
+            }
+        });
+        let metrics_task = metrics_listener.map(|l| {
+            let mut rx = stop_rx.clone();
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(l, api::metrics_router(m)).with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!("metrics server failed: {e}");
+                }
+            })
+        });
+
+        let volumes = service.lock().unwrap_or_else(|p| p.into_inner()).list().len();
+        tracing::info!(
+            admin_socket = %paths.admin_socket.display(),
+            metrics_url = metrics_url.as_deref().unwrap_or("off"),
+            data_dir = %paths.data_dir.display(),
+            volumes,
+            "storaged ready"
+        );
+        sd_notify("READY=1");
+
+        wait_for_signal().await;
+        tracing::info!("shutting down: closing sockets, finishing in-flight I/O");
+        sd_notify("STOPPING=1");
+        let _ = stop_tx.send(true);
+        let _ = admin_task.await;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        Ok::<(), Error>(())
+    });
+    let svc = service.clone();
+    let _ = std::thread::spawn(move || svc.lock().unwrap_or_else(|p| p.into_inner()).shutdown()).join();
+    let _ = fs::remove_file(&paths.admin_socket);
+    runtime.shutdown_background();
+    tracing::info!("stopped");
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}

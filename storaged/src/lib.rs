@@ -1,0 +1,32 @@
+//! `storaged`: a block-storage target that serves dedicated volumes to VMs over
+//! vhost-user-blk, with io_uring on the data path.
+//!
+//! See `docs/ARCHITECTURE.md` at the top of the repository for how the pieces fit.
+
+pub mod api;
+pub mod backing;
+pub mod blk;
+pub mod catalog;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod metrics;
+pub mod notify;
+pub mod service;
+pub mod size;
+pub mod volume;
+
+/// Formats an error with its whole chain of sources: "a: b: c".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,470 @@
+//! The volume service: the catalog, the backing storage and the exports, kept in step.
+//!
+//! Every operation validates first and changes nothing when it fails. Creation writes the
+//! backing file, then the catalog, then starts the socket; deletion removes the catalog entry
+//! before the file, so a crash in between leaves an orphan file, never a catalog entry without
+//! its data.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backing::{self, BackingStore};
+use crate::blk::export::{self, Export};
+use crate::blk::VolumeIo;
+use crate::catalog::{self, VolumeCatalog};
+use crate::config::{Config, Resolved, MAX_QUEUES};
+use crate::metrics::Metrics;
+use crate::size::ByteSize;
+use crate::volume::{self, Backing, Tier, VolumeName, VolumeSpec};
+
+/// Errors of volume operations; each maps to an HTTP status in the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Invalid(#[from] volume::Error),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Volume '{0}' does not exist")]
+    NotFound(String),
+    #[error("Volume '{0}' already exists")]
+    AlreadyExists(String),
+    #[error("Pool capacity exceeded: {requested} more bytes asked for, {available} of {capacity} bytes free")]
+    PoolFull {
+        requested: u64,
+        available: u64,
+        capacity: u64,
+    },
+    #[error("Volume '{0}' cannot shrink from {1} to {2} bytes; only growing is supported")]
+    Shrink(String, u64, u64),
+    #[error("Volume '{0}' is attached to a frontend; detach it first or pass force=true")]
+    Attached(String),
+    #[error("Volume '{0}' is not being served: {1}")]
+    NotServing(String, String),
+    #[error(transparent)]
+    Backing(#[from] backing::Error),
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error(transparent)]
+    Export(#[from] export::Error),
+    #[error("Cannot remove backing file {path}")]
+    RemoveFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: ByteSize,
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub num_queues: Option<u16>,
+    #[serde(default)]
+    pub preallocate: Option<bool>,
+    /// Serve an existing block device instead of a file in the data dir.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+}
+
+/// `PATCH /v1/volumes/{name}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVolume {
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    #[serde(default)]
+    pub tier: Option<String>,
+}
+
+/// A volume as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: String,
+    pub size_bytes: u64,
+    pub size: String,
+    pub tier: Tier,
+    pub read_only: bool,
+    pub num_queues: u16,
+    /// Absolute path of the vhost-user-blk socket.
+    pub socket: PathBuf,
+    pub attached: bool,
+    pub backing: Backing,
+    pub direct_io: bool,
+    /// Logical block size offered to the guest.
+    pub block_size: u32,
+    pub created_at: u64,
+    /// "serving", or "failed" when the backing storage could not be opened at start.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `DELETE` answer.
+#[derive(Debug, Serialize)]
+pub struct Deleted {
+    pub name: String,
+    pub id: String,
+    pub deleted: bool,
+    pub data_removed: bool,
+}
+
+/// Volumes of this daemon.
+pub struct VolumeService {
+    config: Config,
+    paths: Resolved,
+    catalog: VolumeCatalog,
+    exports: BTreeMap<VolumeName, Export>,
+    failed: BTreeMap<VolumeName, String>,
+    metrics: Metrics,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl VolumeService {
+    /// Opens the catalog and starts serving every volume in it. A volume whose storage cannot
+    /// be opened is logged and listed as failed; the others are served.
+    pub fn start(config: Config, paths: Resolved, metrics: Metrics) -> Result<Self, Error> {
+        let catalog = VolumeCatalog::open(&paths.data_dir)?;
+        let mut svc = VolumeService {
+            config,
+            paths,
+            catalog,
+            exports: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            metrics,
+        };
+        let specs: Vec<VolumeSpec> = svc.catalog.iter().cloned().collect();
+        for spec in specs {
+            match svc.open_and_export(&spec) {
+                Ok(export) => {
+                    tracing::info!(
+                        volume = %spec.name,
+                        socket = %export.socket_path().display(),
+                        size = spec.size_bytes,
+                        "volume served"
+                    );
+                    svc.exports.insert(spec.name.clone(), export);
+                }
+                Err(e) => {
+                    tracing::error!(volume = %spec.name, "cannot serve volume: {}", crate::error_chain(&e));
+                    svc.failed.insert(spec.name.clone(), crate::error_chain(&e));
+                }
+            }
+        }
+        Ok(svc)
+    }
+
+    pub fn paths(&self) -> &Resolved {
+        &self.paths
+    }
+
+    fn socket_path(&self, name: &VolumeName) -> PathBuf {
+        self.paths.socket_dir.join(format!("{name}.sock"))
+    }
+
+    fn open_and_export(&self, spec: &VolumeSpec) -> Result<Export, Error> {
+        let store = BackingStore::open(
+            spec.backing.path(),
+            spec.size_bytes,
+            spec.read_only,
+            self.config.io.direct,
+        )?;
+        let io = Arc::new(VolumeIo::new(
+            spec.name.to_string(),
+            &spec.id,
+            store,
+            spec.size_bytes,
+            spec.read_only,
+            spec.num_queues,
+            self.config.io.max_queue_size,
+            self.config.io.seg_max,
+            self.metrics.volume(spec.name.as_str()),
+        ));
+        Ok(Export::start(io, &self.socket_path(&spec.name))?)
+    }
+
+    fn info(&self, spec: &VolumeSpec) -> VolumeInfo {
+        let export = self.exports.get(&spec.name);
+        VolumeInfo {
+            name: spec.name.to_string(),
+            id: spec.id.clone(),
+            size_bytes: spec.size_bytes,
+            size: ByteSize(spec.size_bytes).to_string(),
+            tier: spec.tier,
+            read_only: spec.read_only,
+            num_queues: spec.num_queues,
+            socket: self.socket_path(&spec.name),
+            attached: export.is_some_and(Export::is_attached),
+            backing: spec.backing.clone(),
+            direct_io: export.is_some_and(|e| e.volume().store.direct),
+            block_size: export.map_or(512, |e| e.volume().block_size()),
+            created_at: spec.created_at,
+            state: if export.is_some() { "serving" } else { "failed" }.into(),
+            error: self.failed.get(&spec.name).cloned(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        self.catalog.iter().map(|s| self.info(s)).collect()
+    }
+
+    fn spec(&self, name: &str) -> Result<(VolumeName, &VolumeSpec), Error> {
+        let n: VolumeName = name.parse()?;
+        match self.catalog.get(&n) {
+            Some(s) => Ok((n, s)),
+            None => Err(Error::NotFound(name.to_string())),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<VolumeInfo, Error> {
+        let (_, spec) = self.spec(name)?;
+        Ok(self.info(spec))
+    }
+
+    fn check_pool(&self, more: u64) -> Result<(), Error> {
+        if let Some(cap) = self.config.pool_capacity {
+            let used = self.catalog.allocated_bytes();
+            let available = cap.0.saturating_sub(used);
+            if more > available {
+                return Err(Error::PoolFull {
+                    requested: more,
+                    available,
+                    capacity: cap.0,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn create(&mut self, req: CreateVolume) -> Result<VolumeInfo, Error> {
+        let name: VolumeName = req.name.parse()?;
+        let size = req.size.0;
+        volume::validate_size(size)?;
+        let tier = match &req.tier {
+            Some(t) => t.parse()?,
+            None => self.config.volume_defaults.tier,
+        };
+        let num_queues = req.num_queues.unwrap_or(self.config.volume_defaults.num_queues);
+        if num_queues == 0 || num_queues > MAX_QUEUES {
+            return Err(Error::BadRequest(format!(
+                "num_queues {num_queues} is not between 1 and {MAX_QUEUES}"
+            )));
+        }
+        if self.catalog.get(&name).is_some() {
+            return Err(Error::AlreadyExists(name.to_string()));
+        }
+        if req.device.is_some() && req.preallocate.is_some() {
+            return Err(Error::BadRequest(
+                "preallocate applies to file-backed volumes, not to devices".into(),
+            ));
+        }
+        if let Some(dev) = &req.device {
+            if !dev.is_absolute() {
+                return Err(Error::BadRequest(format!(
+                    "device path {} is not absolute",
+                    dev.display()
+                )));
+            }
+            if self.catalog.iter().any(|v| v.backing.path() == dev) {
+                return Err(Error::BadRequest(format!(
+                    "device {} already backs another volume",
+                    dev.display()
+                )));
+            }
+        }
+        self.check_pool(size)?;
+
+        let id = uuid::Uuid::new_v4().to_string();
+        let backing = match req.device {
+            Some(path) => Backing::Device { path },
+            None => {
+                let preallocated = req
+                    .preallocate
+                    .unwrap_or(self.config.volume_defaults.preallocate);
+                let path = self.paths.data_dir.join("volumes").join(format!("{id}.img"));
+                backing::create_file(&path, size, preallocated)?;
+                Backing::File { path, preallocated }
+            }
+        };
+        let spec = VolumeSpec {
+            name: name.clone(),
+            id,
+            size_bytes: size,
+            tier,
+            read_only: req.read_only,
+            num_queues,
+            backing,
+            created_at: now(),
+        };
+        let undo_file = |spec: &VolumeSpec| {
+            if let Backing::File { path, .. } = &spec.backing {
+                let _ = std::fs::remove_file(path);
+            }
+        };
+        let export = match self.open_and_export(&spec) {
+            Ok(e) => e,
+            Err(e) => {
+                undo_file(&spec);
+                self.metrics.remove_volume(name.as_str());
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.catalog.put(spec.clone()) {
+            export.stop();
+            undo_file(&spec);
+            self.metrics.remove_volume(name.as_str());
+            return Err(e.into());
+        }
+        tracing::info!(
+            volume = %name,
+            id = %spec.id,
+            size = size,
+            tier = %tier,
+            socket = %export.socket_path().display(),
+            "volume created"
+        );
+        self.exports.insert(name, export);
+        Ok(self.info(&spec))
+    }
+
+    pub fn update(&mut self, name: &str, req: UpdateVolume) -> Result<VolumeInfo, Error> {
+        let (name, spec) = self.spec(name)?;
+        let mut new = spec.clone();
+        if let Some(t) = &req.tier {
+            new.tier = t.parse()?;
+        }
+        let grow_to = match req.size {
+            Some(s) => {
+                volume::validate_size(s.0)?;
+                if s.0 < spec.size_bytes {
+                    return Err(Error::Shrink(name.to_string(), spec.size_bytes, s.0));
+                }
+                (s.0 > spec.size_bytes).then_some(s.0)
+            }
+            None => None,
+        };
+        if let Some(size) = grow_to {
+            if spec.read_only {
+                return Err(Error::BadRequest(format!(
+                    "volume '{name}' is read-only and cannot be resized"
+                )));
+            }
+            self.check_pool(size - spec.size_bytes)?;
+            let export = self.exports.get(&name).ok_or_else(|| {
+                Error::NotServing(
+                    name.to_string(),
+                    self.failed.get(&name).cloned().unwrap_or_default(),
+                )
+            })?;
+            let preallocated = matches!(spec.backing, Backing::File { preallocated: true, .. });
+            export.volume().store.grow(size, preallocated)?;
+            new.size_bytes = size;
+        }
+        if &new != spec {
+            self.catalog.put(new.clone())?;
+        }
+        if let Some(size) = grow_to {
+            if let Some(export) = self.exports.get(&name) {
+                export.volume().set_capacity(size);
+                tracing::info!(
+                    volume = %name,
+                    size,
+                    attached = export.is_attached(),
+                    "volume grown; the frontend reads the new capacity from the config space"
+                );
+            }
+        }
+        if req.tier.is_some() {
+            tracing::info!(volume = %name, tier = %new.tier, "volume tier changed");
+        }
+        Ok(self.info(&new))
+    }
+
+    pub fn delete(&mut self, name: &str, force: bool) -> Result<Deleted, Error> {
+        let (name, spec) = self.spec(name)?;
+        let spec = spec.clone();
+        if let Some(export) = self.exports.get(&name) {
+            if export.is_attached() && !force {
+                return Err(Error::Attached(name.to_string()));
+            }
+        }
+        if let Some(export) = self.exports.remove(&name) {
+            export.stop();
+        }
+        if let Err(e) = self.catalog.remove(&name) {
+            // Put the volume back in service: nothing changed on disk.
+            if let Ok(export) = self.open_and_export(&spec) {
+                self.exports.insert(name.clone(), export);
+            }
+            return Err(e.into());
+        }
+        self.failed.remove(&name);
+        self.metrics.remove_volume(name.as_str());
+        let mut data_removed = false;
+        if let Backing::File { path, .. } = &spec.backing {
+            match std::fs::remove_file(path) {
+                Ok(()) => data_removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => data_removed = true,
+                Err(source) => {
+                    return Err(Error::RemoveFile {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        tracing::info!(volume = %name, id = %spec.id, force, "volume deleted");
+        Ok(Deleted {
+            name: name.to_string(),
+            id: spec.id,
+            deleted: true,
+            data_removed,
+        })
+    }
+
+    /// Stops every export (waiting for in-flight I/O) and syncs the backing storage.
+    pub fn shutdown(&mut self) {
+        for (name, export) in std::mem::take(&mut self.exports) {
+            let volume = export.volume().clone();
+            export.stop();
+            if let Err(e) = volume.store.file.sync_data() {
+                tracing::error!(volume = %name, "final sync failed: {e}");
+            }
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.paths.data_dir
+    }
+
+    pub fn pool_capacity(&self) -> Option<u64> {
+        self.config.pool_capacity.map(|c| c.0)
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.catalog.allocated_bytes()
+    }
+}
+
+impl Drop for VolumeService {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
