@@ -199,8 +199,24 @@ impl BlkClient {
     }
 
     pub fn connect_with(socket: &Path, num_queues: i32, queue_size: i32) -> blkio::Result<Self> {
+        Self::connect_opts(socket, num_queues, queue_size, false)
+    }
+
+    /// Connects as a read-only client (libblkio refuses a read-write client on a read-only
+    /// device).
+    pub fn connect_read_only(socket: &Path) -> blkio::Result<Self> {
+        Self::connect_opts(socket, 1, 256, true)
+    }
+
+    fn connect_opts(
+        socket: &Path,
+        num_queues: i32,
+        queue_size: i32,
+        read_only: bool,
+    ) -> blkio::Result<Self> {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", socket.to_str().expect("utf-8 path"))?;
+        b.set_bool("read-only", read_only)?;
         b.connect()?;
         b.set_i32("num-queues", num_queues)?;
         b.set_i32("queue-size", queue_size)?;

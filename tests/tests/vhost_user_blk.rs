@@ -1,0 +1,237 @@
+//! The real storaged, driven over vhost-user-blk by the blkio crate's client.
+
+use storaged_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn patterns_written_on_every_queue_read_back_on_every_queue() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"mq","size":"64MiB","num_queues":4}"#);
+    let mut c = connect_retry(&s.socket_of("mq"), 4);
+    assert_eq!(c.queues.len(), 4);
+    assert_eq!(c.get_i32("max-queues"), 4);
+    for q in 0..4 {
+        let off = q as u64 * MIB;
+        assert_eq!(c.write(q, off, &pattern(65536, off, q as u8)), 0, "write on queue {q}");
+    }
+    for q in 0..4 {
+        for reader in 0..4 {
+            let off = q as u64 * MIB;
+            assert_eq!(
+                c.read(reader, off, 65536).unwrap(),
+                pattern(65536, off, q as u8),
+                "queue {q}'s data read on queue {reader}"
+            );
+        }
+    }
+}
+
+#[test]
+fn many_requests_in_flight_complete_with_right_data() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"qd","size":"64MiB"}"#);
+    let mut c = connect_retry(&s.socket_of("qd"), 1);
+    // 64 writes of 16 KiB in flight at once, from distinct buffers.
+    let n = 64usize;
+    let len = 16384usize;
+    for i in 0..n {
+        let p = pattern(len, (i * len) as u64, 7);
+        c.region()[i * len..(i + 1) * len].copy_from_slice(&p);
+    }
+    for i in 0..n {
+        let buf = c.buf(i * len);
+        c.queues[0].write((i * len) as u64, buf, len, i, blkio::ReqFlags::empty());
+    }
+    let done = c.wait(0, n);
+    assert!(done.iter().all(|&(_, ret)| ret == 0), "{done:?}");
+    c.region()[..n * len].fill(0);
+    for i in 0..n {
+        let buf = c.buf(i * len);
+        c.queues[0].read((i * len) as u64, buf, len, i, blkio::ReqFlags::empty());
+    }
+    assert!(c.wait(0, n).iter().all(|&(_, ret)| ret == 0));
+    for i in 0..n {
+        assert_eq!(
+            c.region()[i * len..(i + 1) * len],
+            pattern(len, (i * len) as u64, 7)[..],
+            "request {i}"
+        );
+    }
+}
+
+#[test]
+fn flush_discard_and_write_zeroes_read_back_zeros() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"z","size":"16MiB"}"#);
+    let mut c = connect_retry(&s.socket_of("z"), 1);
+    let zeros = vec![0u8; 65536];
+    for (i, op) in ["discard", "write_zeroes", "write_zeroes_unmap"].iter().enumerate() {
+        let off = i as u64 * MIB;
+        assert_eq!(c.write(0, off, &pattern(65536, off, 3)), 0);
+        assert_eq!(c.flush(0), 0);
+        assert_eq!(c.read(0, off, 65536).unwrap(), pattern(65536, off, 3));
+        let ret = match *op {
+            "discard" => c.discard(0, off, 65536),
+            "write_zeroes" => c.write_zeroes(0, off, 65536, false),
+            _ => c.write_zeroes(0, off, 65536, true),
+        };
+        assert_eq!(ret, 0, "{op}");
+        assert_eq!(c.read(0, off, 65536).unwrap(), zeros, "{op} left data behind");
+    }
+}
+
+#[test]
+fn flushed_data_survives_sigterm_restart_and_kill_9() {
+    let mut s = Storaged::start();
+    let v = s.create_volume(r#"{"name":"keep","size":"32MiB"}"#);
+    let socket = s.socket_of("keep");
+    {
+        let mut c = connect_retry(&socket, 1);
+        assert_eq!(c.write(0, 0, &pattern(4096 * 8, 0, 9)), 0);
+        assert_eq!(c.flush(0), 0);
+    }
+    s.restart();
+    assert_eq!(s.socket_of("keep"), socket, "socket path changed across restart");
+    {
+        let mut c = connect_retry(&socket, 1);
+        assert_eq!(c.read(0, 0, 4096 * 8).unwrap(), pattern(4096 * 8, 0, 9));
+        assert_eq!(c.write(0, 8 * MIB, &pattern(4096, 8 * MIB, 10)), 0);
+        assert_eq!(c.flush(0), 0);
+        // Still connected when the daemon is killed.
+        s.kill_and_restart();
+    }
+    let after = s.admin().get("/v1/volumes/keep").unwrap().json();
+    assert_eq!(after["id"], v["id"]);
+    let mut c = connect_retry(&socket, 1);
+    assert_eq!(c.read(0, 0, 4096 * 8).unwrap(), pattern(4096 * 8, 0, 9));
+    assert_eq!(c.read(0, 8 * MIB, 4096).unwrap(), pattern(4096, 8 * MIB, 10));
+}
+
+#[test]
+fn client_can_reconnect_after_disconnecting() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"rc","size":"16MiB"}"#);
+    let socket = s.socket_of("rc");
+    for round in 0..3u8 {
+        let mut c = connect_retry(&socket, 1);
+        if round > 0 {
+            let off = u64::from(round - 1) * 4096;
+            assert_eq!(c.read(0, off, 4096).unwrap(), pattern(4096, off, round - 1));
+        }
+        let off = u64::from(round) * 4096;
+        assert_eq!(c.write(0, off, &pattern(4096, off, round)), 0);
+        assert_eq!(c.flush(0), 0);
+        drop(c);
+        s.wait_for_log("frontend detached");
+    }
+}
+
+#[test]
+fn second_concurrent_client_is_refused_and_first_keeps_working() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"ded","size":"16MiB"}"#);
+    let socket = s.socket_of("ded");
+    let mut first = connect_retry(&socket, 1);
+    assert!(
+        BlkClient::connect(&socket, 1).is_err(),
+        "a second frontend was accepted"
+    );
+    s.wait_for_log("refused a second frontend");
+    assert_eq!(first.write(0, 0, &pattern(4096, 0, 5)), 0);
+    assert_eq!(first.read(0, 0, 4096).unwrap(), pattern(4096, 0, 5));
+    let info = s.admin().get("/v1/volumes/ded").unwrap().json();
+    assert_eq!(info["attached"], true);
+    drop(first);
+    let mut again = connect_retry(&socket, 1);
+    assert_eq!(again.read(0, 0, 4096).unwrap(), pattern(4096, 0, 5));
+}
+
+#[test]
+fn online_grow_is_seen_by_the_connected_client() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"grow","size":"16MiB"}"#);
+    let mut c = connect_retry(&s.socket_of("grow"), 1);
+    assert_eq!(c.capacity(), 16 * MIB);
+    assert_ne!(c.write(0, 20 * MIB, &pattern(4096, 0, 1)), 0, "write past the end succeeded");
+    let r = s
+        .admin()
+        .request("PATCH", "/v1/volumes/grow", Some(r#"{"size":"32MiB"}"#))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["size_bytes"], 32 * MIB);
+    assert_eq!(c.capacity(), 32 * MIB);
+    assert_eq!(c.write(0, 20 * MIB, &pattern(4096, 20 * MIB, 1)), 0);
+    assert_eq!(c.read(0, 20 * MIB, 4096).unwrap(), pattern(4096, 20 * MIB, 1));
+}
+
+#[test]
+fn read_only_volume_serves_reads_and_refuses_writes() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"ro","size":"16MiB","read_only":true}"#);
+    let socket = s.socket_of("ro");
+    // The device says it is read-only (VIRTIO_BLK_F_RO): libblkio refuses to open it for writing.
+    let err = BlkClient::connect(&socket, 1).err().expect("read-write client accepted");
+    assert_eq!(err.errno(), blkio::Errno::ROFS, "{err:?}");
+    s.wait_for_log("frontend detached");
+    let mut c = BlkClient::connect_read_only(&socket).expect("read-only client");
+    assert!(c.get_bool("read-only"));
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
+    assert_ne!(c.write(0, 0, &pattern(4096, 0, 1)), 0, "write to a read-only volume succeeded");
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
+}
+
+#[test]
+fn reads_past_the_end_fail_without_touching_the_volume() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"end","size":"1MiB"}"#);
+    let mut c = connect_retry(&s.socket_of("end"), 1);
+    assert!(c.read(0, MIB - 4096, 8192).is_err());
+    assert!(c.read(0, MIB, 512).is_err());
+    assert_eq!(c.read(0, MIB - 4096, 4096).unwrap(), vec![0u8; 4096]);
+    let backing = s.admin().get("/v1/volumes/end").unwrap().json();
+    let path = backing["backing"]["path"].as_str().unwrap().to_string();
+    assert_eq!(std::fs::metadata(path).unwrap().len(), MIB);
+}
+
+#[test]
+fn sigterm_finishes_and_exits_zero_removing_sockets() {
+    let mut s = Storaged::start();
+    s.create_volume(r#"{"name":"t","size":"16MiB"}"#);
+    let socket = s.socket_of("t");
+    let mut c = connect_retry(&socket, 1);
+    assert_eq!(c.write(0, 0, &pattern(4096, 0, 2)), 0);
+    let status = s.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "volume socket left behind");
+    assert!(!s.admin_socket().exists(), "admin socket left behind");
+    assert!(s.log_text().contains("shutting down"));
+}
+
+#[test]
+fn metrics_count_operations_and_bytes_exactly() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"m","size":"16MiB"}"#);
+    let mut c = connect_retry(&s.socket_of("m"), 1);
+    for i in 0..3u64 {
+        assert_eq!(c.write(0, i * 8192, &pattern(8192, 0, 1)), 0);
+    }
+    for _ in 0..2 {
+        c.read(0, 0, 4096).unwrap();
+    }
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(c.discard(0, 0, 4096), 0);
+    let _ = c.read(0, 32 * MIB, 4096);
+    let scrape = http_get(&s.metrics_url());
+    let v = |series: &str| metric_value(&scrape, series).unwrap_or_else(|| panic!("{series} missing:\n{scrape}"));
+    assert_eq!(v(r#"storaged_volume_requests_total{op="write",volume="m"}"#), 3.0);
+    assert_eq!(v(r#"storaged_volume_bytes_total{op="write",volume="m"}"#), 3.0 * 8192.0);
+    assert_eq!(v(r#"storaged_volume_requests_total{op="read",volume="m"}"#), 2.0);
+    assert_eq!(v(r#"storaged_volume_bytes_total{op="read",volume="m"}"#), 8192.0);
+    assert_eq!(v(r#"storaged_volume_requests_total{op="flush",volume="m"}"#), 1.0);
+    assert_eq!(v(r#"storaged_volume_bytes_total{op="discard",volume="m"}"#), 4096.0);
+    assert_eq!(v(r#"storaged_volume_errors_total{kind="invalid_request",volume="m"}"#), 1.0);
+    assert_eq!(v(r#"storaged_volume_request_duration_seconds_count{op="write",volume="m"}"#), 3.0);
+    assert_eq!(v(r#"storaged_volume_attached{volume="m"}"#), 1.0);
+    assert_eq!(v(r#"storaged_volume_size_bytes{volume="m"}"#), 16.0 * MIB as f64);
+}
