@@ -167,6 +167,12 @@ impl Storaged {
         self.spawn();
     }
 
+    /// Starts again after [`Storaged::signal_and_wait`] stopped it.
+    pub fn restart_after_stop(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
     /// SIGKILL, then start again on the same data dir.
     pub fn kill_and_restart(&mut self) {
         self.signal_and_wait(libc::SIGKILL);
