@@ -70,8 +70,12 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "Request body is empty; expected a JSON object".into(),
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("Invalid request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid request body: {e}"),
+        )
+    })
 }
 
 /// Runs a service call on the blocking pool.
@@ -86,7 +90,12 @@ where
         f(&mut guard)
     })
     .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("Internal error: {e}")))?
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Internal error: {e}"),
+        )
+    })?
     .map_err(ApiError::from)
 }
 
@@ -101,7 +110,10 @@ async fn create_volume(State(s): State<ApiState>, body: Bytes) -> ApiResult<impl
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn get_volume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn get_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let v = with_service(&s, move |svc| svc.get(&name)).await?;
     Ok(Json(v))
 }
@@ -128,8 +140,12 @@ async fn delete_volume(
     Path(name): Path<String>,
     params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Query(params) =
-        params.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("Invalid query: {}", e.body_text())))?;
+    let Query(params) = params.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid query: {}", e.body_text()),
+        )
+    })?;
     let v = with_service(&s, move |svc| svc.delete(&name, params.force)).await?;
     Ok(Json(v))
 }

@@ -294,11 +294,18 @@ mod tests {
         let m = std::fs::metadata(&sparse).unwrap();
         assert_eq!(m.len(), 64 << 20);
         use std::os::unix::fs::MetadataExt;
-        assert!(m.blocks() * 512 < 1 << 20, "sparse file allocated {}", m.blocks());
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "sparse file allocated {}",
+            m.blocks()
+        );
         let full = dir.path().join("f.img");
         create_file(&full, 8 << 20, true).unwrap();
         assert!(std::fs::metadata(&full).unwrap().blocks() * 512 >= 8 << 20);
-        assert!(create_file(&full, 4096, false).is_err(), "overwrote an existing file");
+        assert!(
+            create_file(&full, 4096, false).is_err(),
+            "overwrote an existing file"
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("Catalog {path} has format version {found}; this storaged reads version {FORMAT_VERSION}")]
+    #[error(
+        "Catalog {path} has format version {found}; this storaged reads version {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("Cannot write catalog {path}")]
     Write {

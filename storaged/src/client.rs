@@ -53,14 +53,20 @@ impl AdminClient {
     }
 
     /// Sends one request; `body` is sent as JSON if given.
-    pub fn request(&self, method: &str, target: &str, body: Option<&str>) -> Result<Response, Error> {
+    pub fn request(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&str>,
+    ) -> Result<Response, Error> {
         let mut stream = UnixStream::connect(&self.path).map_err(|source| Error::Connect {
             path: self.path.clone(),
             source,
         })?;
         stream.set_read_timeout(Some(Duration::from_secs(600)))?;
         let body = body.unwrap_or("");
-        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: storaged\r\nConnection: close\r\n");
+        let mut req =
+            format!("{method} {target} HTTP/1.1\r\nHost: storaged\r\nConnection: close\r\n");
         if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -96,7 +102,11 @@ fn parse_response(raw: &[u8]) -> Result<Response, Error> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body)? } else { body.to_string() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
     Ok(Response { status, body })
 }
 

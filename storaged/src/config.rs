@@ -165,7 +165,10 @@ impl Config {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9563))),
             Some("off") => None,
             Some(a) => Some(a.parse().map_err(|e| {
-                invalid("metrics_addr", format!("'{a}' is not an IP:port address ({e})"))
+                invalid(
+                    "metrics_addr",
+                    format!("'{a}' is not an IP:port address ({e})"),
+                )
             })?),
         };
         let d = &self.volume_defaults;
@@ -185,7 +188,10 @@ impl Config {
         if self.io.seg_max == 0 || self.io.seg_max > u32::from(q) {
             return Err(invalid(
                 "io.seg_max",
-                format!("{} is not between 1 and io.max_queue_size ({q})", self.io.seg_max),
+                format!(
+                    "{} is not between 1 and io.max_queue_size ({q})",
+                    self.io.seg_max
+                ),
             ));
         }
         if let Some(cap) = self.pool_capacity {
@@ -255,22 +261,52 @@ mod tests {
         };
         let mut c = base();
         c.io.max_queue_size = 128;
-        assert!(matches!(c.validate(), Err(Error::Invalid { key: "io.max_queue_size", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid {
+                key: "io.max_queue_size",
+                ..
+            })
+        ));
         let mut c = base();
         c.io.seg_max = 2048;
-        assert!(matches!(c.validate(), Err(Error::Invalid { key: "io.seg_max", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid {
+                key: "io.seg_max",
+                ..
+            })
+        ));
         let mut c = base();
         c.volume_defaults.num_queues = 0;
         assert!(matches!(
             c.validate(),
-            Err(Error::Invalid { key: "volume_defaults.num_queues", .. })
+            Err(Error::Invalid {
+                key: "volume_defaults.num_queues",
+                ..
+            })
         ));
         let mut c = base();
         c.metrics_addr = Some("localhost".into());
-        assert!(matches!(c.validate(), Err(Error::Invalid { key: "metrics_addr", .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid {
+                key: "metrics_addr",
+                ..
+            })
+        ));
         let mut c = base();
         c.socket_dir = Some(PathBuf::from("/".repeat(60)));
-        assert!(matches!(c.validate(), Err(Error::Invalid { key: "socket_dir", .. })));
-        assert!(matches!(Config::default().validate(), Err(Error::NoDataDir)));
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid {
+                key: "socket_dir",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Config::default().validate(),
+            Err(Error::NoDataDir)
+        ));
     }
 }

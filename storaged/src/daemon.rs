@@ -100,11 +100,15 @@ pub fn run(config: Config) -> Result<(), Error> {
 
     let result = runtime.block_on(async {
         let metrics_listener = match paths.metrics_addr {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| Error::Listen {
-                what: "metrics address",
-                addr: addr.to_string(),
-                source,
-            })?),
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Listen {
+                        what: "metrics address",
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            ),
             None => None,
         };
         let metrics_url = match &metrics_listener {
@@ -132,10 +136,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut admin_rx = stop_rx.clone();
         let admin_task = tokio::spawn(async move {
-            let serve = axum::serve(admin, api::router(state))
-                .with_graceful_shutdown(async move {
-                    let _ = admin_rx.wait_for(|s| *s).await;
-                });
+            let serve = axum::serve(admin, api::router(state)).with_graceful_shutdown(async move {
+                let _ = admin_rx.wait_for(|s| *s).await;
+            });
             if let Err(e) = serve.await {
                 tracing::error!("admin API failed: {e}");
             }
@@ -144,16 +147,21 @@ pub fn run(config: Config) -> Result<(), Error> {
             let mut rx = stop_rx.clone();
             let m = metrics.clone();
             tokio::spawn(async move {
-                let serve = axum::serve(l, api::metrics_router(m)).with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                });
+                let serve =
+                    axum::serve(l, api::metrics_router(m)).with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    });
                 if let Err(e) = serve.await {
                     tracing::error!("metrics server failed: {e}");
                 }
             })
         });
 
-        let volumes = service.lock().unwrap_or_else(|p| p.into_inner()).list().len();
+        let volumes = service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .list()
+            .len();
         tracing::info!(
             admin_socket = %paths.admin_socket.display(),
             metrics_url = metrics_url.as_deref().unwrap_or("off"),
@@ -174,7 +182,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         Ok::<(), Error>(())
     });
     let svc = service.clone();
-    let _ = std::thread::spawn(move || svc.lock().unwrap_or_else(|p| p.into_inner()).shutdown()).join();
+    let _ =
+        std::thread::spawn(move || svc.lock().unwrap_or_else(|p| p.into_inner()).shutdown()).join();
     let _ = fs::remove_file(&paths.admin_socket);
     runtime.shutdown_background();
     tracing::info!("stopped");
@@ -183,7 +192,10 @@ pub fn run(config: Config) -> Result<(), Error> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         std::future::pending::<()>().await;
         return;

@@ -11,7 +11,14 @@ use prometheus::{
 use crate::blk::request::Operation;
 
 /// Operation kinds, in the order of [`op_index`].
-pub const OPS: [&str; 6] = ["read", "write", "flush", "discard", "write_zeroes", "get_id"];
+pub const OPS: [&str; 6] = [
+    "read",
+    "write",
+    "flush",
+    "discard",
+    "write_zeroes",
+    "get_id",
+];
 
 /// Index of an operation into [`OPS`].
 pub fn op_index(op: &Operation) -> usize {
@@ -185,7 +192,10 @@ mod tests {
         v.requests[0].inc_by(3);
         v.bytes[0].inc_by(12288);
         let text = m.render();
-        assert!(text.contains(r#"storaged_volume_requests_total{op="read",volume="db1"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"storaged_volume_requests_total{op="read",volume="db1"} 3"#),
+            "{text}"
+        );
         assert!(text.contains(r#"storaged_volume_bytes_total{op="read",volume="db1"} 12288"#));
         m.remove_volume("db1");
         assert!(!m.render().contains("db1"));

@@ -216,7 +216,12 @@ impl VolumeService {
             direct_io: export.is_some_and(|e| e.volume().store.direct),
             block_size: export.map_or(512, |e| e.volume().block_size()),
             created_at: spec.created_at,
-            state: if export.is_some() { "serving" } else { "failed" }.into(),
+            state: if export.is_some() {
+                "serving"
+            } else {
+                "failed"
+            }
+            .into(),
             error: self.failed.get(&spec.name).cloned(),
         }
     }
@@ -261,7 +266,9 @@ impl VolumeService {
             Some(t) => t.parse()?,
             None => self.config.volume_defaults.tier,
         };
-        let num_queues = req.num_queues.unwrap_or(self.config.volume_defaults.num_queues);
+        let num_queues = req
+            .num_queues
+            .unwrap_or(self.config.volume_defaults.num_queues);
         if num_queues == 0 || num_queues > MAX_QUEUES {
             return Err(Error::BadRequest(format!(
                 "num_queues {num_queues} is not between 1 and {MAX_QUEUES}"
@@ -298,7 +305,11 @@ impl VolumeService {
                 let preallocated = req
                     .preallocate
                     .unwrap_or(self.config.volume_defaults.preallocate);
-                let path = self.paths.data_dir.join("volumes").join(format!("{id}.img"));
+                let path = self
+                    .paths
+                    .data_dir
+                    .join("volumes")
+                    .join(format!("{id}.img"));
                 backing::create_file(&path, size, preallocated)?;
                 Backing::File { path, preallocated }
             }
@@ -373,7 +384,13 @@ impl VolumeService {
                     self.failed.get(&name).cloned().unwrap_or_default(),
                 )
             })?;
-            let preallocated = matches!(spec.backing, Backing::File { preallocated: true, .. });
+            let preallocated = matches!(
+                spec.backing,
+                Backing::File {
+                    preallocated: true,
+                    ..
+                }
+            );
             export.volume().store.grow(size, preallocated)?;
             new.size_bytes = size;
         }

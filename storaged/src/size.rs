@@ -174,10 +174,22 @@ mod tests {
     #[test]
     fn rejects_garbage_units_overflow_and_fractions_of_bytes() {
         assert!(matches!("".parse::<ByteSize>(), Err(Error::Empty)));
-        assert!(matches!("GiB".parse::<ByteSize>(), Err(Error::Malformed(_))));
-        assert!(matches!("5 apples".parse::<ByteSize>(), Err(Error::UnknownUnit(..))));
-        assert!(matches!("20000000PiB".parse::<ByteSize>(), Err(Error::Overflow(_))));
-        assert!(matches!("1.3B".parse::<ByteSize>(), Err(Error::Fractional(_))));
+        assert!(matches!(
+            "GiB".parse::<ByteSize>(),
+            Err(Error::Malformed(_))
+        ));
+        assert!(matches!(
+            "5 apples".parse::<ByteSize>(),
+            Err(Error::UnknownUnit(..))
+        ));
+        assert!(matches!(
+            "20000000PiB".parse::<ByteSize>(),
+            Err(Error::Overflow(_))
+        ));
+        assert!(matches!(
+            "1.3B".parse::<ByteSize>(),
+            Err(Error::Fractional(_))
+        ));
         assert!(matches!("-5".parse::<ByteSize>(), Err(Error::Malformed(_))));
     }
 

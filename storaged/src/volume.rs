@@ -21,7 +21,9 @@ pub enum Error {
     NameTooLong(String),
     #[error("Volume name '{0}' may contain only ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit")]
     InvalidName(String),
-    #[error("Unknown tier '{0}': expected one of essential, standard, premium, enterprise, ultra, mass")]
+    #[error(
+        "Unknown tier '{0}': expected one of essential, standard, premium, enterprise, ultra, mass"
+    )]
     UnknownTier(String),
     #[error("Volume size must be greater than zero")]
     ZeroSize,
@@ -204,7 +206,9 @@ mod tests {
     #[test]
     fn rejects_path_tricks_and_overlong_names() {
         assert_eq!("".parse::<VolumeName>(), Err(Error::EmptyName));
-        for n in ["a/b", "..", ".", "../etc", "a..b", "-x", ".hidden", "a b", "é", "a\0"] {
+        for n in [
+            "a/b", "..", ".", "../etc", "a..b", "-x", ".hidden", "a b", "é", "a\0",
+        ] {
             assert!(
                 matches!(n.parse::<VolumeName>(), Err(Error::InvalidName(_))),
                 "{n:?} accepted"
@@ -223,7 +227,10 @@ mod tests {
             let j = serde_json::to_string(&t).unwrap();
             assert_eq!(serde_json::from_str::<Tier>(&j).unwrap(), t);
         }
-        assert_eq!("gold".parse::<Tier>(), Err(Error::UnknownTier("gold".into())));
+        assert_eq!(
+            "gold".parse::<Tier>(),
+            Err(Error::UnknownTier("gold".into()))
+        );
     }
 
     #[test]

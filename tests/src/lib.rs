@@ -2,6 +2,9 @@
 //! until it serves, drive its volumes with the `blkio` crate (libblkio's virtio-blk-vhost-user
 //! driver, written by the QEMU authors), and tear down.
 
+// Test infrastructure: a failed step should stop the test with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -26,7 +29,11 @@ pub fn bin_dir() -> PathBuf {
 /// Path of a workspace binary, e.g. `storaged`.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is not built; run cargo build --workspace", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built; run cargo build --workspace",
+        p.display()
+    );
     p
 }
 
@@ -65,7 +72,12 @@ impl Storaged {
         let mut cmd = Command::new(bin("storaged"));
         cmd.arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--metrics-addr", "127.0.0.1:0", "--log", "storaged=debug,info"])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--log",
+                "storaged=debug,info",
+            ])
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -93,10 +105,21 @@ impl Storaged {
                     return;
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("storaged exited with {status} at start:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "storaged exited with {status} at start:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "storaged not ready:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "storaged not ready:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -118,14 +141,21 @@ impl Storaged {
     pub fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.log_text().contains(needle) {
-            assert!(Instant::now() < deadline, "no '{needle}' in log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "no '{needle}' in log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Creates a volume; panics unless the API answers 201. Returns the volume JSON.
     pub fn create_volume(&self, body: &str) -> serde_json::Value {
-        let r = self.admin().request("POST", "/v1/volumes", Some(body)).unwrap();
+        let r = self
+            .admin()
+            .request("POST", "/v1/volumes", Some(body))
+            .unwrap();
         assert_eq!(r.status, 201, "create {body}: {}", r.body);
         r.json()
     }
@@ -155,7 +185,11 @@ impl Storaged {
             if let Some(s) = child.try_wait().expect("wait") {
                 return s;
             }
-            assert!(Instant::now() < deadline, "storaged did not exit:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "storaged did not exit:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -163,7 +197,11 @@ impl Storaged {
     /// SIGTERM, then start again on the same data dir.
     pub fn restart(&mut self) {
         let status = self.signal_and_wait(libc::SIGTERM);
-        assert!(status.success(), "storaged exit {status}:\n{}", self.log_text());
+        assert!(
+            status.success(),
+            "storaged exit {status}:\n{}",
+            self.log_text()
+        );
         self.spawn();
     }
 
@@ -263,7 +301,8 @@ impl BlkClient {
 
     /// Waits for `n` completions on queue `q`; returns their results (`ret`, 0 = success).
     pub fn wait(&mut self, q: usize, n: usize) -> Vec<(usize, i32)> {
-        let mut comps: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..n).map(|_| MaybeUninit::uninit()).collect();
         let mut got = Vec::new();
         while got.len() < n {
             let mut timeout = Duration::from_secs(30);
@@ -314,7 +353,11 @@ impl BlkClient {
     }
 
     pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> i32 {
-        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+        let flags = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
         self.queues[q].write_zeroes(offset, len, 0, flags);
         self.one(q)
     }
@@ -337,7 +380,11 @@ pub fn connect_retry(socket: &Path, num_queues: i32) -> BlkClient {
         match BlkClient::connect(socket, num_queues) {
             Ok(c) => return c,
             Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect to {}: {e:?}", socket.display());
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot connect to {}: {e:?}",
+                    socket.display()
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -350,10 +397,16 @@ pub fn http_get(url: &str) -> String {
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut s = std::net::TcpStream::connect(host).expect("connect metrics");
-    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 /// Value of a metric line `name{labels} value` in a scrape, if present.

@@ -1,5 +1,7 @@
 //! The admin API and the daemon's start-up checks, against the real binary.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
+
 use std::process::Command;
 
 use storaged_tests::*;
@@ -15,7 +17,14 @@ fn snapshot(s: &Storaged) -> (String, Vec<String>) {
     (list, files)
 }
 
-fn expect_error(s: &Storaged, method: &str, target: &str, body: Option<&str>, status: u16, needle: &str) {
+fn expect_error(
+    s: &Storaged,
+    method: &str,
+    target: &str,
+    body: Option<&str>,
+    status: u16,
+    needle: &str,
+) {
     let before = snapshot(s);
     let r = s.admin().request(method, target, body).unwrap();
     assert_eq!(r.status, status, "{method} {target} {body:?}: {}", r.body);
@@ -24,7 +33,11 @@ fn expect_error(s: &Storaged, method: &str, target: &str, body: Option<&str>, st
         msg.to_lowercase().contains(&needle.to_lowercase()),
         "{method} {target} {body:?}: error '{msg}' lacks '{needle}'"
     );
-    assert_eq!(snapshot(s), before, "{method} {target} {body:?} changed state");
+    assert_eq!(
+        snapshot(s),
+        before,
+        "{method} {target} {body:?} changed state"
+    );
 }
 
 #[test]
@@ -36,7 +49,10 @@ fn create_returns_the_volume_and_get_and_list_show_it() {
     assert_eq!(v["tier"], "premium");
     assert_eq!(v["attached"], false);
     let socket = v["socket"].as_str().unwrap();
-    assert!(socket.starts_with('/') && socket.ends_with("db1.sock"), "{socket}");
+    assert!(
+        socket.starts_with('/') && socket.ends_with("db1.sock"),
+        "{socket}"
+    );
     assert!(std::path::Path::new(socket).exists());
     assert!(!v["id"].as_str().unwrap().is_empty());
     let got = s.admin().get("/v1/volumes/db1").unwrap();
@@ -54,7 +70,15 @@ fn bad_names_are_refused_and_nothing_changes() {
     let s = Storaged::start();
     s.create_volume(r#"{"name":"ok","size":"1MiB"}"#);
     let long = "x".repeat(64);
-    for name in ["../etc", "a/b", "..", "", ".hidden", long.as_str(), "sp ace"] {
+    for name in [
+        "../etc",
+        "a/b",
+        "..",
+        "",
+        ".hidden",
+        long.as_str(),
+        "sp ace",
+    ] {
         let body = serde_json::json!({ "name": name, "size": "1MiB" }).to_string();
         expect_error(&s, "POST", "/v1/volumes", Some(&body), 400, "name");
     }
@@ -64,35 +88,157 @@ fn bad_names_are_refused_and_nothing_changes() {
 fn bad_sizes_tiers_fields_and_duplicates_are_refused() {
     let s = Storaged::start();
     s.create_volume(r#"{"name":"dup","size":"1MiB"}"#);
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":0}"#), 400, "greater than zero");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":"4097"}"#), 400, "multiple of 4096");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":"12 parsecs"}"#), 400, "unit");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":-5}"#), 400, "negative");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":"1MiB","tier":"gold"}"#), 400, "unknown tier 'gold'");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":"1MiB","colour":"red"}"#), 400, "unknown field `colour`");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a"}"#), 400, "missing field `size`");
-    expect_error(&s, "POST", "/v1/volumes", Some("{not json"), 400, "invalid request body");
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":0}"#),
+        400,
+        "greater than zero",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":"4097"}"#),
+        400,
+        "multiple of 4096",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":"12 parsecs"}"#),
+        400,
+        "unit",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":-5}"#),
+        400,
+        "negative",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":"1MiB","tier":"gold"}"#),
+        400,
+        "unknown tier 'gold'",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":"1MiB","colour":"red"}"#),
+        400,
+        "unknown field `colour`",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a"}"#),
+        400,
+        "missing field `size`",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some("{not json"),
+        400,
+        "invalid request body",
+    );
     expect_error(&s, "POST", "/v1/volumes", None, 400, "empty");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"a","size":"1MiB","num_queues":0}"#), 400, "num_queues");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"dup","size":"2MiB"}"#), 409, "already exists");
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"dev","size":"1MiB","device":"/nonexistent/disk"}"#), 400, "/nonexistent/disk");
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"a","size":"1MiB","num_queues":0}"#),
+        400,
+        "num_queues",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"dup","size":"2MiB"}"#),
+        409,
+        "already exists",
+    );
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"dev","size":"1MiB","device":"/nonexistent/disk"}"#),
+        400,
+        "/nonexistent/disk",
+    );
 }
 
 #[test]
 fn shrinking_unknown_volumes_and_bad_updates_are_refused() {
     let s = Storaged::start();
     s.create_volume(r#"{"name":"v","size":"8MiB"}"#);
-    expect_error(&s, "PATCH", "/v1/volumes/v", Some(r#"{"size":"4MiB"}"#), 400, "cannot shrink");
-    expect_error(&s, "PATCH", "/v1/volumes/v", Some(r#"{"size":"9000"}"#), 400, "multiple of 4096");
-    expect_error(&s, "PATCH", "/v1/volumes/v", Some(r#"{"tier":"platinum"}"#), 400, "unknown tier");
-    expect_error(&s, "PATCH", "/v1/volumes/v", Some(r#"{"iops":5}"#), 400, "unknown field");
-    expect_error(&s, "PATCH", "/v1/volumes/nope", Some(r#"{"size":"16MiB"}"#), 404, "does not exist");
+    expect_error(
+        &s,
+        "PATCH",
+        "/v1/volumes/v",
+        Some(r#"{"size":"4MiB"}"#),
+        400,
+        "cannot shrink",
+    );
+    expect_error(
+        &s,
+        "PATCH",
+        "/v1/volumes/v",
+        Some(r#"{"size":"9000"}"#),
+        400,
+        "multiple of 4096",
+    );
+    expect_error(
+        &s,
+        "PATCH",
+        "/v1/volumes/v",
+        Some(r#"{"tier":"platinum"}"#),
+        400,
+        "unknown tier",
+    );
+    expect_error(
+        &s,
+        "PATCH",
+        "/v1/volumes/v",
+        Some(r#"{"iops":5}"#),
+        400,
+        "unknown field",
+    );
+    expect_error(
+        &s,
+        "PATCH",
+        "/v1/volumes/nope",
+        Some(r#"{"size":"16MiB"}"#),
+        404,
+        "does not exist",
+    );
     expect_error(&s, "GET", "/v1/volumes/nope", None, 404, "does not exist");
-    expect_error(&s, "DELETE", "/v1/volumes/nope", None, 404, "does not exist");
+    expect_error(
+        &s,
+        "DELETE",
+        "/v1/volumes/nope",
+        None,
+        404,
+        "does not exist",
+    );
     expect_error(&s, "GET", "/v1/nothing-here", None, 404, "no such endpoint");
     expect_error(&s, "PUT", "/v1/volumes", None, 405, "not allowed");
     // A valid tier change is applied and persisted.
-    let r = s.admin().request("PATCH", "/v1/volumes/v", Some(r#"{"tier":"ultra"}"#)).unwrap();
+    let r = s
+        .admin()
+        .request("PATCH", "/v1/volumes/v", Some(r#"{"tier":"ultra"}"#))
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["tier"], "ultra");
 }
@@ -106,18 +252,38 @@ fn deleting_an_attached_volume_needs_force() {
     let mut c = connect_retry(&socket, 1);
     assert_eq!(c.write(0, 0, &pattern(4096, 0, 1)), 0);
     expect_error(&s, "DELETE", "/v1/volumes/att", None, 409, "attached");
-    expect_error(&s, "DELETE", "/v1/volumes/att?force=maybe", None, 400, "invalid query");
-    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(4096, 0, 1), "refused delete disturbed I/O");
-    let r = s.admin().request("DELETE", "/v1/volumes/att?force=true", None).unwrap();
+    expect_error(
+        &s,
+        "DELETE",
+        "/v1/volumes/att?force=maybe",
+        None,
+        400,
+        "invalid query",
+    );
+    assert_eq!(
+        c.read(0, 0, 4096).unwrap(),
+        pattern(4096, 0, 1),
+        "refused delete disturbed I/O"
+    );
+    let r = s
+        .admin()
+        .request("DELETE", "/v1/volumes/att?force=true", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["data_removed"], true);
     assert!(!std::path::Path::new(&backing).exists());
     assert!(!socket.exists());
-    assert_eq!(s.admin().get("/v1/volumes").unwrap().json(), serde_json::json!([]));
+    assert_eq!(
+        s.admin().get("/v1/volumes").unwrap().json(),
+        serde_json::json!([])
+    );
     drop(c);
     // A detached volume is deleted without force.
     s.create_volume(r#"{"name":"free","size":"8MiB"}"#);
-    let r = s.admin().request("DELETE", "/v1/volumes/free", None).unwrap();
+    let r = s
+        .admin()
+        .request("DELETE", "/v1/volumes/free", None)
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
@@ -128,8 +294,22 @@ fn pool_capacity_refuses_overcommit() {
     std::fs::write(&cfg, "pool_capacity = \"10MiB\"\n").unwrap();
     let s = Storaged::start_with(&["--config", cfg.to_str().unwrap()]);
     s.create_volume(r#"{"name":"a","size":"6MiB"}"#);
-    expect_error(&s, "POST", "/v1/volumes", Some(r#"{"name":"b","size":"6MiB"}"#), 507, "pool capacity exceeded");
-    expect_error(&s, "PATCH", "/v1/volumes/a", Some(r#"{"size":"12MiB"}"#), 507, "pool capacity exceeded");
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"b","size":"6MiB"}"#),
+        507,
+        "pool capacity exceeded",
+    );
+    expect_error(
+        &s,
+        "PATCH",
+        "/v1/volumes/a",
+        Some(r#"{"size":"12MiB"}"#),
+        507,
+        "pool capacity exceeded",
+    );
     s.create_volume(r#"{"name":"b","size":"4MiB"}"#);
     let info = s.admin().get("/v1/info").unwrap().json();
     assert_eq!(info["allocated_bytes"], 10u64 << 20);
@@ -167,7 +347,10 @@ fn a_volume_with_missing_backing_is_reported_and_the_rest_served() {
 
 fn run_storaged(args: &[&str]) -> (i32, String) {
     let out = Command::new(bin("storaged")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -176,17 +359,32 @@ fn unknown_config_keys_and_bad_settings_stop_startup_with_a_message() {
     let data = dir.path().join("data");
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[io]\nmax_queue_sise = 512\n").unwrap();
-    let (code, err) = run_storaged(&["--data-dir", data.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    let (code, err) = run_storaged(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("max_queue_sise"), "{err}");
     std::fs::write(&cfg, "[io]\nmax_queue_size = 100\n").unwrap();
-    let (code, err) = run_storaged(&["--data-dir", data.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    let (code, err) = run_storaged(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("io.max_queue_size"), "{err}");
     let (code, err) = run_storaged(&[]);
     assert_ne!(code, 0);
     assert!(err.contains("--data-dir"), "{err}");
-    let (code, err) = run_storaged(&["--data-dir", data.to_str().unwrap(), "--metrics-addr", "nowhere"]);
+    let (code, err) = run_storaged(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--metrics-addr",
+        "nowhere",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("metrics_addr"), "{err}");
 }
@@ -194,7 +392,12 @@ fn unknown_config_keys_and_bad_settings_stop_startup_with_a_message() {
 #[test]
 fn a_second_daemon_on_the_same_data_dir_is_refused() {
     let s = Storaged::start();
-    let (code, err) = run_storaged(&["--data-dir", s.data_dir.to_str().unwrap(), "--metrics-addr", "off"]);
+    let (code, err) = run_storaged(&[
+        "--data-dir",
+        s.data_dir.to_str().unwrap(),
+        "--metrics-addr",
+        "off",
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("in use by another storaged"), "{err}");
     assert_eq!(s.admin().get("/v1/info").unwrap().status, 200);
@@ -204,7 +407,11 @@ fn a_second_daemon_on_the_same_data_dir_is_refused() {
 fn admin_socket_is_private_and_storagectl_drives_the_api() {
     use std::os::unix::fs::PermissionsExt;
     let s = Storaged::start();
-    let mode = std::fs::metadata(s.admin_socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(s.admin_socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let ctl = |args: &[&str]| {
         let out = Command::new(bin("storagectl"))
@@ -213,7 +420,11 @@ fn admin_socket_is_private_and_storagectl_drives_the_api() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, out, err) = ctl(&["create", "cli1", "--size", "16MiB", "--tier", "enterprise"]);
     assert!(ok, "{err}");

@@ -1,5 +1,7 @@
 //! The real storaged, driven over vhost-user-blk by the blkio crate's client.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
+
 use storaged_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -13,7 +15,11 @@ fn patterns_written_on_every_queue_read_back_on_every_queue() {
     assert_eq!(c.get_i32("max-queues"), 4);
     for q in 0..4 {
         let off = q as u64 * MIB;
-        assert_eq!(c.write(q, off, &pattern(65536, off, q as u8)), 0, "write on queue {q}");
+        assert_eq!(
+            c.write(q, off, &pattern(65536, off, q as u8)),
+            0,
+            "write on queue {q}"
+        );
     }
     for q in 0..4 {
         for reader in 0..4 {
@@ -66,7 +72,10 @@ fn flush_discard_and_write_zeroes_read_back_zeros() {
     s.create_volume(r#"{"name":"z","size":"16MiB"}"#);
     let mut c = connect_retry(&s.socket_of("z"), 1);
     let zeros = vec![0u8; 65536];
-    for (i, op) in ["discard", "write_zeroes", "write_zeroes_unmap"].iter().enumerate() {
+    for (i, op) in ["discard", "write_zeroes", "write_zeroes_unmap"]
+        .iter()
+        .enumerate()
+    {
         let off = i as u64 * MIB;
         assert_eq!(c.write(0, off, &pattern(65536, off, 3)), 0);
         assert_eq!(c.flush(0), 0);
@@ -77,7 +86,11 @@ fn flush_discard_and_write_zeroes_read_back_zeros() {
             _ => c.write_zeroes(0, off, 65536, true),
         };
         assert_eq!(ret, 0, "{op}");
-        assert_eq!(c.read(0, off, 65536).unwrap(), zeros, "{op} left data behind");
+        assert_eq!(
+            c.read(0, off, 65536).unwrap(),
+            zeros,
+            "{op} left data behind"
+        );
     }
 }
 
@@ -92,7 +105,11 @@ fn flushed_data_survives_sigterm_restart_and_kill_9() {
         assert_eq!(c.flush(0), 0);
     }
     s.restart();
-    assert_eq!(s.socket_of("keep"), socket, "socket path changed across restart");
+    assert_eq!(
+        s.socket_of("keep"),
+        socket,
+        "socket path changed across restart"
+    );
     {
         let mut c = connect_retry(&socket, 1);
         assert_eq!(c.read(0, 0, 4096 * 8).unwrap(), pattern(4096 * 8, 0, 9));
@@ -105,7 +122,10 @@ fn flushed_data_survives_sigterm_restart_and_kill_9() {
     assert_eq!(after["id"], v["id"]);
     let mut c = connect_retry(&socket, 1);
     assert_eq!(c.read(0, 0, 4096 * 8).unwrap(), pattern(4096 * 8, 0, 9));
-    assert_eq!(c.read(0, 8 * MIB, 4096).unwrap(), pattern(4096, 8 * MIB, 10));
+    assert_eq!(
+        c.read(0, 8 * MIB, 4096).unwrap(),
+        pattern(4096, 8 * MIB, 10)
+    );
 }
 
 #[test]
@@ -153,7 +173,11 @@ fn online_grow_is_seen_by_the_connected_client() {
     s.create_volume(r#"{"name":"grow","size":"16MiB"}"#);
     let mut c = connect_retry(&s.socket_of("grow"), 1);
     assert_eq!(c.capacity(), 16 * MIB);
-    assert_ne!(c.write(0, 20 * MIB, &pattern(4096, 0, 1)), 0, "write past the end succeeded");
+    assert_ne!(
+        c.write(0, 20 * MIB, &pattern(4096, 0, 1)),
+        0,
+        "write past the end succeeded"
+    );
     let r = s
         .admin()
         .request("PATCH", "/v1/volumes/grow", Some(r#"{"size":"32MiB"}"#))
@@ -162,7 +186,10 @@ fn online_grow_is_seen_by_the_connected_client() {
     assert_eq!(r.json()["size_bytes"], 32 * MIB);
     assert_eq!(c.capacity(), 32 * MIB);
     assert_eq!(c.write(0, 20 * MIB, &pattern(4096, 20 * MIB, 1)), 0);
-    assert_eq!(c.read(0, 20 * MIB, 4096).unwrap(), pattern(4096, 20 * MIB, 1));
+    assert_eq!(
+        c.read(0, 20 * MIB, 4096).unwrap(),
+        pattern(4096, 20 * MIB, 1)
+    );
 }
 
 #[test]
@@ -171,13 +198,19 @@ fn read_only_volume_serves_reads_and_refuses_writes() {
     s.create_volume(r#"{"name":"ro","size":"16MiB","read_only":true}"#);
     let socket = s.socket_of("ro");
     // The device says it is read-only (VIRTIO_BLK_F_RO): libblkio refuses to open it for writing.
-    let err = BlkClient::connect(&socket, 1).err().expect("read-write client accepted");
+    let err = BlkClient::connect(&socket, 1)
+        .err()
+        .expect("read-write client accepted");
     assert_eq!(err.errno(), blkio::Errno::ROFS, "{err:?}");
     s.wait_for_log("frontend detached");
     let mut c = BlkClient::connect_read_only(&socket).expect("read-only client");
     assert!(c.get_bool("read-only"));
     assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
-    assert_ne!(c.write(0, 0, &pattern(4096, 0, 1)), 0, "write to a read-only volume succeeded");
+    assert_ne!(
+        c.write(0, 0, &pattern(4096, 0, 1)),
+        0,
+        "write to a read-only volume succeeded"
+    );
     assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096]);
 }
 
@@ -223,15 +256,44 @@ fn metrics_count_operations_and_bytes_exactly() {
     assert_eq!(c.discard(0, 0, 4096), 0);
     let _ = c.read(0, 32 * MIB, 4096);
     let scrape = http_get(&s.metrics_url());
-    let v = |series: &str| metric_value(&scrape, series).unwrap_or_else(|| panic!("{series} missing:\n{scrape}"));
-    assert_eq!(v(r#"storaged_volume_requests_total{op="write",volume="m"}"#), 3.0);
-    assert_eq!(v(r#"storaged_volume_bytes_total{op="write",volume="m"}"#), 3.0 * 8192.0);
-    assert_eq!(v(r#"storaged_volume_requests_total{op="read",volume="m"}"#), 2.0);
-    assert_eq!(v(r#"storaged_volume_bytes_total{op="read",volume="m"}"#), 8192.0);
-    assert_eq!(v(r#"storaged_volume_requests_total{op="flush",volume="m"}"#), 1.0);
-    assert_eq!(v(r#"storaged_volume_bytes_total{op="discard",volume="m"}"#), 4096.0);
-    assert_eq!(v(r#"storaged_volume_errors_total{kind="invalid_request",volume="m"}"#), 1.0);
-    assert_eq!(v(r#"storaged_volume_request_duration_seconds_count{op="write",volume="m"}"#), 3.0);
+    let v = |series: &str| {
+        metric_value(&scrape, series).unwrap_or_else(|| panic!("{series} missing:\n{scrape}"))
+    };
+    assert_eq!(
+        v(r#"storaged_volume_requests_total{op="write",volume="m"}"#),
+        3.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_bytes_total{op="write",volume="m"}"#),
+        3.0 * 8192.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_requests_total{op="read",volume="m"}"#),
+        2.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_bytes_total{op="read",volume="m"}"#),
+        8192.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_requests_total{op="flush",volume="m"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_bytes_total{op="discard",volume="m"}"#),
+        4096.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_errors_total{kind="invalid_request",volume="m"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"storaged_volume_request_duration_seconds_count{op="write",volume="m"}"#),
+        3.0
+    );
     assert_eq!(v(r#"storaged_volume_attached{volume="m"}"#), 1.0);
-    assert_eq!(v(r#"storaged_volume_size_bytes{volume="m"}"#), 16.0 * MIB as f64);
+    assert_eq!(
+        v(r#"storaged_volume_size_bytes{volume="m"}"#),
+        16.0 * MIB as f64
+    );
 }

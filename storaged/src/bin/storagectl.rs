@@ -107,7 +107,10 @@ fn main() -> ExitCode {
         ),
         Command::Delete { name, force } => (
             "DELETE",
-            format!("/v1/volumes/{name}{}", if *force { "?force=true" } else { "" }),
+            format!(
+                "/v1/volumes/{name}{}",
+                if *force { "?force=true" } else { "" }
+            ),
             None,
         ),
         Command::Info => ("GET", "/v1/info".into(), None),

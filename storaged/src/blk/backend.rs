@@ -15,7 +15,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::engine::{self, GuestMem, QueueEngine};
 use super::VolumeIo;
@@ -49,7 +51,10 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    pub fn new(volume: Arc<VolumeIo>, mem: GuestMemoryAtomic<GuestMem>) -> Result<Self, engine::Error> {
+    pub fn new(
+        volume: Arc<VolumeIo>,
+        mem: GuestMemoryAtomic<GuestMem>,
+    ) -> Result<Self, engine::Error> {
         let entries = u32::from(volume.max_queue_size);
         let engines = (0..volume.num_queues)
             .map(|_| QueueEngine::new(volume.clone(), entries).map(Mutex::new))
@@ -123,7 +128,9 @@ impl VhostUserBackend for BlkBackend {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let config = self.volume.config_space();
         let start = (offset as usize).min(config.len());
-        let end = (offset as usize).saturating_add(size as usize).min(config.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(config.len());
         let mut out = config[start..end].to_vec();
         out.resize(size as usize, 0);
         out

@@ -275,7 +275,13 @@ impl QueueEngine {
         }
         let len: usize = iovecs.iter().map(|v| v.iov_len).sum();
         let mut bounce = AlignedBuf::new(len, align.max(4096));
-        if write && !copy_from_guest(&inflight.mem, &inflight.data, &mut bounce.as_mut_slice()[..len]) {
+        if write
+            && !copy_from_guest(
+                &inflight.mem,
+                &inflight.data,
+                &mut bounce.as_mut_slice()[..len],
+            )
+        {
             return false;
         }
         inflight.iovecs = vec![libc::iovec {
@@ -306,14 +312,14 @@ impl QueueEngine {
         };
         let fd = types::Fd(self.volume.store.file.as_raw_fd());
         let sqes: Vec<squeue::Entry> = match &inflight.op {
-            Operation::Read { .. } => vec![opcode::Readv::new(
-                fd,
-                inflight.iovecs.as_ptr(),
-                inflight.iovecs.len() as u32,
-            )
-            .offset(inflight.offset)
-            .build()
-            .user_data(user_data(slot, 0))],
+            Operation::Read { .. } => {
+                vec![
+                    opcode::Readv::new(fd, inflight.iovecs.as_ptr(), inflight.iovecs.len() as u32)
+                        .offset(inflight.offset)
+                        .build()
+                        .user_data(user_data(slot, 0)),
+                ]
+            }
             Operation::Write { .. } => vec![opcode::Writev::new(
                 fd,
                 inflight.iovecs.as_ptr(),
@@ -418,7 +424,12 @@ impl QueueEngine {
                 let r = ranges[part as usize];
                 let fd = types::Fd(self.volume.store.file.as_raw_fd());
                 if !r.unmap {
-                    let sqe = fallocate_sqe(fd, &ByteRange { unmap: true, ..r }, FALLOC_PUNCH, user_data(slot, part));
+                    let sqe = fallocate_sqe(
+                        fd,
+                        &ByteRange { unmap: true, ..r },
+                        FALLOC_PUNCH,
+                        user_data(slot, part),
+                    );
                     if let Operation::WriteZeroes(ranges) = &mut inflight.op {
                         ranges[part as usize].unmap = true;
                     }
@@ -459,7 +470,11 @@ impl QueueEngine {
         } else if let Operation::Read { len, .. } = inflight.op {
             used = len as u32;
             if let Some(bounce) = &inflight.bounce {
-                if !copy_to_guest(&inflight.mem, &inflight.data, &bounce.as_slice()[..len as usize]) {
+                if !copy_to_guest(
+                    &inflight.mem,
+                    &inflight.data,
+                    &bounce.as_slice()[..len as usize],
+                ) {
                     code = VIRTIO_BLK_S_IOERR as u8;
                     used = 0;
                 }
@@ -611,8 +626,14 @@ mod tests {
         let mut a = [0u8; 8];
         let mut b = [0u8; 8];
         let mut v = vec![
-            libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: 8 },
-            libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 8 },
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 8,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 8,
+            },
         ];
         advance_iovecs(&mut v, 11);
         assert_eq!(v.len(), 1);

@@ -184,7 +184,8 @@ impl Server {
     fn run(mut self) {
         let name = self.volume.name.clone();
         loop {
-            let [incoming, stop] = poll_readable([self.listener.as_raw_fd(), self.stop.as_raw_fd()]);
+            let [incoming, stop] =
+                poll_readable([self.listener.as_raw_fd(), self.stop.as_raw_fd()]);
             if stop || self.stopping() {
                 return;
             }
@@ -200,11 +201,13 @@ impl Server {
     fn serve_one(&mut self) -> Result<(), String> {
         let name = self.volume.name.clone();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(self.volume.clone(), mem.clone()).map_err(|e| {
-            // Take the connection off the queue so it is not retried forever.
-            let _ = self.listener.accept();
-            format!("cannot set up the device: {e}")
-        })?);
+        let backend = Arc::new(
+            BlkBackend::new(self.volume.clone(), mem.clone()).map_err(|e| {
+                // Take the connection off the queue so it is not retried forever.
+                let _ = self.listener.accept();
+                format!("cannot set up the device: {e}")
+            })?,
+        );
         let mut daemon = VhostUserDaemon::new(format!("vu-{name}"), backend.clone(), mem)
             .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
         for (q, (handler, fd)) in daemon

@@ -102,7 +102,8 @@ impl VolumeIo {
     /// `write_zeroes_may_unmap`), little-endian.
     pub fn config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
-        let put32 = |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
         c[0..8].copy_from_slice(&(self.capacity() >> SECTOR_SHIFT).to_le_bytes());
         // size_max (8) stays 0: VIRTIO_BLK_F_SIZE_MAX is not offered.
         put32(&mut c, 12, self.seg_max);

@@ -100,12 +100,20 @@ pub struct ByteRange {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Operation {
     /// Read `len` bytes at `offset` into the data buffers.
-    Read { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     /// Write `len` bytes at `offset` from the data buffers.
-    Write { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     /// Write the volume's serial into the data buffers (at most `len` bytes of it).
-    GetId { len: u64 },
+    GetId {
+        len: u64,
+    },
     Discard(Vec<ByteRange>),
     WriteZeroes(Vec<ByteRange>),
 }
@@ -457,12 +465,28 @@ mod tests {
     #[test]
     fn parses_read_with_data_and_status() {
         let m = mem();
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 8), wr(0x1000, 4096), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 8),
+            wr(0x1000, 4096),
+            wr(0x3000, 1),
+        ];
         let Parsed::Request(r) = parse(&m, d, &limits()) else {
             panic!()
         };
-        assert_eq!(r.op, Operation::Read { offset: 4096, len: 4096 });
-        assert_eq!(r.data, [GuestRange { addr: GuestAddress(0x1000), len: 4096 }]);
+        assert_eq!(
+            r.op,
+            Operation::Read {
+                offset: 4096,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            r.data,
+            [GuestRange {
+                addr: GuestAddress(0x1000),
+                len: 4096
+            }]
+        );
         assert_eq!(r.status, GuestAddress(0x3000));
     }
 
@@ -475,14 +499,32 @@ mod tests {
         let Parsed::Request(r) = parse(&m, d, &limits()) else {
             panic!()
         };
-        assert_eq!(r.op, Operation::Write { offset: 0, len: 1024 });
-        assert_eq!(r.data, [GuestRange { addr: GuestAddress(0x110), len: 1024 }]);
+        assert_eq!(
+            r.op,
+            Operation::Write {
+                offset: 0,
+                len: 1024
+            }
+        );
+        assert_eq!(
+            r.data,
+            [GuestRange {
+                addr: GuestAddress(0x110),
+                len: 1024
+            }]
+        );
         // Read data and status in one descriptor.
         let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), wr(0x2000, 513)];
         let Parsed::Request(r) = parse(&m, d, &limits()) else {
             panic!()
         };
-        assert_eq!(r.op, Operation::Read { offset: 0, len: 512 });
+        assert_eq!(
+            r.op,
+            Operation::Read {
+                offset: 0,
+                len: 512
+            }
+        );
         assert_eq!(r.status, GuestAddress(0x2000 + 512));
     }
 
@@ -490,21 +532,35 @@ mod tests {
     fn drops_chain_without_status_byte() {
         let m = mem();
         let d = [header(&m, 0, VIRTIO_BLK_T_OUT, 0), ro(0x1000, 512)];
-        assert_eq!(parse(&m, d, &limits()), Parsed::Drop(RequestError::NoStatus));
-        assert_eq!(parse(&m, [], &limits()), Parsed::Drop(RequestError::NoStatus));
+        assert_eq!(
+            parse(&m, d, &limits()),
+            Parsed::Drop(RequestError::NoStatus)
+        );
+        assert_eq!(
+            parse(&m, [], &limits()),
+            Parsed::Drop(RequestError::NoStatus)
+        );
     }
 
     #[test]
     fn rejects_short_header() {
         let m = mem();
         let d = [ro(0, 8), wr(0x1000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())), (IOERR, RequestError::ShortHeader(8)));
+        assert_eq!(
+            rejected(parse(&m, d, &limits())),
+            (IOERR, RequestError::ShortHeader(8))
+        );
     }
 
     #[test]
     fn rejects_readable_after_writable() {
         let m = mem();
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), wr(0x1000, 512), ro(0x2000, 16), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            wr(0x1000, 512),
+            ro(0x2000, 16),
+            wr(0x3000, 1),
+        ];
         assert_eq!(
             rejected(parse(&m, d, &limits())),
             (IOERR, RequestError::ReadableAfterWritable)
@@ -515,11 +571,25 @@ mod tests {
     fn rejects_wrong_data_direction() {
         let m = mem();
         // A read whose data buffer is device-readable.
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), ro(0x1000, 512), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())).1, RequestError::WrongDirection(0));
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            ro(0x1000, 512),
+            wr(0x3000, 1),
+        ];
+        assert_eq!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::WrongDirection(0)
+        );
         // A write whose data buffer is device-writable.
-        let d = [header(&m, 0, VIRTIO_BLK_T_OUT, 0), wr(0x1000, 512), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())).1, RequestError::WrongDirection(1));
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_OUT, 0),
+            wr(0x1000, 512),
+            wr(0x3000, 1),
+        ];
+        assert_eq!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::WrongDirection(1)
+        );
     }
 
     #[test]
@@ -547,35 +617,78 @@ mod tests {
     #[test]
     fn rejects_io_past_the_end_including_overflowing_sectors() {
         let m = mem();
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 2047), wr(0x1000, 1024), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())).1, RequestError::OutOfRange(2047, 2, 2048));
-        let d = [header(&m, 0, VIRTIO_BLK_T_OUT, u64::MAX), ro(0x1000, 512), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 2047),
+            wr(0x1000, 1024),
+            wr(0x3000, 1),
+        ];
+        assert_eq!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::OutOfRange(2047, 2, 2048)
+        );
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_OUT, u64::MAX),
+            ro(0x1000, 512),
+            wr(0x3000, 1),
+        ];
         assert!(matches!(
             rejected(parse(&m, d, &limits())).1,
             RequestError::OutOfRange(..)
         ));
         // Exactly up to the end is fine.
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 2046), wr(0x1000, 1024), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 2046),
+            wr(0x1000, 1024),
+            wr(0x3000, 1),
+        ];
         assert!(matches!(parse(&m, d, &limits()), Parsed::Request(_)));
     }
 
     #[test]
     fn rejects_partial_sectors_and_unaligned_blocks() {
         let m = mem();
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), wr(0x1000, 100), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())).1, RequestError::UnalignedLength(100, 512));
-        let l = Limits { block_size: 4096, ..limits() };
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 1), wr(0x1000, 4096), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &l)).1, RequestError::UnalignedSector(1, 4096));
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            wr(0x1000, 100),
+            wr(0x3000, 1),
+        ];
+        assert_eq!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::UnalignedLength(100, 512)
+        );
+        let l = Limits {
+            block_size: 4096,
+            ..limits()
+        };
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 1),
+            wr(0x1000, 4096),
+            wr(0x3000, 1),
+        ];
+        assert_eq!(
+            rejected(parse(&m, d, &l)).1,
+            RequestError::UnalignedSector(1, 4096)
+        );
     }
 
     #[test]
     fn rejects_writes_to_read_only_volume_but_serves_reads() {
         let m = mem();
-        let l = Limits { read_only: true, ..limits() };
-        let d = [header(&m, 0, VIRTIO_BLK_T_OUT, 0), ro(0x1000, 512), wr(0x3000, 1)];
+        let l = Limits {
+            read_only: true,
+            ..limits()
+        };
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_OUT, 0),
+            ro(0x1000, 512),
+            wr(0x3000, 1),
+        ];
         assert_eq!(rejected(parse(&m, d, &l)), (IOERR, RequestError::ReadOnly));
-        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), wr(0x1000, 512), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_IN, 0),
+            wr(0x1000, 512),
+            wr(0x3000, 1),
+        ];
         assert!(matches!(parse(&m, d, &l), Parsed::Request(_)));
     }
 
@@ -592,25 +705,45 @@ mod tests {
         let m = mem();
         segment(&m, 0x1000, 8, 16, 0);
         segment(&m, 0x1010, 64, 8, 0);
-        let d = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), ro(0x1000, 32), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+            ro(0x1000, 32),
+            wr(0x3000, 1),
+        ];
         let Parsed::Request(r) = parse(&m, d, &limits()) else {
             panic!()
         };
         assert_eq!(
             r.op,
             Operation::Discard(vec![
-                ByteRange { offset: 4096, len: 8192, unmap: false },
-                ByteRange { offset: 32768, len: 4096, unmap: false },
+                ByteRange {
+                    offset: 4096,
+                    len: 8192,
+                    unmap: false
+                },
+                ByteRange {
+                    offset: 32768,
+                    len: 4096,
+                    unmap: false
+                },
             ])
         );
         segment(&m, 0x1000, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        let d = [header(&m, 0, VIRTIO_BLK_T_WRITE_ZEROES, 0), ro(0x1000, 16), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_WRITE_ZEROES, 0),
+            ro(0x1000, 16),
+            wr(0x3000, 1),
+        ];
         let Parsed::Request(r) = parse(&m, d, &limits()) else {
             panic!()
         };
         assert_eq!(
             r.op,
-            Operation::WriteZeroes(vec![ByteRange { offset: 0, len: 4096, unmap: true }])
+            Operation::WriteZeroes(vec![ByteRange {
+                offset: 0,
+                len: 4096,
+                unmap: true
+            }])
         );
     }
 
@@ -618,14 +751,27 @@ mod tests {
     fn rejects_bad_discard_payloads() {
         let m = mem();
         let disc = |len: u32| {
-            [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), ro(0x1000, len), wr(0x3000, 1)]
+            [
+                header(&m, 0, VIRTIO_BLK_T_DISCARD, 0),
+                ro(0x1000, len),
+                wr(0x3000, 1),
+            ]
         };
         segment(&m, 0x1000, 0, 8, 0);
-        assert_eq!(rejected(parse(&m, disc(15), &limits())).1, RequestError::BadSegmentPayload(15));
+        assert_eq!(
+            rejected(parse(&m, disc(15), &limits())).1,
+            RequestError::BadSegmentPayload(15)
+        );
         // More segments than max_discard_seg.
-        assert_eq!(rejected(parse(&m, disc(48), &limits())).1, RequestError::BadSegmentPayload(48));
+        assert_eq!(
+            rejected(parse(&m, disc(48), &limits())).1,
+            RequestError::BadSegmentPayload(48)
+        );
         let d = [header(&m, 0, VIRTIO_BLK_T_DISCARD, 0), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())).1, RequestError::BadSegmentPayload(0));
+        assert_eq!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::BadSegmentPayload(0)
+        );
         // Flags on a discard are unsupported; past the end is an I/O error.
         segment(&m, 0x1000, 0, 8, 1);
         assert_eq!(
@@ -633,21 +779,34 @@ mod tests {
             (UNSUPP, RequestError::UnsupportedFlags(1))
         );
         segment(&m, 0x1000, 2040, 16, 0);
-        assert_eq!(rejected(parse(&m, disc(16), &limits())).1, RequestError::OutOfRange(2040, 16, 2048));
+        assert_eq!(
+            rejected(parse(&m, disc(16), &limits())).1,
+            RequestError::OutOfRange(2040, 16, 2048)
+        );
         segment(&m, 0x1000, 0, 2000, 0);
-        assert_eq!(rejected(parse(&m, disc(16), &limits())).1, RequestError::RangeTooLarge(2000, 1024));
+        assert_eq!(
+            rejected(parse(&m, disc(16), &limits())).1,
+            RequestError::RangeTooLarge(2000, 1024)
+        );
     }
 
     #[test]
     fn get_id_needs_a_writable_buffer() {
         let m = mem();
-        let d = [header(&m, 0, VIRTIO_BLK_T_GET_ID, 0), wr(0x1000, 20), wr(0x3000, 1)];
+        let d = [
+            header(&m, 0, VIRTIO_BLK_T_GET_ID, 0),
+            wr(0x1000, 20),
+            wr(0x3000, 1),
+        ];
         let Parsed::Request(r) = parse(&m, d, &limits()) else {
             panic!()
         };
         assert_eq!(r.op, Operation::GetId { len: 20 });
         let d = [header(&m, 0, VIRTIO_BLK_T_GET_ID, 0), wr(0x3000, 1)];
-        assert_eq!(rejected(parse(&m, d, &limits())).1, RequestError::WrongDirection(8));
+        assert_eq!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::WrongDirection(8)
+        );
     }
 
     #[test]
