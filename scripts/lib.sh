@@ -1,0 +1,27 @@
+# Shared helpers for the scripts in this folder. Source it; do not run it.
+
+# apt_install PKG...: installs the Debian packages that are missing (root or sudo).
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "==> installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# need_cargo: fails with a clear message when there is no Rust toolchain.
+need_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo not found: install Rust (rustup, stable >= 1.85) first" >&2
+        exit 1
+    fi
+}
+
+repo_root() {
+    cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
+}
