@@ -13,6 +13,14 @@ use crate::volume::{self, Tier};
 /// Longest path a Unix socket address can hold (`sun_path` less its terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// Volume-name length a socket dir must leave room for.
+pub const MIN_NAME_ROOM: usize = 16;
+
+/// Length of the socket path of a `name_len`-character volume in `socket_dir`.
+pub fn socket_path_len(socket_dir: &Path, name_len: usize) -> usize {
+    socket_dir.as_os_str().len() + 1 + name_len + ".sock".len()
+}
+
 /// Most queues per volume: vhost-user-backend assigns queues to worker threads by a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
 
@@ -89,6 +97,10 @@ pub struct IoConfig {
     pub direct: bool,
     /// Most data segments in one request (VIRTIO_BLK_F_SEG_MAX). Default: 128.
     pub seg_max: u32,
+    /// Adaptive polling: after serving work, a queue worker keeps checking its virtqueue and
+    /// completion ring for this many microseconds before it sleeps, saving a wake-up per
+    /// request when work keeps coming. 0 disables polling. At most 1000. Default: 50.
+    pub poll_us: u32,
 }
 
 impl Default for IoConfig {
@@ -97,6 +109,7 @@ impl Default for IoConfig {
             max_queue_size: 1024,
             direct: true,
             seg_max: 128,
+            poll_us: 50,
         }
     }
 }
@@ -149,15 +162,14 @@ impl Config {
                 ),
             ));
         }
-        // Socket paths are SOCKET_DIR/NAME.sock with names up to MAX_NAME_LEN.
-        let longest = socket_dir.as_os_str().len() + 1 + volume::MAX_NAME_LEN + ".sock".len();
-        if longest > MAX_SOCKET_PATH {
+        // Socket paths are SOCKET_DIR/NAME.sock; leave room for names of at least 16 characters
+        // (creation refuses a name whose socket path would not fit).
+        if socket_path_len(&socket_dir, MIN_NAME_ROOM) > MAX_SOCKET_PATH {
             return Err(invalid(
                 "socket_dir",
                 format!(
-                    "{} is too long: a socket for a {}-character volume name would exceed {MAX_SOCKET_PATH} bytes",
+                    "{} is too long: sockets of {MIN_NAME_ROOM}-character volume names would exceed the {MAX_SOCKET_PATH} bytes of a Unix socket path",
                     socket_dir.display(),
-                    volume::MAX_NAME_LEN
                 ),
             ));
         }
@@ -192,6 +204,12 @@ impl Config {
                     "{} is not between 1 and io.max_queue_size ({q})",
                     self.io.seg_max
                 ),
+            ));
+        }
+        if self.io.poll_us > 1000 {
+            return Err(invalid(
+                "io.poll_us",
+                format!("{} is more than 1000 microseconds", self.io.poll_us),
             ));
         }
         if let Some(cap) = self.pool_capacity {
@@ -296,7 +314,7 @@ mod tests {
             })
         ));
         let mut c = base();
-        c.socket_dir = Some(PathBuf::from("/".repeat(60)));
+        c.socket_dir = Some(PathBuf::from("/".repeat(90)));
         assert!(matches!(
             c.validate(),
             Err(Error::Invalid {

@@ -16,7 +16,7 @@ use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
 use crate::blk::VolumeIo;
 use crate::catalog::{self, VolumeCatalog};
-use crate::config::{Config, Resolved, MAX_QUEUES};
+use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
 use crate::metrics::Metrics;
 use crate::size::ByteSize;
 use crate::volume::{self, Backing, Tier, VolumeName, VolumeSpec};
@@ -193,8 +193,7 @@ impl VolumeService {
             spec.size_bytes,
             spec.read_only,
             spec.num_queues,
-            self.config.io.max_queue_size,
-            self.config.io.seg_max,
+            &self.config.io,
             self.metrics.volume(spec.name.as_str()),
         ));
         Ok(Export::start(io, &self.socket_path(&spec.name))?)
@@ -276,6 +275,12 @@ impl VolumeService {
         }
         if self.catalog.get(&name).is_some() {
             return Err(Error::AlreadyExists(name.to_string()));
+        }
+        if socket_path_len(&self.paths.socket_dir, name.as_str().len()) > MAX_SOCKET_PATH {
+            return Err(Error::BadRequest(format!(
+                "volume name '{name}' is too long for socket dir {}: the socket path would exceed {MAX_SOCKET_PATH} bytes",
+                self.paths.socket_dir.display()
+            )));
         }
         if req.device.is_some() && req.preallocate.is_some() {
             return Err(Error::BadRequest(

@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
@@ -48,6 +49,7 @@ pub struct BlkBackend {
     mem: GuestMemoryAtomic<GuestMem>,
     engines: Vec<Mutex<QueueEngine>>,
     event_idx: AtomicBool,
+    poll_window: Duration,
 }
 
 impl BlkBackend {
@@ -56,6 +58,7 @@ impl BlkBackend {
         mem: GuestMemoryAtomic<GuestMem>,
     ) -> Result<Self, engine::Error> {
         let entries = u32::from(volume.max_queue_size);
+        let poll_window = volume.poll_window;
         let engines = (0..volume.num_queues)
             .map(|_| QueueEngine::new(volume.clone(), entries).map(Mutex::new))
             .collect::<Result<_, _>>()?;
@@ -64,6 +67,7 @@ impl BlkBackend {
             mem,
             engines,
             event_idx: AtomicBool::new(false),
+            poll_window,
         })
     }
 
@@ -184,11 +188,14 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let num_queues = self.engines.len() as u16;
-        if device_event < num_queues {
-            let mem = self.mem.memory().into_inner();
-            engine.process_queue(vring, &mem);
+        let mem = self.mem.memory().into_inner();
+        let did_work = if device_event < num_queues {
+            engine.process_queue(vring, &mem)
         } else {
-            engine.process_completions(vring);
+            engine.process_completions(vring)
+        };
+        if did_work {
+            engine.poll(vring, &mem, self.poll_window);
         }
         Ok(())
     }

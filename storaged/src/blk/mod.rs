@@ -18,8 +18,10 @@ pub mod export;
 pub mod request;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::backing::BackingStore;
+use crate::config::IoConfig;
 use crate::metrics::VolumeMetrics;
 use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 
@@ -38,11 +40,12 @@ pub struct VolumeIo {
     pub num_queues: u16,
     pub max_queue_size: u16,
     pub seg_max: u32,
+    /// Adaptive polling window of the queue workers (0: never poll).
+    pub poll_window: Duration,
     pub metrics: VolumeMetrics,
 }
 
 impl VolumeIo {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         id: &str,
@@ -50,8 +53,7 @@ impl VolumeIo {
         capacity: u64,
         read_only: bool,
         num_queues: u16,
-        max_queue_size: u16,
-        seg_max: u32,
+        io: &IoConfig,
         metrics: VolumeMetrics,
     ) -> Self {
         let mut serial = [0u8; ID_BYTES];
@@ -65,8 +67,9 @@ impl VolumeIo {
             capacity: AtomicU64::new(capacity),
             read_only,
             num_queues,
-            max_queue_size,
-            seg_max,
+            max_queue_size: io.max_queue_size,
+            seg_max: io.seg_max,
+            poll_window: Duration::from_micros(u64::from(io.poll_us)),
             metrics,
         }
     }

@@ -1,0 +1,198 @@
+"""Driver of scripts/bench-storage: see that script for what is measured."""
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+CASES = [
+    # name, rw, block size, queue depth
+    ("4k randread QD1", "randread", 4096, 1),
+    ("4k randread QD32", "randread", 4096, 32),
+    ("4k randwrite QD32", "randwrite", 4096, 32),
+    ("128k seq read QD8", "read", 131072, 8),
+    ("128k seq write QD8", "write", 131072, 8),
+]
+
+
+def parse_size(s):
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    s = s.strip().lower().removesuffix("ib").removesuffix("b")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process and its threads, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_for_socket(path, proc, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode}")
+        if os.path.exists(path):
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                s.close()
+                return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    sys.exit(f"{what}: {path} did not appear")
+
+
+def fill(path, size):
+    """Writes every byte of the backing file, so reads measure data, not holes."""
+    subprocess.run(
+        ["fio", "--name=fill", f"--filename={path}", "--rw=write", "--bs=1M", "--direct=1",
+         "--ioengine=io_uring", "--iodepth=8", f"--size={size}", "--buffer_pattern=0x5a"],
+        check=True, stdout=subprocess.DEVNULL)
+
+
+def blkbench(sock, rw, bs, qd, runtime):
+    out = subprocess.run(
+        [os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
+         "--iodepth", str(qd), "--runtime", str(runtime)],
+        check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def fio_ceiling(path, rw, bs, qd, runtime, size):
+    out = subprocess.run(
+        ["fio", "--name=ceiling", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
+         "--direct=1", "--ioengine=io_uring", f"--iodepth={qd}", f"--size={size}",
+         f"--runtime={runtime}", "--time_based", "--output-format=json"],
+        check=True, capture_output=True, text=True)
+    job = json.loads(out.stdout)["jobs"][0]
+    part = job["write" if "write" in rw else "read"]
+    pct = part["clat_ns"].get("percentile", {})
+    return {"iops": part["iops"], "mbps": part["bw_bytes"] / 1e6,
+            "lat_p50_us": pct.get("50.000000", 0) / 1000, "lat_p99_us": pct.get("99.000000", 0) / 1000}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", default="2GiB", help="volume size (default 2GiB)")
+    ap.add_argument("--runtime", type=float, default=5, help="seconds per run (default 5)")
+    ap.add_argument("--reps", type=int, default=3, help="runs per case, median reported (default 3)")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a new one in /var/tmp)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"), help="where the table is written")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    size -= size % 4096
+
+    work = args.dir or tempfile.mkdtemp(prefix="bench-storage.", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
+    procs = []
+
+    def cleanup(*_):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        # storaged, one volume.
+        data = os.path.join(work, "storaged")
+        st = subprocess.Popen([os.path.join(BIN, "storaged"), "--data-dir", data,
+                               "--metrics-addr", "off", "--log", "warn"])
+        procs.append(st)
+        wait_for_socket(os.path.join(data, "admin.sock"), st, "storaged")
+        subprocess.run([os.path.join(BIN, "storagectl"), "--socket", os.path.join(data, "admin.sock"),
+                        "create", "bench", "--size", str(size)], check=True, stdout=subprocess.DEVNULL)
+        st_sock = os.path.join(data, "sockets", "bench.sock")
+        st_file = [os.path.join(data, "volumes", f) for f in os.listdir(os.path.join(data, "volumes"))][0]
+
+        # qemu-storage-daemon on a file of the same kind and size.
+        qsd_file = os.path.join(work, "qsd.img")
+        with open(qsd_file, "wb") as f:
+            f.truncate(size)
+        qsd_sock = os.path.join(work, "qsd.sock")
+        qsd = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={qsd_file},aio=io_uring,cache.direct=on",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={qsd_sock},writable=on,num-queues=1",
+        ])
+        procs.append(qsd)
+        wait_for_socket(qsd_sock, qsd, "qemu-storage-daemon")
+
+        print(f"==> filling backing files ({size >> 20} MiB each)", flush=True)
+        fill(st_file, size)
+        fill(qsd_file, size)
+
+        qsd_version = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
+                                     text=True).stdout.splitlines()[0]
+        results = {}
+        for name, rw, bs, qd in CASES:
+            runs = {"storaged": [], "qsd": [], "ceiling": []}
+            for rep in range(args.reps):
+                for target, proc, sock in (("storaged", st, st_sock), ("qsd", qsd, qsd_sock)):
+                    c0 = cpu_seconds(proc.pid)
+                    r = blkbench(sock, rw, bs, qd, args.runtime)
+                    r["cpu_per_100k"] = (cpu_seconds(proc.pid) - c0) / r["ios"] * 1e5
+                    runs[target].append(r)
+                runs["ceiling"].append(fio_ceiling(st_file, rw, bs, qd, args.runtime, size))
+                print(f"    {name} rep {rep + 1}: storaged {runs['storaged'][-1]['iops']:.0f} IOPS, "
+                      f"qsd {runs['qsd'][-1]['iops']:.0f}, fio {runs['ceiling'][-1]['iops']:.0f}", flush=True)
+            results[name] = {
+                t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in runs.items()
+            }
+
+        lines = []
+        lines.append(f"# storaged vs qemu-storage-daemon, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+        lines.append("")
+        lines.append(f"Host: {os.cpu_count()} CPUs, kernel {os.uname().release}; volume {size >> 20} MiB, "
+                     f"fully written; {args.runtime:g} s per run, median of {args.reps}. "
+                     f"Client: blkbench (blkio crate), 1 queue. Peer: {qsd_version}, aio=io_uring, "
+                     "cache.direct=on. Ceiling: fio io_uring O_DIRECT on storaged's backing file itself.")
+        lines.append("")
+        hdr = ("| case | storaged IOPS | storaged MB/s | p50/p99 µs | qsd IOPS | qsd MB/s | qsd p50/p99 µs "
+               "| fio ceiling IOPS | storaged/qsd | storaged/ceiling | CPU s/100k I/O storaged | CPU s/100k I/O qsd |")
+        lines.append(hdr)
+        lines.append("|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|")
+        for name, *_ in CASES:
+            s, q, c = results[name]["storaged"], results[name]["qsd"], results[name]["ceiling"]
+            lines.append(
+                f"| {name} | {s['iops']:.0f} | {s['mbps']:.1f} | {s['lat_p50_us']:.0f}/{s['lat_p99_us']:.0f} "
+                f"| {q['iops']:.0f} | {q['mbps']:.1f} | {q['lat_p50_us']:.0f}/{q['lat_p99_us']:.0f} "
+                f"| {c['iops']:.0f} | {s['iops'] / q['iops']:.2f} | {s['iops'] / c['iops']:.2f} "
+                f"| {s['cpu_per_100k']:.2f} | {q['cpu_per_100k']:.2f} |")
+        table = "\n".join(lines)
+        print()
+        print(table)
+        os.makedirs(args.out, exist_ok=True)
+        out = os.path.join(args.out, "storage.md")
+        with open(out, "w") as f:
+            f.write(table + "\n")
+        print(f"\nwritten to {out}")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
