@@ -187,12 +187,8 @@ impl VolumeService {
             self.config.io.direct,
         )?;
         let io = Arc::new(VolumeIo::new(
-            spec.name.to_string(),
-            &spec.id,
+            spec,
             store,
-            spec.size_bytes,
-            spec.read_only,
-            spec.num_queues,
             &self.config.io,
             self.metrics.volume(spec.name.as_str()),
         ));
@@ -405,11 +401,13 @@ impl VolumeService {
         if let Some(size) = grow_to {
             if let Some(export) = self.exports.get(&name) {
                 export.volume().set_capacity(size);
+                let notified = export.notify_config_change();
                 tracing::info!(
                     volume = %name,
                     size,
                     attached = export.is_attached(),
-                    "volume grown; the frontend reads the new capacity from the config space"
+                    config_change_notification = notified,
+                    "volume grown"
                 );
             }
         }

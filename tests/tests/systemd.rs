@@ -9,7 +9,9 @@ use std::time::Duration;
 use storaged_tests::*;
 
 fn repo_file(rel: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel)
 }
 
 #[test]
@@ -21,13 +23,23 @@ fn unit_file_passes_systemd_analyze_verify_without_warnings() {
     let path = dir.path().join("storaged.service");
     let unit = unit.replace("/usr/local/bin/storaged", bin("storaged").to_str().unwrap());
     std::fs::write(&path, unit).unwrap();
-    let out = match Command::new("systemd-analyze").arg("verify").arg(&path).output() {
+    let out = match Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+    {
         Ok(o) => o,
         Err(e) => panic!("systemd-analyze is required (apt-get install systemd): {e}"),
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed: {stderr}");
-    assert!(stderr.trim().is_empty(), "systemd-analyze verify warned: {stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed: {stderr}"
+    );
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze verify warned: {stderr}"
+    );
 }
 
 #[test]
@@ -42,7 +54,9 @@ fn ready_is_notified_once_every_socket_listens() {
 
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut child = Command::new(bin("storaged"))
         .arg("--data-dir")
         .arg(&s.data_dir)

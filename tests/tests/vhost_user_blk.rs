@@ -297,3 +297,76 @@ fn metrics_count_operations_and_bytes_exactly() {
         16.0 * MIB as f64
     );
 }
+
+/// A loop device over a temporary file, detached on drop.
+struct LoopDevice {
+    dev: String,
+    file: tempfile::NamedTempFile,
+}
+
+impl LoopDevice {
+    fn new(size: u64) -> Option<Self> {
+        let file = tempfile::NamedTempFile::new_in("/var/tmp").ok()?;
+        file.as_file().set_len(size).ok()?;
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file.path())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Some(LoopDevice { dev, file })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+#[test]
+fn block_device_volume_serves_the_device_and_survives_delete() {
+    let Some(lo) = LoopDevice::new(32 * MIB) else {
+        eprintln!("SKIPPED block_device_volume_serves_the_device_and_survives_delete: cannot set up a loop device (needs root and losetup)");
+        return;
+    };
+    let s = Storaged::start();
+    // A device smaller than the volume is refused.
+    let too_big = serde_json::json!({"name": "dev", "size": "64MiB", "device": lo.dev}).to_string();
+    let r = s
+        .admin()
+        .request("POST", "/v1/volumes", Some(&too_big))
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("less than"), "{}", r.body);
+    let body = serde_json::json!({"name": "dev", "size": "32MiB", "device": lo.dev}).to_string();
+    let v = s.create_volume(&body);
+    assert_eq!(v["backing"]["kind"], "device");
+    let mut c = connect_retry(&s.socket_of("dev"), 1);
+    assert_eq!(c.capacity(), 32 * MIB);
+    assert_eq!(c.write(0, 4 * MIB, &pattern(8192, 4 * MIB, 4)), 0);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    // The data is on the device (read back through the loop device's backing file).
+    let bytes = std::fs::read(lo.file.path()).unwrap();
+    assert_eq!(
+        &bytes[4 * MIB as usize..4 * MIB as usize + 8192],
+        &pattern(8192, 4 * MIB, 4)[..]
+    );
+    s.wait_for_log("frontend detached");
+    let r = s
+        .admin()
+        .request("DELETE", "/v1/volumes/dev", None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["data_removed"], false);
+    assert!(
+        std::path::Path::new(&lo.dev).exists(),
+        "a device was removed"
+    );
+}

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -50,6 +51,8 @@ pub struct BlkBackend {
     engines: Vec<Mutex<QueueEngine>>,
     event_idx: AtomicBool,
     poll_window: Duration,
+    /// The frontend's request channel, if it set one up (protocol feature BACKEND_REQ).
+    frontend_channel: Mutex<Option<Backend>>,
 }
 
 impl BlkBackend {
@@ -68,7 +71,33 @@ impl BlkBackend {
             engines,
             event_idx: AtomicBool::new(false),
             poll_window,
+            frontend_channel: Mutex::new(None),
         })
+    }
+
+    /// Tells the frontend the configuration space changed (the capacity grew), so it raises a
+    /// configuration interrupt in the guest. Returns false if the frontend set up no channel
+    /// for it; it then sees the new capacity when it next reads the configuration space.
+    ///
+    /// Sent from a thread of its own: with REPLY_ACK the message waits for the frontend's
+    /// answer, and a slow frontend must not hold up the caller.
+    pub fn notify_config_change(&self) -> bool {
+        let channel = self
+            .frontend_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(channel) = channel else {
+            return false;
+        };
+        let name = self.volume.name.clone();
+        let sent = std::thread::Builder::new()
+            .name(format!("cfg-{name}"))
+            .spawn(move || match channel.handle_config_change() {
+                Ok(_) => tracing::info!(volume = %name, "frontend notified of the configuration change"),
+                Err(e) => tracing::warn!(volume = %name, "cannot notify the frontend of the configuration change: {e}"),
+            });
+        sent.is_ok()
     }
 
     fn engine(&self, queue: usize) -> Option<MutexGuard<'_, QueueEngine>> {
@@ -120,6 +149,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -152,6 +182,13 @@ impl VhostUserBackend for BlkBackend {
         // their own reference to the mapping they were built from.
         let _ = mem;
         Ok(())
+    }
+
+    fn set_backend_req_fd(&self, channel: Backend) {
+        *self
+            .frontend_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(channel);
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -53,6 +53,8 @@ struct ExportState {
     attached: AtomicBool,
     stopping: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// The device of the connected frontend.
+    device: Mutex<Option<Arc<BlkBackend>>>,
 }
 
 /// A volume being served on its vhost-user socket.
@@ -112,6 +114,14 @@ impl Export {
     /// True while a frontend is connected.
     pub fn is_attached(&self) -> bool {
         self.state.attached.load(Ordering::Acquire)
+    }
+
+    /// Tells the connected frontend, if any, that the configuration space changed. Returns
+    /// whether a notification went out.
+    pub fn notify_config_change(&self) -> bool {
+        lock(&self.state.device)
+            .as_ref()
+            .is_some_and(|d| d.notify_config_change())
     }
 
     /// Closes the current frontend connection, if any (the socket keeps listening).
@@ -224,6 +234,7 @@ impl Server {
             .start(&mut self.listener)
             .map_err(|e| format!("cannot accept the frontend: {e}"))?;
         *lock(&self.state.connection) = daemon.shutdown_handle();
+        *lock(&self.state.device) = Some(backend.clone());
         self.state.attached.store(true, Ordering::Release);
         self.volume.metrics.attached.set(1);
         tracing::info!(volume = %name, "frontend attached");
@@ -264,6 +275,7 @@ impl Server {
             Err(_) => return Err("connection thread panicked".into()),
         };
         lock(&self.state.connection).take();
+        lock(&self.state.device).take();
         // Dropping the daemon stops and joins its worker threads; then no one submits I/O and
         // what is in flight can be drained.
         drop(daemon);

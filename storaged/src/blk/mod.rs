@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::backing::BackingStore;
 use crate::config::IoConfig;
 use crate::metrics::VolumeMetrics;
+use crate::volume::VolumeSpec;
 use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 
 /// Most segments in one discard or write-zeroes request.
@@ -46,27 +47,24 @@ pub struct VolumeIo {
 }
 
 impl VolumeIo {
+    /// The data-path view of a catalog volume.
     pub fn new(
-        name: String,
-        id: &str,
+        spec: &VolumeSpec,
         store: BackingStore,
-        capacity: u64,
-        read_only: bool,
-        num_queues: u16,
         io: &IoConfig,
         metrics: VolumeMetrics,
     ) -> Self {
         let mut serial = [0u8; ID_BYTES];
-        let n = id.len().min(ID_BYTES);
-        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
-        metrics.size.set(capacity as i64);
+        let n = spec.id.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&spec.id.as_bytes()[..n]);
+        metrics.size.set(spec.size_bytes as i64);
         VolumeIo {
-            name,
+            name: spec.name.to_string(),
             serial,
             store,
-            capacity: AtomicU64::new(capacity),
-            read_only,
-            num_queues,
+            capacity: AtomicU64::new(spec.size_bytes),
+            read_only: spec.read_only,
+            num_queues: spec.num_queues,
             max_queue_size: io.max_queue_size,
             seg_max: io.seg_max,
             poll_window: Duration::from_micros(u64::from(io.poll_us)),

@@ -92,7 +92,9 @@ fn run() -> Result<(), String> {
     let span = a.size.unwrap_or(capacity).min(capacity);
     let blocks = span / a.bs as u64;
     if blocks == 0 {
-        return Err(format!("device of {capacity} bytes is smaller than one block"));
+        return Err(format!(
+            "device of {capacity} bytes is smaller than one block"
+        ));
     }
     let region_len = (a.bs * a.iodepth).div_ceil(4096) * 4096;
     let region = b.alloc_mem_region(region_len).map_err(err("alloc"))?;
