@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--runtime", type=float, default=5, help="seconds per run (default 5)")
     ap.add_argument("--reps", type=int, default=3, help="runs per case, median reported (default 3)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a new one in /var/tmp)")
+    ap.add_argument("--storaged-config", default=None, help="TOML config for storaged (e.g. [io] poll_us)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"), help="where the table is written")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -118,8 +119,10 @@ def main():
     try:
         # storaged, one volume.
         data = os.path.join(work, "storaged")
-        st = subprocess.Popen([os.path.join(BIN, "storaged"), "--data-dir", data,
-                               "--metrics-addr", "off", "--log", "warn"])
+        st_cmd = [os.path.join(BIN, "storaged"), "--data-dir", data, "--metrics-addr", "off", "--log", "warn"]
+        if args.storaged_config:
+            st_cmd += ["--config", os.path.abspath(args.storaged_config)]
+        st = subprocess.Popen(st_cmd)
         procs.append(st)
         wait_for_socket(os.path.join(data, "admin.sock"), st, "storaged")
         subprocess.run([os.path.join(BIN, "storagectl"), "--socket", os.path.join(data, "admin.sock"),
@@ -167,7 +170,8 @@ def main():
         lines.append(f"# storaged vs qemu-storage-daemon, {datetime.datetime.now():%Y-%m-%d %H:%M}")
         lines.append("")
         lines.append(f"Host: {os.cpu_count()} CPUs, kernel {os.uname().release}; volume {size >> 20} MiB, "
-                     f"fully written; {args.runtime:g} s per run, median of {args.reps}. "
+                     f"fully written; {args.runtime:g} s per run, median of {args.reps}, runs interleaved. "
+                     f"storaged config: {args.storaged_config or 'defaults'}. "
                      f"Client: blkbench (blkio crate), 1 queue. Peer: {qsd_version}, aio=io_uring, "
                      "cache.direct=on. Ceiling: fio io_uring O_DIRECT on storaged's backing file itself.")
         lines.append("")

@@ -55,7 +55,7 @@ fn parse_args() -> Result<Args, String> {
     if !["randread", "randwrite", "read", "write"].contains(&a.rw.as_str()) {
         return Err(format!("unknown --rw {}", a.rw));
     }
-    if a.bs == 0 || a.bs % 512 != 0 || a.iodepth == 0 || a.iodepth > 256 {
+    if a.bs == 0 || !a.bs.is_multiple_of(512) || a.iodepth == 0 || a.iodepth > 256 {
         return Err("--bs must be a multiple of 512; --iodepth between 1 and 256".into());
     }
     Ok(a)
@@ -131,8 +131,8 @@ fn run() -> Result<(), String> {
         }
     };
     let start = Instant::now();
-    for slot in 0..a.iodepth {
-        submitted_at[slot] = Instant::now();
+    for (slot, at) in submitted_at.iter_mut().enumerate() {
+        *at = Instant::now();
         submit(&mut q, slot, next_offset());
     }
     let deadline = start + Duration::from_secs_f64(a.runtime);
