@@ -5,6 +5,8 @@
 // Test infrastructure: a failed step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
 
+pub mod raw_frontend;
+
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,162 @@
+//! Malformed and hostile requests sent over a real vhost-user socket to the real daemon: each
+//! is answered as the virtio spec says (IOERR, UNSUPP, or returned without a status when there
+//! is no status byte), nothing outside the volume is read or written, and the daemon keeps
+//! serving.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
+
+use storaged_tests::raw_frontend::*;
+use storaged_tests::*;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const VOLUME: u64 = 1 << 20;
+const HDR: u64 = BUF_BASE;
+const DATA: u64 = BUF_BASE + 0x1000;
+const STATUS: u64 = BUF_BASE + 0x100;
+
+fn setup() -> (Storaged, RawFrontend, String) {
+    let s = Storaged::start();
+    let v = s.create_volume(r#"{"name":"hostile","size":"1MiB"}"#);
+    let fe = RawFrontend::connect(&s.socket_of("hostile"));
+    let backing = v["backing"]["path"].as_str().unwrap().to_string();
+    (s, fe, backing)
+}
+
+/// Sends a chain and returns (used length, status byte).
+fn send(fe: &mut RawFrontend, descs: &[Desc]) -> (u32, u8) {
+    fe.write_mem(STATUS, &[0xff]);
+    let used = fe.submit(0, descs);
+    (used, fe.read_mem(STATUS, 1)[0])
+}
+
+/// A well-formed write and read still work: the daemon survived what came before.
+fn still_serving(fe: &mut RawFrontend) {
+    let data = pattern(4096, 0, 0x77);
+    fe.write_mem(DATA, &data);
+    fe.header(HDR, T_OUT, 8);
+    assert_eq!(send(fe, &[ro(HDR, 16), ro(DATA, 4096), wr(STATUS, 1)]), (1, S_OK));
+    fe.write_mem(DATA, &[0u8; 4096]);
+    fe.header(HDR, T_IN, 8);
+    assert_eq!(send(fe, &[ro(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]), (4097, S_OK));
+    assert_eq!(fe.read_mem(DATA, 4096), data);
+}
+
+#[test]
+fn short_header_is_an_io_error() {
+    let (_s, mut fe, _) = setup();
+    fe.header(HDR, T_IN, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 8), wr(STATUS, 1)]), (1, S_IOERR));
+    still_serving(&mut fe);
+}
+
+#[test]
+fn chain_without_status_byte_is_returned_unanswered() {
+    let (_s, mut fe, _) = setup();
+    fe.header(HDR, T_OUT, 0);
+    let used = fe.submit(0, &[ro(HDR, 16), ro(DATA, 512)]);
+    assert_eq!(used, 0);
+    still_serving(&mut fe);
+}
+
+#[test]
+fn wrong_direction_buffers_are_io_errors() {
+    let (_s, mut fe, _) = setup();
+    fe.header(HDR, T_IN, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), ro(DATA, 512), wr(STATUS, 1)]), (1, S_IOERR));
+    fe.header(HDR, T_OUT, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]), (1, S_IOERR));
+    // A device-readable descriptor after a device-writable one.
+    fe.header(HDR, T_IN, 0);
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), wr(DATA, 512), ro(DATA + 4096, 16), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
+    still_serving(&mut fe);
+}
+
+#[test]
+fn io_past_the_end_is_refused_and_the_backing_file_is_untouched() {
+    let (_s, mut fe, backing) = setup();
+    let before = std::fs::read(&backing).unwrap();
+    fe.write_mem(DATA, &[0xab; 8192]);
+    let last = VOLUME / 512;
+    for (t, sector, write) in [
+        (T_OUT, last, false),
+        (T_OUT, last - 1, false),
+        (T_OUT, u64::MAX - 3, false),
+        (T_IN, last, true),
+        (T_IN, last - 8, true),
+    ] {
+        fe.header(HDR, t, sector);
+        let data = if write { wr(DATA, 8192) } else { ro(DATA, 8192) };
+        assert_eq!(send(&mut fe, &[ro(HDR, 16), data, wr(STATUS, 1)]), (1, S_IOERR), "type {t} sector {sector}");
+    }
+    assert_eq!(std::fs::read(&backing).unwrap(), before);
+    assert_eq!(std::fs::metadata(&backing).unwrap().len(), VOLUME);
+    still_serving(&mut fe);
+}
+
+#[test]
+fn too_many_segments_are_refused() {
+    let (_s, mut fe, _) = setup();
+    fe.header(HDR, T_IN, 0);
+    // seg_max is 128 by default: 129 segments of 512 bytes.
+    let mut chain = vec![ro(HDR, 16)];
+    chain.extend((0..129).map(|i| wr(DATA + i * 512, 512)));
+    chain.push(wr(STATUS, 1));
+    assert_eq!(send(&mut fe, &chain), (1, S_IOERR));
+    still_serving(&mut fe);
+}
+
+#[test]
+fn unknown_request_type_is_unsupported() {
+    let (_s, mut fe, _) = setup();
+    fe.header(HDR, 0x1234, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_UNSUPP));
+    still_serving(&mut fe);
+}
+
+#[test]
+fn buffers_outside_guest_memory_are_io_errors() {
+    let (_s, mut fe, backing) = setup();
+    let before = std::fs::read(&backing).unwrap();
+    // Header beyond guest memory.
+    assert_eq!(send(&mut fe, &[ro(MEM_LEN as u64 + 0x1000, 16), wr(STATUS, 1)]), (1, S_IOERR));
+    // Data straddling the end of guest memory.
+    fe.header(HDR, T_OUT, 0);
+    let end = MEM_LEN as u64 - 2048;
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), ro(end, 4096), wr(STATUS, 1)]), (1, S_IOERR));
+    assert_eq!(std::fs::read(&backing).unwrap(), before);
+    still_serving(&mut fe);
+}
+
+#[test]
+fn descriptor_loop_does_not_hang_the_queue() {
+    let (_s, mut fe, _) = setup();
+    fe.header(HDR, T_IN, 0);
+    // Descriptor 0 points at itself.
+    fe.raw_desc(0, HDR, 16, VIRTQ_DESC_F_NEXT, 0);
+    let used = fe.make_available(0);
+    assert_eq!(used, 0);
+    still_serving(&mut fe);
+}
+
+#[test]
+fn get_id_returns_the_volume_id_and_flush_succeeds() {
+    let (s, mut fe, _) = setup();
+    let id = s.admin().get("/v1/volumes/hostile").unwrap().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fe.header(HDR, T_GET_ID, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(DATA, 20), wr(STATUS, 1)]), (21, S_OK));
+    assert_eq!(fe.read_mem(DATA, 20), id.as_bytes()[..20].to_vec());
+    fe.header(HDR, T_FLUSH, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_OK));
+}
