@@ -87,8 +87,10 @@ impl RawFrontend {
         fe.set_features((1 << 32) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
             .unwrap();
         let _ = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK)
-            .unwrap();
+        fe.set_protocol_features(
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK,
+        )
+        .unwrap();
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_LEN as u64,
@@ -215,7 +217,10 @@ impl RawFrontend {
                 let _ = self.call.read();
                 return len;
             }
-            assert!(std::time::Instant::now() < deadline, "device did not return chain {head}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "device did not return chain {head}"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }

@@ -40,10 +40,16 @@ fn still_serving(fe: &mut RawFrontend) {
     let data = pattern(4096, 0, 0x77);
     fe.write_mem(DATA, &data);
     fe.header(HDR, T_OUT, 8);
-    assert_eq!(send(fe, &[ro(HDR, 16), ro(DATA, 4096), wr(STATUS, 1)]), (1, S_OK));
+    assert_eq!(
+        send(fe, &[ro(HDR, 16), ro(DATA, 4096), wr(STATUS, 1)]),
+        (1, S_OK)
+    );
     fe.write_mem(DATA, &[0u8; 4096]);
     fe.header(HDR, T_IN, 8);
-    assert_eq!(send(fe, &[ro(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]), (4097, S_OK));
+    assert_eq!(
+        send(fe, &[ro(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]),
+        (4097, S_OK)
+    );
     assert_eq!(fe.read_mem(DATA, 4096), data);
 }
 
@@ -68,13 +74,27 @@ fn chain_without_status_byte_is_returned_unanswered() {
 fn wrong_direction_buffers_are_io_errors() {
     let (_s, mut fe, _) = setup();
     fe.header(HDR, T_IN, 0);
-    assert_eq!(send(&mut fe, &[ro(HDR, 16), ro(DATA, 512), wr(STATUS, 1)]), (1, S_IOERR));
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), ro(DATA, 512), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
     fe.header(HDR, T_OUT, 0);
-    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]), (1, S_IOERR));
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
     // A device-readable descriptor after a device-writable one.
     fe.header(HDR, T_IN, 0);
     assert_eq!(
-        send(&mut fe, &[ro(HDR, 16), wr(DATA, 512), ro(DATA + 4096, 16), wr(STATUS, 1)]),
+        send(
+            &mut fe,
+            &[
+                ro(HDR, 16),
+                wr(DATA, 512),
+                ro(DATA + 4096, 16),
+                wr(STATUS, 1)
+            ]
+        ),
         (1, S_IOERR)
     );
     still_serving(&mut fe);
@@ -94,8 +114,16 @@ fn io_past_the_end_is_refused_and_the_backing_file_is_untouched() {
         (T_IN, last - 8, true),
     ] {
         fe.header(HDR, t, sector);
-        let data = if write { wr(DATA, 8192) } else { ro(DATA, 8192) };
-        assert_eq!(send(&mut fe, &[ro(HDR, 16), data, wr(STATUS, 1)]), (1, S_IOERR), "type {t} sector {sector}");
+        let data = if write {
+            wr(DATA, 8192)
+        } else {
+            ro(DATA, 8192)
+        };
+        assert_eq!(
+            send(&mut fe, &[ro(HDR, 16), data, wr(STATUS, 1)]),
+            (1, S_IOERR),
+            "type {t} sector {sector}"
+        );
     }
     assert_eq!(std::fs::read(&backing).unwrap(), before);
     assert_eq!(std::fs::metadata(&backing).unwrap().len(), VOLUME);
@@ -127,11 +155,17 @@ fn buffers_outside_guest_memory_are_io_errors() {
     let (_s, mut fe, backing) = setup();
     let before = std::fs::read(&backing).unwrap();
     // Header beyond guest memory.
-    assert_eq!(send(&mut fe, &[ro(MEM_LEN as u64 + 0x1000, 16), wr(STATUS, 1)]), (1, S_IOERR));
+    assert_eq!(
+        send(&mut fe, &[ro(MEM_LEN as u64 + 0x1000, 16), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
     // Data straddling the end of guest memory.
     fe.header(HDR, T_OUT, 0);
     let end = MEM_LEN as u64 - 2048;
-    assert_eq!(send(&mut fe, &[ro(HDR, 16), ro(end, 4096), wr(STATUS, 1)]), (1, S_IOERR));
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), ro(end, 4096), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
     assert_eq!(std::fs::read(&backing).unwrap(), before);
     still_serving(&mut fe);
 }
@@ -155,7 +189,10 @@ fn get_id_returns_the_volume_id_and_flush_succeeds() {
         .unwrap()
         .to_string();
     fe.header(HDR, T_GET_ID, 0);
-    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(DATA, 20), wr(STATUS, 1)]), (21, S_OK));
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), wr(DATA, 20), wr(STATUS, 1)]),
+        (21, S_OK)
+    );
     assert_eq!(fe.read_mem(DATA, 20), id.as_bytes()[..20].to_vec());
     fe.header(HDR, T_FLUSH, 0);
     assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_OK));
