@@ -120,17 +120,17 @@ impl QueueEngine {
     }
 
     /// Handles a kick: takes every available chain off the queue, then submits the batch.
-    /// Returns whether there was any.
-    pub fn process_queue(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) -> bool {
+    /// Returns how many there were.
+    pub fn process_queue(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) -> usize {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let mut any = false;
+        let mut taken = 0;
         loop {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!(volume = %self.volume.name, "cannot disable notifications: {e}");
             }
-            any |= self.pop_available(vring, mem);
+            taken += self.pop_available(vring, mem);
             match vring.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -141,19 +141,19 @@ impl QueueEngine {
             }
         }
         self.submit_and_signal(vring);
-        any
+        taken
     }
 
-    /// Takes every available chain off the queue and starts it. Returns whether there was any.
-    fn pop_available(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) -> bool {
-        let mut any = false;
+    /// Takes every available chain off the queue and starts it. Returns how many there were.
+    fn pop_available(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) -> usize {
+        let mut taken = 0;
         loop {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { return any };
-            any = true;
+            let Some(chain) = chain else { return taken };
+            taken += 1;
             self.start_request(chain, vring, mem);
         }
     }
@@ -179,13 +179,12 @@ impl QueueEngine {
         }
         let mut last_work = Instant::now();
         loop {
-            let mut did = false;
+            let mut did = 0;
             if !self.ring.completion().is_empty() {
-                self.reap(Some(vring));
-                did = true;
+                did += self.reap(Some(vring));
             }
-            did |= self.pop_available(vring, mem);
-            if did {
+            did += self.pop_available(vring, mem);
+            if did > 0 {
                 self.submit_and_signal(vring);
                 last_work = Instant::now();
             } else if last_work.elapsed() >= window {
@@ -420,16 +419,16 @@ impl QueueEngine {
     }
 
     /// Handles the completion eventfd: reaps every CQE and signals the guest once. Returns
-    /// whether there was any.
-    pub fn process_completions(&mut self, vring: &VringRwLock) -> bool {
+    /// how many there were.
+    pub fn process_completions(&mut self, vring: &VringRwLock) -> usize {
         let _ = self.eventfd.read();
-        let any = self.reap(Some(vring));
+        let reaped = self.reap(Some(vring));
         self.submit_and_signal(vring);
-        any
+        reaped
     }
 
-    fn reap(&mut self, vring: Option<&VringRwLock>) -> bool {
-        let mut any = false;
+    fn reap(&mut self, vring: Option<&VringRwLock>) -> usize {
+        let mut reaped = 0;
         loop {
             let cqes: Vec<(u64, i32)> = self
                 .ring
@@ -437,9 +436,9 @@ impl QueueEngine {
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
             if cqes.is_empty() {
-                return any;
+                return reaped;
             }
-            any = true;
+            reaped += cqes.len();
             for (ud, res) in cqes {
                 self.complete(vring, (ud & 0xffff_ffff) as u32, (ud >> 32) as u32, res);
             }
