@@ -210,3 +210,25 @@ pub fn metrics_router(metrics: Metrics) -> Router {
         .fallback(not_found)
         .with_state(metrics)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Routes of [`super::router`]; each must be described in openapi.yaml.
+    const ROUTES: [&str; 4] = ["/v1/volumes", "/v1/volumes/{name}", "/v1/info", "/metrics"];
+
+    #[test]
+    fn openapi_file_describes_every_route() {
+        let spec = include_str!("../openapi.yaml");
+        for route in ROUTES {
+            assert!(
+                spec.lines().any(|l| l == format!("  {route}:")),
+                "openapi.yaml lacks {route}"
+            );
+        }
+        let documented = spec
+            .lines()
+            .filter(|l| l.starts_with("  /") && l.ends_with(':'))
+            .count();
+        assert_eq!(documented, ROUTES.len(), "openapi.yaml documents routes the router lacks");
+    }
+}

@@ -97,9 +97,10 @@ pub struct IoConfig {
     pub direct: bool,
     /// Most data segments in one request (VIRTIO_BLK_F_SEG_MAX). Default: 128.
     pub seg_max: u32,
-    /// Adaptive polling: after serving work, a queue worker keeps checking its virtqueue and
-    /// completion ring for this many microseconds before it sleeps, saving a wake-up per
-    /// request when work keeps coming. 0 disables polling. At most 1000. Default: 50.
+    /// Polling: after a batch on a busy queue (two or more requests handled or in flight), its
+    /// worker keeps checking the virtqueue and completion ring for this many microseconds
+    /// before it sleeps, saving a wake-up per request while work keeps coming. 0 disables
+    /// polling. At most 1000. Default: 50.
     pub poll_us: u32,
 }
 
@@ -261,6 +262,20 @@ mod tests {
         assert_eq!(c.pool_capacity, Some(ByteSize(10 << 40)));
         assert_eq!(c.volume_defaults.tier, Tier::Premium);
         assert!(c.validate().unwrap().metrics_addr.is_none());
+    }
+
+    #[test]
+    fn example_file_is_valid_and_states_the_defaults() {
+        let mut c = Config::from_toml(include_str!("../storaged.example.toml")).unwrap();
+        c.data_dir = Some("/var/lib/storaged".into());
+        c.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(c.io.max_queue_size, d.io.max_queue_size);
+        assert_eq!(c.io.seg_max, d.io.seg_max);
+        assert_eq!(c.io.poll_us, d.io.poll_us);
+        assert_eq!(c.io.direct, d.io.direct);
+        assert_eq!(c.volume_defaults.num_queues, d.volume_defaults.num_queues);
+        assert_eq!(c.volume_defaults.tier, d.volume_defaults.tier);
     }
 
     #[test]
