@@ -229,6 +229,10 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("  /") && l.ends_with(':'))
             .count();
-        assert_eq!(documented, ROUTES.len(), "openapi.yaml documents routes the router lacks");
+        assert_eq!(
+            documented,
+            ROUTES.len(),
+            "openapi.yaml documents routes the router lacks"
+        );
     }
 }

@@ -137,7 +137,10 @@ fn client_can_reconnect_after_disconnecting() {
         let mut c = connect_retry(&socket, 1);
         if round > 0 {
             let off = u64::from(round - 1) * 4096;
-            assert_eq!(c.read(0, off, 4096).unwrap(), pattern(4096, off, round - 1));
+            let got = c
+                .read(0, off, 4096)
+                .unwrap_or_else(|e| panic!("read failed: {e}\n{}", s.log_text()));
+            assert_eq!(got, pattern(4096, off, round - 1));
         }
         let off = u64::from(round) * 4096;
         assert_eq!(c.write(0, off, &pattern(4096, off, round)), 0);
@@ -369,4 +372,25 @@ fn block_device_volume_serves_the_device_and_survives_delete() {
         std::path::Path::new(&lo.dev).exists(),
         "a device was removed"
     );
+}
+
+#[test]
+fn immediate_reconnects_are_served_and_their_first_request_succeeds() {
+    // A frontend that reconnects as soon as it closed its socket (a restarting VMM) is served,
+    // not refused, and its first request is translated with its own, new memory map.
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"again","size":"16MiB"}"#);
+    let socket = s.socket_of("again");
+    let mut c = connect_retry(&socket, 1);
+    assert_eq!(c.write(0, 0, &pattern(4096, 0, 8)), 0);
+    drop(c);
+    for round in 0..40 {
+        let mut c = BlkClient::connect(&socket, 1)
+            .unwrap_or_else(|e| panic!("round {round}: reconnect refused: {e}\n{}", s.log_text()));
+        let got = c
+            .read(0, 0, 4096)
+            .unwrap_or_else(|e| panic!("round {round}: first read failed: {e}\n{}", s.log_text()));
+        assert_eq!(got, pattern(4096, 0, 8), "round {round}");
+    }
+    assert!(!s.log_text().contains("refused"), "{}", s.log_text());
 }

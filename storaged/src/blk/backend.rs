@@ -15,7 +15,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -229,16 +229,15 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let num_queues = self.engines.len() as u16;
-        let mem = self.mem.memory().into_inner();
         let work = if device_event < num_queues {
-            engine.process_queue(vring, &mem)
+            engine.process_queue(vring, &self.mem)
         } else {
             engine.process_completions(vring)
         };
         // Poll only a busy queue: with one request at a time, a wake-up per request costs less
         // CPU than spinning through the device's latency, for the same IOPS.
         if work > 0 && work.max(engine.in_flight()) >= POLL_MIN_BUSY {
-            engine.poll(vring, &mem, self.poll_window);
+            engine.poll(vring, &self.mem, self.poll_window);
         }
         Ok(())
     }

@@ -10,7 +10,9 @@
 //! if one is needed, and a reference to the guest memory mapping, so none of them can go away
 //! before its completion is reaped, even if the frontend replaces its memory table.
 
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,9 @@ use io_uring::{opcode, squeue, types, IoUring};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
@@ -121,7 +125,11 @@ impl QueueEngine {
 
     /// Handles a kick: takes every available chain off the queue, then submits the batch.
     /// Returns how many there were.
-    pub fn process_queue(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) -> usize {
+    pub fn process_queue(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+    ) -> usize {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
@@ -145,16 +153,34 @@ impl QueueEngine {
     }
 
     /// Takes every available chain off the queue and starts it. Returns how many there were.
-    fn pop_available(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>) -> usize {
+    ///
+    /// The memory map is loaded after the avail index is read: a region the driver added
+    /// (ADD_MEM_REG, acknowledged) before it published a request is then in the map that
+    /// request is translated with, even if this worker was preempted in between.
+    fn pop_available(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> usize {
         let mut taken = 0;
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { return taken };
-            taken += 1;
-            self.start_request(chain, vring, mem);
+            let published = {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
+                    Ok(idx) => (idx - Wrapping(queue.next_avail())).0,
+                    Err(_) => 0,
+                }
+            };
+            if published == 0 {
+                return taken;
+            }
+            let snapshot = mem.memory().into_inner();
+            for _ in 0..published {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(snapshot.clone());
+                let Some(chain) = chain else { return taken };
+                taken += 1;
+                self.start_request(chain, vring, &snapshot);
+            }
         }
     }
 
@@ -170,7 +196,12 @@ impl QueueEngine {
     /// tens of microseconds, more in a VM; a client that answers completions with new requests
     /// within the window is served without either side being woken. Guest notifications are
     /// off while polling.
-    pub fn poll(&mut self, vring: &VringRwLock, mem: &Arc<GuestMem>, window: Duration) {
+    pub fn poll(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        window: Duration,
+    ) {
         if window.is_zero() {
             return;
         }
@@ -310,7 +341,15 @@ impl QueueEngine {
         let mut aligned = true;
         for r in &inflight.data {
             for slice in inflight.mem.get_slices(r.addr, r.len as usize) {
-                let Ok(slice) = slice else { return false };
+                let Ok(slice) = slice else {
+                    tracing::debug!(
+                        volume = %self.volume.name,
+                        addr = r.addr.0,
+                        len = r.len,
+                        "refused request: data buffer is not in guest memory"
+                    );
+                    return false;
+                };
                 let ptr = slice.ptr_guard_mut().as_ptr();
                 if direct && (ptr as usize % align != 0 || slice.len() % align != 0) {
                     aligned = false;

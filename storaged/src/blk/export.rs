@@ -159,8 +159,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long a connection arriving while a frontend is attached waits for that frontend's
+/// disconnection to finish before it is refused: a VMM that reconnects at once after closing
+/// its socket is served, not refused.
+const HANDOVER_WAIT_MS: i32 = 500;
+
 /// Waits until one of `fds` is readable; returns which are.
 fn poll_readable<const N: usize>(fds: [RawFd; N]) -> [bool; N] {
+    poll_readable_for(fds, -1)
+}
+
+/// Waits up to `timeout_ms` (-1: forever) until one of `fds` is readable; returns which are.
+fn poll_readable_for<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> [bool; N] {
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -168,7 +178,7 @@ fn poll_readable<const N: usize>(fds: [RawFd; N]) -> [bool; N] {
     });
     loop {
         // SAFETY: pfds is a valid array of N pollfd structs for the duration of the call.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, -1) };
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
         if rc >= 0 {
             break;
         }
@@ -265,6 +275,12 @@ impl Server {
                 let _ = self.stop.read();
             }
             if incoming {
+                // The attached frontend may be going away: if it finishes within the hand-over
+                // wait, the newcomer stays queued and is served next.
+                let [finished] = poll_readable_for([done.as_raw_fd()], HANDOVER_WAIT_MS);
+                if finished {
+                    break;
+                }
                 if let Ok(Some(stream)) = self.listener.accept() {
                     refuse(stream, &name);
                 }
