@@ -358,24 +358,22 @@ fn unknown_config_keys_and_bad_settings_stop_startup_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, "[io]\nmax_queue_sise = 512\n").unwrap();
-    let (code, err) = run_storaged(&[
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
-    assert_ne!(code, 0);
-    assert!(err.contains("max_queue_sise"), "{err}");
-    std::fs::write(&cfg, "[io]\nmax_queue_size = 100\n").unwrap();
-    let (code, err) = run_storaged(&[
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
-    assert_ne!(code, 0);
-    assert!(err.contains("io.max_queue_size"), "{err}");
+    for (content, named) in [
+        ("[io]\nmax_queue_sise = 512\n", "max_queue_sise"),
+        ("[io]\nmax_queue_size = 100\n", "io.max_queue_size"),
+        ("[volume_defaults]\ntier = \"gold\"\n", "gold"),
+        ("pool_capacity = \"1000\"\n", "pool_capacity"),
+    ] {
+        std::fs::write(&cfg, content).unwrap();
+        let (code, err) = run_storaged(&[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
+        assert_ne!(code, 0, "{content} accepted");
+        assert!(err.contains(named), "{content}: {err}");
+    }
     let (code, err) = run_storaged(&[]);
     assert_ne!(code, 0);
     assert!(err.contains("--data-dir"), "{err}");

@@ -259,46 +259,51 @@ fn metrics_count_operations_and_bytes_exactly() {
     assert_eq!(c.discard(0, 0, 4096), 0);
     let _ = c.read(0, 32 * MIB, 4096);
     let scrape = http_get(&s.metrics_url());
-    let v = |series: &str| {
-        metric_value(&scrape, series).unwrap_or_else(|| panic!("{series} missing:\n{scrape}"))
-    };
-    assert_eq!(
-        v(r#"storaged_volume_requests_total{op="write",volume="m"}"#),
-        3.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_bytes_total{op="write",volume="m"}"#),
-        3.0 * 8192.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_requests_total{op="read",volume="m"}"#),
-        2.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_bytes_total{op="read",volume="m"}"#),
-        8192.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_requests_total{op="flush",volume="m"}"#),
-        1.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_bytes_total{op="discard",volume="m"}"#),
-        4096.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_errors_total{kind="invalid_request",volume="m"}"#),
-        1.0
-    );
-    assert_eq!(
-        v(r#"storaged_volume_request_duration_seconds_count{op="write",volume="m"}"#),
-        3.0
-    );
-    assert_eq!(v(r#"storaged_volume_attached{volume="m"}"#), 1.0);
-    assert_eq!(
-        v(r#"storaged_volume_size_bytes{volume="m"}"#),
-        16.0 * MIB as f64
-    );
+    let expected: [(&str, f64); 11] = [
+        (
+            r#"storaged_volume_requests_total{op="write",volume="m"}"#,
+            3.0,
+        ),
+        (
+            r#"storaged_volume_bytes_total{op="write",volume="m"}"#,
+            3.0 * 8192.0,
+        ),
+        (
+            r#"storaged_volume_requests_total{op="read",volume="m"}"#,
+            2.0,
+        ),
+        (
+            r#"storaged_volume_bytes_total{op="read",volume="m"}"#,
+            8192.0,
+        ),
+        (
+            r#"storaged_volume_requests_total{op="flush",volume="m"}"#,
+            1.0,
+        ),
+        (
+            r#"storaged_volume_bytes_total{op="discard",volume="m"}"#,
+            4096.0,
+        ),
+        (
+            r#"storaged_volume_errors_total{kind="invalid_request",volume="m"}"#,
+            1.0,
+        ),
+        (
+            r#"storaged_volume_request_duration_seconds_count{op="write",volume="m"}"#,
+            3.0,
+        ),
+        (r#"storaged_volume_attached{volume="m"}"#, 1.0),
+        (
+            r#"storaged_volume_size_bytes{volume="m"}"#,
+            16.0 * MIB as f64,
+        ),
+        (r#"storaged_volume_inflight_requests{volume="m"}"#, 0.0),
+    ];
+    for (series, want) in expected {
+        let got =
+            metric_value(&scrape, series).unwrap_or_else(|| panic!("{series} missing:\n{scrape}"));
+        assert_eq!(got, want, "{series}");
+    }
 }
 
 /// A loop device over a temporary file, detached on drop.
