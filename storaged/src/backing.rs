@@ -81,14 +81,6 @@ impl AlignedBuf {
         self.ptr
     }
 
-    pub fn len(&self) -> usize {
-        self.layout.size()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for layout.size() initialised (zeroed) bytes owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }

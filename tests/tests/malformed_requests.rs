@@ -197,3 +197,50 @@ fn get_id_returns_the_volume_id_and_flush_succeeds() {
     fe.header(HDR, T_FLUSH, 0);
     assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_OK));
 }
+
+#[test]
+fn unaligned_guest_buffers_are_served_through_a_bounce_buffer() {
+    // O_DIRECT needs aligned memory; a driver may hand any address. Data must still be right.
+    let (s, mut fe, backing) = setup();
+    let info = s.admin().get("/v1/volumes/hostile").unwrap().json();
+    assert_eq!(
+        info["direct_io"], true,
+        "this test needs O_DIRECT on the test file system"
+    );
+    let data = pattern(8192, 16384, 0x3c);
+    let odd = DATA + 3;
+    fe.write_mem(odd, &data);
+    fe.header(HDR, T_OUT, 32);
+    // Two segments, neither aligned, split at an odd length.
+    assert_eq!(
+        send(
+            &mut fe,
+            &[
+                ro(HDR, 16),
+                ro(odd, 1000),
+                ro(odd + 1000, 7192),
+                wr(STATUS, 1)
+            ]
+        ),
+        (1, S_OK)
+    );
+    fe.header(HDR, T_FLUSH, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_OK));
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert_eq!(&on_disk[16384..16384 + 8192], &data[..]);
+    let back = DATA + 0x10000 + 5;
+    fe.header(HDR, T_IN, 32);
+    assert_eq!(
+        send(
+            &mut fe,
+            &[
+                ro(HDR, 16),
+                wr(back, 4096),
+                wr(back + 4096, 4096),
+                wr(STATUS, 1)
+            ]
+        ),
+        (8193, S_OK)
+    );
+    assert_eq!(fe.read_mem(back, 8192), data);
+}

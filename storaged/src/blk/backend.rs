@@ -2,7 +2,6 @@
 //! worker threads: one thread and one io_uring per virtqueue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -53,7 +52,6 @@ pub struct BlkBackend {
     volume: Arc<VolumeIo>,
     mem: GuestMemoryAtomic<GuestMem>,
     engines: Vec<Mutex<QueueEngine>>,
-    event_idx: AtomicBool,
     poll_window: Duration,
     /// The frontend's request channel, if it set one up (protocol feature BACKEND_REQ).
     frontend_channel: Mutex<Option<Backend>>,
@@ -73,7 +71,6 @@ impl BlkBackend {
             volume,
             mem,
             engines,
-            event_idx: AtomicBool::new(false),
             poll_window,
             frontend_channel: Mutex::new(None),
         })
@@ -159,8 +156,9 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend configures EVENT_IDX on the vrings; the engine asks them whether
+        // to notify.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

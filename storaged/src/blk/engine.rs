@@ -42,13 +42,10 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("Cannot register the completion eventfd with io_uring")]
     RegisterEventFd(#[source] std::io::Error),
-    #[error("io_uring_enter failed")]
-    Submit(#[source] std::io::Error),
-    #[error("Virtqueue access failed: {0}")]
-    Queue(String),
-    #[error("Cannot signal the used queue")]
-    Signal(#[source] std::io::Error),
 }
+
+/// Longest a worker polls without returning to its epoll loop.
+const MAX_POLL_SLICE: Duration = Duration::from_millis(2);
 
 /// A request between submission and completion.
 struct InFlight {
@@ -208,7 +205,8 @@ impl QueueEngine {
         if let Err(e) = vring.disable_notification() {
             tracing::warn!(volume = %self.volume.name, "cannot disable notifications: {e}");
         }
-        let mut last_work = Instant::now();
+        let started = Instant::now();
+        let mut last_work = started;
         loop {
             let mut did = 0;
             if !self.ring.completion().is_empty() {
@@ -220,7 +218,13 @@ impl QueueEngine {
                 last_work = Instant::now();
             } else if last_work.elapsed() >= window {
                 break;
-            } else {
+            }
+            // Back to the epoll loop now and then even under constant load, so its other
+            // events (the exit event above all) are seen.
+            if started.elapsed() >= MAX_POLL_SLICE {
+                break;
+            }
+            if did == 0 {
                 std::hint::spin_loop();
             }
         }
@@ -638,9 +642,7 @@ impl QueueEngine {
             self.signal(vring);
         }
     }
-}
 
-impl QueueEngine {
     /// Answers every in-flight request through the used ring (the frontend stops the queue).
     pub fn drain_to_guest(&mut self) {
         let vring = self.vring.take();
