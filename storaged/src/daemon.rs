@@ -181,9 +181,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
         Ok::<(), Error>(())
     });
-    let svc = service.clone();
-    let _ =
-        std::thread::spawn(move || svc.lock().unwrap_or_else(|p| p.into_inner()).shutdown()).join();
+    // Exports stop accepting, in-flight I/O finishes, backing storage is synced.
+    service.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     let _ = fs::remove_file(&paths.admin_socket);
     runtime.shutdown_background();
     tracing::info!("stopped");

@@ -278,7 +278,7 @@ impl VolumeService {
                 self.paths.socket_dir.display()
             )));
         }
-        if req.device.is_some() && req.preallocate.is_some() {
+        if req.device.is_some() && req.preallocate == Some(true) {
             return Err(Error::BadRequest(
                 "preallocate applies to file-backed volumes, not to devices".into(),
             ));
