@@ -399,3 +399,23 @@ fn immediate_reconnects_are_served_and_their_first_request_succeeds() {
     }
     assert!(!s.log_text().contains("refused"), "{}", s.log_text());
 }
+
+#[test]
+fn buffered_io_serves_the_same_data_when_direct_io_is_off() {
+    // The path taken where a file system refuses O_DIRECT (storaged then warns and falls back).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("storaged.toml");
+    std::fs::write(&cfg, "[io]\ndirect = false\n").unwrap();
+    let mut s = Storaged::start_with(&["--config", cfg.to_str().unwrap()]);
+    let v = s.create_volume(r#"{"name":"buf","size":"16MiB"}"#);
+    assert_eq!(v["direct_io"], false);
+    let socket = s.socket_of("buf");
+    {
+        let mut c = connect_retry(&socket, 1);
+        assert_eq!(c.write(0, 12288, &pattern(65536, 12288, 6)), 0);
+        assert_eq!(c.flush(0), 0);
+    }
+    s.kill_and_restart();
+    let mut c = connect_retry(&socket, 1);
+    assert_eq!(c.read(0, 12288, 65536).unwrap(), pattern(65536, 12288, 6));
+}
