@@ -63,18 +63,25 @@ pub struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
-    /// Allocates `len` zeroed bytes aligned to `align` (a power of two). `len` 0 is rounded up.
-    pub fn new(len: usize, align: usize) -> Self {
-        let layout = match Layout::from_size_align(len.max(1), align.max(1)) {
-            Ok(l) => l,
-            Err(_) => panic!("AlignedBuf: bad layout {len}/{align}"),
-        };
+    /// Allocates `len` zeroed bytes aligned to `align` (a power of two); `len` 0 is rounded up.
+    /// None if the memory cannot be had.
+    pub fn new(len: usize, align: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), align.max(1)).ok()?;
         // SAFETY: layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
+            return None;
         }
-        AlignedBuf { ptr, layout }
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layout.size() == 0
     }
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
@@ -255,7 +262,7 @@ impl BackingStore {
 
 /// Finds the smallest alignment (512 or 4096) that direct reads accept, or None if neither does.
 fn probe_direct_alignment(file: &File) -> Option<u32> {
-    let mut buf = AlignedBuf::new(8192, 4096);
+    let mut buf = AlignedBuf::new(8192, 4096)?;
     for align in [512usize, 4096] {
         // A buffer aligned to `align` but, for 512, deliberately not to 4096.
         // SAFETY: offset `align` + `align` bytes stays inside the 8192-byte buffer.

@@ -180,6 +180,14 @@ impl VolumeService {
     }
 
     fn open_and_export(&self, spec: &VolumeSpec) -> Result<Export, Error> {
+        // The catalog is a file: check what the data path relies on.
+        volume::validate_size(spec.size_bytes)?;
+        if spec.num_queues == 0 || spec.num_queues > MAX_QUEUES {
+            return Err(Error::BadRequest(format!(
+                "num_queues {} is not between 1 and {MAX_QUEUES}",
+                spec.num_queues
+            )));
+        }
         let store = BackingStore::open(
             spec.backing.path(),
             spec.size_bytes,
@@ -284,13 +292,32 @@ impl VolumeService {
             ));
         }
         if let Some(dev) = &req.device {
+            use std::os::unix::fs::FileTypeExt;
             if !dev.is_absolute() {
                 return Err(Error::BadRequest(format!(
                     "device path {} is not absolute",
                     dev.display()
                 )));
             }
-            if self.catalog.iter().any(|v| v.backing.path() == dev) {
+            let is_block = std::fs::metadata(dev).map(|m| m.file_type().is_block_device());
+            match is_block {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Error::BadRequest(format!(
+                        "{} is not a block device",
+                        dev.display()
+                    )))
+                }
+                Err(e) => return Err(Error::BadRequest(format!("device {}: {e}", dev.display()))),
+            }
+            // Compare resolved paths: /dev/disk/by-id links and the node they name are one disk.
+            let real = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.clone());
+            let taken = self.catalog.iter().any(|v| {
+                std::fs::canonicalize(v.backing.path())
+                    .unwrap_or_else(|_| v.backing.path().to_owned())
+                    == real
+            });
+            if taken {
                 return Err(Error::BadRequest(format!(
                     "device {} already backs another volume",
                     dev.display()
@@ -430,8 +457,13 @@ impl VolumeService {
         }
         if let Err(e) = self.catalog.remove(&name) {
             // Put the volume back in service: nothing changed on disk.
-            if let Ok(export) = self.open_and_export(&spec) {
-                self.exports.insert(name.clone(), export);
+            match self.open_and_export(&spec) {
+                Ok(export) => {
+                    self.exports.insert(name.clone(), export);
+                }
+                Err(again) => {
+                    self.failed.insert(name.clone(), crate::error_chain(&again));
+                }
             }
             return Err(e.into());
         }

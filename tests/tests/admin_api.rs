@@ -177,6 +177,17 @@ fn bad_sizes_tiers_fields_and_duplicates_are_refused() {
         400,
         "/nonexistent/disk",
     );
+    // A regular file (the catalog itself, say) is not a device.
+    let catalog = s.data_dir.join("catalog.json");
+    let body = serde_json::json!({"name": "dev", "size": "4096", "device": catalog}).to_string();
+    expect_error(
+        &s,
+        "POST",
+        "/v1/volumes",
+        Some(&body),
+        400,
+        "not a block device",
+    );
 }
 
 #[test]

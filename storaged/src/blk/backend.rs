@@ -2,6 +2,7 @@
 //! worker threads: one thread and one io_uring per virtqueue.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -55,6 +56,8 @@ pub struct BlkBackend {
     poll_window: Duration,
     /// The frontend's request channel, if it set one up (protocol feature BACKEND_REQ).
     frontend_channel: Mutex<Option<Backend>>,
+    /// A configuration change notification is on its way.
+    notifying: Arc<AtomicBool>,
 }
 
 impl BlkBackend {
@@ -73,6 +76,7 @@ impl BlkBackend {
             engines,
             poll_window,
             frontend_channel: Mutex::new(None),
+            notifying: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -91,13 +95,26 @@ impl BlkBackend {
         let Some(channel) = channel else {
             return false;
         };
+        // One notification at a time: a frontend still handling the last one reads the newest
+        // configuration when it does, and a frontend that never answers ties up one thread.
+        if self.notifying.swap(true, Ordering::AcqRel) {
+            tracing::info!(volume = %self.volume.name, "configuration change notification already pending");
+            return true;
+        }
         let name = self.volume.name.clone();
+        let notifying = self.notifying.clone();
         let sent = std::thread::Builder::new()
             .name(format!("cfg-{name}"))
-            .spawn(move || match channel.handle_config_change() {
-                Ok(_) => tracing::info!(volume = %name, "frontend notified of the configuration change"),
-                Err(e) => tracing::warn!(volume = %name, "cannot notify the frontend of the configuration change: {e}"),
+            .spawn(move || {
+                match channel.handle_config_change() {
+                    Ok(_) => tracing::info!(volume = %name, "frontend notified of the configuration change"),
+                    Err(e) => tracing::warn!(volume = %name, "cannot notify the frontend of the configuration change: {e}"),
+                }
+                notifying.store(false, Ordering::Release);
             });
+        if sent.is_err() {
+            self.notifying.store(false, Ordering::Release);
+        }
         sent.is_ok()
     }
 
@@ -230,7 +247,7 @@ impl VhostUserBackend for BlkBackend {
         let work = if device_event < num_queues {
             engine.process_queue(vring, &self.mem)
         } else {
-            engine.process_completions(vring)
+            engine.process_completions(vring) + engine.resume_capped(vring, &self.mem)
         };
         // Poll only a busy queue: with one request at a time, a wake-up per request costs less
         // CPU than spinning through the device's latency, for the same IOPS.

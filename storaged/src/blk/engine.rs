@@ -53,6 +53,16 @@ pub enum Error {
 /// writes unchanged (scripts/bench-storage).
 const SUBMIT_BATCH: usize = 2;
 
+/// Bounce-buffer bytes one queue may have in flight; a misaligned request beyond it fails with
+/// IOERR rather than let a guest make the daemon allocate without bound.
+const BOUNCE_BUDGET: usize = 64 << 20;
+
+/// Most iovecs one readv/writev takes (UIO_MAXIOV); more go through a bounce buffer.
+const MAX_IOVECS: usize = 1024;
+
+/// Tries to queue an SQE before it is failed with EIO.
+const PUSH_ATTEMPTS: usize = 100;
+
 /// Longest a worker polls without returning to its epoll loop.
 const MAX_POLL_SLICE: Duration = Duration::from_millis(2);
 
@@ -93,6 +103,14 @@ pub struct QueueEngine {
     /// The queue this engine serves, known from its first kick; used to answer in-flight
     /// requests when the frontend stops the queue.
     vring: Option<VringRwLock>,
+    /// Bounce-buffer bytes held by in-flight requests.
+    bounce_bytes: usize,
+    /// Popping stopped at the in-flight limit with requests left in the ring; they are taken
+    /// when completions make room (no new kick will come for them).
+    capped: bool,
+    /// Completions taken off the CQ ring (to make room) or made up (an SQE the ring refused),
+    /// not yet processed.
+    pending_cqes: Vec<(u64, i32)>,
 }
 
 fn user_data(slot: u32, part: u32) -> u64 {
@@ -117,6 +135,9 @@ impl QueueEngine {
             volume,
             pending_signal: false,
             vring: None,
+            bounce_bytes: 0,
+            capped: false,
+            pending_cqes: Vec::new(),
         })
     }
 
@@ -140,14 +161,21 @@ impl QueueEngine {
             self.vring = Some(vring.clone());
         }
         let mut taken = 0;
+        let mut empty_passes = 0;
         loop {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!(volume = %self.volume.name, "cannot disable notifications: {e}");
             }
-            taken += self.pop_available(vring, mem);
+            let n = self.pop_available(vring, mem);
+            taken += n;
+            empty_passes = if n == 0 { empty_passes + 1 } else { 0 };
             match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
+                // New requests arrived while notifications were off: take them. Twice nothing
+                // although the ring says there is more means it cannot be taken now (a stopped
+                // or disabled queue, a bad avail index, the in-flight limit): wait for the next
+                // event instead of spinning.
+                Ok(true) if empty_passes < 2 && !self.capped => continue,
+                Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(volume = %self.volume.name, "cannot enable notifications: {e}");
                     break;
@@ -164,10 +192,15 @@ impl QueueEngine {
     /// (ADD_MEM_REG, acknowledged) before it published a request is then in the map that
     /// request is translated with, even if this worker was preempted in between.
     fn pop_available(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> usize {
+        self.capped = false;
         let mut taken = 0;
         loop {
             let published = {
                 let state = vring.get_ref();
+                if !state.is_enabled() {
+                    // SET_VRING_ENABLE 0: the device must not take requests from this ring.
+                    return taken;
+                }
                 let queue = state.get_queue();
                 match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
                     Ok(idx) => (idx - Wrapping(queue.next_avail())).0,
@@ -179,6 +212,12 @@ impl QueueEngine {
             }
             let snapshot = mem.memory().into_inner();
             for _ in 0..published {
+                if self.in_flight() >= usize::from(self.volume.max_queue_size) {
+                    // A well-behaved driver cannot have more requests outstanding than its
+                    // queue has entries; leave the rest until completions make room.
+                    self.capped = true;
+                    return taken;
+                }
                 let chain = vring
                     .get_mut()
                     .get_queue_mut()
@@ -341,8 +380,11 @@ impl QueueEngine {
             Operation::Flush => {}
         }
         let slot = self.alloc_slot(inflight);
-        self.push_sqes(slot);
         self.volume.metrics.inflight.inc();
+        self.push_sqes(slot);
+        if !self.pending_cqes.is_empty() {
+            self.reap(Some(vring));
+        }
         if self.ring.submission().len() >= SUBMIT_BATCH {
             if let Err(e) = self.ring.submit() {
                 tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
@@ -352,7 +394,7 @@ impl QueueEngine {
 
     /// Translates the data ranges into iovecs, or sets up a bounce buffer where direct I/O
     /// cannot use guest memory as it is. False if guest memory is not mapped.
-    fn build_iovecs(&self, inflight: &mut InFlight, write: bool) -> bool {
+    fn build_iovecs(&mut self, inflight: &mut InFlight, write: bool) -> bool {
         let align = self.volume.store.align as usize;
         let direct = self.volume.store.direct;
         let mut iovecs = Vec::with_capacity(inflight.data.len());
@@ -378,12 +420,23 @@ impl QueueEngine {
                 });
             }
         }
-        if aligned {
+        if aligned && iovecs.len() <= MAX_IOVECS {
             inflight.iovecs = iovecs;
             return true;
         }
         let len: usize = iovecs.iter().map(|v| v.iov_len).sum();
-        let mut bounce = AlignedBuf::new(len, align.max(4096));
+        if self.bounce_bytes + len > BOUNCE_BUDGET {
+            tracing::debug!(
+                volume = %self.volume.name,
+                len,
+                "refused request: bounce-buffer budget of the queue exhausted"
+            );
+            return false;
+        }
+        let Some(mut bounce) = AlignedBuf::new(len, align.max(4096)) else {
+            tracing::warn!(volume = %self.volume.name, len, "cannot allocate a bounce buffer");
+            return false;
+        };
         if write
             && !copy_from_guest(
                 &inflight.mem,
@@ -397,6 +450,7 @@ impl QueueEngine {
             iov_base: bounce.as_mut_ptr().cast(),
             iov_len: len,
         }];
+        self.bounce_bytes += bounce.len();
         inflight.bounce = Some(bounce);
         true
     }
@@ -461,18 +515,32 @@ impl QueueEngine {
         }
     }
 
+    /// Queues one SQE, making room when the submission queue is full. If the ring keeps
+    /// refusing, the SQE is completed with EIO instead, so its request is answered.
     fn push(&mut self, sqe: &squeue::Entry) {
-        loop {
+        for _ in 0..PUSH_ATTEMPTS {
             // SAFETY: every buffer and iovec array the SQE points to is owned by an InFlight in
             // `slots`, which is only freed after this SQE's completion has been reaped.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return;
             }
             // Submission queue full: hand the batch to the kernel and retry.
-            if let Err(e) = self.ring.submit() {
-                tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion ring is full: move its entries aside to make room.
+                    self.pending_cqes
+                        .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
+        tracing::error!(volume = %self.volume.name, "io_uring refuses submissions; failing the request");
+        self.pending_cqes.push((sqe.get_user_data(), -libc::EIO));
     }
 
     /// Handles the completion eventfd: reaps every CQE and signals the guest once. Returns
@@ -487,11 +555,8 @@ impl QueueEngine {
     fn reap(&mut self, vring: Option<&VringRwLock>) -> usize {
         let mut reaped = 0;
         loop {
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let mut cqes = std::mem::take(&mut self.pending_cqes);
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if cqes.is_empty() {
                 return reaped;
             }
@@ -570,6 +635,7 @@ impl QueueEngine {
         let Some(inflight) = self.slots[slot as usize].take() else {
             return;
         };
+        self.bounce_bytes -= inflight.bounce.as_ref().map_or(0, AlignedBuf::len);
         self.free.push(slot);
         self.volume.metrics.inflight.dec();
         let mut used = 0;
@@ -645,15 +711,47 @@ impl QueueEngine {
     pub fn drain(&mut self, vring: Option<&VringRwLock>) {
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    tracing::error!(volume = %self.volume.name, "io_uring wait failed: {e}");
-                    return;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EBUSY) => {
+                        let cqes = self.ring.completion().map(|c| (c.user_data(), c.result()));
+                        self.pending_cqes.extend(cqes);
+                    }
+                    _ => {
+                        // The kernel may still use the buffers of what is in flight: leak them
+                        // rather than free memory it could write into.
+                        tracing::error!(
+                            volume = %self.volume.name,
+                            in_flight = self.in_flight(),
+                            "io_uring wait failed, leaking in-flight buffers: {e}"
+                        );
+                        for slot in self.slots.iter_mut() {
+                            if let Some(inflight) = slot.take() {
+                                std::mem::forget(inflight);
+                            }
+                        }
+                        self.free = (0..self.slots.len() as u32).collect();
+                        return;
+                    }
                 }
             }
             self.reap(vring);
         }
         if let Some(vring) = vring {
             self.signal(vring);
+        }
+    }
+
+    /// Takes the requests left in the ring at the in-flight limit, once completions made room.
+    pub fn resume_capped(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+    ) -> usize {
+        if self.capped {
+            self.process_queue(vring, mem)
+        } else {
+            0
         }
     }
 

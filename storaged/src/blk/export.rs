@@ -164,13 +164,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// its socket is served, not refused.
 const HANDOVER_WAIT_MS: i32 = 500;
 
-/// Waits until one of `fds` is readable; returns which are.
-fn poll_readable<const N: usize>(fds: [RawFd; N]) -> [bool; N] {
+/// Pause after an error that retrying at once would not fix.
+const ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Waits until one of `fds` is readable; returns which are (None if poll fails).
+fn poll_readable<const N: usize>(fds: [RawFd; N]) -> Option<[bool; N]> {
     poll_readable_for(fds, -1)
 }
 
-/// Waits up to `timeout_ms` (-1: forever) until one of `fds` is readable; returns which are.
-fn poll_readable_for<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> [bool; N] {
+/// Waits up to `timeout_ms` (-1: forever) until one of `fds` is readable; returns which are
+/// (None if poll fails).
+fn poll_readable_for<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> Option<[bool; N]> {
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -180,13 +184,14 @@ fn poll_readable_for<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> [bool;
         // SAFETY: pfds is a valid array of N pollfd structs for the duration of the call.
         let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
         if rc >= 0 {
-            break;
+            return Some(pfds.map(|p| p.revents != 0));
         }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break;
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            tracing::error!("poll failed: {err}");
+            return None;
         }
     }
-    pfds.map(|p| p.revents != 0)
 }
 
 struct Server {
@@ -204,31 +209,34 @@ impl Server {
     fn run(mut self) {
         let name = self.volume.name.clone();
         loop {
-            let [incoming, stop] =
-                poll_readable([self.listener.as_raw_fd(), self.stop.as_raw_fd()]);
+            let Some([incoming, stop]) =
+                poll_readable([self.listener.as_raw_fd(), self.stop.as_raw_fd()])
+            else {
+                thread::sleep(ERROR_BACKOFF);
+                continue;
+            };
             if stop || self.stopping() {
                 return;
             }
             if incoming {
                 if let Err(e) = self.serve_one() {
                     tracing::error!(volume = %name, "frontend connection failed: {e}");
+                    // Whatever failed (no memory, no threads, no fds) is not fixed by retrying
+                    // at once.
+                    thread::sleep(ERROR_BACKOFF);
                 }
             }
         }
     }
 
-    /// Accepts one frontend and serves it until it disconnects (or the export stops).
-    fn serve_one(&mut self) -> Result<(), String> {
-        let name = self.volume.name.clone();
+    /// Sets up a device for the next frontend: fresh worker threads and rings.
+    fn new_device(&self) -> Result<(Arc<BlkBackend>, VhostUserDaemon<Arc<BlkBackend>>), String> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
-            BlkBackend::new(self.volume.clone(), mem.clone()).map_err(|e| {
-                // Take the connection off the queue so it is not retried forever.
-                let _ = self.listener.accept();
-                format!("cannot set up the device: {e}")
-            })?,
+            BlkBackend::new(self.volume.clone(), mem.clone())
+                .map_err(|e| format!("cannot set up the device: {e}"))?,
         );
-        let mut daemon = VhostUserDaemon::new(format!("vu-{name}"), backend.clone(), mem)
+        let daemon = VhostUserDaemon::new(format!("vu-{}", self.volume.name), backend.clone(), mem)
             .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
         for (q, (handler, fd)) in daemon
             .get_epoll_handlers()
@@ -240,6 +248,27 @@ impl Server {
                 .register_listener(fd, EventSet::IN, backend.completion_event_id(q))
                 .map_err(|e| format!("cannot register the completion eventfd: {e}"))?;
         }
+        Ok((backend, daemon))
+    }
+
+    /// Accepts one frontend and serves it until it disconnects (or the export stops).
+    fn serve_one(&mut self) -> Result<(), String> {
+        let name = self.volume.name.clone();
+        let setup = self.new_device().and_then(|(backend, daemon)| {
+            let done = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+            let done_signal = done.try_clone().map_err(|e| e.to_string())?;
+            Ok((backend, daemon, done, done_signal))
+        });
+        let (backend, mut daemon, done, done_signal) = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                // Take the connection off the queue, or it would be retried forever.
+                if let Ok(Some(stream)) = self.listener.accept() {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
+                return Err(e);
+            }
+        };
         daemon
             .start(&mut self.listener)
             .map_err(|e| format!("cannot accept the frontend: {e}"))?;
@@ -249,52 +278,32 @@ impl Server {
         self.volume.metrics.attached.set(1);
         tracing::info!(volume = %name, "frontend attached");
 
-        let done = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let done_signal = done.try_clone().map_err(|e| e.to_string())?;
+        // The connection is served on the daemon's thread; a waiter thread turns its end into
+        // an event this thread can poll beside the listener and the stop event.
         let waiter = thread::Builder::new()
             .name(format!("wait-{name}"))
             .spawn(move || {
                 let result = daemon.wait();
                 let _ = done_signal.write(1);
                 (daemon, result)
-            })
-            .map_err(|e| e.to_string())?;
-        loop {
-            let [incoming, stop, finished] = poll_readable([
-                self.listener.as_raw_fd(),
-                self.stop.as_raw_fd(),
-                done.as_raw_fd(),
-            ]);
-            if finished {
-                break;
-            }
-            if stop {
-                if let Some(conn) = lock(&self.state.connection).as_ref() {
-                    conn.shutdown();
-                }
-                let _ = self.stop.read();
-            }
-            if incoming {
-                // The attached frontend may be going away: if it finishes within the hand-over
-                // wait, the newcomer stays queued and is served next.
-                let [finished] = poll_readable_for([done.as_raw_fd()], HANDOVER_WAIT_MS);
-                if finished {
-                    break;
-                }
-                if let Ok(Some(stream)) = self.listener.accept() {
-                    refuse(stream, &name);
+            });
+        let result = match waiter {
+            Ok(waiter) => {
+                self.watch_connection(&done, &name);
+                match waiter.join() {
+                    // Dropping the daemon stops and joins its worker threads; then no one
+                    // submits I/O and what is in flight can be drained.
+                    Ok((daemon, result)) => {
+                        drop(daemon);
+                        result.map_err(|e| e.to_string())
+                    }
+                    Err(_) => Err("connection thread panicked".to_string()),
                 }
             }
-        }
-        let (daemon, result) = match waiter.join() {
-            Ok(r) => r,
-            Err(_) => return Err("connection thread panicked".into()),
+            Err(e) => Err(format!("cannot start the waiter thread: {e}")),
         };
         lock(&self.state.connection).take();
         lock(&self.state.device).take();
-        // Dropping the daemon stops and joins its worker threads; then no one submits I/O and
-        // what is in flight can be drained.
-        drop(daemon);
         backend.drain();
         self.state.attached.store(false, Ordering::Release);
         self.volume.metrics.attached.set(0);
@@ -307,6 +316,40 @@ impl Server {
             Err(e) => tracing::info!(volume = %name, "frontend detached: {e}"),
         }
         Ok(())
+    }
+
+    /// While a frontend is attached: refuses other connections and passes a stop on to the
+    /// connection. Returns when the connection has ended.
+    fn watch_connection(&mut self, done: &EventFd, name: &str) {
+        loop {
+            let Some([incoming, stop, finished]) = poll_readable([
+                self.listener.as_raw_fd(),
+                self.stop.as_raw_fd(),
+                done.as_raw_fd(),
+            ]) else {
+                thread::sleep(ERROR_BACKOFF);
+                continue;
+            };
+            if finished {
+                return;
+            }
+            if stop {
+                if let Some(conn) = lock(&self.state.connection).as_ref() {
+                    conn.shutdown();
+                }
+                let _ = self.stop.read();
+            }
+            if incoming {
+                // The attached frontend may be going away: if it finishes within the hand-over
+                // wait, the newcomer stays queued and is served next.
+                if let Some([true]) = poll_readable_for([done.as_raw_fd()], HANDOVER_WAIT_MS) {
+                    return;
+                }
+                if let Ok(Some(stream)) = self.listener.accept() {
+                    refuse(stream, name);
+                }
+            }
+        }
     }
 }
 

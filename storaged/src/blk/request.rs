@@ -24,6 +24,9 @@ pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 /// Length of the serial returned by GET_ID.
 pub const ID_BYTES: usize = 20;
 const HEADER_LEN: u64 = 16;
+/// Largest read or write accepted. Linux sends at most `max_sectors_kb` (1280 KiB by default);
+/// the limit keeps one hostile request from pinning, or bouncing, gigabytes.
+pub const MAX_TRANSFER: u64 = 32 << 20;
 const DISCARD_SEGMENT_LEN: u64 = 16;
 
 /// Why a request was refused. Counted in metrics and logged at debug level.
@@ -39,6 +42,8 @@ pub enum RequestError {
     UnknownType(u32),
     #[error("Data buffers have the wrong direction for request type {0}")]
     WrongDirection(u32),
+    #[error("Request of {0} bytes exceeds the {MAX_TRANSFER}-byte limit")]
+    TooLarge(u64),
     #[error("Request has {0} data segments, more than the {1} allowed")]
     TooManySegments(usize, u32),
     #[error("Length {0} is not a multiple of the {1}-byte block size")]
@@ -164,8 +169,10 @@ fn skip_bytes(ranges: &[GuestRange], mut skip: u64) -> Vec<GuestRange> {
             skip -= len;
             continue;
         }
+        // skip < len, so this stays inside the descriptor; a descriptor that wraps the address
+        // space is refused later when its memory is looked up.
         out.push(GuestRange {
-            addr: GuestAddress(r.addr.0 + skip),
+            addr: GuestAddress(r.addr.0.wrapping_add(skip)),
             len: (len - skip) as u32,
         });
         skip = 0;
@@ -227,7 +234,11 @@ pub fn parse<M: GuestMemory + ?Sized>(
     let Some(last) = writable.pop() else {
         return Parsed::Drop(RequestError::NoStatus);
     };
-    let status = GuestAddress(last.addr.0 + u64::from(last.len) - 1);
+    // A range that wraps the address space has no valid last byte: nothing can be answered.
+    let Some(status) = last.addr.0.checked_add(u64::from(last.len) - 1) else {
+        return Parsed::Drop(RequestError::BadAddress(last.addr.0));
+    };
+    let status = GuestAddress(status);
     if last.len > 1 {
         writable.push(GuestRange {
             addr: last.addr,
@@ -334,6 +345,9 @@ fn rw_request(
         ));
     }
     let len = total(&data);
+    if len > MAX_TRANSFER {
+        return Err((VIRTIO_BLK_S_IOERR, RequestError::TooLarge(len)));
+    }
     let bs = u64::from(limits.block_size);
     if len % bs != 0 {
         return Err((
@@ -807,6 +821,36 @@ mod tests {
             rejected(parse(&m, d, &limits())).1,
             RequestError::WrongDirection(8)
         );
+    }
+
+    #[test]
+    fn rejects_huge_transfers_and_wrapping_addresses() {
+        let m = mem();
+        let l = Limits {
+            capacity_sectors: 1 << 40,
+            seg_max: 128,
+            ..limits()
+        };
+        // 16 descriptors of 4 GiB - 512 bytes, all aliasing the same guest memory.
+        let mut d = vec![header(&m, 0, VIRTIO_BLK_T_IN, 0)];
+        d.extend((0..16).map(|_| wr(0x1000, u32::MAX - 511)));
+        d.push(wr(0x3000, 1));
+        assert!(matches!(
+            rejected(parse(&m, d, &l)).1,
+            RequestError::TooLarge(_)
+        ));
+        // A status descriptor that wraps the address space cannot be answered.
+        let d = [header(&m, 0, VIRTIO_BLK_T_IN, 0), wr(u64::MAX - 1, 16)];
+        assert!(matches!(
+            parse(&m, d, &limits()),
+            Parsed::Drop(RequestError::BadAddress(_))
+        ));
+        // A header descriptor that wraps is an error, not a panic.
+        let d = [ro(u64::MAX - 7, 4096), wr(0x3000, 1)];
+        assert!(matches!(
+            rejected(parse(&m, d, &limits())).1,
+            RequestError::BadAddress(_)
+        ));
     }
 
     #[test]
