@@ -4,7 +4,6 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
@@ -53,7 +52,6 @@ pub struct BlkBackend {
     volume: Arc<VolumeIo>,
     mem: GuestMemoryAtomic<GuestMem>,
     engines: Vec<Mutex<QueueEngine>>,
-    poll_window: Duration,
     /// The frontend's request channel, if it set one up (protocol feature BACKEND_REQ).
     frontend_channel: Mutex<Option<Backend>>,
     /// A configuration change notification is on its way.
@@ -66,7 +64,6 @@ impl BlkBackend {
         mem: GuestMemoryAtomic<GuestMem>,
     ) -> Result<Self, engine::Error> {
         let entries = u32::from(volume.max_queue_size);
-        let poll_window = volume.poll_window;
         let engines = (0..volume.num_queues)
             .map(|_| QueueEngine::new(volume.clone(), entries).map(Mutex::new))
             .collect::<Result<_, _>>()?;
@@ -74,7 +71,6 @@ impl BlkBackend {
             volume,
             mem,
             engines,
-            poll_window,
             frontend_channel: Mutex::new(None),
             notifying: Arc::new(AtomicBool::new(false)),
         })
@@ -244,6 +240,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let num_queues = self.engines.len() as u16;
+        engine.woke();
         let work = if device_event < num_queues {
             engine.process_queue(vring, &self.mem)
         } else {
@@ -252,8 +249,9 @@ impl VhostUserBackend for BlkBackend {
         // Poll only a busy queue: with one request at a time, a wake-up per request costs less
         // CPU than spinning through the device's latency, for the same IOPS.
         if work > 0 && work.max(engine.in_flight()) >= POLL_MIN_BUSY {
-            engine.poll(vring, &self.mem, self.poll_window);
+            engine.poll(vring, &self.mem);
         }
+        engine.sleeping();
         Ok(())
     }
 }

@@ -63,6 +63,9 @@ const MAX_IOVECS: usize = 1024;
 /// Tries to queue an SQE before it is failed with EIO.
 const PUSH_ATTEMPTS: usize = 100;
 
+/// Shortest polling window worth spinning for; below it the worker does not poll.
+const MIN_POLL_WINDOW: Duration = Duration::from_micros(4);
+
 /// Longest a worker polls without returning to its epoll loop.
 const MAX_POLL_SLICE: Duration = Duration::from_millis(2);
 
@@ -111,6 +114,10 @@ pub struct QueueEngine {
     /// Completions taken off the CQ ring (to make room) or made up (an SQE the ring refused),
     /// not yet processed.
     pending_cqes: Vec<(u64, i32)>,
+    /// Current polling window, adapted between 0 and the volume's `poll_window`.
+    poll_window: Duration,
+    /// When the worker last went back to sleep.
+    slept_at: Option<Instant>,
 }
 
 fn user_data(slot: u32, part: u32) -> u64 {
@@ -119,6 +126,7 @@ fn user_data(slot: u32, part: u32) -> u64 {
 
 impl QueueEngine {
     pub fn new(volume: Arc<VolumeIo>, entries: u32) -> Result<Self, Error> {
+        let max_window = volume.poll_window;
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)
@@ -138,6 +146,8 @@ impl QueueEngine {
             bounce_bytes: 0,
             capped: false,
             pending_cqes: Vec::new(),
+            poll_window: max_window,
+            slept_at: None,
         })
     }
 
@@ -241,12 +251,8 @@ impl QueueEngine {
     /// tens of microseconds, more in a VM; a client that answers completions with new requests
     /// within the window is served without either side being woken. Guest notifications are
     /// off while polling.
-    pub fn poll(
-        &mut self,
-        vring: &VringRwLock,
-        mem: &GuestMemoryAtomic<GuestMem>,
-        window: Duration,
-    ) {
+    pub fn poll(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) {
+        let window = self.poll_window;
         if window.is_zero() {
             return;
         }
@@ -255,6 +261,7 @@ impl QueueEngine {
         }
         let started = Instant::now();
         let mut last_work = started;
+        let mut idle_spins = 0u32;
         loop {
             let mut did = 0;
             if !self.ring.completion().is_empty() {
@@ -264,16 +271,19 @@ impl QueueEngine {
             if did > 0 {
                 self.submit_and_signal(vring);
                 last_work = Instant::now();
-            } else if last_work.elapsed() >= window {
-                break;
+                idle_spins = 0;
+            } else {
+                std::hint::spin_loop();
+                idle_spins += 1;
+                // The clock is read every few idle rounds only: it costs more than a round.
+                if idle_spins % 16 == 0 && last_work.elapsed() >= window {
+                    break;
+                }
             }
             // Back to the epoll loop now and then even under constant load, so its other
             // events (the exit event above all) are seen.
-            if started.elapsed() >= MAX_POLL_SLICE {
+            if did > 0 && started.elapsed() >= MAX_POLL_SLICE {
                 break;
-            }
-            if did == 0 {
-                std::hint::spin_loop();
             }
         }
         // Completions reaped while polling left the eventfd readable: clear it, then take
@@ -740,6 +750,31 @@ impl QueueEngine {
         if let Some(vring) = vring {
             self.signal(vring);
         }
+    }
+
+    /// Called when the worker wakes for an event: adapts the polling window to how long it
+    /// slept. A sleep shorter than the longest window would have been avoided by polling
+    /// longer, so the window grows; a longer one would not, so it shrinks, down to not polling
+    /// at all (a queue whose events are far apart, like large sequential reads, then costs no
+    /// spinning). The same rule as QEMU's adaptive polling.
+    pub fn woke(&mut self) {
+        let max = self.volume.poll_window;
+        let Some(slept_at) = self.slept_at.take() else {
+            return;
+        };
+        if slept_at.elapsed() <= max {
+            self.poll_window = (self.poll_window * 2).clamp(MIN_POLL_WINDOW, max);
+        } else {
+            self.poll_window /= 2;
+            if self.poll_window < MIN_POLL_WINDOW {
+                self.poll_window = Duration::ZERO;
+            }
+        }
+    }
+
+    /// Called when the worker goes back to its epoll wait.
+    pub fn sleeping(&mut self) {
+        self.slept_at = Some(Instant::now());
     }
 
     /// Takes the requests left in the ring at the in-flight limit, once completions made room.
