@@ -98,9 +98,9 @@ pub struct IoConfig {
     /// Most data segments in one request (VIRTIO_BLK_F_SEG_MAX). Default: 128.
     pub seg_max: u32,
     /// Polling: after a batch on a busy queue (two or more requests handled or in flight), its
-    /// worker keeps checking the virtqueue and completion ring for this many microseconds
-    /// before it sleeps, saving a wake-up per request while work keeps coming. 0 disables
-    /// polling. At most 1000. Default: 50.
+    /// worker keeps checking the virtqueue and completion ring before it sleeps, saving a
+    /// wake-up per request while work keeps coming. The window adapts to the queue's pace, up
+    /// to this many microseconds. 0 disables polling. At most 1000. Default: 50.
     pub poll_us: u32,
 }
 
