@@ -448,11 +448,12 @@ impl QueueEngine {
             return false;
         };
         if write
-            && !copy_from_guest(
-                &inflight.mem,
+            && request::gather(
+                inflight.mem.as_ref(),
                 &inflight.data,
                 &mut bounce.as_mut_slice()[..len],
             )
+            .is_err()
         {
             return false;
         }
@@ -839,21 +840,6 @@ fn copy_to_guest(mem: &GuestMem, ranges: &[GuestRange], mut src: &[u8]) -> bool 
             return false;
         }
         src = &src[n..];
-    }
-    true
-}
-
-fn copy_from_guest(mem: &GuestMem, ranges: &[GuestRange], mut dst: &mut [u8]) -> bool {
-    for r in ranges {
-        if dst.is_empty() {
-            break;
-        }
-        let n = dst.len().min(r.len as usize);
-        let (head, tail) = dst.split_at_mut(n);
-        if mem.read_slice(head, r.addr).is_err() {
-            return false;
-        }
-        dst = tail;
     }
     true
 }

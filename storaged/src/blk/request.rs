@@ -126,14 +126,7 @@ pub enum Operation {
 impl Operation {
     /// Short label, used as the `op` metric label.
     pub fn label(&self) -> &'static str {
-        match self {
-            Operation::Read { .. } => "read",
-            Operation::Write { .. } => "write",
-            Operation::Flush => "flush",
-            Operation::GetId { .. } => "get_id",
-            Operation::Discard(_) => "discard",
-            Operation::WriteZeroes(_) => "write_zeroes",
-        }
+        crate::metrics::OPS[crate::metrics::op_index(self)]
     }
 }
 
@@ -181,7 +174,7 @@ fn skip_bytes(ranges: &[GuestRange], mut skip: u64) -> Vec<GuestRange> {
 }
 
 /// Reads `buf.len()` bytes starting at the beginning of `ranges`.
-fn gather<M: GuestMemory + ?Sized>(
+pub(crate) fn gather<M: GuestMemory + ?Sized>(
     mem: &M,
     ranges: &[GuestRange],
     buf: &mut [u8],
