@@ -86,7 +86,7 @@ where
 {
     let svc = state.service.clone();
     tokio::task::spawn_blocking(move || {
-        let mut guard = svc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = crate::lock(&svc);
         f(&mut guard)
     })
     .await

@@ -157,11 +157,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
         });
 
-        let volumes = service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .list()
-            .len();
+        let volumes = crate::lock(&service).list().len();
         tracing::info!(
             admin_socket = %paths.admin_socket.display(),
             metrics_url = metrics_url.as_deref().unwrap_or("off"),
@@ -182,7 +178,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         Ok::<(), Error>(())
     });
     // Exports stop accepting, in-flight I/O finishes, backing storage is synced.
-    service.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    crate::lock(&service).shutdown();
     let _ = fs::remove_file(&paths.admin_socket);
     runtime.shutdown_background();
     tracing::info!("stopped");

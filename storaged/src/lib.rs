@@ -16,6 +16,13 @@ pub mod service;
 pub mod size;
 pub mod volume;
 
+/// Locks a mutex, going on with the data if a thread panicked while holding it: every mutex
+/// here guards state that stays consistent between statements, and one failed worker must not
+/// take the daemon's other volumes down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Formats an error with its whole chain of sources: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

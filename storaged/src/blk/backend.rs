@@ -83,11 +83,7 @@ impl BlkBackend {
     /// Sent from a thread of its own: with REPLY_ACK the message waits for the frontend's
     /// answer, and a slow frontend must not hold up the caller.
     pub fn notify_config_change(&self) -> bool {
-        let channel = self
-            .frontend_channel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let channel = crate::lock(&self.frontend_channel).clone();
         let Some(channel) = channel else {
             return false;
         };
@@ -117,9 +113,7 @@ impl BlkBackend {
     fn engine(&self, queue: usize) -> Option<MutexGuard<'_, QueueEngine>> {
         // A poisoned engine means a worker panicked; its state is still consistent enough to
         // drain, so keep serving rather than cascade.
-        self.engines
-            .get(queue)
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+        self.engines.get(queue).map(crate::lock)
     }
 
     /// Event id under which queue `queue`'s completion eventfd is registered with its worker.
@@ -200,10 +194,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_backend_req_fd(&self, channel: Backend) {
-        *self
-            .frontend_channel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(channel);
+        *crate::lock(&self.frontend_channel) = Some(channel);
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

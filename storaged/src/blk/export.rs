@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::BlkBackend;
 use super::VolumeIo;
+use crate::lock;
 
 /// Errors setting up a volume's socket.
 #[derive(Debug, thiserror::Error)]
@@ -153,10 +154,6 @@ impl Drop for Export {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How long a connection arriving while a frontend is attached waits for that frontend's
