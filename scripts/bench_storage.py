@@ -128,7 +128,8 @@ def main():
         procs.append(st)
         wait_for_socket(os.path.join(data, "admin.sock"), st, "storaged")
         subprocess.run([os.path.join(BIN, "storagectl"), "--socket", os.path.join(data, "admin.sock"),
-                        "create", "bench", "--size", str(size)], check=True, stdout=subprocess.DEVNULL)
+                        "create", "bench", "--size", str(size), "--tier", "mass"],
+                       check=True, stdout=subprocess.DEVNULL)
         st_sock = os.path.join(data, "sockets", "bench.sock")
         st_file = [os.path.join(data, "volumes", f) for f in os.listdir(os.path.join(data, "volumes"))][0]
 
@@ -186,7 +187,7 @@ def main():
         lines.append(f"Host: {os.cpu_count()} CPUs, kernel {os.uname().release}; volume {size >> 20} MiB, "
                      f"fully written; {args.runtime:g} s per run, median of {args.reps}, runs interleaved "
                      "(who goes first alternates). Paired ratio: median of the per-rep storaged/qsd ratios. "
-                     f"storaged config: {args.storaged_config or 'defaults'}. "
+                     f"storaged config: {args.storaged_config or 'defaults'}, volume tier mass (no IOPS limit). "
                      f"Client: blkbench (blkio crate), 1 queue. Peer: {qsd_version}, aio=io_uring, "
                      "cache.direct=on. Ceiling: fio io_uring O_DIRECT on storaged's backing file itself.")
         lines.append("")

@@ -40,7 +40,7 @@ impl From<service::Error> for ApiError {
     fn from(e: service::Error) -> Self {
         use service::Error as E;
         let status = match &e {
-            E::Invalid(_) | E::BadRequest(_) | E::Shrink(..) => StatusCode::BAD_REQUEST,
+            E::Invalid(_) | E::BadRequest(_) | E::Shrink(..) | E::Qos(_) => StatusCode::BAD_REQUEST,
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::AlreadyExists(_) | E::Attached(_) => StatusCode::CONFLICT,
             E::PoolFull { .. } => StatusCode::INSUFFICIENT_STORAGE,

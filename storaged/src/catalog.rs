@@ -177,6 +177,8 @@ mod tests {
                 preallocated: false,
             },
             created_at: 1,
+            iops_limit: None,
+            bandwidth_limit: None,
         }
     }
 

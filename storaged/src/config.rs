@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::qos::QosConfig;
 use crate::size::ByteSize;
 use crate::volume::{self, Tier};
 
@@ -62,6 +63,8 @@ pub struct Config {
     pub pool_capacity: Option<ByteSize>,
     pub volume_defaults: VolumeDefaults,
     pub io: IoConfig,
+    /// Per-volume IOPS and bandwidth limits.
+    pub qos: QosConfig,
 }
 
 /// Defaults applied to volumes created without saying otherwise.
@@ -213,6 +216,9 @@ impl Config {
                 format!("{} is more than 1000 microseconds", self.io.poll_us),
             ));
         }
+        self.qos
+            .validate()
+            .map_err(|e| invalid(e.key(), e.to_string()))?;
         if let Some(cap) = self.pool_capacity {
             volume::validate_size(cap.0).map_err(|e| invalid("pool_capacity", e.to_string()))?;
         }
@@ -276,6 +282,7 @@ mod tests {
         assert_eq!(c.io.direct, d.io.direct);
         assert_eq!(c.volume_defaults.num_queues, d.volume_defaults.num_queues);
         assert_eq!(c.volume_defaults.tier, d.volume_defaults.tier);
+        assert_eq!(c.qos, d.qos);
     }
 
     #[test]
@@ -316,6 +323,15 @@ mod tests {
             c.validate(),
             Err(Error::Invalid {
                 key: "volume_defaults.num_queues",
+                ..
+            })
+        ));
+        let mut c = base();
+        c.qos.tier_iops_per_tb.ultra = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid {
+                key: "qos.tier_iops_per_tb.ultra",
                 ..
             })
         ));

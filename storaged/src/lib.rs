@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod notify;
+pub mod qos;
 pub mod service;
 pub mod size;
 pub mod volume;

@@ -4,8 +4,8 @@
 //! lookups. Deleting a volume removes its series.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::blk::request::Operation;
@@ -48,6 +48,11 @@ pub struct Metrics {
     size: IntGaugeVec,
     attached: IntGaugeVec,
     inflight: IntGaugeVec,
+    iops_limit: IntGaugeVec,
+    bandwidth_limit: IntGaugeVec,
+    throttled: IntCounterVec,
+    throttled_seconds: CounterVec,
+    throttle_wait: HistogramVec,
 }
 
 /// One volume's resolved series.
@@ -62,6 +67,15 @@ pub struct VolumeMetrics {
     pub size: IntGauge,
     pub attached: IntGauge,
     pub inflight: IntGauge,
+    /// Effective IOPS limit, 0 when unlimited.
+    pub iops_limit: IntGauge,
+    /// Effective bandwidth limit in bytes/s, 0 when unlimited.
+    pub bandwidth_limit: IntGauge,
+    /// Requests that had to wait for the volume's limits.
+    pub throttled: IntCounter,
+    /// Seconds requests spent waiting for the limits.
+    pub throttled_seconds: Counter,
+    pub throttle_wait: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -117,11 +131,70 @@ impl Metrics {
             ),
             &["volume"],
         )?;
-        for c in [&requests, &bytes, &errors] {
+        let iops_limit = IntGaugeVec::new(
+            Opts::new(
+                "storaged_volume_iops_limit",
+                "Effective IOPS limit of the volume (0: unlimited)",
+            ),
+            &["volume"],
+        )?;
+        let bandwidth_limit = IntGaugeVec::new(
+            Opts::new(
+                "storaged_volume_bandwidth_limit_bytes_per_second",
+                "Effective bandwidth limit of the volume (0: unlimited)",
+            ),
+            &["volume"],
+        )?;
+        let throttled = IntCounterVec::new(
+            Opts::new(
+                "storaged_volume_throttled_requests_total",
+                "Requests that waited for the volume's IOPS or bandwidth limit",
+            ),
+            &["volume"],
+        )?;
+        let throttled_seconds = CounterVec::new(
+            Opts::new(
+                "storaged_volume_throttle_wait_seconds_total",
+                "Time requests spent waiting for the volume's limits",
+            ),
+            &["volume"],
+        )?;
+        let throttle_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "storaged_volume_throttle_wait_seconds",
+                "Time a request that had to wait for the volume's limits waited",
+            )
+            .buckets(vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["volume"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "storaged_build_info",
+                "Always 1; the labels say which storaged this is",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in [&requests, &bytes, &errors, &throttled] {
             registry.register(Box::new(c.clone()))?;
         }
-        registry.register(Box::new(latency.clone()))?;
-        for g in [&size, &attached, &inflight] {
+        registry.register(Box::new(throttled_seconds.clone()))?;
+        for h in [&latency, &throttle_wait] {
+            registry.register(Box::new(h.clone()))?;
+        }
+        for g in [
+            &size,
+            &attached,
+            &inflight,
+            &iops_limit,
+            &bandwidth_limit,
+            &build_info,
+        ] {
             registry.register(Box::new(g.clone()))?;
         }
         Ok(Metrics {
@@ -133,6 +206,11 @@ impl Metrics {
             size,
             attached,
             inflight,
+            iops_limit,
+            bandwidth_limit,
+            throttled,
+            throttled_seconds,
+            throttle_wait,
         })
     }
 
@@ -148,6 +226,11 @@ impl Metrics {
             size: self.size.with_label_values(&[name]),
             attached: self.attached.with_label_values(&[name]),
             inflight: self.inflight.with_label_values(&[name]),
+            iops_limit: self.iops_limit.with_label_values(&[name]),
+            bandwidth_limit: self.bandwidth_limit.with_label_values(&[name]),
+            throttled: self.throttled.with_label_values(&[name]),
+            throttled_seconds: self.throttled_seconds.with_label_values(&[name]),
+            throttle_wait: self.throttle_wait.with_label_values(&[name]),
         }
     }
 
@@ -161,9 +244,18 @@ impl Metrics {
         for kind in ["invalid_request", "io"] {
             let _ = self.errors.remove_label_values(&[name, kind]);
         }
-        let _ = self.size.remove_label_values(&[name]);
-        let _ = self.attached.remove_label_values(&[name]);
-        let _ = self.inflight.remove_label_values(&[name]);
+        for g in [
+            &self.size,
+            &self.attached,
+            &self.inflight,
+            &self.iops_limit,
+            &self.bandwidth_limit,
+        ] {
+            let _ = g.remove_label_values(&[name]);
+        }
+        let _ = self.throttled.remove_label_values(&[name]);
+        let _ = self.throttled_seconds.remove_label_values(&[name]);
+        let _ = self.throttle_wait.remove_label_values(&[name]);
     }
 
     pub fn registry(&self) -> &Registry {
@@ -197,6 +289,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"storaged_volume_bytes_total{op="read",volume="db1"} 12288"#));
+        assert!(text.contains(&format!(
+            "storaged_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        v.throttle_wait.observe(0.01);
+        v.throttled_seconds.inc_by(0.01);
         m.remove_volume("db1");
         assert!(!m.render().contains("db1"));
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
@@ -18,6 +18,7 @@ use crate::blk::VolumeIo;
 use crate::catalog::{self, VolumeCatalog};
 use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
 use crate::metrics::Metrics;
+use crate::qos::{self, Limits, Overrides};
 use crate::size::ByteSize;
 use crate::volume::{self, Backing, Tier, VolumeName, VolumeSpec};
 
@@ -44,6 +45,8 @@ pub enum Error {
     Attached(String),
     #[error("Volume '{0}' is not being served: {1}")]
     NotServing(String, String),
+    #[error(transparent)]
+    Qos(#[from] qos::Error),
     #[error(transparent)]
     Backing(#[from] backing::Error),
     #[error(transparent)]
@@ -75,6 +78,19 @@ pub struct CreateVolume {
     /// Serve an existing block device instead of a file in the data dir.
     #[serde(default)]
     pub device: Option<PathBuf>,
+    /// IOPS limit replacing the tier's.
+    #[serde(default)]
+    pub iops_limit: Option<u64>,
+    /// Bandwidth limit, bytes/s (a number or a size such as "100MiB").
+    #[serde(default)]
+    pub bandwidth_limit: Option<ByteSize>,
+}
+
+/// Tells a field left out (`None`) from a field set to null (`Some(None)`).
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `PATCH /v1/volumes/{name}`.
@@ -85,6 +101,12 @@ pub struct UpdateVolume {
     pub size: Option<ByteSize>,
     #[serde(default)]
     pub tier: Option<String>,
+    /// A new IOPS override; null removes it.
+    #[serde(default, deserialize_with = "present")]
+    pub iops_limit: Option<Option<u64>>,
+    /// A new bandwidth override (bytes/s); null removes it.
+    #[serde(default, deserialize_with = "present")]
+    pub bandwidth_limit: Option<Option<ByteSize>>,
 }
 
 /// A volume as the API shows it.
@@ -105,6 +127,12 @@ pub struct VolumeInfo {
     /// Logical block size offered to the guest.
     pub block_size: u32,
     pub created_at: u64,
+    /// The volume's own IOPS limit, replacing its tier's (null: none).
+    pub iops_limit: Option<u64>,
+    /// The volume's own bandwidth limit in bytes/s (null: none).
+    pub bandwidth_limit: Option<u64>,
+    /// The limits in force and where each comes from.
+    pub limits: Limits,
     /// "serving", or "failed" when the backing storage could not be opened at start.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -198,9 +226,19 @@ impl VolumeService {
             spec,
             store,
             &self.config.io,
+            &self.limits(spec),
             self.metrics.volume(spec.name.as_str()),
         ));
         Ok(Export::start(io, &self.socket_path(&spec.name))?)
+    }
+
+    fn limits(&self, spec: &VolumeSpec) -> Limits {
+        Limits::compute(
+            &self.config.qos,
+            spec.tier,
+            spec.size_bytes,
+            spec.overrides(),
+        )
     }
 
     fn info(&self, spec: &VolumeSpec) -> VolumeInfo {
@@ -219,6 +257,9 @@ impl VolumeService {
             direct_io: export.is_some_and(|e| e.volume().store.direct),
             block_size: export.map_or(512, |e| e.volume().block_size()),
             created_at: spec.created_at,
+            iops_limit: spec.iops_limit,
+            bandwidth_limit: spec.bandwidth_limit,
+            limits: self.limits(spec),
             state: if export.is_some() {
                 "serving"
             } else {
@@ -286,6 +327,11 @@ impl VolumeService {
                 self.paths.socket_dir.display()
             )));
         }
+        let overrides = Overrides {
+            iops_limit: req.iops_limit,
+            bandwidth_limit: req.bandwidth_limit.map(|b| b.0),
+        };
+        overrides.validate()?;
         if req.device.is_some() && req.preallocate == Some(true) {
             return Err(Error::BadRequest(
                 "preallocate applies to file-backed volumes, not to devices".into(),
@@ -351,6 +397,8 @@ impl VolumeService {
             num_queues,
             backing,
             created_at: now(),
+            iops_limit: overrides.iops_limit,
+            bandwidth_limit: overrides.bandwidth_limit,
         };
         let undo_file = |spec: &VolumeSpec| {
             if let Backing::File { path, .. } = &spec.backing {
@@ -371,11 +419,14 @@ impl VolumeService {
             self.metrics.remove_volume(name.as_str());
             return Err(e.into());
         }
+        let limits = self.limits(&spec);
         tracing::info!(
             volume = %name,
             id = %spec.id,
             size = size,
             tier = %tier,
+            iops_limit = limits.iops,
+            bandwidth_limit = limits.bandwidth_bytes_per_second,
             socket = %export.socket_path().display(),
             "volume created"
         );
@@ -386,9 +437,17 @@ impl VolumeService {
     pub fn update(&mut self, name: &str, req: UpdateVolume) -> Result<VolumeInfo, Error> {
         let (name, spec) = self.spec(name)?;
         let mut new = spec.clone();
+        let old_limits = self.limits(spec);
         if let Some(t) = &req.tier {
             new.tier = t.parse()?;
         }
+        if let Some(iops) = req.iops_limit {
+            new.iops_limit = iops;
+        }
+        if let Some(bandwidth) = req.bandwidth_limit {
+            new.bandwidth_limit = bandwidth.map(|b| b.0);
+        }
+        new.overrides().validate()?;
         let grow_to = match req.size {
             Some(s) => {
                 volume::validate_size(s.0)?;
@@ -440,6 +499,19 @@ impl VolumeService {
         }
         if req.tier.is_some() {
             tracing::info!(volume = %name, tier = %new.tier, "volume tier changed");
+        }
+        let limits = self.limits(&new);
+        if limits != old_limits {
+            if let Some(export) = self.exports.get(&name) {
+                export.volume().set_limits(&limits);
+            }
+            tracing::info!(
+                volume = %name,
+                iops_limit = limits.iops,
+                iops_source = ?limits.iops_source,
+                bandwidth_limit = limits.bandwidth_bytes_per_second,
+                "volume limits changed"
+            );
         }
         Ok(self.info(&new))
     }

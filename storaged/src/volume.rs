@@ -190,6 +190,21 @@ pub struct VolumeSpec {
     pub backing: Backing,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// IOPS limit replacing the tier's (see [`crate::qos`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_limit: Option<u64>,
+    /// Bandwidth limit, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<u64>,
+}
+
+impl VolumeSpec {
+    pub fn overrides(&self) -> crate::qos::Overrides {
+        crate::qos::Overrides {
+            iops_limit: self.iops_limit,
+            bandwidth_limit: self.bandwidth_limit,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,12 @@ enum Command {
         /// Serve this existing block device instead of a file in the data dir.
         #[arg(long)]
         device: Option<PathBuf>,
+        /// IOPS limit replacing the tier's [default: tier rate x size, at least the floor].
+        #[arg(long)]
+        iops_limit: Option<u64>,
+        /// Bandwidth limit in bytes/s, e.g. 200MiB [default: none].
+        #[arg(long)]
+        bandwidth_limit: Option<String>,
     },
     /// List volumes.
     List,
@@ -54,6 +60,18 @@ enum Command {
     Resize { name: String, size: String },
     /// Change a volume's tier.
     SetTier { name: String, tier: String },
+    /// Set or remove a volume's own limits, online:
+    /// `storagectl set-limits db1 --iops 5000 --bandwidth 200MiB`, `--iops none` to go back
+    /// to the tier's limit.
+    SetLimits {
+        name: String,
+        /// IOPS limit, or "none".
+        #[arg(long)]
+        iops: Option<String>,
+        /// Bandwidth limit in bytes/s (e.g. 200MiB), or "none".
+        #[arg(long)]
+        bandwidth: Option<String>,
+    },
     /// Delete a volume and its data.
     Delete {
         name: String,
@@ -77,6 +95,8 @@ fn main() -> ExitCode {
             queues,
             preallocate,
             device,
+            iops_limit,
+            bandwidth_limit,
         } => {
             let mut b = json!({ "name": name, "size": size, "read_only": read_only });
             if let Some(t) = tier {
@@ -90,6 +110,12 @@ fn main() -> ExitCode {
             }
             if let Some(d) = device {
                 b["device"] = json!(d);
+            }
+            if let Some(i) = iops_limit {
+                b["iops_limit"] = json!(i);
+            }
+            if let Some(bw) = bandwidth_limit {
+                b["bandwidth_limit"] = json!(bw);
             }
             ("POST", "/v1/volumes".to_string(), Some(b))
         }
@@ -105,6 +131,32 @@ fn main() -> ExitCode {
             format!("/v1/volumes/{name}"),
             Some(json!({ "tier": tier })),
         ),
+        Command::SetLimits {
+            name,
+            iops,
+            bandwidth,
+        } => {
+            if iops.is_none() && bandwidth.is_none() {
+                eprintln!("storagectl: set-limits needs --iops and/or --bandwidth");
+                return ExitCode::from(2);
+            }
+            let mut b = json!({});
+            if let Some(i) = iops {
+                b["iops_limit"] = match i.as_str() {
+                    "none" => serde_json::Value::Null,
+                    // Numbers go as numbers; anything else is passed on for the daemon to
+                    // refuse with its own message.
+                    _ => i.parse::<u64>().map_or_else(|_| json!(i), |n| json!(n)),
+                };
+            }
+            if let Some(bw) = bandwidth {
+                b["bandwidth_limit"] = match bw.as_str() {
+                    "none" => serde_json::Value::Null,
+                    _ => bw.parse::<u64>().map_or_else(|_| json!(bw), |n| json!(n)),
+                };
+            }
+            ("PATCH", format!("/v1/volumes/{name}"), Some(b))
+        }
         Command::Delete { name, force } => (
             "DELETE",
             format!(

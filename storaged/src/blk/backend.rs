@@ -121,11 +121,20 @@ impl BlkBackend {
         (self.engines.len() + 1 + queue) as u64
     }
 
-    /// Raw completion eventfd of each queue, to register with the workers' epoll.
-    pub fn completion_fds(&self) -> Vec<i32> {
+    /// Event id under which queue `queue`'s throttling timerfd is registered with its worker.
+    pub fn timer_event_id(&self, queue: usize) -> u64 {
+        (2 * self.engines.len() + 1 + queue) as u64
+    }
+
+    /// Each queue's completion eventfd and throttling timerfd, to register with its worker's
+    /// epoll.
+    pub fn queue_fds(&self) -> Vec<(i32, i32)> {
         use std::os::fd::AsRawFd;
         (0..self.engines.len())
-            .filter_map(|q| self.engine(q).map(|e| e.completion_fd().as_raw_fd()))
+            .filter_map(|q| {
+                self.engine(q)
+                    .map(|e| (e.completion_fd().as_raw_fd(), e.timer_fd().as_raw_fd()))
+            })
             .collect()
     }
 
@@ -234,12 +243,15 @@ impl VhostUserBackend for BlkBackend {
         engine.woke();
         let work = if device_event < num_queues {
             engine.process_queue(vring, &self.mem)
+        } else if u64::from(device_event) == self.timer_event_id(thread_id) {
+            engine.timer_fired(vring, &self.mem)
         } else {
             engine.process_completions(vring) + engine.resume_capped(vring, &self.mem)
         };
         // Poll only a busy queue: with one request at a time, a wake-up per request costs less
-        // CPU than spinning through the device's latency, for the same IOPS.
-        if work > 0 && work.max(engine.in_flight()) >= POLL_MIN_BUSY {
+        // CPU than spinning through the device's latency, for the same IOPS. A throttled queue
+        // has nothing to poll for until its timer fires.
+        if work > 0 && !engine.throttled() && work.max(engine.in_flight()) >= POLL_MIN_BUSY {
             engine.poll(vring, &self.mem);
         }
         engine.sleeping();

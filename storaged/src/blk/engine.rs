@@ -8,6 +8,12 @@
 //! batch (respecting EVENT_IDX). A busy queue's worker then polls for a while before sleeping
 //! ([`QueueEngine::poll`]).
 //!
+//! A volume with IOPS or bandwidth limits ([`crate::qos`]) draws each request's cost from its
+//! buckets before submitting it. A request that must wait stays at the head of its queue: the
+//! queue takes nothing more off the virtqueue, arms its timerfd for when the tokens will be
+//! there, and goes back to its epoll loop. Other queues and volumes run on their own threads
+//! and rings, so a throttled queue delays nobody else.
+//!
 //! Each in-flight request owns what the kernel reads or writes: the iovec array, a bounce buffer
 //! if one is needed, and a reference to the guest memory mapping, so none of them can go away
 //! before its completion is reaped, even if the frontend replaces its memory table.
@@ -28,9 +34,11 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
+use super::timer::Timer;
 use super::VolumeIo;
 use crate::backing::{AlignedBuf, FALLOC_PUNCH, FALLOC_ZERO};
 use crate::metrics::op_index;
+use crate::qos::{Cost, Limiter};
 
 /// Guest memory as vhost-user-backend maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -44,6 +52,8 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("Cannot register the completion eventfd with io_uring")]
     RegisterEventFd(#[source] std::io::Error),
+    #[error("Cannot create the throttling timerfd")]
+    Timer(#[source] std::io::Error),
 }
 
 /// SQEs handed to the kernel together while a burst of requests is being taken off the queue
@@ -94,6 +104,18 @@ struct InFlight {
 // InFlight; the struct moves between threads only as a whole, under the engine's mutex.
 unsafe impl Send for InFlight {}
 
+/// A request waiting for its volume's limits, at the head of its queue.
+struct Throttled {
+    head: u16,
+    req: Request,
+    mem: Arc<GuestMem>,
+    started: Instant,
+    /// What it still has to draw from the buckets.
+    cost: Cost,
+    /// Limiter generation `cost` was drawn from.
+    generation: u64,
+}
+
 /// The io_uring and in-flight table of one virtqueue.
 pub struct QueueEngine {
     ring: IoUring,
@@ -118,6 +140,13 @@ pub struct QueueEngine {
     poll_window: Duration,
     /// When the worker last went back to sleep.
     slept_at: Option<Instant>,
+    /// The volume's limiter as of `qos_generation` (None: unlimited).
+    limiter: Option<Arc<Limiter>>,
+    qos_generation: u64,
+    /// The request waiting for tokens; nothing more is taken off the queue meanwhile.
+    throttled: Option<Throttled>,
+    /// Wakes the worker when the waiting request's tokens are there.
+    timer: Timer,
 }
 
 fn user_data(slot: u32, part: u32) -> u64 {
@@ -135,6 +164,8 @@ impl QueueEngine {
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(Error::RegisterEventFd)?;
+        let timer = Timer::new().map_err(Error::Timer)?;
+        let (qos_generation, limiter) = volume.qos.current();
         Ok(QueueEngine {
             ring,
             eventfd,
@@ -148,6 +179,10 @@ impl QueueEngine {
             pending_cqes: Vec::new(),
             poll_window: max_window,
             slept_at: None,
+            limiter,
+            qos_generation,
+            throttled: None,
+            timer,
         })
     }
 
@@ -156,8 +191,18 @@ impl QueueEngine {
         &self.eventfd
     }
 
+    /// The timerfd that becomes readable when a throttled request may go.
+    pub fn timer_fd(&self) -> &Timer {
+        &self.timer
+    }
+
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// A request is waiting for the volume's limits.
+    pub fn throttled(&self) -> bool {
+        self.throttled.is_some()
     }
 
     /// Handles a kick: takes every available chain off the queue, then submits the batch.
@@ -178,6 +223,10 @@ impl QueueEngine {
             }
             let n = self.pop_available(vring, mem);
             taken += n;
+            if self.throttled.is_some() {
+                // Leave the rest in the virtqueue, notifications off: the timer comes back.
+                break;
+            }
             empty_passes = if n == 0 { empty_passes + 1 } else { 0 };
             match vring.enable_notification() {
                 // New requests arrived while notifications were off: take them. Twice nothing
@@ -205,6 +254,9 @@ impl QueueEngine {
         self.capped = false;
         let mut taken = 0;
         loop {
+            if self.throttled.is_some() {
+                return taken;
+            }
             let published = {
                 let state = vring.get_ref();
                 if !state.is_enabled() {
@@ -235,6 +287,9 @@ impl QueueEngine {
                 let Some(chain) = chain else { return taken };
                 taken += 1;
                 self.start_request(chain, vring, &snapshot);
+                if self.throttled.is_some() {
+                    return taken;
+                }
             }
         }
     }
@@ -333,8 +388,75 @@ impl QueueEngine {
                 return;
             }
         };
-        // Stages a volume may enable (rate limit, transform) go here, before submission.
+        // Limit stage: draw the request's cost from the volume's buckets, or wait for it.
+        self.refresh_limiter();
+        if let Some(limiter) = &self.limiter {
+            let mut cost = request_cost(limiter, &req.op);
+            if let Err(wait) = limiter.admit(&mut cost) {
+                self.volume.metrics.throttled.inc();
+                let waiting = Throttled {
+                    head,
+                    req,
+                    mem: mem.clone(),
+                    started,
+                    cost,
+                    generation: self.qos_generation,
+                };
+                self.wait_for_tokens(waiting, wait);
+                return;
+            }
+        }
+        // Transform stage (encryption) goes here, before submission.
         self.submit_request(head, req, mem.clone(), started, vring);
+    }
+
+    /// Picks up the volume's limiter if it changed since the last request.
+    fn refresh_limiter(&mut self) {
+        if self.volume.qos.generation() != self.qos_generation {
+            (self.qos_generation, self.limiter) = self.volume.qos.current();
+        }
+    }
+
+    fn wait_for_tokens(&mut self, waiting: Throttled, wait: Duration) {
+        if let Err(e) = self.timer.arm(wait) {
+            // Without a timer nothing would wake the queue: let the request go.
+            tracing::error!(volume = %self.volume.name, "cannot arm the throttling timer, not throttling: {e}");
+            if let Some(vring) = self.vring.clone() {
+                self.submit_request(waiting.head, waiting.req, waiting.mem, waiting.started, &vring);
+            }
+            return;
+        }
+        self.throttled = Some(waiting);
+    }
+
+    /// Handles the throttling timer: lets the waiting request go if its tokens are there (or
+    /// waits again), then takes what followed it. Returns how many requests were started.
+    pub fn timer_fired(
+        &mut self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryAtomic<GuestMem>,
+    ) -> usize {
+        self.timer.clear();
+        let Some(mut waiting) = self.throttled.take() else {
+            return 0;
+        };
+        self.refresh_limiter();
+        if let Some(limiter) = &self.limiter {
+            if waiting.generation != self.qos_generation {
+                // The limits changed while it waited: it pays the new price, in full.
+                waiting.cost = request_cost(limiter, &waiting.req.op);
+                waiting.generation = self.qos_generation;
+            }
+            if let Err(wait) = limiter.admit(&mut waiting.cost) {
+                self.wait_for_tokens(waiting, wait);
+                return 0;
+            }
+        }
+        let waited = waiting.started.elapsed().as_secs_f64();
+        self.volume.metrics.throttle_wait.observe(waited);
+        self.volume.metrics.throttled_seconds.inc_by(waited);
+        self.submit_request(waiting.head, waiting.req, waiting.mem, waiting.started, vring);
+        1 + self.process_queue(vring, mem)
     }
 
     /// Builds the in-flight entry and pushes its SQEs. Requests without I/O complete at once.
@@ -720,6 +842,14 @@ impl QueueEngine {
     /// Waits for every in-flight request, answering them through `vring` if given (the queue
     /// is being stopped) or discarding the answers (the frontend is gone).
     pub fn drain(&mut self, vring: Option<&VringRwLock>) {
+        if let Some(waiting) = self.throttled.take() {
+            let _ = self.timer.disarm();
+            // The queue is stopping: the frontend expects every request it saw taken to
+            // complete, so the waiting one goes now. With the frontend gone, it is dropped.
+            if let Some(vring) = vring {
+                self.submit_request(waiting.head, waiting.req, waiting.mem, waiting.started, vring);
+            }
+        }
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 match e.raw_os_error() {
@@ -802,6 +932,15 @@ impl Drop for QueueEngine {
     fn drop(&mut self) {
         // The kernel may still write into buffers owned by in-flight entries.
         self.drain(None);
+    }
+}
+
+/// What a request draws from its volume's buckets (see [`crate::qos`]).
+fn request_cost(limiter: &Limiter, op: &Operation) -> Cost {
+    match op {
+        Operation::Read { len, .. } | Operation::Write { len, .. } => limiter.transfer_cost(*len),
+        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => Cost::ops(ranges.len() as u64),
+        Operation::Flush | Operation::GetId { .. } => Cost::ops(1),
     }
 }
 

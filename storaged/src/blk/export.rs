@@ -235,15 +235,18 @@ impl Server {
         );
         let daemon = VhostUserDaemon::new(format!("vu-{}", self.volume.name), backend.clone(), mem)
             .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
-        for (q, (handler, fd)) in daemon
+        for (q, (handler, (completion, timer))) in daemon
             .get_epoll_handlers()
             .iter()
-            .zip(backend.completion_fds())
+            .zip(backend.queue_fds())
             .enumerate()
         {
             handler
-                .register_listener(fd, EventSet::IN, backend.completion_event_id(q))
+                .register_listener(completion, EventSet::IN, backend.completion_event_id(q))
                 .map_err(|e| format!("cannot register the completion eventfd: {e}"))?;
+            handler
+                .register_listener(timer, EventSet::IN, backend.timer_event_id(q))
+                .map_err(|e| format!("cannot register the throttling timerfd: {e}"))?;
         }
         Ok((backend, daemon))
     }

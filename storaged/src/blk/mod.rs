@@ -8,14 +8,15 @@
 //!   accepts a new one after a disconnect.
 //!
 //! A request passes through stages: parse, then (for volumes that enable them) limit, transform
-//! and replicate, then the backing storage. Today only parsing and storage exist; the stages
-//! plug in at [`engine::QueueEngine::start_request`] (limit, transform) and
-//! [`engine::QueueEngine::complete`] (replicate, transform of read data).
+//! and replicate, then the backing storage. The limit stage ([`crate::qos`]) sits in
+//! [`engine::QueueEngine`]'s `start_request`; transform and replicate are still to come
+//! (`start_request` for writes, `complete` for read data and replication).
 
 pub mod backend;
 pub mod engine;
 pub mod export;
 pub mod request;
+pub mod timer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use crate::backing::BackingStore;
 use crate::config::IoConfig;
 use crate::metrics::VolumeMetrics;
+use crate::qos::{self, QosSlot};
 use crate::volume::VolumeSpec;
 use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 
@@ -43,6 +45,8 @@ pub struct VolumeIo {
     pub seg_max: u32,
     /// Adaptive polling window of the queue workers (0: never poll).
     pub poll_window: Duration,
+    /// The volume's IOPS and bandwidth buckets, shared by its queues.
+    pub qos: QosSlot,
     pub metrics: VolumeMetrics,
 }
 
@@ -52,13 +56,14 @@ impl VolumeIo {
         spec: &VolumeSpec,
         store: BackingStore,
         io: &IoConfig,
+        limits: &qos::Limits,
         metrics: VolumeMetrics,
     ) -> Self {
         let mut serial = [0u8; ID_BYTES];
         let n = spec.id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&spec.id.as_bytes()[..n]);
         metrics.size.set(spec.size_bytes as i64);
-        VolumeIo {
+        let volume = VolumeIo {
             name: spec.name.to_string(),
             serial,
             store,
@@ -68,8 +73,21 @@ impl VolumeIo {
             max_queue_size: io.max_queue_size,
             seg_max: io.seg_max,
             poll_window: Duration::from_micros(u64::from(io.poll_us)),
+            qos: QosSlot::default(),
             metrics,
-        }
+        };
+        volume.set_limits(limits);
+        volume
+    }
+
+    /// Applies new IOPS and bandwidth limits; each queue picks them up at its next request.
+    pub fn set_limits(&self, limits: &qos::Limits) {
+        self.qos.set(limits);
+        let gauge = |v: Option<u64>| i64::try_from(v.unwrap_or(0)).unwrap_or(i64::MAX);
+        self.metrics.iops_limit.set(gauge(limits.iops));
+        self.metrics
+            .bandwidth_limit
+            .set(gauge(limits.bandwidth_bytes_per_second));
     }
 
     pub fn capacity(&self) -> u64 {
