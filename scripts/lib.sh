@@ -25,3 +25,26 @@ need_cargo() {
 repo_root() {
     cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
 }
+
+# need_promtool: puts Prometheus' promtool (for `promtool check metrics`) in target/tools/bin
+# and prints its path. Taken from Debian's prometheus package without installing it: that
+# would also install and start a Prometheus server.
+need_promtool() {
+    local dir
+    dir="$(repo_root)/target/tools"
+    if [ ! -x "$dir/bin/promtool" ]; then
+        echo "==> fetching promtool from Debian's prometheus package" >&2
+        local tmp sudo=""
+        tmp="$(mktemp -d)"
+        [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        # Package lists may be missing on a fresh machine: update once if the download fails.
+        (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) || {
+            $sudo apt-get update -qq && (cd "$tmp" && apt-get download prometheus >/dev/null)
+        }
+        dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+        mkdir -p "$dir/bin"
+        cp "$tmp/x/usr/bin/promtool" "$dir/bin/promtool"
+        rm -rf "$tmp"
+    fi
+    echo "$dir/bin/promtool"
+}

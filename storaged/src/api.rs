@@ -70,12 +70,23 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "Request body is empty; expected a JSON object".into(),
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let bad = |msg: String| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("Invalid request body: {e}"),
+            format!("Invalid request body: {msg}"),
         )
-    })
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // Name the field: "iops_limit: invalid value: integer `-5`, expected u64".
+        let path = e.path().to_string();
+        match path.as_str() {
+            "." => bad(e.into_inner().to_string()),
+            _ => bad(format!("{path}: {}", e.into_inner())),
+        }
+    })?;
+    de.end().map_err(|e| bad(e.to_string()))?;
+    Ok(value)
 }
 
 /// Runs a service call on the blocking pool.

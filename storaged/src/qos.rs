@@ -617,11 +617,15 @@ mod tests {
                 key: "qos.tier_iops_per_tb.premium"
             })
         );
-        let mut c = QosConfig::default();
-        c.io_size = ByteSize(1000);
+        let c = QosConfig {
+            io_size: ByteSize(1000),
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
-        let mut c = QosConfig::default();
-        c.burst_seconds = 0.0;
+        let c = QosConfig {
+            burst_seconds: 0.0,
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
         assert!(QosConfig::default().validate().is_ok());
     }
@@ -631,7 +635,10 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let l = limiter(&limits(Some(750), None), &clock);
         for i in 0..750 {
-            assert!(l.admit(&mut Cost::ops(1)).is_ok(), "request {i} of the burst");
+            assert!(
+                l.admit(&mut Cost::ops(1)).is_ok(),
+                "request {i} of the burst"
+            );
         }
         let wait = l.admit(&mut Cost::ops(1)).unwrap_err();
         // 10^9 / 750 = 1,333,333.3 ns, rounded up.
@@ -651,7 +658,10 @@ mod tests {
             let n = admitted_within(&l, &clock, Cost::ops(1), Duration::from_secs(10));
             // Never more than the limit; short of it by under a token per 10^9 ns of rounding.
             assert!(n <= limit * 10, "{limit}: {n}");
-            assert!(n >= limit * 10 - limit * 10 * limit / 1_000_000_000 - 1, "{limit}: {n}");
+            assert!(
+                n >= limit * 10 - limit * 10 * limit / 1_000_000_000 - 1,
+                "{limit}: {n}"
+            );
         }
     }
 

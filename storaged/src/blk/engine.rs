@@ -422,7 +422,13 @@ impl QueueEngine {
             // Without a timer nothing would wake the queue: let the request go.
             tracing::error!(volume = %self.volume.name, "cannot arm the throttling timer, not throttling: {e}");
             if let Some(vring) = self.vring.clone() {
-                self.submit_request(waiting.head, waiting.req, waiting.mem, waiting.started, &vring);
+                self.submit_request(
+                    waiting.head,
+                    waiting.req,
+                    waiting.mem,
+                    waiting.started,
+                    &vring,
+                );
             }
             return;
         }
@@ -431,11 +437,7 @@ impl QueueEngine {
 
     /// Handles the throttling timer: lets the waiting request go if its tokens are there (or
     /// waits again), then takes what followed it. Returns how many requests were started.
-    pub fn timer_fired(
-        &mut self,
-        vring: &VringRwLock,
-        mem: &GuestMemoryAtomic<GuestMem>,
-    ) -> usize {
+    pub fn timer_fired(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> usize {
         self.timer.clear();
         let Some(mut waiting) = self.throttled.take() else {
             return 0;
@@ -455,7 +457,13 @@ impl QueueEngine {
         let waited = waiting.started.elapsed().as_secs_f64();
         self.volume.metrics.throttle_wait.observe(waited);
         self.volume.metrics.throttled_seconds.inc_by(waited);
-        self.submit_request(waiting.head, waiting.req, waiting.mem, waiting.started, vring);
+        self.submit_request(
+            waiting.head,
+            waiting.req,
+            waiting.mem,
+            waiting.started,
+            vring,
+        );
         1 + self.process_queue(vring, mem)
     }
 
@@ -847,7 +855,13 @@ impl QueueEngine {
             // The queue is stopping: the frontend expects every request it saw taken to
             // complete, so the waiting one goes now. With the frontend gone, it is dropped.
             if let Some(vring) = vring {
-                self.submit_request(waiting.head, waiting.req, waiting.mem, waiting.started, vring);
+                self.submit_request(
+                    waiting.head,
+                    waiting.req,
+                    waiting.mem,
+                    waiting.started,
+                    vring,
+                );
             }
         }
         while self.in_flight() > 0 {
@@ -939,7 +953,9 @@ impl Drop for QueueEngine {
 fn request_cost(limiter: &Limiter, op: &Operation) -> Cost {
     match op {
         Operation::Read { len, .. } | Operation::Write { len, .. } => limiter.transfer_cost(*len),
-        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => Cost::ops(ranges.len() as u64),
+        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
+            Cost::ops(ranges.len() as u64)
+        }
         Operation::Flush | Operation::GetId { .. } => Cost::ops(1),
     }
 }

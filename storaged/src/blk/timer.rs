@@ -69,7 +69,8 @@ impl Timer {
 
     fn settime(&self, spec: &libc::itimerspec) -> io::Result<()> {
         // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
-        let r = unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, spec, std::ptr::null_mut()) };
+        let r =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, spec, std::ptr::null_mut()) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

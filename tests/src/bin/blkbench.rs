@@ -2,7 +2,9 @@
 //! storaged and qemu-storage-daemon are measured by the same code, which neither of them wrote.
 //!
 //! Keeps `--iodepth` requests in flight on one queue for `--runtime` seconds and prints one
-//! JSON line: IOPS, MB/s, completed I/Os, p50/p99 latency in microseconds.
+//! JSON line: IOPS, MB/s, completed I/Os, p50/p99 latency in microseconds. With `--ramp`, the
+//! load runs that many seconds first without being counted (to measure a rate-limited volume
+//! after its burst is spent).
 
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
@@ -17,11 +19,12 @@ struct Args {
     bs: usize,
     iodepth: usize,
     runtime: f64,
+    ramp: f64,
     size: Option<u64>,
 }
 
 const USAGE: &str = "usage: blkbench --socket PATH --rw randread|randwrite|read|write \
-[--bs BYTES] [--iodepth N] [--runtime SECONDS] [--size BYTES]";
+[--bs BYTES] [--iodepth N] [--runtime SECONDS] [--ramp SECONDS] [--size BYTES]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -30,6 +33,7 @@ fn parse_args() -> Result<Args, String> {
         bs: 4096,
         iodepth: 1,
         runtime: 5.0,
+        ramp: 0.0,
         size: None,
     };
     let mut it = std::env::args().skip(1);
@@ -45,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
             "--bs" => a.bs = num(&val)? as usize,
             "--iodepth" => a.iodepth = num(&val)? as usize,
             "--runtime" => a.runtime = val.parse().map_err(|e| format!("--runtime: {e}"))?,
+            "--ramp" => a.ramp = val.parse().map_err(|e| format!("--ramp: {e}"))?,
             "--size" => a.size = Some(num(&val)?),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
@@ -130,12 +135,14 @@ fn run() -> Result<(), String> {
             q.read(off, buf, a.bs, slot, ReqFlags::empty());
         }
     };
-    let start = Instant::now();
+    let mut start = Instant::now();
+    let ramp_end = start + Duration::from_secs_f64(a.ramp);
+    let mut ramping = a.ramp > 0.0;
     for (slot, at) in submitted_at.iter_mut().enumerate() {
         *at = Instant::now();
         submit(&mut q, slot, next_offset());
     }
-    let deadline = start + Duration::from_secs_f64(a.runtime);
+    let deadline = ramp_end + Duration::from_secs_f64(a.runtime);
     let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 20);
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..a.iodepth).map(|_| MaybeUninit::uninit()).collect();
@@ -145,6 +152,13 @@ fn run() -> Result<(), String> {
     while in_flight > 0 {
         let n = q.do_io(&mut comps, 1, None, None).map_err(err("do_io"))?;
         let now = Instant::now();
+        if ramping && now >= ramp_end {
+            // Counting starts here; requests in flight now complete inside the window.
+            ramping = false;
+            start = now;
+            done = 0;
+            lat_us.clear();
+        }
         let stop = now >= deadline;
         for c in &comps[..n] {
             // SAFETY: do_io initialised the first n completions.
