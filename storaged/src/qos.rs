@@ -37,6 +37,11 @@
 //! A request that finds too few tokens waits, in order, at the head of its queue; the requests
 //! behind it stay in the virtqueue. The queue's worker arms a timerfd for the moment the tokens
 //! will be there and sleeps in its epoll loop. No request is failed for being over the limit.
+//! Across the queues of a volume, waiting requests are served first come, first served: only
+//! the longest-waiting draws tokens, so a request costing many tokens is not starved by a queue
+//! of small ones. With requests queued behind it, a waiting request sleeps up to
+//! [`MAX_BATCH_WAIT`] longer, so that one wake-up admits several (same rate, fewer wake-ups
+//! taken from other volumes' CPU).
 //!
 //! # At the edges
 //!
@@ -53,15 +58,16 @@
 //! - **Changing a limit** (tier, size, override) takes effect at the next request of every
 //!   queue, without reconnecting. The new bucket starts as full as the old one was (never
 //!   fuller than its own capacity), so a change does not hand out a fresh burst. A volume that
-//!   had no limit starts with a full bucket. A request already waiting finishes its wait, then
-//!   is checked against the new limits.
+//!   had no limit starts with a full bucket. A request already waiting is woken at once and
+//!   checked against the new limits (paying its full cost under them).
 //! - **A queue being stopped** (the frontend asks for the vring base): a request waiting at its
 //!   head is submitted without waiting, since the frontend expects every request it sees as
 //!   taken to complete.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use governor::clock::{Clock, MonotonicClock};
@@ -70,6 +76,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{InsufficientCapacity, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 
+use crate::blk::timer::Timer;
 use crate::size::ByteSize;
 use crate::volume::Tier;
 
@@ -81,6 +88,10 @@ pub const BANDWIDTH_UNIT: u64 = 512;
 
 /// Smallest bandwidth limit accepted, in bytes/s.
 pub const MIN_BANDWIDTH: u64 = 4096;
+
+/// Most a waiting request's wake-up is put off to let requests behind it go in the same batch
+/// (see [`Limiter::batch_wait`]).
+pub const MAX_BATCH_WAIT: Duration = Duration::from_millis(1);
 
 /// Longest burst accepted, in seconds.
 pub const MAX_BURST_SECONDS: f64 = 60.0;
@@ -347,6 +358,7 @@ struct Bucket<C: Clock> {
     gcra: Gcra<C>,
     clock: C,
     capacity: u32,
+    period: Duration,
 }
 
 impl<C: Clock + Clone> Bucket<C> {
@@ -357,7 +369,8 @@ impl<C: Clock + Clone> Bucket<C> {
         let period = (u128::from(unit) * 1_000_000_000).div_ceil(u128::from(rate.max(1)));
         let period = u64::try_from(period).unwrap_or(u64::MAX).max(1);
         let capacity = u32::try_from(burst.div_ceil(unit).max(1)).unwrap_or(u32::MAX);
-        let quota = Quota::with_period(Duration::from_nanos(period))
+        let period = Duration::from_nanos(period);
+        let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(capacity).unwrap_or(NonZeroU32::MIN));
         let gcra = RateLimiter::direct_with_clock(quota, clock.clone())
@@ -366,28 +379,61 @@ impl<C: Clock + Clone> Bucket<C> {
             gcra,
             clock,
             capacity,
+            period,
         }
     }
 
-    /// Takes `remaining` tokens, in chunks of at most the capacity, counting down what it took.
-    /// On shortage, says how long until the next chunk is there.
+    /// Takes `remaining` tokens, counting down what it took. On shortage it takes what is
+    /// there and says how long to wait: until the rest (up to the capacity) will be there, but
+    /// no longer than [`MAX_BATCH_WAIT`] or one token's time. Taking partial amounts, and
+    /// coming back for more at least that often, matters with several queues: a request
+    /// needing more tokens than a busy neighbour queue ever leaves in the bucket still gets
+    /// its share of them.
     fn take(&self, remaining: &mut u64) -> Result<(), Duration> {
+        let mut chunk = (*remaining).min(u64::from(self.capacity)) as u32;
         while *remaining > 0 {
-            let chunk = (*remaining).min(u64::from(self.capacity)) as u32;
             let Some(n) = NonZeroU32::new(chunk) else {
-                return Ok(());
+                break;
             };
             match self.gcra.check_n(n) {
-                Ok(Ok(_)) => *remaining -= u64::from(chunk),
-                Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    return Err(wait.max(Duration::from_nanos(1)));
+                Ok(Ok(_)) => {
+                    *remaining -= u64::from(chunk);
+                    chunk = chunk.min((*remaining).min(u64::from(self.capacity)) as u32);
                 }
-                // Cannot happen: chunks never exceed the capacity. Retry a little later.
-                Err(InsufficientCapacity(_)) => return Err(Duration::from_millis(1)),
+                // Not that many: try half as many (what is there goes in O(log n) tries).
+                Ok(Err(_)) | Err(InsufficientCapacity(_)) => chunk /= 2,
             }
         }
-        Ok(())
+        if *remaining == 0 {
+            return Ok(());
+        }
+        let n = (*remaining).min(u64::from(self.capacity)) as u32;
+        match self
+            .gcra
+            .check_n(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+        {
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                let wait = wait.min(MAX_BATCH_WAIT.max(self.period));
+                Err(wait.max(Duration::from_nanos(1)))
+            }
+            // Tokens arrived meanwhile: take them.
+            Ok(Ok(_)) => {
+                *remaining -= u64::from(n);
+                if *remaining == 0 {
+                    Ok(())
+                } else {
+                    Err(Duration::from_nanos(1))
+                }
+            }
+            // Cannot happen: n never exceeds the capacity. Retry a little later.
+            Err(InsufficientCapacity(_)) => Err(Duration::from_millis(1)),
+        }
+    }
+
+    /// Time one token takes to arrive.
+    fn period(&self) -> Duration {
+        self.period
     }
 
     /// Tokens in the bucket now (taking one to measure: the bucket is about to be replaced).
@@ -410,6 +456,13 @@ pub struct Limiter<C: Clock = MonotonicClock> {
     ops: Option<Bucket<C>>,
     bandwidth: Option<Bucket<C>>,
     limits: Limits,
+    /// Queues with a request waiting, first come first served: only the first draws tokens,
+    /// and a queue with a new request joins the end while anyone waits. Without this, a
+    /// request costing many tokens could wait forever beside a queue that takes each token as
+    /// it arrives.
+    waiting: Mutex<VecDeque<u64>>,
+    /// Length of `waiting`, read without the lock on the fast path.
+    waiting_len: AtomicUsize,
 }
 
 impl<C: Clock + Clone> Limiter<C> {
@@ -438,6 +491,8 @@ impl<C: Clock + Clone> Limiter<C> {
             ops,
             bandwidth,
             limits: *limits,
+            waiting: Mutex::new(VecDeque::new()),
+            waiting_len: AtomicUsize::new(0),
         })
     }
 
@@ -445,9 +500,40 @@ impl<C: Clock + Clone> Limiter<C> {
         &self.limits
     }
 
-    /// Draws `cost` from the buckets, counting down what was drawn. `Err(wait)`: the request
-    /// must wait that long, then call again with what is left.
-    pub fn admit(&self, cost: &mut Cost) -> Result<(), Duration> {
+    /// Draws `cost` for a request of queue `waiter` (an id unique among the volume's queues),
+    /// counting down what was drawn. `Err(wait)`: the request must wait about that long, then
+    /// call again with what is left. Requests of different queues are served in the order
+    /// they started waiting.
+    pub fn admit(&self, waiter: u64, cost: &mut Cost) -> Result<(), Duration> {
+        if self.waiting_len.load(Ordering::Acquire) == 0 && self.draw(cost).is_ok() {
+            return Ok(());
+        }
+        let mut waiting = crate::lock(&self.waiting);
+        if !waiting.contains(&waiter) {
+            waiting.push_back(waiter);
+        }
+        let result = if waiting.front() == Some(&waiter) {
+            self.draw(cost)
+        } else {
+            // Someone waits ahead: come back when a token or a batch could be there.
+            Err(MAX_BATCH_WAIT.max(self.token_time()))
+        };
+        if result.is_ok() {
+            waiting.pop_front();
+        }
+        self.waiting_len.store(waiting.len(), Ordering::Release);
+        result
+    }
+
+    /// Withdraws queue `waiter`'s waiting request (it went without waiting, or was dropped),
+    /// so it holds up nobody.
+    pub fn forget(&self, waiter: u64) {
+        let mut waiting = crate::lock(&self.waiting);
+        waiting.retain(|w| *w != waiter);
+        self.waiting_len.store(waiting.len(), Ordering::Release);
+    }
+
+    fn draw(&self, cost: &mut Cost) -> Result<(), Duration> {
         if let Some(b) = &self.ops {
             b.take(&mut cost.ops)?;
         }
@@ -455,6 +541,26 @@ impl<C: Clock + Clone> Limiter<C> {
             b.take(&mut cost.units)?;
         }
         Ok(())
+    }
+
+    /// Time one operation's token (or a 4 KiB request's bandwidth) takes to arrive.
+    fn token_time(&self) -> Duration {
+        match (&self.ops, &self.bandwidth) {
+            (Some(b), _) => b.period(),
+            (None, Some(b)) => b.period() * 8,
+            (None, None) => Duration::ZERO,
+        }
+    }
+
+    /// How much longer than necessary a waiting request may sleep when `behind` more requests
+    /// wait behind it: long enough for tokens for them to arrive too, up to
+    /// [`MAX_BATCH_WAIT`]. Waking once per batch instead of once per token saves the CPU that
+    /// neighbours would lose; the rate is unchanged (the tokens wait in the bucket), and a
+    /// request alone in its queue (`behind` = 0) is not delayed.
+    pub fn batch_wait(&self, behind: u64) -> Duration {
+        self.token_time()
+            .saturating_mul(u32::try_from(behind).unwrap_or(u32::MAX))
+            .min(MAX_BATCH_WAIT)
     }
 
     /// Cost of a read or write of `len` bytes.
@@ -469,6 +575,9 @@ impl<C: Clock + Clone> Limiter<C> {
 pub struct QosSlot {
     current: Mutex<Option<Arc<Limiter>>>,
     generation: AtomicU64,
+    /// Timers of the queues serving the volume, fired on a change so that a request waiting
+    /// under the old limits is checked against the new ones at once.
+    wakers: Mutex<Vec<Weak<Timer>>>,
 }
 
 impl QosSlot {
@@ -478,6 +587,23 @@ impl QosSlot {
         let next = Limiter::new(limits, MonotonicClock, current.as_deref()).map(Arc::new);
         *current = next;
         self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(current);
+        let mut wakers = crate::lock(&self.wakers);
+        wakers.retain(|w| match w.upgrade() {
+            Some(timer) => {
+                // A queue with nothing waiting wakes once for nothing.
+                let _ = timer.arm(Duration::from_nanos(1));
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Registers a queue's timer, to be fired when the limits change.
+    pub fn add_waker(&self, timer: &Arc<Timer>) {
+        let mut wakers = crate::lock(&self.wakers);
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(timer));
     }
 
     /// Changes whenever [`QosSlot::set`] runs.
@@ -528,7 +654,7 @@ mod tests {
         let mut count = 0;
         let mut left = cost;
         loop {
-            match l.admit(&mut left) {
+            match l.admit(0, &mut left) {
                 Ok(()) => {
                     count += 1;
                     left = cost;
@@ -636,15 +762,15 @@ mod tests {
         let l = limiter(&limits(Some(750), None), &clock);
         for i in 0..750 {
             assert!(
-                l.admit(&mut Cost::ops(1)).is_ok(),
+                l.admit(0, &mut Cost::ops(1)).is_ok(),
                 "request {i} of the burst"
             );
         }
-        let wait = l.admit(&mut Cost::ops(1)).unwrap_err();
+        let wait = l.admit(0, &mut Cost::ops(1)).unwrap_err();
         // 10^9 / 750 = 1,333,333.3 ns, rounded up.
         assert_eq!(wait, Duration::from_nanos(1_333_334));
         clock.advance(wait);
-        assert!(l.admit(&mut Cost::ops(1)).is_ok());
+        assert!(l.admit(0, &mut Cost::ops(1)).is_ok());
     }
 
     #[test]
@@ -654,7 +780,7 @@ mod tests {
             let l = limiter(&limits(Some(limit), None), &clock);
             // Empty the burst first, then count ten seconds.
             let mut burst = Cost::ops(limit);
-            assert!(l.admit(&mut burst).is_ok());
+            assert!(l.admit(0, &mut burst).is_ok());
             let n = admitted_within(&l, &clock, Cost::ops(1), Duration::from_secs(10));
             // Never more than the limit; short of it by under a token per 10^9 ns of rounding.
             assert!(n <= limit * 10, "{limit}: {n}");
@@ -669,16 +795,16 @@ mod tests {
     fn idleness_refills_up_to_the_burst_and_no_further() {
         let clock = FakeRelativeClock::default();
         let l = limiter(&limits(Some(1000), None), &clock);
-        assert!(l.admit(&mut Cost::ops(1000)).is_ok());
-        assert!(l.admit(&mut Cost::ops(1)).is_err());
+        assert!(l.admit(0, &mut Cost::ops(1000)).is_ok());
+        assert!(l.admit(0, &mut Cost::ops(1)).is_err());
         // Half a second refills half the bucket.
         clock.advance(Duration::from_millis(500));
-        assert!(l.admit(&mut Cost::ops(500)).is_ok());
-        assert!(l.admit(&mut Cost::ops(1)).is_err());
+        assert!(l.admit(0, &mut Cost::ops(500)).is_ok());
+        assert!(l.admit(0, &mut Cost::ops(1)).is_err());
         // A minute idle refills one burst, not sixty.
         clock.advance(Duration::from_secs(60));
-        assert!(l.admit(&mut Cost::ops(1000)).is_ok());
-        assert!(l.admit(&mut Cost::ops(1)).is_err());
+        assert!(l.admit(0, &mut Cost::ops(1000)).is_ok());
+        assert!(l.admit(0, &mut Cost::ops(1)).is_err());
     }
 
     #[test]
@@ -696,7 +822,7 @@ mod tests {
         let l = limiter(&limits(Some(100), None), &clock);
         let mib = l.transfer_cost(1 << 20);
         assert_eq!(mib.ops, 4);
-        assert!(l.admit(&mut Cost::ops(100)).is_ok());
+        assert!(l.admit(0, &mut Cost::ops(100)).is_ok());
         let n = admitted_within(&l, &clock, mib, Duration::from_secs(4));
         assert_eq!(n, 100);
     }
@@ -708,12 +834,72 @@ mod tests {
         // 32 MiB at 256 KiB per op: 128 operations, the bucket holds 10.
         let mut big = l.transfer_cost(32 << 20);
         let mut waited = Duration::ZERO;
-        while let Err(wait) = l.admit(&mut big) {
+        while let Err(wait) = l.admit(0, &mut big) {
             clock.advance(wait);
             waited += wait;
         }
         // The first 10 come from the full bucket, the other 118 at 10 a second.
         assert_eq!(waited, Duration::from_millis(11_800));
+    }
+
+    #[test]
+    fn a_large_request_progresses_while_another_queue_takes_every_token_as_it_comes() {
+        let clock = FakeRelativeClock::default();
+        let l = limiter(&limits(Some(100), None), &clock);
+        assert!(l.admit(0, &mut Cost::ops(100)).is_ok());
+        // Queue A: a 4 MiB write (16 operations). Queue B: 4 KiB reads back to back. Each
+        // sleeps as told; when both wake at once, B goes first.
+        let mut big = l.transfer_cost(4 << 20);
+        let (mut a_at, mut b_at) = (Duration::ZERO, Duration::ZERO);
+        let mut now = Duration::ZERO;
+        let mut small = 0;
+        loop {
+            let next = a_at.min(b_at);
+            clock.advance(next - now);
+            now = next;
+            if b_at <= a_at {
+                match l.admit(2, &mut Cost::ops(1)) {
+                    Ok(()) => small += 1,
+                    Err(wait) => b_at = now + wait,
+                }
+            } else {
+                match l.admit(1, &mut big) {
+                    Ok(()) => break,
+                    Err(wait) => a_at = now + wait,
+                }
+            }
+            assert!(now < Duration::from_secs(5), "the large request starves");
+        }
+        // First come, first served: B's first read, then A's 16 operations at 100 a second,
+        // while B's next read waits behind A.
+        assert_eq!(small, 1);
+        assert!(now <= Duration::from_millis(180), "{now:?}");
+    }
+
+    #[test]
+    fn a_limit_change_wakes_the_queues_at_once() {
+        let slot = QosSlot::default();
+        let timer = Arc::new(Timer::new().unwrap());
+        slot.add_waker(&timer);
+        timer.arm(Duration::from_secs(3600)).unwrap();
+        slot.set(&limits(Some(100), None));
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*timer),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 5000) }, 1);
+        assert!(slot.current().1.is_some());
+    }
+
+    #[test]
+    fn batch_wait_grows_with_the_requests_behind_up_to_a_millisecond() {
+        let clock = FakeRelativeClock::default();
+        let l = limiter(&limits(Some(50_000), None), &clock);
+        assert_eq!(l.batch_wait(0), Duration::ZERO);
+        assert_eq!(l.batch_wait(10), Duration::from_micros(200));
+        assert_eq!(l.batch_wait(1000), MAX_BATCH_WAIT);
     }
 
     #[test]
@@ -723,30 +909,30 @@ mod tests {
         let l = limiter(&limits(None, Some(1_000_000)), &clock);
         let burst = l.limits().bandwidth_burst_bytes.unwrap();
         assert_eq!(burst, 1_000_448); // one second, rounded up to 512-byte units
-        assert!(l.admit(&mut Cost::transfer(burst, 256 * KIB)).is_ok());
+        assert!(l.admit(0, &mut Cost::transfer(burst, 256 * KIB)).is_ok());
         let n = admitted_within(&l, &clock, l.transfer_cost(4096), Duration::from_secs(8));
         // 8 s × 10^6 B/s / 4096 B = 1953.1 requests.
         assert_eq!(n, 1953);
         // Non-data requests do not draw bandwidth.
-        assert!(l.admit(&mut Cost::ops(1)).is_ok());
+        assert!(l.admit(0, &mut Cost::ops(1)).is_ok());
     }
 
     #[test]
     fn changing_the_limit_mid_stream_keeps_the_bucket_level_and_applies_the_new_rate() {
         let clock = FakeRelativeClock::default();
         let old = limiter(&limits(Some(1000), None), &clock);
-        assert!(old.admit(&mut Cost::ops(1000)).is_ok());
+        assert!(old.admit(0, &mut Cost::ops(1000)).is_ok());
         // Raised while empty: no fresh burst, the new rate at once.
         let new = Limiter::new(&limits(Some(3000), None), clock.clone(), Some(&old)).unwrap();
-        assert!(new.admit(&mut Cost::ops(1)).is_err());
+        assert!(new.admit(0, &mut Cost::ops(1)).is_err());
         let n = admitted_within(&new, &clock, Cost::ops(1), Duration::from_secs(1));
         // 333,334 ns a token: the 3000th arrives 2 µs after the second is over.
         assert_eq!(n, 2999);
         // Lowered while full: the smaller bucket is full, no more.
         clock.advance(Duration::from_secs(5));
         let low = Limiter::new(&limits(Some(500), None), clock.clone(), Some(&new)).unwrap();
-        assert!(low.admit(&mut Cost::ops(500)).is_ok());
-        assert!(low.admit(&mut Cost::ops(1)).is_err());
+        assert!(low.admit(0, &mut Cost::ops(500)).is_ok());
+        assert!(low.admit(0, &mut Cost::ops(1)).is_err());
         let n = admitted_within(&low, &clock, Cost::ops(1), Duration::from_secs(2));
         assert_eq!(n, 1000);
         // Removed: unlimited, no limiter at all.

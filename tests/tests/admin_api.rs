@@ -442,6 +442,24 @@ fn admin_socket_is_private_and_storagectl_drives_the_api() {
     assert!(ok && out.contains(&(32u64 << 20).to_string()), "{out}");
     let (ok, out, _) = ctl(&["list"]);
     assert!(ok && out.contains("cli1"));
+    let (ok, out, err) = ctl(&[
+        "set-limits",
+        "cli1",
+        "--iops",
+        "1234",
+        "--bandwidth",
+        "8MiB",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["limits"]["iops"], 1234);
+    assert_eq!(v["limits"]["bandwidth_bytes_per_second"], 8 << 20);
+    let (ok, out, err) = ctl(&["set-limits", "cli1", "--iops", "none"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["limits"]["iops_source"], "floor");
+    let (ok, _, err) = ctl(&["set-limits", "cli1", "--iops", "0"]);
+    assert!(!ok && err.contains("iops_limit"), "{err}");
     let (ok, _, err) = ctl(&["create", "bad/name", "--size", "1MiB"]);
     assert!(!ok && err.contains("HTTP 400"), "{err}");
     let (ok, _, _) = ctl(&["delete", "cli1"]);

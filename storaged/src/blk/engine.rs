@@ -20,7 +20,7 @@
 
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,9 +145,14 @@ pub struct QueueEngine {
     qos_generation: u64,
     /// The request waiting for tokens; nothing more is taken off the queue meanwhile.
     throttled: Option<Throttled>,
-    /// Wakes the worker when the waiting request's tokens are there.
-    timer: Timer,
+    /// Wakes the worker when the waiting request's tokens are there (or the limits change).
+    timer: Arc<Timer>,
+    /// This queue's id in the limiter's line of waiting queues.
+    waiter_id: u64,
 }
+
+/// Source of [`QueueEngine::waiter_id`]s.
+static NEXT_WAITER_ID: AtomicU64 = AtomicU64::new(1);
 
 fn user_data(slot: u32, part: u32) -> u64 {
     (u64::from(part) << 32) | u64::from(slot)
@@ -164,7 +169,8 @@ impl QueueEngine {
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(Error::RegisterEventFd)?;
-        let timer = Timer::new().map_err(Error::Timer)?;
+        let timer = Arc::new(Timer::new().map_err(Error::Timer)?);
+        volume.qos.add_waker(&timer);
         let (qos_generation, limiter) = volume.qos.current();
         Ok(QueueEngine {
             ring,
@@ -183,6 +189,7 @@ impl QueueEngine {
             qos_generation,
             throttled: None,
             timer,
+            waiter_id: NEXT_WAITER_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -259,8 +266,9 @@ impl QueueEngine {
             }
             let published = {
                 let state = vring.get_ref();
-                if !state.is_enabled() {
-                    // SET_VRING_ENABLE 0: the device must not take requests from this ring.
+                if !state.is_enabled() || !state.get_queue().ready() {
+                    // SET_VRING_ENABLE 0, or stopped by GET_VRING_BASE (a kick read from epoll
+                    // before the stop): the device must not take requests from this ring.
                     return taken;
                 }
                 let queue = state.get_queue();
@@ -323,6 +331,13 @@ impl QueueEngine {
                 did += self.reap(Some(vring));
             }
             did += self.pop_available(vring, mem);
+            if self.throttled.is_some() {
+                // Nothing more will be taken until the timer fires; completions wake us.
+                if did > 0 {
+                    self.submit_and_signal(vring);
+                }
+                break;
+            }
             if did > 0 {
                 self.submit_and_signal(vring);
                 last_work = Instant::now();
@@ -392,7 +407,7 @@ impl QueueEngine {
         self.refresh_limiter();
         if let Some(limiter) = &self.limiter {
             let mut cost = request_cost(limiter, &req.op);
-            if let Err(wait) = limiter.admit(&mut cost) {
+            if let Err(wait) = limiter.admit(self.waiter_id, &mut cost) {
                 self.volume.metrics.throttled.inc();
                 let waiting = Throttled {
                     head,
@@ -402,7 +417,7 @@ impl QueueEngine {
                     cost,
                     generation: self.qos_generation,
                 };
-                self.wait_for_tokens(waiting, wait);
+                self.wait_for_tokens(waiting, wait, vring);
                 return;
             }
         }
@@ -413,26 +428,45 @@ impl QueueEngine {
     /// Picks up the volume's limiter if it changed since the last request.
     fn refresh_limiter(&mut self) {
         if self.volume.qos.generation() != self.qos_generation {
+            if let Some(old) = &self.limiter {
+                old.forget(self.waiter_id);
+            }
             (self.qos_generation, self.limiter) = self.volume.qos.current();
         }
     }
 
-    fn wait_for_tokens(&mut self, waiting: Throttled, wait: Duration) {
-        if let Err(e) = self.timer.arm(wait) {
+    /// Parks a request until its tokens are there. With requests queued behind it, the wake-up
+    /// is put off a little so they can go in the same batch ([`Limiter::batch_wait`]).
+    fn wait_for_tokens(&mut self, waiting: Throttled, wait: Duration, vring: &VringRwLock) {
+        let behind = published_behind(vring, &waiting.mem);
+        let extra = self
+            .limiter
+            .as_ref()
+            .map_or(Duration::ZERO, |l| l.batch_wait(behind));
+        if let Err(e) = self.timer.arm(wait + extra) {
             // Without a timer nothing would wake the queue: let the request go.
             tracing::error!(volume = %self.volume.name, "cannot arm the throttling timer, not throttling: {e}");
-            if let Some(vring) = self.vring.clone() {
-                self.submit_request(
-                    waiting.head,
-                    waiting.req,
-                    waiting.mem,
-                    waiting.started,
-                    &vring,
-                );
-            }
+            self.release(waiting, vring);
             return;
         }
         self.throttled = Some(waiting);
+    }
+
+    /// Submits a request that waited (or stops waiting), recording how long it waited.
+    fn release(&mut self, waiting: Throttled, vring: &VringRwLock) {
+        if let Some(limiter) = &self.limiter {
+            limiter.forget(self.waiter_id);
+        }
+        let waited = waiting.started.elapsed().as_secs_f64();
+        self.volume.metrics.throttle_wait.observe(waited);
+        self.volume.metrics.throttled_seconds.inc_by(waited);
+        self.submit_request(
+            waiting.head,
+            waiting.req,
+            waiting.mem,
+            waiting.started,
+            vring,
+        );
     }
 
     /// Handles the throttling timer: lets the waiting request go if its tokens are there (or
@@ -449,21 +483,12 @@ impl QueueEngine {
                 waiting.cost = request_cost(limiter, &waiting.req.op);
                 waiting.generation = self.qos_generation;
             }
-            if let Err(wait) = limiter.admit(&mut waiting.cost) {
-                self.wait_for_tokens(waiting, wait);
+            if let Err(wait) = limiter.admit(self.waiter_id, &mut waiting.cost) {
+                self.wait_for_tokens(waiting, wait, vring);
                 return 0;
             }
         }
-        let waited = waiting.started.elapsed().as_secs_f64();
-        self.volume.metrics.throttle_wait.observe(waited);
-        self.volume.metrics.throttled_seconds.inc_by(waited);
-        self.submit_request(
-            waiting.head,
-            waiting.req,
-            waiting.mem,
-            waiting.started,
-            vring,
-        );
+        self.release(waiting, vring);
         1 + self.process_queue(vring, mem)
     }
 
@@ -854,14 +879,19 @@ impl QueueEngine {
             let _ = self.timer.disarm();
             // The queue is stopping: the frontend expects every request it saw taken to
             // complete, so the waiting one goes now. With the frontend gone, it is dropped.
-            if let Some(vring) = vring {
-                self.submit_request(
-                    waiting.head,
-                    waiting.req,
-                    waiting.mem,
-                    waiting.started,
-                    vring,
-                );
+            match vring {
+                Some(vring) => {
+                    self.release(waiting, vring);
+                    // Waiting left guest notifications off: a restarted ring must be kicked.
+                    if let Err(e) = vring.enable_notification() {
+                        tracing::warn!(volume = %self.volume.name, "cannot enable notifications: {e}");
+                    }
+                }
+                None => {
+                    if let Some(limiter) = &self.limiter {
+                        limiter.forget(self.waiter_id);
+                    }
+                }
             }
         }
         while self.in_flight() > 0 {
@@ -946,6 +976,16 @@ impl Drop for QueueEngine {
     fn drop(&mut self) {
         // The kernel may still write into buffers owned by in-flight entries.
         self.drain(None);
+    }
+}
+
+/// Requests the driver published that the queue has not taken yet.
+fn published_behind(vring: &VringRwLock, mem: &GuestMem) -> u64 {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => u64::from((idx - Wrapping(queue.next_avail())).0),
+        Err(_) => 0,
     }
 }
 
