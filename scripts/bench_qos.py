@@ -62,7 +62,7 @@ def main():
                     help="IOPS limit of the noisy neighbour (default 3000)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"), help="where the table goes")
     args = ap.parse_args()
-    limits = [int(x) for x in args.limits.split(",")]
+    limits = [int(x) for x in args.limits.split(",") if x.strip()]
     size = 1 << 30
 
     work = tempfile.mkdtemp(prefix="bench-qos.", dir="/var/tmp")
@@ -113,8 +113,9 @@ def main():
         alone = []
         beside = []
         hammer = []
-        for rep in range(args.reps):
-            alone.append(blkbench(sockets["neighbour"], args.runtime))
+        ratios = []
+
+        def run_beside():
             result = {}
 
             def hammer_run():
@@ -127,8 +128,18 @@ def main():
             beside.append(blkbench(sockets["neighbour"], args.runtime))
             t.join()
             hammer.append(result["h"])
-            print(f"    rep {rep + 1}: alone {alone[-1]['iops']:.0f}, beside {beside[-1]['iops']:.0f}, "
-                  f"hammer {hammer[-1]['iops']:.0f} IOPS", flush=True)
+
+        for rep in range(args.reps):
+            # Alternate which goes first: the host's storage drifts between runs.
+            if rep % 2:
+                run_beside()
+                alone.append(blkbench(sockets["neighbour"], args.runtime))
+            else:
+                alone.append(blkbench(sockets["neighbour"], args.runtime))
+                run_beside()
+            ratios.append(beside[-1]["iops"] / alone[-1]["iops"])
+            print(f"    rep {rep + 1}: alone {alone[-1]['iops']:.0f}, beside {beside[-1]['iops']:.0f} "
+                  f"({ratios[-1]:.2f}), hammer {hammer[-1]['iops']:.0f} IOPS", flush=True)
 
         lines.append(f"# storaged IOPS limits, {datetime.datetime.now():%Y-%m-%d %H:%M}")
         lines.append("")
@@ -138,8 +149,9 @@ def main():
             f"its burst in {args.ramp:g} s of unmeasured load, then measures {args.runtime:g} s; median of "
             f"{args.reps} runs. This machine reaches {ceiling:.0f} IOPS on an unlimited volume.")
         lines.append("")
-        lines.append("| limit (IOPS) | achieved IOPS | achieved / limit | p50 µs | p99 µs |")
-        lines.append("|---|---|---|---|---|")
+        if rows:
+            lines.append("| limit (IOPS) | achieved IOPS | achieved / limit | p50 µs | p99 µs |")
+            lines.append("|---|---|---|---|---|")
         for limit, iops, p50, p99 in rows:
             note = "" if limit < ceiling else " (above what this machine reaches unlimited)"
             lines.append(f"| {limit} | {iops:.0f} | {iops / limit:.3f}{note} | {p50:.0f} | {p99:.0f} |")
@@ -149,14 +161,14 @@ def main():
         a, b = med(alone, "iops"), med(beside, "iops")
         lines.append(f"| unlimited volume alone | {a:.0f} |")
         lines.append(f"| same, beside a volume hammering at QD32 against a {args.hammer_limit} IOPS limit "
-                     f"| {b:.0f} ({b / a:.2f} of alone) |")
+                     f"| {b:.0f} (median of per-rep ratios: {statistics.median(ratios):.2f} of alone) |")
         lines.append(f"| the hammering volume meanwhile | {med(hammer, 'iops'):.0f} "
                      f"(limit {args.hammer_limit}, its burst included) |")
         table = "\n".join(lines)
         print()
         print(table)
         os.makedirs(args.out, exist_ok=True)
-        out = os.path.join(args.out, "qos.md")
+        out = os.path.join(args.out, "qos.md" if rows else "qos-neighbour.md")
         with open(out, "w") as f:
             f.write(table + "\n")
         print(f"\nwritten to {out}")
