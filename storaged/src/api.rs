@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -178,6 +178,16 @@ async fn info(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(v))
 }
 
+async fn key_status(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, |svc| svc.key_status()).await?;
+    Ok(Json(v))
+}
+
+async fn rotate_keys(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, |svc| svc.rotate_keys()).await?;
+    Ok(Json(v))
+}
+
 async fn metrics(State(m): State<Metrics>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -208,6 +218,8 @@ pub fn router(state: ApiState) -> Router {
             get(get_volume).patch(update_volume).delete(delete_volume),
         )
         .route("/v1/info", get(info))
+        .route("/v1/keys", get(key_status))
+        .route("/v1/keys/rotate", post(rotate_keys))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -225,7 +237,14 @@ pub fn metrics_router(metrics: Metrics) -> Router {
 #[cfg(test)]
 mod tests {
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 4] = ["/v1/volumes", "/v1/volumes/{name}", "/v1/info", "/metrics"];
+    const ROUTES: [&str; 6] = [
+        "/v1/volumes",
+        "/v1/volumes/{name}",
+        "/v1/info",
+        "/v1/keys",
+        "/v1/keys/rotate",
+        "/metrics",
+    ];
 
     #[test]
     fn openapi_file_describes_every_route() {

@@ -179,6 +179,7 @@ mod tests {
             created_at: 1,
             iops_limit: None,
             bandwidth_limit: None,
+            encryption: None,
         }
     }
 

@@ -65,6 +65,28 @@ pub struct Config {
     pub io: IoConfig,
     /// Per-volume IOPS and bandwidth limits.
     pub qos: QosConfig,
+    /// Encryption at rest.
+    pub encryption: EncryptionConfig,
+}
+
+/// Encryption at rest (see [`crate::crypto`] and [`crate::keys`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Allow volumes created with `"encryption": "none"`. Default: true.
+    pub allow_plaintext: bool,
+    /// Directory of key-encryption keys (`ID.key` files and a `current` file), owned by
+    /// storaged's user, mode 0700. Default: `DATA_DIR/keys`, created with a first KEK.
+    pub key_dir: Option<PathBuf>,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        EncryptionConfig {
+            allow_plaintext: true,
+            key_dir: None,
+        }
+    }
 }
 
 /// Defaults applied to volumes created without saying otherwise.

@@ -36,6 +36,8 @@ pub enum Error {
     #[error(transparent)]
     Metrics(#[from] metrics::Error),
     #[error(transparent)]
+    Keys(#[from] crate::keys::Error),
+    #[error(transparent)]
     Service(#[from] service::Error),
     #[error("Cannot listen on {what} {addr}")]
     Listen {
@@ -86,6 +88,8 @@ pub fn run(config: Config) -> Result<(), Error> {
     create_dir(&paths.data_dir.join("volumes"), 0o700)?;
     create_dir(&paths.socket_dir, 0o755)?;
     let _lock = lock_data_dir(&paths.data_dir)?;
+    disable_core_dumps();
+    let keys = open_keys(&config, &paths.data_dir)?;
 
     let metrics = Metrics::new()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -95,7 +99,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         .build()
         .map_err(Error::Runtime)?;
 
-    let service = VolumeService::start(config, paths.clone(), metrics.clone())?;
+    let service = VolumeService::start(config, paths.clone(), metrics.clone(), keys)?;
     let service = Arc::new(Mutex::new(service));
 
     let result = runtime.block_on(async {
@@ -183,6 +187,46 @@ pub fn run(config: Config) -> Result<(), Error> {
     runtime.shutdown_background();
     tracing::info!("stopped");
     result
+}
+
+/// Keeps key material out of core dumps: none are written, and the process cannot be
+/// ptraced by other processes of its user.
+fn disable_core_dumps() {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one valid rlimit; prctl takes integers only.
+    let ok = unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &zero) == 0
+            && libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    };
+    if !ok {
+        tracing::warn!(
+            "cannot disable core dumps: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The key provider: the configured key dir, or `DATA_DIR/keys` (created with a first KEK).
+fn open_keys(config: &Config, data_dir: &Path) -> Result<Arc<dyn crate::keys::KeyProvider>, Error> {
+    use crate::keys::DirProvider;
+    let provider = match &config.encryption.key_dir {
+        Some(dir) => DirProvider::open(dir)?,
+        None => {
+            let (provider, created) = DirProvider::open_or_create(&data_dir.join("keys"))?;
+            if let Some(id) = created {
+                tracing::info!(
+                    kek = %id,
+                    dir = %provider.dir().display(),
+                    "created a local key-encryption key; back it up: encrypted volumes cannot be read without it"
+                );
+            }
+            provider
+        }
+    };
+    Ok(Arc::new(provider))
 }
 
 async fn wait_for_signal() {

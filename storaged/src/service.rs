@@ -17,6 +17,8 @@ use crate::blk::export::{self, Export};
 use crate::blk::VolumeIo;
 use crate::catalog::{self, VolumeCatalog};
 use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
+use crate::crypto::{self, Dek, Xts};
+use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
 use crate::size::ByteSize;
@@ -47,6 +49,8 @@ pub enum Error {
     NotServing(String, String),
     #[error(transparent)]
     Qos(#[from] qos::Error),
+    #[error(transparent)]
+    Keys(#[from] keys::Error),
     #[error(transparent)]
     Backing(#[from] backing::Error),
     #[error(transparent)]
@@ -84,6 +88,9 @@ pub struct CreateVolume {
     /// Bandwidth limit, bytes/s (a number or a size such as "100MiB").
     #[serde(default)]
     pub bandwidth_limit: Option<ByteSize>,
+    /// "aes-xts-plain64" (the default) or "none".
+    #[serde(default)]
+    pub encryption: Option<String>,
 }
 
 /// Tells a field left out (`None`) from a field set to null (`Some(None)`).
@@ -133,6 +140,11 @@ pub struct VolumeInfo {
     pub bandwidth_limit: Option<u64>,
     /// The limits in force and where each comes from.
     pub limits: Limits,
+    /// Cipher of the data at rest: "aes-xts-plain64" or "none".
+    pub encryption: String,
+    /// Id of the KEK wrapping the volume's key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kek_id: Option<String>,
     /// "serving", or "failed" when the backing storage could not be opened at start.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,7 +157,28 @@ pub struct Deleted {
     pub name: String,
     pub id: String,
     pub deleted: bool,
+    /// The wrapped key was destroyed before the data: what was written cannot be decrypted
+    /// any more, wherever copies of the backing storage went.
+    pub crypto_erased: bool,
     pub data_removed: bool,
+}
+
+/// `POST /v1/keys/rotate` answer.
+#[derive(Debug, Serialize)]
+pub struct Rotated {
+    pub current_kek: String,
+    /// Volumes whose key was re-wrapped with the current KEK.
+    pub rewrapped: Vec<String>,
+    /// Encrypted volumes already wrapped by it.
+    pub already_current: usize,
+}
+
+/// `GET /v1/keys` answer.
+#[derive(Debug, Serialize)]
+pub struct KeyStatus {
+    pub current_kek: String,
+    /// Encrypted volumes per KEK id: a KEK with none can be removed.
+    pub volumes_by_kek: BTreeMap<String, usize>,
 }
 
 /// Volumes of this daemon.
@@ -156,6 +189,7 @@ pub struct VolumeService {
     exports: BTreeMap<VolumeName, Export>,
     failed: BTreeMap<VolumeName, String>,
     metrics: Metrics,
+    keys: Arc<dyn KeyProvider>,
 }
 
 fn now() -> u64 {
@@ -168,7 +202,12 @@ fn now() -> u64 {
 impl VolumeService {
     /// Opens the catalog and starts serving every volume in it. A volume whose storage cannot
     /// be opened is logged and listed as failed; the others are served.
-    pub fn start(config: Config, paths: Resolved, metrics: Metrics) -> Result<Self, Error> {
+    pub fn start(
+        config: Config,
+        paths: Resolved,
+        metrics: Metrics,
+        keys: Arc<dyn KeyProvider>,
+    ) -> Result<Self, Error> {
         let catalog = VolumeCatalog::open(&paths.data_dir)?;
         let mut svc = VolumeService {
             config,
@@ -177,6 +216,7 @@ impl VolumeService {
             exports: BTreeMap::new(),
             failed: BTreeMap::new(),
             metrics,
+            keys,
         };
         let specs: Vec<VolumeSpec> = svc.catalog.iter().cloned().collect();
         for spec in specs {
@@ -216,6 +256,12 @@ impl VolumeService {
                 spec.num_queues
             )));
         }
+        // A key that does not unwrap (missing KEK, corrupted record) leaves the volume
+        // unserved: never served with a wrong key.
+        let crypt = match &spec.encryption {
+            Some(w) => Some(Xts::new(&keys::unwrap(self.keys.as_ref(), &spec.id, w)?)),
+            None => None,
+        };
         let store = BackingStore::open(
             spec.backing.path(),
             spec.size_bytes,
@@ -227,6 +273,7 @@ impl VolumeService {
             store,
             &self.config.io,
             &self.limits(spec),
+            crypt,
             self.metrics.volume(spec.name.as_str()),
         ));
         Ok(Export::start(io, &self.socket_path(&spec.name))?)
@@ -260,6 +307,11 @@ impl VolumeService {
             iops_limit: spec.iops_limit,
             bandwidth_limit: spec.bandwidth_limit,
             limits: self.limits(spec),
+            encryption: match &spec.encryption {
+                Some(w) => w.cipher.clone(),
+                None => "none".into(),
+            },
+            kek_id: spec.encryption.as_ref().map(|w| w.kek_id.clone()),
             state: if export.is_some() {
                 "serving"
             } else {
@@ -332,6 +384,21 @@ impl VolumeService {
             bandwidth_limit: req.bandwidth_limit.map(|b| b.0),
         };
         overrides.validate()?;
+        let encrypted =
+            match req.encryption.as_deref() {
+                None | Some(crypto::CIPHER) => true,
+                Some("none") if self.config.encryption.allow_plaintext => false,
+                Some("none") => return Err(Error::BadRequest(
+                    "encryption \"none\" is not allowed here (encryption.allow_plaintext = false)"
+                        .into(),
+                )),
+                Some(other) => {
+                    return Err(Error::BadRequest(format!(
+                        "unknown encryption '{other}': expected \"{}\" or \"none\"",
+                        crypto::CIPHER
+                    )))
+                }
+            };
         if req.device.is_some() && req.preallocate == Some(true) {
             return Err(Error::BadRequest(
                 "preallocate applies to file-backed volumes, not to devices".into(),
@@ -373,6 +440,13 @@ impl VolumeService {
         self.check_pool(size)?;
 
         let id = uuid::Uuid::new_v4().to_string();
+        let encryption = if encrypted {
+            let dek = Dek::generate()
+                .map_err(|e| Error::BadRequest(format!("cannot draw a key: {e}")))?;
+            Some(keys::wrap(self.keys.as_ref(), &id, &dek)?)
+        } else {
+            None
+        };
         let backing = match req.device {
             Some(path) => Backing::Device { path },
             None => {
@@ -399,6 +473,7 @@ impl VolumeService {
             created_at: now(),
             iops_limit: overrides.iops_limit,
             bandwidth_limit: overrides.bandwidth_limit,
+            encryption,
         };
         let undo_file = |spec: &VolumeSpec| {
             if let Backing::File { path, .. } = &spec.backing {
@@ -427,6 +502,8 @@ impl VolumeService {
             tier = %tier,
             iops_limit = limits.iops,
             bandwidth_limit = limits.bandwidth_bytes_per_second,
+            encryption = spec.encryption.as_ref().map_or("none", |w| w.cipher.as_str()),
+            kek = spec.encryption.as_ref().map_or("", |w| w.kek_id.as_str()),
             socket = %export.socket_path().display(),
             "volume created"
         );
@@ -541,6 +618,12 @@ impl VolumeService {
         }
         self.failed.remove(&name);
         self.metrics.remove_volume(name.as_str());
+        // The catalog (rewritten whole, fsynced, renamed) no longer holds the wrapped key: the
+        // data is unreadable from here on, before a byte of it is removed.
+        let crypto_erased = spec.encryption.is_some();
+        if let Some(w) = &spec.encryption {
+            tracing::info!(volume = %name, id = %spec.id, kek = %w.kek_id, "volume crypto-erased: its wrapped key is destroyed");
+        }
         let mut data_removed = false;
         if let Backing::File { path, .. } = &spec.backing {
             match std::fs::remove_file(path) {
@@ -559,7 +642,53 @@ impl VolumeService {
             name: name.to_string(),
             id: spec.id,
             deleted: true,
+            crypto_erased,
             data_removed,
+        })
+    }
+
+    /// Re-wraps every volume key not wrapped by the current KEK with it, one volume at a time
+    /// (each catalog write is atomic). Volume data is not touched.
+    pub fn rotate_keys(&mut self) -> Result<Rotated, Error> {
+        let current = self.keys.current_id()?;
+        // Check the current KEK before touching anything.
+        self.keys.kek(&current)?;
+        let mut rewrapped = Vec::new();
+        let mut already_current = 0;
+        let specs: Vec<VolumeSpec> = self.catalog.iter().cloned().collect();
+        for spec in specs {
+            let Some(w) = &spec.encryption else { continue };
+            if w.kek_id == current {
+                already_current += 1;
+                continue;
+            }
+            let dek = keys::unwrap(self.keys.as_ref(), &spec.id, w)?;
+            let new_wrap = keys::wrap(self.keys.as_ref(), &spec.id, &dek)?;
+            let old_kek = w.kek_id.clone();
+            let mut new = spec.clone();
+            new.encryption = Some(new_wrap);
+            self.catalog.put(new)?;
+            tracing::info!(volume = %spec.name, from = %old_kek, to = %current, "volume key re-wrapped");
+            rewrapped.push(spec.name.to_string());
+        }
+        Ok(Rotated {
+            current_kek: current,
+            rewrapped,
+            already_current,
+        })
+    }
+
+    /// The current KEK and how many volumes each KEK wraps.
+    pub fn key_status(&self) -> Result<KeyStatus, Error> {
+        let mut volumes_by_kek = BTreeMap::new();
+        for spec in self.catalog.iter() {
+            if let Some(w) = &spec.encryption {
+                *volumes_by_kek.entry(w.kek_id.clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(KeyStatus {
+            current_kek: self.keys.current_id()?,
+            volumes_by_kek,
         })
     }
 

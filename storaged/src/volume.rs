@@ -196,6 +196,9 @@ pub struct VolumeSpec {
     /// Bandwidth limit, bytes/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_limit: Option<u64>,
+    /// The volume's data key, wrapped by a KEK; `None`: not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::keys::WrappedKey>,
 }
 
 impl VolumeSpec {

@@ -20,9 +20,14 @@ const HDR: u64 = BUF_BASE;
 const DATA: u64 = BUF_BASE + 0x1000;
 const STATUS: u64 = BUF_BASE + 0x100;
 
+/// A plain (unencrypted) volume and a raw frontend on it: the data lands on disk as sent.
 fn setup() -> (Storaged, RawFrontend, String) {
+    setup_with(r#"{"name":"hostile","size":"1MiB","encryption":"none"}"#)
+}
+
+fn setup_with(body: &str) -> (Storaged, RawFrontend, String) {
     let s = Storaged::start();
-    let v = s.create_volume(r#"{"name":"hostile","size":"1MiB"}"#);
+    let v = s.create_volume(body);
     let fe = RawFrontend::connect(&s.socket_of("hostile"));
     let backing = v["backing"]["path"].as_str().unwrap().to_string();
     (s, fe, backing)
@@ -243,4 +248,31 @@ fn unaligned_guest_buffers_are_served_through_a_bounce_buffer() {
         (8193, S_OK)
     );
     assert_eq!(fe.read_mem(back, 8192), data);
+}
+
+#[test]
+fn encrypted_volumes_refuse_requests_not_aligned_to_4096_bytes_and_store_ciphertext() {
+    let (s, mut fe, backing) = setup_with(r#"{"name":"hostile","size":"1MiB"}"#);
+    let info = s.admin().get("/v1/volumes/hostile").unwrap().json();
+    assert_eq!(info["encryption"], "aes-xts-plain64");
+    assert_eq!(info["block_size"], 4096);
+    // 512 bytes at sector 1, and 4096 bytes at sector 1: both straddle encryption units.
+    fe.header(HDR, T_IN, 1);
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
+    fe.write_mem(DATA, &pattern(4096, 512, 9));
+    fe.header(HDR, T_OUT, 1);
+    assert_eq!(
+        send(&mut fe, &[ro(HDR, 16), ro(DATA, 4096), wr(STATUS, 1)]),
+        (1, S_IOERR)
+    );
+    // Nothing reached the disk; aligned requests work and are stored encrypted.
+    assert!(std::fs::read(&backing).unwrap().iter().all(|b| *b == 0));
+    still_serving(&mut fe);
+    // still_serving wrote sector 8: the second unit.
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert_ne!(&on_disk[4096..8192], &pattern(4096, 0, 0x77)[..]);
+    assert!(on_disk[4096..8192].iter().any(|b| *b != 0));
 }

@@ -51,6 +51,9 @@ enum Command {
         /// Bandwidth limit in bytes/s, e.g. 200MiB [default: none].
         #[arg(long)]
         bandwidth_limit: Option<String>,
+        /// aes-xts-plain64 or none [default: aes-xts-plain64].
+        #[arg(long)]
+        encryption: Option<String>,
     },
     /// List volumes.
     List,
@@ -81,6 +84,10 @@ enum Command {
     },
     /// Daemon facts: version, data dir, metrics URL, pool usage.
     Info,
+    /// The current key-encryption key and how many volume keys each KEK wraps.
+    Keys,
+    /// Re-wrap every volume key with the current KEK (after changing the key dir's `current`).
+    RotateKeys,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +104,7 @@ fn main() -> ExitCode {
             device,
             iops_limit,
             bandwidth_limit,
+            encryption,
         } => {
             let mut b = json!({ "name": name, "size": size, "read_only": read_only });
             if let Some(t) = tier {
@@ -116,6 +124,9 @@ fn main() -> ExitCode {
             }
             if let Some(bw) = bandwidth_limit {
                 b["bandwidth_limit"] = json!(bw);
+            }
+            if let Some(e) = encryption {
+                b["encryption"] = json!(e);
             }
             ("POST", "/v1/volumes".to_string(), Some(b))
         }
@@ -166,6 +177,8 @@ fn main() -> ExitCode {
             None,
         ),
         Command::Info => ("GET", "/v1/info".into(), None),
+        Command::Keys => ("GET", "/v1/keys".into(), None),
+        Command::RotateKeys => ("POST", "/v1/keys/rotate".into(), None),
     };
     let body = body.map(|b| b.to_string());
     match client.request(method, &target, body.as_deref()) {

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::backing::BackingStore;
 use crate::config::IoConfig;
+use crate::crypto::Xts;
 use crate::metrics::VolumeMetrics;
 use crate::qos::{self, QosSlot};
 use crate::volume::VolumeSpec;
@@ -47,6 +48,8 @@ pub struct VolumeIo {
     pub poll_window: Duration,
     /// The volume's IOPS and bandwidth buckets, shared by its queues.
     pub qos: QosSlot,
+    /// XTS-AES-256 with the volume's key, for encrypted volumes.
+    pub crypt: Option<Xts>,
     pub metrics: VolumeMetrics,
 }
 
@@ -57,6 +60,7 @@ impl VolumeIo {
         store: BackingStore,
         io: &IoConfig,
         limits: &qos::Limits,
+        crypt: Option<Xts>,
         metrics: VolumeMetrics,
     ) -> Self {
         let mut serial = [0u8; ID_BYTES];
@@ -74,6 +78,7 @@ impl VolumeIo {
             seg_max: io.seg_max,
             poll_window: Duration::from_micros(u64::from(io.poll_us)),
             qos: QosSlot::default(),
+            crypt,
             metrics,
         };
         volume.set_limits(limits);
@@ -100,9 +105,14 @@ impl VolumeIo {
         self.metrics.size.set(bytes as i64);
     }
 
-    /// Logical block size offered to the guest: what direct I/O on the backing store needs.
+    /// Logical block size offered to the guest: what direct I/O on the backing store needs,
+    /// and the encryption unit for encrypted volumes.
     pub fn block_size(&self) -> u32 {
-        self.store.align.max(512)
+        if self.crypt.is_some() {
+            crate::crypto::UNIT as u32
+        } else {
+            self.store.align.max(512)
+        }
     }
 
     pub fn limits(&self) -> Limits {
