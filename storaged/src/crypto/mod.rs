@@ -11,10 +11,10 @@
 //! plain volume; `cryptsetup` would show such units as noise, which is what dm-crypt shows for
 //! never-written sectors too.
 //!
-//! The engine computes a unit's 256 tweaks first, then runs the AES rounds over all 256 blocks
-//! in one call, which lets the `aes` crate pipeline several blocks through AES-NI (when the CPU
-//! has it; the crate detects it at run time). `xts-mode`, which does one block at a time, is
-//! the reference the tests compare against, with the IEEE 1619 vectors.
+//! On a CPU with AES-NI, [`ni`] runs eight blocks at a time through the rounds with the tweak
+//! whitening fused in (about 1.8× the speed of whitening around the `aes` crate's bulk call,
+//! see scripts/bench-storage). Elsewhere the `aes` crate does the rounds. `xts-mode`, one block
+//! at a time, is the reference the tests compare both against, with the IEEE 1619 vectors.
 
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
@@ -76,20 +76,41 @@ pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// XTS-AES-256 with one volume's key. The expanded AES keys are zeroed on drop (the `aes`
-/// crate's `zeroize` feature).
-pub struct Xts {
-    data: Aes256,
-    tweak: Aes256,
+#[cfg(target_arch = "x86_64")]
+mod ni;
+
+/// XTS-AES-256 with one volume's key. Expanded keys are zeroed on drop.
+pub struct Xts(Engine);
+
+enum Engine {
+    /// AES-NI, checked at construction.
+    #[cfg(target_arch = "x86_64")]
+    Ni(Box<ni::Keys>),
+    /// The `aes` crate (its `zeroize` feature wipes the key schedules).
+    Soft(Box<(Aes256, Aes256)>),
 }
 
 impl Xts {
     pub fn new(key: &Dek) -> Xts {
         let (k1, k2) = key.0.split_at(32);
-        Xts {
-            data: Aes256::new(k1.into()),
-            tweak: Aes256::new(k2.into()),
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("aes") {
+            let (Ok(k1), Ok(k2)) = (<&[u8; 32]>::try_from(k1), <&[u8; 32]>::try_from(k2)) else {
+                unreachable!("a DEK is two 32-byte keys");
+            };
+            // SAFETY: the CPU has AES-NI (checked just above).
+            return Xts(Engine::Ni(Box::new(unsafe { ni::Keys::new(k1, k2) })));
         }
+        Xts::portable(key)
+    }
+
+    /// The `aes`-crate engine, whatever the CPU has.
+    pub fn portable(key: &Dek) -> Xts {
+        let (k1, k2) = key.0.split_at(32);
+        Xts(Engine::Soft(Box::new((
+            Aes256::new(k1.into()),
+            Aes256::new(k2.into()),
+        ))))
     }
 
     /// Encrypts whole units in place; `buf` starts at unit `first`. `buf.len()` must be a
@@ -113,35 +134,85 @@ impl Xts {
 
     /// Encrypts one data unit (a multiple of 16 bytes, at most 4096) with tweak `index`.
     pub fn encrypt_unit(&self, unit: &mut [u8], index: u128) {
-        self.apply(unit, index, |blocks| self.data.encrypt_blocks(blocks));
+        self.unit(unit, index, false);
     }
 
     pub fn decrypt_unit(&self, unit: &mut [u8], index: u128) {
-        self.apply(unit, index, |blocks| self.data.decrypt_blocks(blocks));
+        self.unit(unit, index, true);
     }
 
-    fn apply(&self, unit: &mut [u8], index: u128, cipher: impl FnOnce(&mut [Block])) {
-        debug_assert!(unit.len() % 16 == 0 && unit.len() <= UNIT);
-        let n = unit.len() / 16;
-        let mut t = Block::from(index.to_le_bytes());
-        self.tweak.encrypt_block(&mut t);
-        let mut tweak = u128::from_le_bytes(t.into());
-        let mut tweaks = [0u128; UNIT / 16];
-        for slot in tweaks.iter_mut().take(n) {
-            *slot = tweak;
-            // Multiply by α in GF(2^128), little-endian as XTS defines it.
-            tweak = (tweak << 1) ^ ((tweak >> 127) * 0x87);
+    fn unit(&self, unit: &mut [u8], index: u128, decrypt: bool) {
+        match &self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Ni` keys exist only on CPUs with AES-NI (see `Xts::new`).
+            Engine::Ni(keys) => unsafe { ni::xts(keys, unit, index, decrypt) },
+            Engine::Soft(keys) => {
+                let (data, tweak) = &**keys;
+                if decrypt {
+                    soft(tweak, unit, index, |b| data.decrypt_blocks(b));
+                } else {
+                    soft(tweak, unit, index, |b| data.encrypt_blocks(b));
+                }
+            }
         }
-        // SAFETY: `Block` is a `[u8; 16]` with alignment 1, so `n` blocks are exactly the
-        // first `n × 16` bytes of `unit`, which this function borrows mutably.
-        let blocks: &mut [Block] =
-            unsafe { std::slice::from_raw_parts_mut(unit.as_mut_ptr().cast::<Block>(), n) };
-        xor_tweaks(blocks, &tweaks[..n]);
-        cipher(blocks);
-        xor_tweaks(blocks, &tweaks[..n]);
-        tweaks.zeroize();
     }
 }
+
+/// XTS around the `aes` crate: all tweaks first, then the rounds over all blocks in one call.
+fn soft(tweak_cipher: &Aes256, unit: &mut [u8], index: u128, cipher: impl FnOnce(&mut [Block])) {
+    debug_assert!(unit.len() % 16 == 0 && unit.len() <= UNIT);
+    let n = unit.len() / 16;
+    let mut t = Block::from(index.to_le_bytes());
+    tweak_cipher.encrypt_block(&mut t);
+    // Block j's tweak is T·α^j. The first eight are chained; from there on, T·α^(j+8) =
+    // (T·α^j)·α^8 gives eight independent chains the CPU runs side by side, instead of one
+    // chain of 256 dependent steps.
+    let mut tweaks = [0u128; UNIT / 16];
+    let mut tweak = u128::from_le_bytes(t.into());
+    for slot in tweaks.iter_mut().take(n.min(8)) {
+        *slot = tweak;
+        tweak = mul_alpha(tweak);
+    }
+    for j in 8..n {
+        tweaks[j] = mul_alpha8(tweaks[j - 8]);
+    }
+    // SAFETY: `Block` is a `[u8; 16]` with alignment 1, so `n` blocks are exactly the
+    // first `n × 16` bytes of `unit`, which this function borrows mutably.
+    let blocks: &mut [Block] =
+        unsafe { std::slice::from_raw_parts_mut(unit.as_mut_ptr().cast::<Block>(), n) };
+    xor_tweaks(blocks, &tweaks[..n]);
+    cipher(blocks);
+    xor_tweaks(blocks, &tweaks[..n]);
+}
+
+/// Multiplication by α in GF(2^128), little-endian as XTS defines it.
+fn mul_alpha(t: u128) -> u128 {
+    (t << 1) ^ ((t >> 127) * 0x87)
+}
+
+/// Multiplication by α^8: shift by a byte, reduce the byte shifted out (x^128 = x^7+x^2+x+1).
+fn mul_alpha8(t: u128) -> u128 {
+    (t << 8) ^ u128::from(REDUCE8[(t >> 120) as usize])
+}
+
+/// `REDUCE8[b]` = b(x)·(x^7+x^2+x+1), carry-less: what the byte b shifted past x^127 adds.
+static REDUCE8: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut acc = 0u16;
+        let mut bit = 0;
+        while bit < 8 {
+            if b & (1 << bit) != 0 {
+                acc ^= 0x87 << bit;
+            }
+            bit += 1;
+        }
+        table[b] = acc;
+        b += 1;
+    }
+    table
+};
 
 fn is_zero(buf: &[u8]) -> bool {
     let (head, words, tail) = {
@@ -153,8 +224,8 @@ fn is_zero(buf: &[u8]) -> bool {
 
 fn xor_tweaks(blocks: &mut [Block], tweaks: &[u128]) {
     for (b, t) in blocks.iter_mut().zip(tweaks) {
-        let v = u128::from_le_bytes((*b).into()) ^ t;
-        *b = Block::from(v.to_le_bytes());
+        let bytes: &mut [u8; 16] = b.as_mut();
+        *bytes = (u128::from_le_bytes(*bytes) ^ t).to_le_bytes();
     }
 }
 
@@ -197,31 +268,38 @@ mod tests {
         (0..512).map(|i| i as u8).collect()
     }
 
+    /// Both engines: AES-NI (where the CPU has it) and the `aes` crate.
+    fn engines(key: &Dek) -> [Xts; 2] {
+        [Xts::new(key), Xts::portable(key)]
+    }
+
     #[test]
     fn ieee_1619_vector_10_encrypts_and_decrypts() {
         let key = Dek::from_bytes(&hex(V10_KEY)).unwrap();
-        let xts = Xts::new(&key);
-        let mut buf = v10_plaintext();
-        xts.encrypt_unit(&mut buf, 0xff);
-        assert_eq!(buf, hex(&V10_CT.replace(' ', "")));
-        xts.decrypt_unit(&mut buf, 0xff);
-        assert_eq!(buf, v10_plaintext());
+        for xts in engines(&key) {
+            let mut buf = v10_plaintext();
+            xts.encrypt_unit(&mut buf, 0xff);
+            assert_eq!(buf, hex(&V10_CT.replace(' ', "")));
+            xts.decrypt_unit(&mut buf, 0xff);
+            assert_eq!(buf, v10_plaintext());
+        }
     }
 
     #[test]
     fn ieee_1619_single_block_vectors() {
         // Whole-block cases of the same key (cross-checked against OpenSSL by their authors).
         let key = Dek::from_bytes(&hex(V10_KEY)).unwrap();
-        let xts = Xts::new(&key);
-        let mut b = hex("000102030405060708090a0b0c0d0e0f");
-        xts.encrypt_unit(&mut b, 1);
-        assert_eq!(b, hex("cdd765f24ea1d4ecfc5af7233967ef61"));
-        let mut b = hex("000102030405060708090a0b0c0d0e0f");
-        xts.encrypt_unit(
-            &mut b,
-            u128::from_le_bytes(hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap()),
-        );
-        assert_eq!(b, hex("91a4f2aee571c4f510c35c849e09dabe"));
+        for xts in engines(&key) {
+            let mut b = hex("000102030405060708090a0b0c0d0e0f");
+            xts.encrypt_unit(&mut b, 1);
+            assert_eq!(b, hex("cdd765f24ea1d4ecfc5af7233967ef61"));
+            let mut b = hex("000102030405060708090a0b0c0d0e0f");
+            xts.encrypt_unit(
+                &mut b,
+                u128::from_le_bytes(hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap()),
+            );
+            assert_eq!(b, hex("91a4f2aee571c4f510c35c849e09dabe"));
+        }
     }
 
     #[test]
@@ -230,17 +308,37 @@ mod tests {
         getrandom(&mut k).unwrap();
         let key = Dek(k);
         let reference = Xts128::new(Aes256::new(k[..32].into()), Aes256::new(k[32..].into()));
-        let xts = Xts::new(&key);
         let mut data = vec![0u8; 3 * UNIT];
         getrandom(&mut data).unwrap();
-        for first in [0u64, 1, 0xffff_ffff, u64::MAX - 3] {
-            let mut ours = data.clone();
-            xts.encrypt_units(&mut ours, first);
-            let mut theirs = data.clone();
-            reference.encrypt_area(&mut theirs, UNIT, u128::from(first), get_tweak_default);
-            assert_eq!(ours, theirs, "unit {first}");
-            xts.decrypt_units(&mut ours, first);
-            assert_eq!(ours, data);
+        for xts in engines(&key) {
+            for first in [0u64, 1, 0xffff_ffff, u64::MAX - 3] {
+                let mut ours = data.clone();
+                xts.encrypt_units(&mut ours, first);
+                let mut theirs = data.clone();
+                reference.encrypt_area(&mut theirs, UNIT, u128::from(first), get_tweak_default);
+                assert_eq!(ours, theirs, "unit {first}");
+                xts.decrypt_units(&mut ours, first);
+                assert_eq!(ours, data);
+            }
+        }
+        // Partial groups (fewer than eight blocks at the end) agree too.
+        let mut a = data[..16 * 13].to_vec();
+        let mut b = a.clone();
+        Xts::new(&key).encrypt_unit(&mut a, 77);
+        Xts::portable(&key).encrypt_unit(&mut b, 77);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn alpha8_is_eight_doublings() {
+        let mut t = 0xdead_beef_0123_4567_89ab_cdef_f00d_cafe_u128 | (1 << 127) | (1 << 121);
+        for _ in 0..1000 {
+            let mut slow = t;
+            for _ in 0..8 {
+                slow = mul_alpha(slow);
+            }
+            assert_eq!(mul_alpha8(t), slow);
+            t = slow ^ (t >> 3);
         }
     }
 
