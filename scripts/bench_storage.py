@@ -127,11 +127,17 @@ def main():
         st = subprocess.Popen(st_cmd)
         procs.append(st)
         wait_for_socket(os.path.join(data, "admin.sock"), st, "storaged")
-        subprocess.run([os.path.join(BIN, "storagectl"), "--socket", os.path.join(data, "admin.sock"),
-                        "create", "bench", "--size", str(size), "--tier", "mass"],
-                       check=True, stdout=subprocess.DEVNULL)
-        st_sock = os.path.join(data, "sockets", "bench.sock")
-        st_file = [os.path.join(data, "volumes", f) for f in os.listdir(os.path.join(data, "volumes"))][0]
+        ctl = [os.path.join(BIN, "storagectl"), "--socket", os.path.join(data, "admin.sock")]
+
+        def create(name, *extra):
+            out = subprocess.run(ctl + ["create", name, "--size", str(size), "--tier", "mass", *extra],
+                                 check=True, capture_output=True, text=True).stdout
+            v = json.loads(out)
+            return v["socket"], v["backing"]["path"]
+
+        # A plain volume, and an encrypted one (XTS-AES-256) beside it.
+        st_sock, st_file = create("bench", "--encryption", "none")
+        enc_sock, enc_file = create("benchenc")
 
         # qemu-storage-daemon on a file of the same kind and size.
         qsd_file = os.path.join(work, "qsd.img")
@@ -149,7 +155,17 @@ def main():
 
         print(f"==> filling backing files ({size >> 20} MiB each)", flush=True)
         fill(st_file, size)
+        fill(enc_file, size)
         fill(qsd_file, size)
+
+        xts = json.loads(subprocess.run([os.path.join(BIN, "xtsbench"), "3"], check=True,
+                                        capture_output=True, text=True).stdout)
+        ossl = subprocess.run(["openssl", "speed", "-evp", "aes-256-xts", "-bytes", "4096", "-seconds", "3"],
+                              capture_output=True, text=True).stdout
+        ossl_gbps = None
+        for line in ossl.splitlines():
+            if line.upper().startswith("AES-256-XTS"):
+                ossl_gbps = float(line.split()[-1].rstrip("k")) * 1000 / 1e9
 
         qsd_version = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
                                      text=True).stdout.splitlines()[0]
@@ -159,13 +175,13 @@ def main():
             sys.exit(f"--cases {args.cases!r} selects none of: {', '.join(c[0] for c in CASES)}")
         results = {}
         for name, rw, bs, qd in cases:
-            runs = {"storaged": [], "qsd": [], "ceiling": []}
+            runs = {"storaged": [], "encrypted": [], "qsd": [], "ceiling": []}
             ratios = []
+            enc_ratios = []
             for rep in range(args.reps):
-                # Alternate who goes first: the backing storage of a shared host drifts.
-                order = [("storaged", st, st_sock), ("qsd", qsd, qsd_sock)]
-                if rep % 2:
-                    order.reverse()
+                # Rotate who goes first: the backing storage of a shared host drifts.
+                order = [("storaged", st, st_sock), ("encrypted", st, enc_sock), ("qsd", qsd, qsd_sock)]
+                order = order[rep % 3:] + order[:rep % 3]
                 for target, proc, sock in order:
                     c0 = cpu_seconds(proc.pid)
                     r = blkbench(sock, rw, bs, qd, args.runtime)
@@ -173,23 +189,28 @@ def main():
                     runs[target].append(r)
                 runs["ceiling"].append(fio_ceiling(st_file, rw, bs, qd, args.runtime, size))
                 ratios.append(runs["storaged"][-1]["iops"] / runs["qsd"][-1]["iops"])
-                print(f"    {name} rep {rep + 1}: storaged {runs['storaged'][-1]['iops']:.0f} IOPS, "
+                enc_ratios.append(runs["encrypted"][-1]["iops"] / runs["storaged"][-1]["iops"])
+                print(f"    {name} rep {rep + 1}: storaged {runs['storaged'][-1]['iops']:.0f} IOPS "
+                      f"(encrypted {runs['encrypted'][-1]['iops']:.0f}), "
                       f"qsd {runs['qsd'][-1]['iops']:.0f}, fio {runs['ceiling'][-1]['iops']:.0f}", flush=True)
             results[name] = {
                 t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in runs.items()
             }
             # The paired ratio: median over reps of storaged/qsd measured back to back.
             results[name]["paired"] = statistics.median(ratios)
+            results[name]["enc_paired"] = statistics.median(enc_ratios)
 
         lines = []
         lines.append(f"# storaged vs qemu-storage-daemon, {datetime.datetime.now():%Y-%m-%d %H:%M}")
         lines.append("")
         lines.append(f"Host: {os.cpu_count()} CPUs, kernel {os.uname().release}; volume {size >> 20} MiB, "
                      f"fully written; {args.runtime:g} s per run, median of {args.reps}, runs interleaved "
-                     "(who goes first alternates). Paired ratio: median of the per-rep storaged/qsd ratios. "
+                     "(who goes first rotates). Paired ratio: median of the per-rep storaged/qsd ratios. "
                      f"storaged config: {args.storaged_config or 'defaults'}, volume tier mass (no IOPS limit). "
                      f"Client: blkbench (blkio crate), 1 queue. Peer: {qsd_version}, aio=io_uring, "
-                     "cache.direct=on. Ceiling: fio io_uring O_DIRECT on storaged's backing file itself.")
+                     "cache.direct=on. Ceiling: fio io_uring O_DIRECT on storaged's backing file itself. "
+                     "storaged rows are a plain volume (encryption none); the encrypted table is an "
+                     "XTS-AES-256 volume on the same daemon.")
         lines.append("")
         hdr = ("| case | storaged IOPS | storaged MB/s | p50/p99 µs | qsd IOPS | qsd MB/s | qsd p50/p99 µs "
                "| fio ceiling IOPS | storaged/qsd | paired ratio | storaged/ceiling | CPU s/100k I/O storaged | CPU s/100k I/O qsd |")
@@ -203,6 +224,25 @@ def main():
                 f"| {c['iops']:.0f} | {s['iops'] / q['iops']:.2f} | {results[name]['paired']:.2f} "
                 f"| {s['iops'] / c['iops']:.2f} "
                 f"| {s['cpu_per_100k']:.2f} | {q['cpu_per_100k']:.2f} |")
+        lines.append("")
+        lines.append("## Encrypted volumes (XTS-AES-256) next to plain ones")
+        lines.append("")
+        hdr = ("| case | plain IOPS | encrypted IOPS | encrypted MB/s | encrypted p50/p99 µs | encrypted/plain "
+               "| paired ratio | CPU s/100k I/O plain | CPU s/100k I/O encrypted |")
+        lines.append(hdr)
+        lines.append("|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|")
+        for name, *_ in cases:
+            p, e = results[name]["storaged"], results[name]["encrypted"]
+            lines.append(
+                f"| {name} | {p['iops']:.0f} | {e['iops']:.0f} | {e['mbps']:.1f} "
+                f"| {e['lat_p50_us']:.0f}/{e['lat_p99_us']:.0f} | {e['iops'] / p['iops']:.2f} "
+                f"| {results[name]['enc_paired']:.2f} | {p['cpu_per_100k']:.2f} | {e['cpu_per_100k']:.2f} |")
+        lines.append("")
+        lines.append("XTS-AES-256, one core, 4 KiB units: storaged's engine (xtsbench) "
+                     f"{xts['encrypt_gbps']:.2f} GB/s encrypt, {xts['decrypt_gbps']:.2f} GB/s decrypt; "
+                     + (f"`openssl speed -evp aes-256-xts -bytes 4096` {ossl_gbps:.2f} GB/s: "
+                        f"{xts['encrypt_gbps'] / ossl_gbps:.2f} of OpenSSL."
+                        if ossl_gbps else "openssl speed gave no result."))
         table = "\n".join(lines)
         print()
         print(table)

@@ -68,6 +68,10 @@ const SUBMIT_BATCH: usize = 2;
 /// IOERR rather than let a guest make the daemon allocate without bound.
 const BOUNCE_BUDGET: usize = 64 << 20;
 
+/// Bounce buffers a queue keeps for reuse, and the largest it keeps (bigger ones are rare).
+const BOUNCE_POOL_BUFFERS: usize = 256;
+const BOUNCE_POOL_MAX_LEN: usize = 128 << 10;
+
 /// Most iovecs one readv/writev takes (UIO_MAXIOV); more go through a bounce buffer.
 const MAX_IOVECS: usize = 1024;
 
@@ -91,6 +95,10 @@ struct InFlight {
     /// Guest ranges of the data, for bounce copies and GET_ID.
     data: Vec<GuestRange>,
     bounce: Option<AlignedBuf>,
+    /// Guest memory an encrypted read's data is decrypted into straight from the bounce buffer
+    /// (the guest buffer is one piece of host memory); otherwise it is decrypted in place and
+    /// copied.
+    decrypt_into: Option<*mut u8>,
     /// Byte offset on the backing storage where the next resubmission of a short transfer
     /// starts, and bytes still to transfer.
     offset: u64,
@@ -131,6 +139,9 @@ pub struct QueueEngine {
     vring: Option<VringRwLock>,
     /// Bounce-buffer bytes held by in-flight requests.
     bounce_bytes: usize,
+    /// Bounce buffers kept for reuse: allocating and zeroing one per request of an encrypted
+    /// volume costs more than encrypting its data.
+    bounce_pool: Vec<AlignedBuf>,
     /// Popping stopped at the in-flight limit with requests left in the ring; they are taken
     /// when completions make room (no new kick will come for them).
     capped: bool,
@@ -182,6 +193,7 @@ impl QueueEngine {
             pending_signal: false,
             vring: None,
             bounce_bytes: 0,
+            bounce_pool: Vec::new(),
             capped: false,
             pending_cqes: Vec::new(),
             poll_window: max_window,
@@ -513,6 +525,7 @@ impl QueueEngine {
             iovecs: Vec::new(),
             data,
             bounce: None,
+            decrypt_into: None,
             offset: 0,
             remaining: 0,
             parts: 1,
@@ -538,16 +551,12 @@ impl QueueEngine {
                     self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
                     return;
                 }
-                if !self.build_iovecs(&mut inflight, write, encrypted) {
+                // Transform stage: encrypted volumes encrypt into a bounce buffer.
+                let encrypt = encrypted.then_some(offset / unit);
+                if !self.build_iovecs(&mut inflight, write, encrypt) {
                     self.volume.metrics.invalid_requests.inc();
                     self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
                     return;
-                }
-                // Transform stage: encrypt the (private) bounce copy of the guest's data.
-                if let (true, Some(xts), Some(bounce)) =
-                    (write, &self.volume.crypt, inflight.bounce.as_mut())
-                {
-                    xts.encrypt_units(&mut bounce.as_mut_slice()[..len as usize], offset / unit);
                 }
                 inflight.offset = offset;
                 inflight.remaining = len;
@@ -582,9 +591,11 @@ impl QueueEngine {
     }
 
     /// Translates the data ranges into iovecs, or sets up a bounce buffer where direct I/O
-    /// cannot use guest memory as it is, or where the data must be transformed (`bounce`:
-    /// encryption). False if guest memory is not mapped.
-    fn build_iovecs(&mut self, inflight: &mut InFlight, write: bool, bounce: bool) -> bool {
+    /// cannot use guest memory as it is, or where the data is encrypted (`encrypt`: the first
+    /// unit of the request). Encrypted writes are encrypted into the bounce buffer here.
+    /// False if guest memory is not mapped.
+    fn build_iovecs(&mut self, inflight: &mut InFlight, write: bool, encrypt: Option<u64>) -> bool {
+        let bounce = encrypt.is_some();
         let align = self.volume.store.align as usize;
         let direct = self.volume.store.direct;
         let mut iovecs = Vec::with_capacity(inflight.data.len());
@@ -625,19 +636,40 @@ impl QueueEngine {
             );
             return false;
         }
-        let Some(mut buf) = AlignedBuf::new(len, align.max(4096)) else {
+        let Some(mut buf) = self.take_bounce(len, align.max(4096)) else {
             tracing::warn!(volume = %self.volume.name, len, "cannot allocate a bounce buffer");
             return false;
         };
-        if write
-            && request::gather(
-                inflight.mem.as_ref(),
-                &inflight.data,
-                &mut buf.as_mut_slice()[..len],
-            )
-            .is_err()
-        {
-            return false;
+        // A guest buffer that is one piece of host memory is encrypted from, or decrypted
+        // into, directly: one pass over the data instead of two.
+        let contiguous = match iovecs.as_slice() {
+            [one] if one.iov_len == len => Some(one.iov_base.cast::<u8>()),
+            _ => None,
+        };
+        let volume = self.volume.clone();
+        match (write, encrypt, &volume.crypt) {
+            (true, Some(first), Some(xts)) => match contiguous {
+                // SAFETY: `src` is `len` bytes of mapped guest memory (from get_slices), kept
+                // mapped by `inflight.mem`; the bounce buffer is ours.
+                Some(src) => unsafe {
+                    xts.encrypt_units_from(src, &mut buf.as_mut_slice()[..len], first)
+                },
+                None => {
+                    let plain = &mut buf.as_mut_slice()[..len];
+                    if request::gather(inflight.mem.as_ref(), &inflight.data, plain).is_err() {
+                        return false;
+                    }
+                    xts.encrypt_units(plain, first);
+                }
+            },
+            (true, _, _) => {
+                let dst = &mut buf.as_mut_slice()[..len];
+                if request::gather(inflight.mem.as_ref(), &inflight.data, dst).is_err() {
+                    return false;
+                }
+            }
+            (false, Some(_), _) => inflight.decrypt_into = contiguous,
+            (false, None, _) => {}
         }
         inflight.iovecs = vec![libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -646,6 +678,21 @@ impl QueueEngine {
         self.bounce_bytes += buf.len();
         inflight.bounce = Some(buf);
         true
+    }
+
+    /// A bounce buffer of `len` bytes: a recycled one if there is one of that size.
+    fn take_bounce(&mut self, len: usize, align: usize) -> Option<AlignedBuf> {
+        match self.bounce_pool.iter().rposition(|b| b.len() == len) {
+            Some(i) => Some(self.bounce_pool.swap_remove(i)),
+            None => AlignedBuf::new(len, align),
+        }
+    }
+
+    /// Keeps a bounce buffer whose request is answered (the kernel is done with it).
+    fn recycle(&mut self, buf: AlignedBuf) {
+        if self.bounce_pool.len() < BOUNCE_POOL_BUFFERS && buf.len() <= BOUNCE_POOL_MAX_LEN {
+            self.bounce_pool.push(buf);
+        }
     }
 
     fn alloc_slot(&mut self, inflight: InFlight) -> u32 {
@@ -838,19 +885,24 @@ impl QueueEngine {
             self.volume.metrics.io_errors.inc();
         } else if let Operation::Read { offset, len } = inflight.op {
             used = len as u32;
-            if let Some(bounce) = inflight.bounce.as_mut() {
+            let first = offset / crypto::UNIT as u64;
+            let len = len as usize;
+            if let (Some(bounce), Some(xts), Some(dst)) = (
+                inflight.bounce.as_ref(),
+                &self.volume.crypt,
+                inflight.decrypt_into,
+            ) {
+                // Transform stage of read data: decrypt straight into the guest's buffer.
+                // SAFETY: `dst` is `len` bytes of guest memory mapped while `inflight.mem`
+                // lives (checked contiguous when the request was built); the bounce buffer
+                // is ours and holds `len` bytes read from the volume.
+                unsafe { xts.decrypt_units_into(&bounce.as_slice()[..len], dst, first) };
+            } else if let Some(bounce) = inflight.bounce.as_mut() {
                 // Transform stage of read data: decrypt before the guest sees it.
                 if let Some(xts) = &self.volume.crypt {
-                    xts.decrypt_units(
-                        &mut bounce.as_mut_slice()[..len as usize],
-                        offset / crypto::UNIT as u64,
-                    );
+                    xts.decrypt_units(&mut bounce.as_mut_slice()[..len], first);
                 }
-                if !copy_to_guest(
-                    &inflight.mem,
-                    &inflight.data,
-                    &bounce.as_slice()[..len as usize],
-                ) {
+                if !copy_to_guest(&inflight.mem, &inflight.data, &bounce.as_slice()[..len]) {
                     code = VIRTIO_BLK_S_IOERR as u8;
                     used = 0;
                 }
@@ -864,7 +916,10 @@ impl QueueEngine {
     }
 
     /// Writes the status, returns the chain to the guest and records metrics.
-    fn finish(&mut self, vring: &VringRwLock, inflight: InFlight, code: u8, data_used: u32) {
+    fn finish(&mut self, vring: &VringRwLock, mut inflight: InFlight, code: u8, data_used: u32) {
+        if let Some(buf) = inflight.bounce.take() {
+            self.recycle(buf);
+        }
         let used = match inflight.mem.write_obj(code, inflight.status) {
             Ok(()) => data_used + 1,
             Err(_) => 0,

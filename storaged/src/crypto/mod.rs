@@ -141,11 +141,76 @@ impl Xts {
         self.unit(unit, index, true);
     }
 
+    /// Encrypts whole units read from `src` (e.g. guest memory) into `dst`.
+    ///
+    /// # Safety
+    /// `src` must be readable for `dst.len()` bytes (a multiple of [`UNIT`]) and not overlap
+    /// `dst`. It may change meanwhile (it is only read through raw pointers).
+    pub unsafe fn encrypt_units_from(&self, src: *const u8, dst: &mut [u8], first: u64) {
+        let len = dst.len() / UNIT * UNIT;
+        for (i, off) in (0..len).step_by(UNIT).enumerate() {
+            let index = u128::from(first + i as u64);
+            let d = &mut dst[off..off + UNIT];
+            match &self.0 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AES-NI keys exist only on CPUs that have it; `src + off` is readable
+                // for UNIT bytes (the caller's contract) and `d` is UNIT writable bytes.
+                Engine::Ni(keys) => unsafe {
+                    ni::xts(keys, src.add(off), d.as_mut_ptr(), UNIT / 16, index, false)
+                },
+                _ => {
+                    // SAFETY: as above; copy_nonoverlapping reads through the raw pointer.
+                    unsafe { std::ptr::copy_nonoverlapping(src.add(off), d.as_mut_ptr(), UNIT) };
+                    self.unit(d, index, false);
+                }
+            }
+        }
+    }
+
+    /// Decrypts whole units from `src` into `dst` (e.g. guest memory); all-zero units give
+    /// zeros, as in [`Xts::decrypt_units`].
+    ///
+    /// # Safety
+    /// `dst` must be writable for `src.len()` bytes (a multiple of [`UNIT`]) and not overlap
+    /// `src`; it is only written through raw pointers.
+    pub unsafe fn decrypt_units_into(&self, src: &[u8], dst: *mut u8, first: u64) {
+        let len = src.len() / UNIT * UNIT;
+        for (i, off) in (0..len).step_by(UNIT).enumerate() {
+            let index = u128::from(first + i as u64);
+            let s = &src[off..off + UNIT];
+            // SAFETY: off + UNIT <= src.len(), and `dst` is writable for src.len() bytes (the
+            // caller's contract), so `d` is writable for UNIT bytes; the blocks below rely
+            // on that.
+            let d = unsafe { dst.add(off) };
+            if is_zero(s) {
+                // SAFETY: see above.
+                unsafe { std::ptr::write_bytes(d, 0, UNIT) };
+                continue;
+            }
+            match &self.0 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AES-NI keys exist only on CPUs that have it; see above for `d`.
+                Engine::Ni(keys) => unsafe { ni::xts(keys, s.as_ptr(), d, UNIT / 16, index, true) },
+                _ => {
+                    let mut tmp = [0u8; UNIT];
+                    tmp.copy_from_slice(s);
+                    self.unit(&mut tmp, index, true);
+                    // SAFETY: see above.
+                    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), d, UNIT) };
+                }
+            }
+        }
+    }
+
     fn unit(&self, unit: &mut [u8], index: u128, decrypt: bool) {
         match &self.0 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Ni` keys exist only on CPUs with AES-NI (see `Xts::new`).
-            Engine::Ni(keys) => unsafe { ni::xts(keys, unit, index, decrypt) },
+            // SAFETY: `Ni` keys exist only on CPUs with AES-NI (see `Xts::new`); src and dst
+            // are the same `unit.len()` bytes.
+            Engine::Ni(keys) => unsafe {
+                let p = unit.as_mut_ptr();
+                ni::xts(keys, p, p, unit.len() / 16, index, decrypt)
+            },
             Engine::Soft(keys) => {
                 let (data, tweak) = &**keys;
                 if decrypt {
@@ -320,6 +385,23 @@ mod tests {
                 xts.decrypt_units(&mut ours, first);
                 assert_eq!(ours, data);
             }
+        }
+        // Out of place gives the same as in place, both ways.
+        for xts in engines(&key) {
+            let mut enc = vec![0u8; 2 * UNIT];
+            // SAFETY: data holds 3 units, enc 2.
+            unsafe { xts.encrypt_units_from(data.as_ptr(), &mut enc, 9) };
+            let mut inplace = data[..2 * UNIT].to_vec();
+            xts.encrypt_units(&mut inplace, 9);
+            assert_eq!(enc, inplace);
+            let mut dec = vec![1u8; 2 * UNIT];
+            // SAFETY: dec holds 2 units.
+            unsafe { xts.decrypt_units_into(&enc, dec.as_mut_ptr(), 9) };
+            assert_eq!(dec, data[..2 * UNIT]);
+            let mut zeros = vec![1u8; UNIT];
+            // SAFETY: zeros holds a unit.
+            unsafe { xts.decrypt_units_into(&[0u8; UNIT], zeros.as_mut_ptr(), 3) };
+            assert!(zeros.iter().all(|b| *b == 0));
         }
         // Partial groups (fewer than eight blocks at the end) agree too.
         let mut a = data[..16 * 13].to_vec();

@@ -134,20 +134,21 @@ fn encrypt_block(rk: &[__m128i; 15], b: __m128i) -> __m128i {
     _mm_aesenclast_si128(x, rk[14])
 }
 
-/// XTS over one data unit (`unit.len()` a multiple of 16) with tweak `index`.
+/// XTS over one data unit of `n` blocks with tweak `index`, from `src` to `dst` (the same
+/// pointer for in place). Reads and writes go through raw pointers, 16 bytes at a time, so
+/// either side may be guest memory that the guest can change meanwhile.
 ///
 /// # Safety
-/// The CPU must have AES-NI (`keys` could only be made on one that does).
+/// The CPU must have AES-NI (`keys` could only be made on one that does); `src` must be
+/// readable and `dst` writable for `n × 16` bytes; they are the same or do not overlap.
 #[target_feature(enable = "aes")]
-pub unsafe fn xts(keys: &Keys, unit: &mut [u8], index: u128, decrypt: bool) {
+pub unsafe fn xts(keys: &Keys, src: *const u8, dst: *mut u8, n: usize, index: u128, decrypt: bool) {
     let rk = if decrypt { &keys.dec } else { &keys.enc };
     let bytes = index.to_le_bytes();
     // SAFETY: 16 readable bytes.
     let mut t = encrypt_block(&keys.tweak, unsafe {
         _mm_loadu_si128(bytes.as_ptr().cast())
     });
-    let n = unit.len() / 16;
-    let p = unit.as_mut_ptr();
     let round = |x: __m128i, k: __m128i| {
         if decrypt {
             _mm_aesdec_si128(x, k)
@@ -169,8 +170,8 @@ pub unsafe fn xts(keys: &Keys, unit: &mut [u8], index: u128, decrypt: bool) {
         for l in 0..LANES {
             tw[l] = t;
             t = double(t);
-            // SAFETY: block i + l is inside `unit` (i + LANES <= n).
-            let b = unsafe { _mm_loadu_si128(p.add((i + l) * 16).cast()) };
+            // SAFETY: block i + l < n is inside `src` (the caller's contract).
+            let b = unsafe { _mm_loadu_si128(src.add((i + l) * 16).cast()) };
             x[l] = _mm_xor_si128(b, _mm_xor_si128(tw[l], rk[0]));
         }
         for k in &rk[1..14] {
@@ -180,21 +181,21 @@ pub unsafe fn xts(keys: &Keys, unit: &mut [u8], index: u128, decrypt: bool) {
         }
         for l in 0..LANES {
             let out = _mm_xor_si128(last(x[l], rk[14]), tw[l]);
-            // SAFETY: as for the load above.
-            unsafe { _mm_storeu_si128(p.add((i + l) * 16).cast(), out) };
+            // SAFETY: block i + l < n is inside `dst` (the caller's contract).
+            unsafe { _mm_storeu_si128(dst.add((i + l) * 16).cast(), out) };
         }
         i += LANES;
     }
     while i < n {
-        // SAFETY: block i is inside `unit`.
-        let b = unsafe { _mm_loadu_si128(p.add(i * 16).cast()) };
+        // SAFETY: block i < n is inside `src`.
+        let b = unsafe { _mm_loadu_si128(src.add(i * 16).cast()) };
         let mut x = _mm_xor_si128(_mm_xor_si128(b, t), rk[0]);
         for k in &rk[1..14] {
             x = round(x, *k);
         }
         let out = _mm_xor_si128(last(x, rk[14]), t);
-        // SAFETY: as for the load above.
-        unsafe { _mm_storeu_si128(p.add(i * 16).cast(), out) };
+        // SAFETY: block i < n is inside `dst`.
+        unsafe { _mm_storeu_si128(dst.add(i * 16).cast(), out) };
         t = double(t);
         i += 1;
     }
