@@ -17,7 +17,7 @@ apt_install() {
 # need_cargo: fails with a clear message when there is no Rust toolchain.
 need_cargo() {
     if ! command -v cargo >/dev/null 2>&1; then
-        echo "cargo not found: install Rust (rustup, stable >= 1.85) first" >&2
+        echo "cargo not found: install Rust (rustup, stable >= 1.89) first" >&2
         exit 1
     fi
 }

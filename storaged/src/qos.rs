@@ -188,7 +188,7 @@ impl QosConfig {
     /// Checks the section; the error names the key.
     pub fn validate(&self) -> Result<(), Error> {
         let io = self.io_size.0;
-        if io < 4096 || io % BANDWIDTH_UNIT != 0 {
+        if io < 4096 || !io.is_multiple_of(BANDWIDTH_UNIT) {
             return Err(Error::OutOfRange {
                 key: "qos.io_size",
                 value: io.to_string(),

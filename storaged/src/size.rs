@@ -83,7 +83,7 @@ impl FromStr for ByteSize {
             let frac_val: u128 = frac.parse().map_err(|_| Error::Malformed(s.to_string()))?;
             let scale = 10u128.pow(frac.len() as u32);
             let frac_bytes = frac_val * u128::from(mult);
-            if frac_bytes % scale != 0 {
+            if !frac_bytes.is_multiple_of(scale) {
                 return Err(Error::Fractional(s.to_string()));
             }
             let total = whole
@@ -113,7 +113,7 @@ impl fmt::Display for ByteSize {
             ("KiB", 1 << 10),
         ];
         for (name, mult) in UNITS {
-            if self.0 >= mult && self.0 % mult == 0 {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{}", self.0 / mult, name);
             }
         }

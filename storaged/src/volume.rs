@@ -153,7 +153,7 @@ pub fn validate_size(size: u64) -> Result<(), Error> {
     if size == 0 {
         return Err(Error::ZeroSize);
     }
-    if size % SIZE_ALIGNMENT != 0 {
+    if !size.is_multiple_of(SIZE_ALIGNMENT) {
         return Err(Error::UnalignedSize(size));
     }
     Ok(())

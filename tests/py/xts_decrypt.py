@@ -1,36 +1,26 @@
 """Independent check of storaged's on-disk encryption format, with Python's `cryptography`.
 
-Unwraps a volume's DEK from the catalog with the KEK file (AES-256-GCM, the volume id as
-associated data), decrypts the backing file as dm-crypt's aes-xts-plain64 with 4096-byte
-sectors and large-sector IVs (tweak = unit index, 16 bytes little-endian), and compares it
-unit by unit with the expected plaintext image. All-zero units on disk (never written) must be
-all zeros in the expected image.
+Decrypts a backing file with a volume's DEK (as scripts/unwrap-dek writes it) as dm-crypt's
+aes-xts-plain64 with 4096-byte sectors and large-sector IVs (tweak = unit index, 16 bytes
+little-endian), and compares it unit by unit with the expected plaintext image. All-zero
+units on disk (never written) must be all zeros in the expected image.
 
-Usage: xts_decrypt.py CATALOG VOLUME_NAME KEY_DIR BACKING EXPECTED_IMAGE
+Usage: xts_decrypt.py DEK_FILE BACKING EXPECTED_IMAGE
 Prints "units compared: N, decrypted: M" and exits 0 when everything matches.
 """
 
-import json
-import os
 import sys
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 UNIT = 4096
 
 
 def main():
-    catalog, name, key_dir, backing, expected_path = sys.argv[1:6]
-    with open(catalog) as f:
-        vol = next(v for v in json.load(f)["volumes"] if v["name"] == name)
-    enc = vol["encryption"]
-    assert enc["cipher"] == "aes-xts-plain64" and enc["wrap"] == "aes-256-gcm", enc
-    with open(os.path.join(key_dir, enc["kek_id"] + ".key")) as f:
-        kek = bytes.fromhex(f.read().strip())
-    dek = AESGCM(kek).decrypt(bytes.fromhex(enc["nonce"]), bytes.fromhex(enc["wrapped_dek"]),
-                              vol["id"].encode())
-    assert len(dek) == 64
+    dek_path, backing, expected_path = sys.argv[1:4]
+    with open(dek_path, "rb") as f:
+        dek = f.read()
+    assert len(dek) == 64, len(dek)
     with open(backing, "rb") as f:
         disk = f.read()
     with open(expected_path, "rb") as f:

@@ -48,14 +48,41 @@ fn write_blocks(c: &mut BlkClient, size: u64, blocks: &[u64]) -> Vec<u8> {
     image
 }
 
+/// The operator's emergency path: `scripts/unwrap-dek` writes the DEK from the catalog and KEK
+/// file, then Python's `cryptography` decrypts the backing file as dm-crypt would.
 fn decrypt_with_python(s: &Storaged, name: &str, backing: &Path, image: &[u8]) -> String {
-    let expected = s.data_dir.join("expected.img");
+    let scratch = tempfile::tempdir().unwrap();
+    let dek = scratch.path().join("dek.bin");
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/unwrap-dek"
+        ))
+        .arg("--data-dir")
+        .arg(&s.data_dir)
+        .arg(name)
+        .arg(&dek)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "unwrap-dek: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("cryptsetup open --type plain --cipher aes-xts-plain64"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::metadata(&dek).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let expected = scratch.path().join("expected.img");
     std::fs::write(&expected, image).unwrap();
     let out = Command::new(python())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/xts_decrypt.py"))
-        .arg(s.data_dir.join("catalog.json"))
-        .arg(name)
-        .arg(s.data_dir.join("keys"))
+        .arg(&dek)
         .arg(backing)
         .arg(&expected)
         .output()
@@ -363,7 +390,7 @@ fn bad_encryption_requests_are_refused() {
 }
 
 #[test]
-fn key_material_never_reaches_the_log() {
+fn key_material_never_reaches_the_log_or_a_core_dump() {
     let s = Storaged::start();
     s.create_volume(r#"{"name":"k","size":"1MiB"}"#);
     let keys = s.data_dir.join("keys");
@@ -372,4 +399,13 @@ fn key_material_never_reaches_the_log() {
     let log = s.log_text();
     assert!(!log.contains(kek.trim()), "the KEK is in the log");
     assert!(!log.contains(&kek.trim()[..16]));
+    // No core dumps: storaged set its core size limit, soft and hard, to 0.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
+    let core: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!((core[4], core[5]), ("0", "0"), "{core:?}");
 }

@@ -361,7 +361,7 @@ impl QueueEngine {
                 std::hint::spin_loop();
                 idle_spins += 1;
                 // The clock is read every few idle rounds only: it costs more than a round.
-                if idle_spins % 16 == 0 && last_work.elapsed() >= window {
+                if idle_spins.is_multiple_of(16) && last_work.elapsed() >= window {
                     break;
                 }
             }
@@ -612,7 +612,7 @@ impl QueueEngine {
                     return false;
                 };
                 let ptr = slice.ptr_guard_mut().as_ptr();
-                if direct && (ptr as usize % align != 0 || slice.len() % align != 0) {
+                if direct && (!(ptr as usize).is_multiple_of(align) || slice.len() % align != 0) {
                     aligned = false;
                 }
                 iovecs.push(libc::iovec {

@@ -342,13 +342,13 @@ fn rw_request(
         return Err((VIRTIO_BLK_S_IOERR, RequestError::TooLarge(len)));
     }
     let bs = u64::from(limits.block_size);
-    if len % bs != 0 {
+    if !len.is_multiple_of(bs) {
         return Err((
             VIRTIO_BLK_S_IOERR,
             RequestError::UnalignedLength(len, limits.block_size),
         ));
     }
-    if (sector << SECTOR_SHIFT) % bs != 0 {
+    if !(sector << SECTOR_SHIFT).is_multiple_of(bs) {
         return Err((
             VIRTIO_BLK_S_IOERR,
             RequestError::UnalignedSector(sector, limits.block_size),
@@ -369,7 +369,10 @@ fn segment_request<M: GuestMemory + ?Sized>(
     }
     let len = total(payload);
     let count = len / DISCARD_SEGMENT_LEN;
-    if len == 0 || len % DISCARD_SEGMENT_LEN != 0 || count > u64::from(limits.max_discard_seg) {
+    if len == 0
+        || !len.is_multiple_of(DISCARD_SEGMENT_LEN)
+        || count > u64::from(limits.max_discard_seg)
+    {
         return Err((VIRTIO_BLK_S_IOERR, RequestError::BadSegmentPayload(len)));
     }
     let mut bytes = vec![0u8; len as usize];

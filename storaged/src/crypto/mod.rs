@@ -11,10 +11,13 @@
 //! plain volume; `cryptsetup` would show such units as noise, which is what dm-crypt shows for
 //! never-written sectors too.
 //!
-//! On a CPU with AES-NI, [`ni`] runs eight blocks at a time through the rounds with the tweak
-//! whitening fused in (about 1.8× the speed of whitening around the `aes` crate's bulk call,
-//! see scripts/bench-storage). Elsewhere the `aes` crate does the rounds. `xts-mode`, one block
-//! at a time, is the reference the tests compare both against, with the IEEE 1619 vectors.
+//! Engines, chosen at run time by what the CPU has: VAES on AVX-512 (`ni::wide`: sixteen blocks
+//! in four 512-bit registers), AES-NI (`ni`: eight blocks in flight), both with the tweak
+//! whitening fused into the first and last rounds; elsewhere the `aes` crate does the rounds
+//! (all tweaks first, then one bulk call). On the benchmark host (scripts/bench-storage) that
+//! is about 16.5, 7 and 4.4 GB/s per core at 4 KiB units, against OpenSSL 3.0's 7.5.
+//! `xts-mode`, one block at a time, is the reference the tests compare every engine against,
+//! with the IEEE 1619 vectors.
 
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
@@ -83,9 +86,9 @@ mod ni;
 pub struct Xts(Engine);
 
 enum Engine {
-    /// AES-NI, checked at construction.
+    /// AES-NI, checked at construction; `wide`: VAES on AVX-512 too.
     #[cfg(target_arch = "x86_64")]
-    Ni(Box<ni::Keys>),
+    Ni { keys: Box<ni::Keys>, wide: bool },
     /// The `aes` crate (its `zeroize` feature wipes the key schedules).
     Soft(Box<(Aes256, Aes256)>),
 }
@@ -98,8 +101,11 @@ impl Xts {
             let (Ok(k1), Ok(k2)) = (<&[u8; 32]>::try_from(k1), <&[u8; 32]>::try_from(k2)) else {
                 unreachable!("a DEK is two 32-byte keys");
             };
+            let wide = std::arch::is_x86_feature_detected!("vaes")
+                && std::arch::is_x86_feature_detected!("avx512f");
             // SAFETY: the CPU has AES-NI (checked just above).
-            return Xts(Engine::Ni(Box::new(unsafe { ni::Keys::new(k1, k2) })));
+            let keys = Box::new(unsafe { ni::Keys::new(k1, k2) });
+            return Xts(Engine::Ni { keys, wide });
         }
         Xts::portable(key)
     }
@@ -155,8 +161,16 @@ impl Xts {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AES-NI keys exist only on CPUs that have it; `src + off` is readable
                 // for UNIT bytes (the caller's contract) and `d` is UNIT writable bytes.
-                Engine::Ni(keys) => unsafe {
-                    ni::xts(keys, src.add(off), d.as_mut_ptr(), UNIT / 16, index, false)
+                Engine::Ni { keys, wide } => unsafe {
+                    ni_xts(
+                        keys,
+                        *wide,
+                        src.add(off),
+                        d.as_mut_ptr(),
+                        UNIT / 16,
+                        index,
+                        false,
+                    )
                 },
                 _ => {
                     // SAFETY: as above; copy_nonoverlapping reads through the raw pointer.
@@ -190,7 +204,9 @@ impl Xts {
             match &self.0 {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AES-NI keys exist only on CPUs that have it; see above for `d`.
-                Engine::Ni(keys) => unsafe { ni::xts(keys, s.as_ptr(), d, UNIT / 16, index, true) },
+                Engine::Ni { keys, wide } => unsafe {
+                    ni_xts(keys, *wide, s.as_ptr(), d, UNIT / 16, index, true)
+                },
                 _ => {
                     let mut tmp = [0u8; UNIT];
                     tmp.copy_from_slice(s);
@@ -207,9 +223,9 @@ impl Xts {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Ni` keys exist only on CPUs with AES-NI (see `Xts::new`); src and dst
             // are the same `unit.len()` bytes.
-            Engine::Ni(keys) => unsafe {
+            Engine::Ni { keys, wide } => unsafe {
                 let p = unit.as_mut_ptr();
-                ni::xts(keys, p, p, unit.len() / 16, index, decrypt)
+                ni_xts(keys, *wide, p, p, unit.len() / 16, index, decrypt)
             },
             Engine::Soft(keys) => {
                 let (data, tweak) = &**keys;
@@ -223,9 +239,32 @@ impl Xts {
     }
 }
 
+/// The AES-NI engines: VAES for whole 16-block groups when the CPU has it.
+///
+/// # Safety
+/// As for [`ni::xts`]; `wide` only if the CPU has VAES and AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn ni_xts(
+    keys: &ni::Keys,
+    wide: bool,
+    src: *const u8,
+    dst: *mut u8,
+    n: usize,
+    index: u128,
+    decrypt: bool,
+) {
+    if wide && n.is_multiple_of(16) {
+        // SAFETY: the caller's contract, and `wide` says the CPU has VAES and AVX-512F.
+        unsafe { ni::wide::xts(keys, src, dst, n, index, decrypt) }
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { ni::xts(keys, src, dst, n, index, decrypt) }
+    }
+}
+
 /// XTS around the `aes` crate: all tweaks first, then the rounds over all blocks in one call.
 fn soft(tweak_cipher: &Aes256, unit: &mut [u8], index: u128, cipher: impl FnOnce(&mut [Block])) {
-    debug_assert!(unit.len() % 16 == 0 && unit.len() <= UNIT);
+    debug_assert!(unit.len().is_multiple_of(16) && unit.len() <= UNIT);
     let n = unit.len() / 16;
     let mut t = Block::from(index.to_le_bytes());
     tweak_cipher.encrypt_block(&mut t);
@@ -279,7 +318,12 @@ static REDUCE8: [u16; 256] = {
     table
 };
 
+/// Whether a unit is all zeros. Ciphertext almost never starts with 16 zero bytes, so the
+/// first block decides quickly, without a pass over the unit (the decryption makes that pass).
 fn is_zero(buf: &[u8]) -> bool {
+    if buf.iter().take(16).any(|b| *b != 0) {
+        return false;
+    }
     let (head, words, tail) = {
         // SAFETY: any byte pattern is a valid u64; align_to only reinterprets aligned words.
         unsafe { buf.align_to::<u64>() }
@@ -333,9 +377,18 @@ mod tests {
         (0..512).map(|i| i as u8).collect()
     }
 
-    /// Both engines: AES-NI (where the CPU has it) and the `aes` crate.
-    fn engines(key: &Dek) -> [Xts; 2] {
-        [Xts::new(key), Xts::portable(key)]
+    /// Every engine this CPU can run: VAES, AES-NI and the `aes` crate.
+    fn engines(key: &Dek) -> Vec<Xts> {
+        let mut all = vec![Xts::new(key), Xts::portable(key)];
+        #[cfg(target_arch = "x86_64")]
+        if let Xts(Engine::Ni { wide: true, .. }) = &all[0] {
+            let mut narrow = Xts::new(key);
+            if let Engine::Ni { wide, .. } = &mut narrow.0 {
+                *wide = false;
+            }
+            all.push(narrow);
+        }
+        all
     }
 
     #[test]
