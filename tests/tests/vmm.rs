@@ -1,0 +1,137 @@
+//! The `vmm` binary with small guests written in assembly (images/guests/, built by
+//! tests/build.rs): how a VM starts, talks on its serial port, and ends; and the command
+//! lines it refuses before starting a guest.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use storaged_tests::bin;
+
+fn guest(name: &str) -> PathBuf {
+    PathBuf::from(env!("GUEST_DIR")).join(format!("{name}.elf"))
+}
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(bin("vmm")).args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn a_guest_prints_on_the_serial_port_and_its_reset_ends_the_vmm_with_0() {
+    let k = guest("hello");
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from the test guest\n");
+    let log = text(&out.stderr);
+    assert!(log.contains("starting guest"), "{log}");
+    assert!(log.contains("first serial byte"), "{log}");
+}
+
+#[test]
+fn serial_output_can_go_to_a_file_and_several_vcpus_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let console = tmp.path().join("console.log");
+    let k = guest("hello");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--serial",
+        console.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "hello from the test guest\n"
+    );
+}
+
+#[test]
+fn a_triple_fault_ends_the_vmm_with_3() {
+    let k = guest("crash");
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("guest crashed"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn sigterm_ends_the_vmm_with_143() {
+    let k = guest("spin");
+    let tmp = tempfile::tempdir().unwrap();
+    let console = tmp.path().join("console.log");
+    let mut child = Command::new(bin("vmm"))
+        .args(["--kernel", k.to_str().unwrap(), "--memory", "64MiB"])
+        .arg("--serial")
+        .arg(&console)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&console).unwrap_or_default() != "spinning\n" {
+        assert!(Instant::now() < deadline, "the guest did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill takes a pid and a signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+}
+
+#[test]
+fn bad_command_lines_are_refused_before_the_guest_starts_with_exit_code_2() {
+    let k = guest("hello");
+    let k = k.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let not_a_kernel = tmp.path().join("notes.txt");
+    std::fs::write(&not_a_kernel, "just text").unwrap();
+    let cases: [(Vec<&str>, &str); 8] = [
+        (
+            vec!["--kernel", k, "--vcpus", "0"],
+            "--vcpus must be between 1",
+        ),
+        (
+            vec!["--kernel", k, "--vcpus", "1000"],
+            "--vcpus must be between 1",
+        ),
+        (
+            vec!["--kernel", k, "--memory", "8MiB"],
+            "less than the 16 MiB",
+        ),
+        (
+            vec!["--kernel", k, "--memory", "100000GiB"],
+            "more than the",
+        ),
+        (vec!["--kernel", k, "--memory", "lots"], "is not a size"),
+        (
+            vec!["--kernel", not_a_kernel.to_str().unwrap()],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            vec!["--kernel", "/nonexistent/vmlinuz"],
+            "Cannot open /nonexistent/vmlinuz",
+        ),
+        (
+            vec!["--kernel", k, "--initrd", "/nonexistent/initrd"],
+            "--initrd /nonexistent/initrd",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = vmm(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: '{err}' lacks '{needle}'");
+        assert!(!err.contains("starting guest"), "{args:?} started a guest");
+    }
+}

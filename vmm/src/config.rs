@@ -1,0 +1,165 @@
+//! What a VM is made of, from the command line, checked before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use crate::boot;
+use crate::layout::CMDLINE_MAX;
+
+/// Most vCPUs: APIC ids are 8 bits here.
+pub const MAX_VCPUS: u8 = 254;
+/// Least guest memory accepted.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// A configuration refused before the guest starts; the message says what and why.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--vcpus must be between 1 and {max} (got {got})")]
+    Vcpus { got: u32, max: u8 },
+    #[error("--memory '{0}' is not a size (e.g. 512MiB, 2GiB)")]
+    MemorySyntax(String),
+    #[error("--memory {got} bytes: {reason}")]
+    Memory { got: u64, reason: String },
+    #[error("--kernel: {0}")]
+    Kernel(#[source] boot::Error),
+    #[error("--initrd {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+    #[error("--cmdline is longer than {} bytes", CMDLINE_MAX - 1)]
+    Cmdline,
+    #[error("--serial {path}: {source}")]
+    Serial {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOut {
+    Stdout,
+    File(PathBuf),
+}
+
+/// A checked VM configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory: u64,
+    pub serial: SerialOut,
+}
+
+/// Parses "512MiB", "2G", "1073741824": binary units (K, M, G with or without "iB").
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
+/// Bytes of memory the host can give now (MemAvailable).
+pub fn host_available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked before the guest starts.
+    pub fn new(
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: &str,
+        vcpus: u32,
+        memory: &str,
+        serial: &str,
+        max_vcpus: usize,
+    ) -> Result<VmConfig, Error> {
+        let max = MAX_VCPUS.min(u8::try_from(max_vcpus).unwrap_or(u8::MAX));
+        if vcpus == 0 || vcpus > u32::from(max) {
+            return Err(Error::Vcpus { got: vcpus, max });
+        }
+        let memory_bytes =
+            parse_size(memory).ok_or_else(|| Error::MemorySyntax(memory.to_string()))?;
+        if memory_bytes < MIN_MEMORY {
+            return Err(Error::Memory {
+                got: memory_bytes,
+                reason: format!("less than the {} MiB a guest needs", MIN_MEMORY >> 20),
+            });
+        }
+        if memory_bytes % (2 << 20) != 0 {
+            return Err(Error::Memory {
+                got: memory_bytes,
+                reason: "not a multiple of 2 MiB".into(),
+            });
+        }
+        if let Some(avail) = host_available_memory() {
+            if memory_bytes > avail {
+                return Err(Error::Memory {
+                    got: memory_bytes,
+                    reason: format!("more than the {} MiB this host has available", avail >> 20),
+                });
+            }
+        }
+        boot::kernel_kind(kernel).map_err(Error::Kernel)?;
+        if let Some(i) = initrd {
+            if let Err(e) = std::fs::File::open(i) {
+                return Err(Error::Initrd {
+                    path: i.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        if cmdline.len() + 1 > CMDLINE_MAX {
+            return Err(Error::Cmdline);
+        }
+        let serial = match serial {
+            "stdout" => SerialOut::Stdout,
+            path => {
+                let path = PathBuf::from(path);
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|source| Error::Serial {
+                        path: path.clone(),
+                        source,
+                    })?;
+                SerialOut::File(path)
+            }
+        };
+        Ok(VmConfig {
+            kernel: kernel.to_owned(),
+            initrd: initrd.map(Path::to_owned),
+            cmdline: cmdline.to_string(),
+            vcpus: vcpus as u8,
+            memory: memory_bytes,
+            serial,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("lots"), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! Legacy devices on the port I/O bus: the 16550 UART at 0x3f8 (ttyS0, IRQ 4) and the i8042
+//! controller's reset line (a write of 0xfe to port 0x64 ends the VM, as a reboot).
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// First port of ttyS0 and its interrupt line.
+pub const SERIAL_PORT: u16 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+/// i8042 command port.
+pub const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// An interrupt line raised by writing an eventfd registered as a KVM irqfd.
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the serial console's output goes; the first byte is time-stamped for benchmarks.
+pub struct Console {
+    out: Box<dyn Write + Send>,
+    pub first_byte: Option<std::time::Instant>,
+}
+
+impl Console {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Console {
+            out,
+            first_byte: None,
+        }
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.first_byte.is_none() && !buf.is_empty() {
+            self.first_byte = Some(std::time::Instant::now());
+        }
+        let n = self.out.write(buf)?;
+        // Console output is line-buffered by nobody else: flush so a crash loses nothing.
+        self.out.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// What a port access asks of the VMM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    None,
+    /// The guest reset the machine through the i8042.
+    Reset,
+}
+
+/// The port I/O devices of a VM.
+pub struct PortBus {
+    pub serial: Serial<IrqLine, NoEvents, Console>,
+}
+
+impl PortBus {
+    pub fn new(irq: EventFd, console: Console) -> Self {
+        PortBus {
+            serial: Serial::new(IrqLine(irq), console),
+        }
+    }
+
+    pub fn read(&mut self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
+                data[0] = self.serial.read((p - SERIAL_PORT) as u8);
+            }
+            // i8042 status: nothing to read, ready for commands.
+            I8042_COMMAND if data.len() == 1 => data[0] = 0,
+            _ => {}
+        }
+    }
+
+    pub fn write(&mut self, port: u16, data: &[u8]) -> Action {
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
+                if let Err(e) = self.serial.write((p - SERIAL_PORT) as u8, data[0]) {
+                    tracing::debug!("serial write failed: {e:?}");
+                }
+                Action::None
+            }
+            I8042_COMMAND if data == [I8042_RESET] => Action::Reset,
+            _ => Action::None,
+        }
+    }
+}

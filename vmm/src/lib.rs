@@ -1,0 +1,29 @@
+//! A microVM monitor on the rust-vmm crates: KVM (`kvm-ioctls`), memfd-backed guest memory
+//! (`vm-memory`), the Linux boot protocol (`linux-loader`), a 16550 console (`vm-superio`).
+//!
+//! - [`config`]: the command line, checked before anything starts.
+//! - [`memory`], [`layout`]: guest memory and where things go in it.
+//! - [`boot`]: kernel, initrd, command line, zero page with the e820 map, page tables, GDT.
+//! - [`cpu`]: CPUID (per-vCPU topology, kvm_pvm masking), MSRs, FPU, LAPIC, boot registers.
+//! - [`devices`]: the serial port and the i8042 reset line.
+//! - [`vm`]: KVM setup, the vCPU threads and how the VM ends.
+
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod vm;
+
+/// An error and its causes, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,82 @@
+//! `vmm`: boots one microVM from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use vmm::config::VmConfig;
+
+/// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
+///
+/// Exit codes: 0 the guest reset or shut down; 1 the VMM failed; 2 the configuration was
+/// refused before the guest started; 3 the guest crashed (triple fault); 128+N stopped by
+/// signal N (SIGTERM: 143).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory, e.g. 512MiB or 2GiB (a multiple of 2 MiB).
+    #[arg(long, default_value = "512MiB")]
+    memory: String,
+    /// Serial console (ttyS0) output: "stdout" or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Log filter (tracing syntax), e.g. "info" or "vmm=debug".
+    #[arg(long, default_value = "info", env = "VMM_LOG")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let max_vcpus = kvm_ioctls::Kvm::new()
+        .map(|k| k.get_max_vcpus())
+        .unwrap_or(1);
+    let cfg = match VmConfig::new(
+        &args.kernel,
+        args.initrd.as_deref(),
+        &args.cmdline,
+        args.vcpus,
+        &args.memory,
+        &args.serial,
+        max_vcpus,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: {}", vmm::error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match vmm::vm::run(&cfg, started) {
+        Ok(exit) => {
+            match &exit {
+                vmm::vm::Exit::Crash(why) => {
+                    tracing::error!(code = exit.code(), "guest crashed: {why}")
+                }
+                _ => tracing::info!(?exit, code = exit.code(), "VM ended"),
+            }
+            ExitCode::from(exit.code() as u8)
+        }
+        Err(e) => {
+            eprintln!("vmm: {}", vmm::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! A running VM: KVM with an in-kernel irqchip and PIT, memfd guest memory, one thread per
+//! vCPU, legacy devices on the port bus. Ends on a guest reset, a crash, or a signal.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{SerialOut, VmConfig};
+use crate::devices::{Action, Console, PortBus, SERIAL_IRQ};
+use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
+use crate::{boot, cpu, memory};
+
+/// Errors starting or running the VM (the configuration was already checked).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("KVM: {0}")]
+    KvmSetup(&'static str, #[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error("Cannot open the serial output")]
+    Serial(#[source] std::io::Error),
+    #[error("Cannot set up an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Cannot start vCPU thread")]
+    Thread(#[source] std::io::Error),
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest reset the machine (i8042) or shut it down.
+    Reset,
+    /// The guest crashed (triple fault) or KVM could not run it.
+    Crash(String),
+    /// A signal (SIGTERM, SIGINT) stopped the VMM.
+    Signal(i32),
+}
+
+impl Exit {
+    /// The process exit code for this end (see the README): 0 guest reset or shutdown,
+    /// 3 guest crash, 128 + n for signal n.
+    pub fn code(&self) -> i32 {
+        match self {
+            Exit::Reset => 0,
+            Exit::Crash(_) => 3,
+            Exit::Signal(n) => 128 + n,
+        }
+    }
+}
+
+/// The first end reported wins; the main thread is woken through the eventfd.
+struct ExitLatch {
+    exit: Mutex<Option<Exit>>,
+    event: EventFd,
+}
+
+impl ExitLatch {
+    fn set(&self, e: Exit) {
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() {
+            *exit = Some(e);
+            let _ = self.event.write(1);
+        }
+    }
+}
+
+/// Boots the VM and runs it until it ends. `started` is when the process started, for the
+/// time-to-first-instruction log line.
+pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
+    // Block the stop signals in every thread; the main thread reads them from a signalfd.
+    let signals = block_stop_signals()?;
+
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| Error::KvmSetup("create VM", e))?;
+    vm.set_tss_address(KVM_TSS as usize)
+        .map_err(|e| Error::KvmSetup("TSS address", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP)
+        .map_err(|e| Error::KvmSetup("identity map address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| Error::KvmSetup("in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(|e| Error::KvmSetup("PIT", e))?;
+
+    let (mem, _memfd) = memory::create(cfg.memory)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of `region.len()` bytes that `mem` keeps for as
+        // long as the VM runs (this function owns both).
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| Error::KvmSetup("guest memory", e))?;
+    }
+    let entry = boot::load(
+        &mem,
+        cfg.memory,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        &cfg.cmdline,
+    )?;
+
+    let out: Box<dyn std::io::Write + Send> = match &cfg.serial {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .map_err(Error::Serial)?,
+        ),
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| Error::KvmSetup("serial irqfd", e))?;
+    let bus = Arc::new(Mutex::new(PortBus::new(serial_irq, Console::new(out))));
+
+    let pvm = cpu::host_is_pvm();
+    if pvm {
+        tracing::info!("host KVM is kvm_pvm: masking cmpxchg16b, the xsave family and AVX from the guest's CPUID");
+    }
+    let base = cpu::base_cpuid(&kvm, pvm)?;
+    let latch = Arc::new(ExitLatch {
+        exit: Mutex::new(None),
+        event: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+    });
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::KvmSetup("create vCPU", e))?;
+        cpu::configure(&vcpu, &base, id, cfg.vcpus)?;
+        if id == 0 {
+            cpu::set_boot_state(&vcpu, entry.rip)?;
+        }
+        vcpus.push(vcpu);
+    }
+    tracing::info!(
+        vcpus = cfg.vcpus,
+        memory = cfg.memory,
+        kernel = %cfg.kernel.display(),
+        entry = format_args!("{:#x}", entry.rip),
+        setup_us = started.elapsed().as_micros() as u64,
+        "starting guest"
+    );
+    let mut threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let bus = bus.clone();
+        let latch = latch.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(vcpu, id, &bus, &latch))
+            .map_err(Error::Thread)?;
+        threads.push(t);
+    }
+
+    let exit = wait(&latch, &signals);
+    if let Some(first) = bus
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .serial
+        .writer()
+        .first_byte
+    {
+        tracing::info!(
+            first_serial_byte_us = first.duration_since(started).as_micros() as u64,
+            "first serial byte"
+        );
+    }
+    // vCPU threads may be blocked in KVM_RUN; they end with the process.
+    Ok(exit)
+}
+
+fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, latch: &ExitLatch) {
+    loop {
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(port, data);
+                continue;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                match bus
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(port, data)
+                {
+                    Action::None => continue,
+                    Action::Reset => Exit::Reset,
+                }
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => continue,
+            Ok(VcpuExit::Shutdown) => {
+                Exit::Crash(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
+            }
+            // kvm_pvm reports a triple fault as an internal error.
+            Ok(VcpuExit::InternalError) => Exit::Crash(format!(
+                "vCPU {id}: KVM could not go on running the guest (KVM_EXIT_INTERNAL_ERROR)"
+            )),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                tracing::info!(vcpu = id, kind, "system event");
+                Exit::Reset
+            }
+            Ok(other) => Exit::Crash(format!("vCPU {id}: unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => Exit::Crash(format!("vCPU {id}: KVM_RUN failed: {e}")),
+        };
+        latch.set(exit);
+        return;
+    }
+}
+
+/// The signals that stop the VMM, blocked and readable from a signalfd.
+fn block_stop_signals() -> Result<std::fs::File, Error> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sigset_t is plain data; the libc calls only fill it and change this thread's
+    // mask (inherited by the threads spawned afterwards).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(Error::Signals(std::io::Error::last_os_error()));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(Error::Signals(std::io::Error::last_os_error()));
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
+    }
+}
+
+/// Waits for the VM's end: a vCPU reporting one, or a stop signal.
+fn wait(latch: &ExitLatch, signals: &std::fs::File) -> Exit {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: latch.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            // SAFETY: signalfd_siginfo is plain data, read whole from the signalfd.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            // SAFETY: reads at most size_of::<signalfd_siginfo>() bytes into `info`.
+            let r = unsafe {
+                libc::read(
+                    signals.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    std::mem::size_of::<libc::signalfd_siginfo>(),
+                )
+            };
+            if r > 0 {
+                let sig = info.ssi_signo as i32;
+                tracing::info!(signal = sig, "stopping on signal");
+                latch.set(Exit::Signal(sig));
+            }
+        }
+        if let Some(e) = latch.exit.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return e;
+        }
+    }
+}
