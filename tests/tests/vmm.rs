@@ -135,3 +135,28 @@ fn bad_command_lines_are_refused_before_the_guest_starts_with_exit_code_2() {
         assert!(!err.contains("starting guest"), "{args:?} started a guest");
     }
 }
+
+#[test]
+fn every_vcpu_comes_up_and_reports_its_apic_id() {
+    let k = guest("smp");
+    for n in [1u32, 2, 4] {
+        let out = vmm(&[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vcpus",
+            &n.to_string(),
+            "--memory",
+            "64MiB",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let console = text(&out.stdout);
+        let mut ups: Vec<&str> = console.lines().filter(|l| l.starts_with("cpu ")).collect();
+        ups.sort();
+        let want: Vec<String> = (0..n).map(|i| format!("cpu {i} up")).collect();
+        assert_eq!(ups, want, "{console}");
+        assert!(
+            console.ends_with(&format!("all {n} cpus up\n")),
+            "{console}"
+        );
+    }
+}
