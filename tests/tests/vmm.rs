@@ -160,3 +160,64 @@ fn every_vcpu_comes_up_and_reports_its_apic_id() {
         );
     }
 }
+
+/// The Debian cloud kernel (decompressed by images/build) prints its first boot messages on
+/// our console: this machine's KVM runs it emulated, so it is watched only until it has shown
+/// that it found our boot data, then stopped.
+#[test]
+fn the_debian_cloud_kernel_shows_our_e820_map_acpi_tables_and_cpus() {
+    let kernel = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../images/out/vmlinux"
+    ));
+    assert!(
+        kernel.exists(),
+        "{} is missing: run images/build (scripts/test does)",
+        kernel.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let console = tmp.path().join("console.log");
+    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 smoketest=1";
+    let mut child = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--vcpus", "2", "--memory", "512MiB", "--cmdline", cmdline])
+        .arg("--serial")
+        .arg(&console)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let needles = [
+        "Linux version 6.".to_string(),
+        format!("Command line: {cmdline}"),
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable".into(),
+        "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved".into(),
+        "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable".into(),
+        "ACPI: RSDP 0x00000000000E0000".into(),
+        "ACPI: XSDT".into(),
+        "ACPI: FACP".into(),
+        "ACPI: DSDT".into(),
+        "ACPI: APIC".into(),
+        "Allowing 2 CPUs".into(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let seen = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        let missing: Vec<&String> = needles
+            .iter()
+            .filter(|n| !text.contains(n.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break Ok(());
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break Err(format!("missing {missing:?} in:\n{text}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = seen {
+        panic!("{e}");
+    }
+}

@@ -90,6 +90,7 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    rsdp: u64,
 ) -> Result<Entry, Error> {
     let name = kernel.display().to_string();
     let kind = kernel_kind(kernel)?;
@@ -160,6 +161,7 @@ pub fn load(
         };
     }
     params.e820_entries = e820.len() as u8;
+    params.acpi_rsdp_addr = rsdp;
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
         .map_err(Error::Write)?;
     write_page_tables(mem)?;

@@ -3,11 +3,13 @@
 //!
 //! - [`config`]: the command line, checked before anything starts.
 //! - [`memory`], [`layout`]: guest memory and where things go in it.
+//! - [`acpi`]: RSDP, XSDT, FADT (hardware-reduced), MADT, DSDT.
 //! - [`boot`]: kernel, initrd, command line, zero page with the e820 map, page tables, GDT.
 //! - [`cpu`]: CPUID (per-vCPU topology, kvm_pvm masking), MSRs, FPU, LAPIC, boot registers.
 //! - [`devices`]: the serial port and the i8042 reset line.
 //! - [`vm`]: KVM setup, the vCPU threads and how the VM ends.
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod cpu;

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{SerialOut, VmConfig};
 use crate::devices::{Action, Console, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
-use crate::{boot, cpu, memory};
+use crate::{acpi, boot, cpu, memory};
 
 /// Errors starting or running the VM (the configuration was already checked).
 #[derive(Debug, thiserror::Error)]
@@ -112,12 +112,14 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
         // long as the VM runs (this function owns both).
         unsafe { vm.set_user_memory_region(r) }.map_err(|e| Error::KvmSetup("guest memory", e))?;
     }
+    let rsdp = acpi::write(&mem, cfg.vcpus).map_err(boot::Error::Write)?;
     let entry = boot::load(
         &mem,
         cfg.memory,
         &cfg.kernel,
         cfg.initrd.as_deref(),
         &cfg.cmdline,
+        rsdp,
     )?;
 
     let out: Box<dyn std::io::Write + Send> = match &cfg.serial {

@@ -1,0 +1,90 @@
+//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, MADT (a local APIC per
+//! vCPU, one IOAPIC) and a DSDT describing the serial port. Linux finds the RSDP in the BIOS
+//! area (0xe0000) and through the zero page.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::{SERIAL_IRQ, SERIAL_PORT};
+
+/// Where the RSDP goes (the start of the BIOS read-only area Linux scans).
+pub const RSDP_ADDR: u64 = 0xe_0000;
+/// The other tables follow it.
+const TABLES_START: u64 = 0xe_0100;
+/// Local APIC and IOAPIC addresses.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+
+const OEM_ID: [u8; 6] = *b"SOVIAS";
+const OEM_TABLE_ID: [u8; 8] = *b"VMM     ";
+
+/// Writes the tables for `vcpus` vCPUs; returns the RSDP's address.
+pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, vm_memory::GuestMemoryError> {
+    let mut at = TABLES_START;
+    let mut put = |bytes: &[u8]| -> Result<u64, vm_memory::GuestMemoryError> {
+        let addr = at;
+        mem.write_slice(bytes, GuestAddress(addr))?;
+        at = (at + bytes.len() as u64 + 7) & !7;
+        Ok(addr)
+    };
+
+    let dsdt = put(dsdt().as_slice())?;
+
+    let fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
+        .dsdt_64(dsdt)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::Headless)
+        .finalize();
+    let fadt = put(&bytes_of(&fadt))?;
+
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        1,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(0, IOAPIC_ADDR, 0));
+    let madt = put(&bytes_of(&madt))?;
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
+    xsdt.add_entry(fadt);
+    xsdt.add_entry(madt);
+    let xsdt = put(&bytes_of(&xsdt))?;
+
+    let rsdp = Rsdp::new(OEM_ID, xsdt);
+    mem.write_slice(&bytes_of(&rsdp), GuestAddress(RSDP_ADDR))?;
+    Ok(RSDP_ADDR)
+}
+
+fn bytes_of(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: the 16550 at 0x3f8, IRQ 4.
+fn dsdt() -> Sdt {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
+    let hid = aml::EISAName::new("PNP0501");
+    let io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
+    dsdt.append_slice(&bytes_of(&com1));
+    dsdt
+}
