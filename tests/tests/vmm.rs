@@ -221,3 +221,52 @@ fn the_debian_cloud_kernel_shows_our_e820_map_acpi_tables_and_cpus() {
         panic!("{e}");
     }
 }
+
+#[test]
+fn a_guest_driver_writes_flushes_and_reads_a_storaged_volume_through_virtio_mmio() {
+    let s = storaged_tests::Storaged::start();
+    s.create_volume(r#"{"name":"vda","size":"64MiB"}"#);
+    let socket = s.socket_of("vda");
+    let k = guest("virtio_blk");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--disk",
+        &format!("socket={}", socket.display()),
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "virtio-blk: PASS\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // What the guest wrote to sector 8 is on the volume, as the blkio client reads it.
+    let mut c = storaged_tests::connect_retry(&socket, 1);
+    let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
+    assert_eq!(c.read(0, 8 * 512, 4096).unwrap(), want);
+}
+
+#[test]
+fn a_disk_nobody_serves_is_refused_with_exit_code_2() {
+    let k = guest("hello");
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("nobody.sock");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--disk",
+        &format!("socket={}", sock.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nobody serves"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--disk", "path=/x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("expected socket=PATH"));
+}

@@ -25,8 +25,13 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 const OEM_ID: [u8; 6] = *b"SOVIAS";
 const OEM_TABLE_ID: [u8; 8] = *b"VMM     ";
 
-/// Writes the tables for `vcpus` vCPUs; returns the RSDP's address.
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, vm_memory::GuestMemoryError> {
+/// Writes the tables for `vcpus` vCPUs and the virtio-mmio devices at `mmio` (base, GSI);
+/// returns the RSDP's address.
+pub fn write(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    mmio: &[(u64, u32)],
+) -> Result<u64, vm_memory::GuestMemoryError> {
     let mut at = TABLES_START;
     let mut put = |bytes: &[u8]| -> Result<u64, vm_memory::GuestMemoryError> {
         let addr = at;
@@ -35,7 +40,7 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, vm_memory::GuestMe
         Ok(addr)
     };
 
-    let dsdt = put(dsdt().as_slice())?;
+    let dsdt = put(dsdt(mmio).as_slice())?;
 
     let fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
         .dsdt_64(dsdt)
@@ -74,8 +79,9 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: the 16550 at 0x3f8, IRQ 4.
-fn dsdt() -> Sdt {
+/// The DSDT: the 16550 at 0x3f8, IRQ 4, and each virtio-mmio device (`LNRO0005`, which
+/// Linux's virtio_mmio driver matches).
+fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
     let hid = aml::EISAName::new("PNP0501");
     let io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
@@ -86,5 +92,19 @@ fn dsdt() -> Sdt {
     let name_crs = aml::Name::new("_CRS".into(), &crs);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
     dsdt.append_slice(&bytes_of(&com1));
+    for (i, (base, irq)) in mmio.iter().enumerate() {
+        let path = format!("_SB_.V{i:03X}");
+        let hid = aml::AmlStr::from("LNRO0005");
+        let uid = aml::Usize::from(i);
+        let mem32 =
+            aml::Memory32Fixed::new(true, *base as u32, crate::virtio_mmio::MMIO_SIZE as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, *irq);
+        let crs = aml::ResourceTemplate::new(vec![&mem32, &irq]);
+        let name_hid = aml::Name::new("_HID".into(), &hid);
+        let name_uid = aml::Name::new("_UID".into(), &uid);
+        let name_crs = aml::Name::new("_CRS".into(), &crs);
+        let dev = aml::Device::new(path.as_str().into(), vec![&name_hid, &name_uid, &name_crs]);
+        dsdt.append_slice(&bytes_of(&dev));
+    }
     dsdt
 }

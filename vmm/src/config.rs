@@ -25,6 +25,8 @@ pub enum Error {
     Initrd { path: PathBuf, reason: String },
     #[error("--cmdline is longer than {} bytes", CMDLINE_MAX - 1)]
     Cmdline,
+    #[error("--disk '{0}': expected socket=PATH[,readonly]")]
+    Disk(String),
     #[error("--serial {path}: {source}")]
     Serial {
         path: PathBuf,
@@ -40,6 +42,45 @@ pub enum SerialOut {
     File(PathBuf),
 }
 
+/// A vhost-user-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub socket: PathBuf,
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// Parses `socket=PATH[,readonly]`.
+    pub fn parse(s: &str) -> Result<DiskConfig, Error> {
+        let mut socket = None;
+        let mut read_only = false;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                None if part == "readonly" => read_only = true,
+                _ => return Err(Error::Disk(s.to_string())),
+            }
+        }
+        let socket = socket.ok_or_else(|| Error::Disk(s.to_string()))?;
+        Ok(DiskConfig { socket, read_only })
+    }
+}
+
+/// Most disks (virtio-mmio windows and interrupt lines 5..).
+pub const MAX_DISKS: usize = 16;
+
+/// The VM as the command line describes it, unchecked.
+#[derive(Clone, Copy, Debug)]
+pub struct Args<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub vcpus: u32,
+    pub memory: &'a str,
+    pub serial: &'a str,
+    pub disks: &'a [String],
+}
+
 /// A checked VM configuration.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -49,6 +90,7 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub memory: u64,
     pub serial: SerialOut,
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Parses "512MiB", "2G", "1073741824": binary units (K, M, G with or without "iB").
@@ -77,15 +119,26 @@ pub fn host_available_memory() -> Option<u64> {
 
 impl VmConfig {
     /// Checks everything that can be checked before the guest starts.
-    pub fn new(
-        kernel: &Path,
-        initrd: Option<&Path>,
-        cmdline: &str,
-        vcpus: u32,
-        memory: &str,
-        serial: &str,
-        max_vcpus: usize,
-    ) -> Result<VmConfig, Error> {
+    pub fn new(args: &Args<'_>, max_vcpus: usize) -> Result<VmConfig, Error> {
+        let Args {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            memory,
+            serial,
+            disks,
+        } = *args;
+        let disks = disks
+            .iter()
+            .map(|d| DiskConfig::parse(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        if disks.len() > MAX_DISKS {
+            return Err(Error::Disk(format!(
+                "{} disks (at most {MAX_DISKS})",
+                disks.len()
+            )));
+        }
         let max = MAX_VCPUS.min(u8::try_from(max_vcpus).unwrap_or(u8::MAX));
         if vcpus == 0 || vcpus > u32::from(max) {
             return Err(Error::Vcpus { got: vcpus, max });
@@ -146,6 +199,7 @@ impl VmConfig {
             vcpus: vcpus as u8,
             memory: memory_bytes,
             serial,
+            disks,
         })
     }
 }
@@ -161,5 +215,16 @@ mod tests {
         assert_eq!(parse_size("4096"), Some(4096));
         assert_eq!(parse_size("1.5G"), None);
         assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn disks_parse_with_their_options() {
+        let d = DiskConfig::parse("socket=/run/db1.sock,readonly").unwrap();
+        assert_eq!(d.socket, PathBuf::from("/run/db1.sock"));
+        assert!(d.read_only);
+        assert!(!DiskConfig::parse("socket=/a").unwrap().read_only);
+        assert!(DiskConfig::parse("path=/a").is_err());
+        assert!(DiskConfig::parse("socket=").is_err());
+        assert!(DiskConfig::parse("socket=/a,fast").is_err());
     }
 }

@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod virtio_mmio;
 pub mod vm;
 
 /// An error and its causes, one line.

@@ -30,6 +30,10 @@ struct Args {
     /// Guest memory, e.g. 512MiB or 2GiB (a multiple of 2 MiB).
     #[arg(long, default_value = "512MiB")]
     memory: String,
+    /// A vhost-user-blk disk (virtio-mmio): socket=PATH[,readonly]. Repeat for more disks;
+    /// the first is /dev/vda.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
     /// Serial console (ttyS0) output: "stdout" or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -49,15 +53,16 @@ fn main() -> ExitCode {
     let max_vcpus = kvm_ioctls::Kvm::new()
         .map(|k| k.get_max_vcpus())
         .unwrap_or(1);
-    let cfg = match VmConfig::new(
-        &args.kernel,
-        args.initrd.as_deref(),
-        &args.cmdline,
-        args.vcpus,
-        &args.memory,
-        &args.serial,
-        max_vcpus,
-    ) {
+    let request = vmm::config::Args {
+        kernel: &args.kernel,
+        initrd: args.initrd.as_deref(),
+        cmdline: &args.cmdline,
+        vcpus: args.vcpus,
+        memory: &args.memory,
+        serial: &args.serial,
+        disks: &args.disks,
+    };
+    let cfg = match VmConfig::new(&request, max_vcpus) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {}", vmm::error_chain(&e));
@@ -76,7 +81,12 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("vmm: {}", vmm::error_chain(&e));
-            ExitCode::FAILURE
+            // A disk nobody serves is bad input, found before the guest starts.
+            if e.before_guest() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{SerialOut, VmConfig};
 use crate::devices::{Action, Console, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
+use crate::virtio_mmio::{self, BlkDevice};
 use crate::{acpi, boot, cpu, memory};
 
 /// Errors starting or running the VM (the configuration was already checked).
@@ -36,6 +37,15 @@ pub enum Error {
     Thread(#[source] std::io::Error),
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] virtio_mmio::Error),
+}
+
+impl Error {
+    /// A configuration problem found while setting up, before the guest ran.
+    pub fn before_guest(&self) -> bool {
+        matches!(self, Error::Disk(virtio_mmio::Error::Connect(..)))
+    }
 }
 
 /// Why the VM ended.
@@ -112,7 +122,14 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
         // long as the VM runs (this function owns both).
         unsafe { vm.set_user_memory_region(r) }.map_err(|e| Error::KvmSetup("guest memory", e))?;
     }
-    let rsdp = acpi::write(&mem, cfg.vcpus).map_err(boot::Error::Write)?;
+    let mut disks = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let dev = BlkDevice::connect(&d.socket, d.read_only, i as u32)?;
+        dev.register(&vm)?;
+        disks.push(dev);
+    }
+    let mmio: Vec<(u64, u32)> = disks.iter().map(|d| (d.base, d.irq)).collect();
+    let rsdp = acpi::write(&mem, cfg.vcpus, &mmio).map_err(boot::Error::Write)?;
     let entry = boot::load(
         &mem,
         cfg.memory,
@@ -165,13 +182,18 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
         setup_us = started.elapsed().as_micros() as u64,
         "starting guest"
     );
+    let mmio = Arc::new(MmioBus {
+        disks: disks.into_iter().map(Mutex::new).collect(),
+        mem: mem.clone(),
+    });
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let latch = latch.clone();
+        let mmio = mmio.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, id, &bus, &latch))
+            .spawn(move || vcpu_loop(vcpu, id, &bus, &mmio, &latch))
             .map_err(Error::Thread)?;
         threads.push(t);
     }
@@ -193,7 +215,36 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
     Ok(exit)
 }
 
-fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, latch: &ExitLatch) {
+/// The virtio-mmio devices, by address.
+struct MmioBus {
+    disks: Vec<Mutex<BlkDevice>>,
+    mem: vm_memory::GuestMemoryMmap,
+}
+
+impl MmioBus {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        for d in &self.disks {
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            if d.contains(addr) {
+                d.read(addr, data);
+                return;
+            }
+        }
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) {
+        for d in &self.disks {
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            if d.contains(addr) {
+                d.write(addr, data, &self.mem);
+                return;
+            }
+        }
+    }
+}
+
+fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, latch: &ExitLatch) {
     loop {
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -212,11 +263,15 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, latch: &ExitLatc
                     Action::Reset => Exit::Reset,
                 }
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                mmio.read(addr, data);
                 continue;
             }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => continue,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+                continue;
+            }
+            Ok(VcpuExit::Hlt) => continue,
             Ok(VcpuExit::Shutdown) => {
                 Exit::Crash(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
             }

@@ -1,0 +1,333 @@
+//! A virtio-blk device on the virtio-mmio transport (version 2) whose queues are served by a
+//! vhost-user-blk backend (storaged): the VMM only handles the transport registers; the
+//! backend reads the rings in the shared guest memory, is kicked through an ioeventfd and
+//! interrupts the guest through an irqfd, so I/O never passes through a VMM thread.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// First device's registers; each device has a 4 KiB window.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+pub const MMIO_SIZE: u64 = 0x1000;
+/// First device's interrupt line (GSI); the next ones follow.
+pub const FIRST_IRQ: u32 = 5;
+
+const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const INT_VRING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+/// Largest queue offered (libblkio and Linux both use up to 256).
+const QUEUE_MAX: u16 = 256;
+/// Config space bytes fetched from the backend (struct virtio_blk_config up to
+/// write_zeroes_may_unmap).
+const CONFIG_LEN: u32 = 60;
+
+/// Errors attaching or activating a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Disk {0}: nobody serves this vhost-user socket")]
+    Connect(PathBuf, #[source] vhost::Error),
+    #[error("Disk {0}: vhost-user {1} failed")]
+    Protocol(PathBuf, &'static str, #[source] vhost::Error),
+    #[error("Disk {0}: cannot set up eventfds")]
+    EventFd(PathBuf, #[source] std::io::Error),
+    #[error("Disk {0}: KVM {1}")]
+    Kvm(PathBuf, &'static str, #[source] kvm_ioctls::Error),
+    #[error("Disk {0}: queue {1} is not in guest memory")]
+    BadQueue(PathBuf, u32),
+}
+
+#[derive(Clone, Copy, Default)]
+struct Queue {
+    num: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// One vhost-user-blk disk on virtio-mmio.
+pub struct BlkDevice {
+    socket: PathBuf,
+    read_only: bool,
+    frontend: Frontend,
+    pub base: u64,
+    pub irq: u32,
+    device_features: u64,
+    features_sel: u32,
+    driver_features: u64,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    status: u32,
+    config: Vec<u8>,
+    kicks: Vec<EventFd>,
+    call: EventFd,
+    active: bool,
+    /// Requests the guest made on this disk's queue notification register (counter for the
+    /// API; only those that reached the VMM: ioeventfd catches the rest).
+    pub notifies: u64,
+}
+
+impl BlkDevice {
+    /// Connects to the backend and learns its features and configuration.
+    pub fn connect(socket: &Path, read_only: bool, index: u32) -> Result<BlkDevice, Error> {
+        let s = socket.to_owned();
+        let proto = |what| {
+            let s = s.clone();
+            move |e| Error::Protocol(s, what, e)
+        };
+        let mut frontend =
+            Frontend::connect(socket, 1).map_err(|e| Error::Connect(s.clone(), e))?;
+        frontend.set_owner().map_err(proto("SET_OWNER"))?;
+        let mut device_features = frontend.get_features().map_err(proto("GET_FEATURES"))?;
+        device_features &= !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if read_only {
+            device_features |= VIRTIO_BLK_F_RO;
+        }
+        let mut config = vec![0u8; CONFIG_LEN as usize];
+        let supported = frontend
+            .get_protocol_features()
+            .map_err(proto("GET_PROTOCOL_FEATURES"))?;
+        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        frontend
+            .set_protocol_features(supported & wanted)
+            .map_err(proto("SET_PROTOCOL_FEATURES"))?;
+        if supported.contains(VhostUserProtocolFeatures::CONFIG) {
+            let (_, payload) = frontend
+                .get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
+                .map_err(proto("GET_CONFIG"))?;
+            let n = payload.len().min(config.len());
+            config[..n].copy_from_slice(&payload[..n]);
+        }
+        let ev = |e| Error::EventFd(s.clone(), e);
+        Ok(BlkDevice {
+            socket: s.clone(),
+            read_only,
+            frontend,
+            base: MMIO_BASE + u64::from(index) * MMIO_SIZE,
+            irq: FIRST_IRQ + index,
+            device_features,
+            features_sel: 0,
+            driver_features: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            queues: vec![Queue::default(); 1],
+            status: 0,
+            config,
+            kicks: vec![EventFd::new(EFD_NONBLOCK).map_err(ev)?],
+            call: EventFd::new(EFD_NONBLOCK).map_err(ev)?,
+            active: false,
+            notifies: 0,
+        })
+    }
+
+    /// Wires the queue notification register to an ioeventfd and the interrupt to an irqfd.
+    pub fn register(&self, vm: &VmFd) -> Result<(), Error> {
+        for (i, kick) in self.kicks.iter().enumerate() {
+            vm.register_ioevent(kick, &IoEventAddress::Mmio(self.base + 0x50), i as u32)
+                .map_err(|e| Error::Kvm(self.socket.clone(), "ioeventfd", e))?;
+        }
+        vm.register_irqfd(&self.call, self.irq)
+            .map_err(|e| Error::Kvm(self.socket.clone(), "irqfd", e))
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.base..self.base + MMIO_SIZE).contains(&addr)
+    }
+
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        let offset = addr - self.base;
+        if offset >= 0x100 {
+            let start = (offset - 0x100) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        let q = self.queues.get(self.queue_sel as usize).copied();
+        let v: u32 = match offset {
+            0x000 => 0x7472_6976, // "virt"
+            0x004 => 2,
+            0x008 => VIRTIO_ID_BLOCK,
+            0x00c => 0x554d_4551, // vendor
+            0x010 => {
+                (self.device_features >> (32 * self.features_sel.min(1))) as u32
+                    & if self.features_sel > 1 { 0 } else { u32::MAX }
+            }
+            0x034 => q.map_or(0, |_| u32::from(QUEUE_MAX)),
+            0x044 => q.map_or(0, |q| u32::from(q.ready)),
+            // The backend signals the irqfd directly: whenever it fires, it is for the queue.
+            0x060 if self.active => INT_VRING,
+            0x070 => self.status,
+            0x0fc => 0,
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    pub fn write(&mut self, addr: u64, data: &[u8], mem: &GuestMemoryMmap) {
+        let offset = addr - self.base;
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let sel = self.queue_sel as usize;
+        let set_lo = |x: &mut u64, v: u32| *x = (*x & !0xffff_ffff) | u64::from(v);
+        let set_hi = |x: &mut u64, v: u32| *x = (*x & 0xffff_ffff) | (u64::from(v) << 32);
+        match offset {
+            0x014 => self.features_sel = v,
+            0x020 => match self.driver_features_sel {
+                0 => set_lo(&mut self.driver_features, v),
+                1 => set_hi(&mut self.driver_features, v),
+                _ => {}
+            },
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.num = (v as u16).min(QUEUE_MAX);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.ready = v == 1;
+                }
+            }
+            0x050 => self.notifies += 1,
+            0x064 => {
+                let _ = v & INT_CONFIG;
+            }
+            0x070 => self.set_status(v, mem),
+            0x080 => self.with_queue(sel, |q| set_lo(&mut q.desc, v)),
+            0x084 => self.with_queue(sel, |q| set_hi(&mut q.desc, v)),
+            0x090 => self.with_queue(sel, |q| set_lo(&mut q.avail, v)),
+            0x094 => self.with_queue(sel, |q| set_hi(&mut q.avail, v)),
+            0x0a0 => self.with_queue(sel, |q| set_lo(&mut q.used, v)),
+            0x0a4 => self.with_queue(sel, |q| set_hi(&mut q.used, v)),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, sel: usize, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.queues.get_mut(sel) {
+            f(q);
+        }
+    }
+
+    fn set_status(&mut self, v: u32, mem: &GuestMemoryMmap) {
+        if v == 0 {
+            // Device reset: the backend keeps its connection; queues are set up again.
+            self.status = 0;
+            self.driver_features = 0;
+            self.queues = vec![Queue::default(); self.queues.len()];
+            return;
+        }
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            // Features the device does not offer make FEATURES_OK fail.
+            if self.driver_features & !self.device_features != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        let became_ready = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        self.status = v;
+        if became_ready && !self.active {
+            match self.activate(mem) {
+                Ok(()) => self.active = true,
+                Err(e) => {
+                    tracing::error!("{}", crate::error_chain(&e));
+                    // DEVICE_NEEDS_RESET.
+                    self.status |= 0x40;
+                }
+            }
+        }
+    }
+
+    /// DRIVER_OK: hands the memory table and the rings to the backend.
+    fn activate(&mut self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        let s = self.socket.clone();
+        let proto = |what| {
+            let s = s.clone();
+            move |e| Error::Protocol(s, what, e)
+        };
+        let features = self.driver_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = if self.read_only {
+            features & !VIRTIO_BLK_F_RO
+        } else {
+            features
+        };
+        self.frontend
+            .set_features(features)
+            .map_err(proto("SET_FEATURES"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .filter_map(|r| {
+                let fo = r.file_offset()?;
+                Some(VhostUserMemoryRegionInfo {
+                    guest_phys_addr: r.start_addr().0,
+                    memory_size: r.len(),
+                    userspace_addr: r.as_ptr() as u64,
+                    mmap_offset: fo.start(),
+                    mmap_handle: fo.file().as_raw_fd(),
+                })
+            })
+            .collect();
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(proto("SET_MEM_TABLE"))?;
+        for (i, q) in self.queues.clone().iter().enumerate() {
+            if !q.ready {
+                continue;
+            }
+            let host = |a: u64| {
+                mem.get_host_address(GuestAddress(a))
+                    .map(|p| p as u64)
+                    .map_err(|_| Error::BadQueue(s.clone(), i as u32))
+            };
+            let config = VringConfigData {
+                queue_max_size: QUEUE_MAX,
+                queue_size: q.num,
+                flags: 0,
+                desc_table_addr: host(q.desc)?,
+                used_ring_addr: host(q.used)?,
+                avail_ring_addr: host(q.avail)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.num)
+                .map_err(proto("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(i, &config)
+                .map_err(proto("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(proto("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(i, &self.call)
+                .map_err(proto("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, &self.kicks[i])
+                .map_err(proto("SET_VRING_KICK"))?;
+            self.frontend
+                .set_vring_enable(i, true)
+                .map_err(proto("SET_VRING_ENABLE"))?;
+        }
+        tracing::info!(disk = %self.socket.display(), "disk activated");
+        Ok(())
+    }
+}
