@@ -270,3 +270,114 @@ fn a_disk_nobody_serves_is_refused_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("expected socket=PATH"));
 }
+
+/// Starts `vmm` with a guest, a serial log and an API socket; waits for the first output.
+fn vmm_with_api(
+    guest_name: &str,
+    tmp: &std::path::Path,
+) -> (std::process::Child, PathBuf, PathBuf) {
+    let console = tmp.join("console.log");
+    let api = tmp.join("api.sock");
+    let child = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(guest(guest_name))
+        .args(["--vcpus", "2", "--memory", "64MiB"])
+        .arg("--serial")
+        .arg(&console)
+        .arg("--api-sock")
+        .arg(&api)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .is_empty()
+        || !api.exists()
+    {
+        assert!(Instant::now() < deadline, "the guest did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, console, api)
+}
+
+#[test]
+fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, console, api) = vmm_with_api("tick", tmp.path());
+    assert_eq!(
+        std::fs::metadata(&api).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let c = storaged_tests::AdminClient::new(&api);
+    let vm = c.get("/v1/vm").unwrap().json();
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["config"]["vcpus"], 2);
+    assert_eq!(vm["config"]["memory_bytes"], 64 << 20);
+
+    let r = c.request("POST", "/v1/vm/pause", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.get("/v1/vm").unwrap().json()["state"], "paused");
+    let r = c.request("POST", "/v1/vm/pause", None).unwrap();
+    assert_eq!(r.status, 409);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("already paused"));
+    // Paused: the guest writes nothing more.
+    let len = std::fs::metadata(&console).unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(std::fs::metadata(&console).unwrap().len(), len);
+
+    let r = c.request("POST", "/v1/vm/resume", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&console).unwrap().len() == len {
+        assert!(Instant::now() < deadline, "the guest did not run again");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        c.request("POST", "/v1/vm/resume", None).unwrap().status,
+        409
+    );
+
+    let counters = c.get("/v1/vm/counters").unwrap().json();
+    assert!(counters["vcpu_exits"]["io_out"].as_u64().unwrap() >= len);
+    assert!(counters["vcpu_exits"]["interrupted"].as_u64().unwrap() >= 1);
+
+    // Misuse: JSON errors, no crash.
+    let r = c.request("GET", "/v1/nothing", None).unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].is_string());
+    let r = c.request("DELETE", "/v1/vm", None).unwrap();
+    assert_eq!(r.status, 405);
+    assert!(r.json()["error"].is_string());
+    let r = c.request("GET", "/v1/vm/pause", None).unwrap();
+    assert_eq!(r.status, 405);
+
+    let r = c.request("POST", "/v1/vm/kill", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+    assert!(!api.exists(), "API socket left behind");
+}
+
+#[test]
+fn an_api_shutdown_ends_the_vmm_with_0_and_a_busy_api_socket_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, _console, api) = vmm_with_api("spin", tmp.path());
+    // A second VMM on the same API socket is refused before its guest starts.
+    let out = vmm(&[
+        "--kernel",
+        guest("hello").to_str().unwrap(),
+        "--api-sock",
+        api.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("another process serves it"));
+    let c = storaged_tests::AdminClient::new(&api);
+    let r = c.request("POST", "/v1/vm/shutdown", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!api.exists());
+}

@@ -79,6 +79,7 @@ pub struct Args<'a> {
     pub memory: &'a str,
     pub serial: &'a str,
     pub disks: &'a [String],
+    pub api_sock: Option<&'a Path>,
 }
 
 /// A checked VM configuration.
@@ -91,6 +92,7 @@ pub struct VmConfig {
     pub memory: u64,
     pub serial: SerialOut,
     pub disks: Vec<DiskConfig>,
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Parses "512MiB", "2G", "1073741824": binary units (K, M, G with or without "iB").
@@ -128,6 +130,7 @@ impl VmConfig {
             memory,
             serial,
             disks,
+            api_sock,
         } = *args;
         let disks = disks
             .iter()
@@ -200,6 +203,7 @@ impl VmConfig {
             memory: memory_bytes,
             serial,
             disks,
+            api_sock: api_sock.map(Path::to_owned),
         })
     }
 }

@@ -7,11 +7,14 @@
 //! - [`boot`]: kernel, initrd, command line, zero page with the e820 map, page tables, GDT.
 //! - [`cpu`]: CPUID (per-vCPU topology, kvm_pvm masking), MSRs, FPU, LAPIC, boot registers.
 //! - [`devices`]: the serial port and the i8042 reset line.
-//! - [`vm`]: KVM setup, the vCPU threads and how the VM ends.
+//! - [`vm`]: KVM setup, the vCPU threads and how the VM ends; [`control`]: pause, exit and
+//!   counters shared with [`api`], the HTTP API on a Unix socket.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod layout;

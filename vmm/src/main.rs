@@ -9,9 +9,9 @@ use vmm::config::VmConfig;
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
 ///
-/// Exit codes: 0 the guest reset or shut down; 1 the VMM failed; 2 the configuration was
-/// refused before the guest started; 3 the guest crashed (triple fault); 128+N stopped by
-/// signal N (SIGTERM: 143).
+/// Exit codes: 0 the guest reset or shut down, or the API shut the VM down; 1 the VMM failed;
+/// 2 the configuration was refused before the guest started; 3 the guest crashed (triple
+/// fault); 4 killed through the API; 128+N stopped by signal N (SIGTERM: 143).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -37,6 +37,9 @@ struct Args {
     /// Serial console (ttyS0) output: "stdout" or a file path.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// API socket (HTTP/1.1 + JSON under /v1; see vmm/openapi.yaml), mode 0600.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. "info" or "vmm=debug".
     #[arg(long, default_value = "info", env = "VMM_LOG")]
     log: String,
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         memory: &args.memory,
         serial: &args.serial,
         disks: &args.disks,
+        api_sock: args.api_sock.as_deref(),
     };
     let cfg = match VmConfig::new(&request, max_vcpus) {
         Ok(c) => c,

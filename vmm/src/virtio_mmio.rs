@@ -142,6 +142,30 @@ impl BlkDevice {
             .map_err(|e| Error::Kvm(self.socket.clone(), "irqfd", e))
     }
 
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The driver set DRIVER_OK and the backend has the rings.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Requests the backend has completed on queue 0, modulo 2^16 (the used ring's index in
+    /// guest memory): I/O bypasses the VMM, so this is where it can be counted.
+    pub fn completed(&self, mem: &GuestMemoryMmap) -> Option<u16> {
+        use vm_memory::Bytes;
+        let q = self.queues.first()?;
+        if !self.active || !q.ready {
+            return None;
+        }
+        mem.read_obj::<u16>(GuestAddress(q.used + 2)).ok()
+    }
+
     pub fn contains(&self, addr: u64) -> bool {
         (self.base..self.base + MMIO_SIZE).contains(&addr)
     }

@@ -11,10 +11,11 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{SerialOut, VmConfig};
+use crate::control::{self, Control};
 use crate::devices::{Action, Console, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::virtio_mmio::{self, BlkDevice};
-use crate::{acpi, boot, cpu, memory};
+use crate::{acpi, api, boot, cpu, memory};
 
 /// Errors starting or running the VM (the configuration was already checked).
 #[derive(Debug, thiserror::Error)]
@@ -39,53 +40,21 @@ pub enum Error {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] virtio_mmio::Error),
+    #[error(transparent)]
+    Api(#[from] api::Error),
 }
 
 impl Error {
     /// A configuration problem found while setting up, before the guest ran.
     pub fn before_guest(&self) -> bool {
-        matches!(self, Error::Disk(virtio_mmio::Error::Connect(..)))
+        matches!(
+            self,
+            Error::Disk(virtio_mmio::Error::Connect(..)) | Error::Api(api::Error::InUse(_))
+        )
     }
 }
 
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// The guest reset the machine (i8042) or shut it down.
-    Reset,
-    /// The guest crashed (triple fault) or KVM could not run it.
-    Crash(String),
-    /// A signal (SIGTERM, SIGINT) stopped the VMM.
-    Signal(i32),
-}
-
-impl Exit {
-    /// The process exit code for this end (see the README): 0 guest reset or shutdown,
-    /// 3 guest crash, 128 + n for signal n.
-    pub fn code(&self) -> i32 {
-        match self {
-            Exit::Reset => 0,
-            Exit::Crash(_) => 3,
-            Exit::Signal(n) => 128 + n,
-        }
-    }
-}
-
-/// The first end reported wins; the main thread is woken through the eventfd.
-struct ExitLatch {
-    exit: Mutex<Option<Exit>>,
-    event: EventFd,
-}
-
-impl ExitLatch {
-    fn set(&self, e: Exit) {
-        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        if exit.is_none() {
-            *exit = Some(e);
-            let _ = self.event.write(1);
-        }
-    }
-}
+pub use crate::control::Exit;
 
 /// Boots the VM and runs it until it ends. `started` is when the process started, for the
 /// time-to-first-instruction log line.
@@ -159,10 +128,8 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
         tracing::info!("host KVM is kvm_pvm: masking cmpxchg16b, the xsave family and AVX from the guest's CPUID");
     }
     let base = cpu::base_cpuid(&kvm, pvm)?;
-    let latch = Arc::new(ExitLatch {
-        exit: Mutex::new(None),
-        event: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
-    });
+    control::install_kick_handler().map_err(Error::Signals)?;
+    let control = Arc::new(Control::new(usize::from(cfg.vcpus)).map_err(Error::EventFd)?);
     let mut vcpus = Vec::new();
     for id in 0..cfg.vcpus {
         let vcpu = vm
@@ -189,16 +156,26 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
-        let latch = latch.clone();
+        let control = control.clone();
         let mmio = mmio.clone();
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, id, &bus, &mmio, &latch))
+            .spawn(move || vcpu_loop(vcpu, id, &bus, &mmio, &control))
             .map_err(Error::Thread)?;
         threads.push(t);
     }
 
-    let exit = wait(&latch, &signals);
+    let api = match &cfg.api_sock {
+        Some(path) => Some(
+            api::serve(path, api::VmInfo::new(cfg), control.clone(), mmio.clone())
+                .map_err(Error::Api)?,
+        ),
+        None => None,
+    };
+    let exit = wait(&control, &signals);
+    if let Some(api) = api {
+        api.close();
+    }
     if let Some(first) = bus
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -216,9 +193,9 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
 }
 
 /// The virtio-mmio devices, by address.
-struct MmioBus {
-    disks: Vec<Mutex<BlkDevice>>,
-    mem: vm_memory::GuestMemoryMmap,
+pub struct MmioBus {
+    pub disks: Vec<Mutex<BlkDevice>>,
+    pub mem: vm_memory::GuestMemoryMmap,
 }
 
 impl MmioBus {
@@ -244,50 +221,69 @@ impl MmioBus {
     }
 }
 
-fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, latch: &ExitLatch) {
+fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, control: &Control) {
+    control.register_vcpu_thread();
+    let port_bus = || bus.lock().unwrap_or_else(|p| p.into_inner());
     loop {
+        control.park_if_paused();
+        if control.ended().is_some() {
+            return;
+        }
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                bus.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(port, data);
+                control.count(0);
+                port_bus().read(port, data);
                 continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                match bus
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(port, data)
-                {
+                control.count(1);
+                match port_bus().write(port, data) {
                     Action::None => continue,
                     Action::Reset => Exit::Reset,
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                control.count(2);
                 mmio.read(addr, data);
                 continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                control.count(3);
                 mmio.write(addr, data);
                 continue;
             }
-            Ok(VcpuExit::Hlt) => continue,
+            Ok(VcpuExit::Hlt) => {
+                control.count(4);
+                continue;
+            }
             Ok(VcpuExit::Shutdown) => {
+                control.count(6);
                 Exit::Crash(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
             }
             // kvm_pvm reports a triple fault as an internal error.
-            Ok(VcpuExit::InternalError) => Exit::Crash(format!(
-                "vCPU {id}: KVM could not go on running the guest (KVM_EXIT_INTERNAL_ERROR)"
-            )),
+            Ok(VcpuExit::InternalError) => {
+                control.count(7);
+                Exit::Crash(format!(
+                    "vCPU {id}: KVM could not go on running the guest (KVM_EXIT_INTERNAL_ERROR)"
+                ))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
+                control.count(7);
                 tracing::info!(vcpu = id, kind, "system event");
                 Exit::Reset
             }
-            Ok(other) => Exit::Crash(format!("vCPU {id}: unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Ok(other) => {
+                control.count(7);
+                Exit::Crash(format!("vCPU {id}: unexpected exit {other:?}"))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked (pause) or interrupted: look at the pause flag again.
+                control.count(5);
+                continue;
+            }
             Err(e) => Exit::Crash(format!("vCPU {id}: KVM_RUN failed: {e}")),
         };
-        latch.set(exit);
+        control.end(exit);
         return;
     }
 }
@@ -313,12 +309,12 @@ fn block_stop_signals() -> Result<std::fs::File, Error> {
     }
 }
 
-/// Waits for the VM's end: a vCPU reporting one, or a stop signal.
-fn wait(latch: &ExitLatch, signals: &std::fs::File) -> Exit {
+/// Waits for the VM's end: a vCPU or the API reporting one, or a stop signal.
+fn wait(control: &Control, signals: &std::fs::File) -> Exit {
     loop {
         let mut fds = [
             libc::pollfd {
-                fd: latch.event.as_raw_fd(),
+                fd: control.exit_event.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -347,10 +343,10 @@ fn wait(latch: &ExitLatch, signals: &std::fs::File) -> Exit {
             if r > 0 {
                 let sig = info.ssi_signo as i32;
                 tracing::info!(signal = sig, "stopping on signal");
-                latch.set(Exit::Signal(sig));
+                control.end(Exit::Signal(sig));
             }
         }
-        if let Some(e) = latch.exit.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(e) = control.ended() {
             return e;
         }
     }

@@ -1,0 +1,290 @@
+//! The VM's API: HTTP/1.1 + JSON under `/v1` on a Unix socket (see `vmm/openapi.yaml`). Runs
+//! on a thread of its own with a small tokio runtime; the vCPUs never wait for it.
+//!
+//! - `GET /v1/vm`: state (running, paused) and configuration
+//! - `POST /v1/vm/pause`, `/v1/vm/resume`: stop and restart every vCPU (409 if already so)
+//! - `POST /v1/vm/shutdown`, `/v1/vm/kill`: end the VMM (exit codes 0 and 4)
+//! - `GET /v1/vm/counters`: vCPU exits by kind, and per disk the requests the backend completed
+//!
+//! Every error is a 4xx/5xx with `{"error": "..."}`.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::VmConfig;
+use crate::control::{Control, Exit, EXIT_KINDS};
+use crate::vm::MmioBus;
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--api-sock {0}: another process serves it")]
+    InUse(PathBuf),
+    #[error("--api-sock {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error("Cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The configuration as `GET /v1/vm` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskInfo {
+    pub socket: PathBuf,
+    pub read_only: bool,
+}
+
+impl VmInfo {
+    pub fn new(cfg: &VmConfig) -> VmInfo {
+        VmInfo {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline: cfg.cmdline.clone(),
+            vcpus: cfg.vcpus,
+            memory_bytes: cfg.memory,
+            disks: cfg
+                .disks
+                .iter()
+                .map(|d| DiskInfo {
+                    socket: d.socket.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ApiState {
+    info: Arc<VmInfo>,
+    control: Arc<Control>,
+    mmio: Arc<MmioBus>,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn state_name(c: &Control) -> &'static str {
+    if c.is_paused() {
+        "paused"
+    } else {
+        "running"
+    }
+}
+
+async fn vm_info(State(s): State<ApiState>) -> impl IntoResponse {
+    Json(json!({ "state": state_name(&s.control), "config": *s.info }))
+}
+
+async fn pause(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    if s.control.is_paused() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "The VM is already paused".into(),
+        ));
+    }
+    let c = s.control.clone();
+    let all = tokio::task::spawn_blocking(move || c.pause())
+        .await
+        .unwrap_or(false);
+    if !all {
+        return Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Not every vCPU stopped within a second".into(),
+        ));
+    }
+    tracing::info!("VM paused");
+    Ok(Json(json!({ "state": "paused" })))
+}
+
+async fn resume(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    if !s.control.is_paused() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "The VM is not paused".into(),
+        ));
+    }
+    s.control.resume();
+    tracing::info!("VM resumed");
+    Ok(Json(json!({ "state": "running" })))
+}
+
+async fn shutdown(State(s): State<ApiState>) -> impl IntoResponse {
+    s.control.end(Exit::ApiShutdown);
+    Json(json!({ "state": "stopping", "exit_code": Exit::ApiShutdown.code() }))
+}
+
+async fn kill(State(s): State<ApiState>) -> impl IntoResponse {
+    s.control.end(Exit::ApiKill);
+    Json(json!({ "state": "stopping", "exit_code": Exit::ApiKill.code() }))
+}
+
+async fn counters(State(s): State<ApiState>) -> impl IntoResponse {
+    let exits: serde_json::Map<String, serde_json::Value> = EXIT_KINDS
+        .iter()
+        .zip(s.control.exits.iter())
+        .map(|(k, v)| ((*k).to_string(), v.load(Ordering::Relaxed).into()))
+        .collect();
+    let disks: Vec<serde_json::Value> = s
+        .mmio
+        .disks
+        .iter()
+        .map(|d| {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            json!({
+                "socket": d.socket(),
+                "active": d.is_active(),
+                "completed_requests_mod_65536": d.completed(&s.mmio.mem),
+                "notifications_through_vmm": d.notifies,
+            })
+        })
+        .collect();
+    Json(json!({ "vcpu_exits": exits, "disks": disks }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "No such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed on this endpoint".into(),
+    )
+}
+
+/// Routes; each is described in vmm/openapi.yaml.
+pub const ROUTES: [&str; 6] = [
+    "/v1/vm",
+    "/v1/vm/pause",
+    "/v1/vm/resume",
+    "/v1/vm/shutdown",
+    "/v1/vm/kill",
+    "/v1/vm/counters",
+];
+
+fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/vm", get(vm_info))
+        .route("/v1/vm/pause", post(pause))
+        .route("/v1/vm/resume", post(resume))
+        .route("/v1/vm/shutdown", post(shutdown))
+        .route("/v1/vm/kill", post(kill))
+        .route("/v1/vm/counters", get(counters))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// The API server; [`Api::close`] removes its socket.
+pub struct Api {
+    path: PathBuf,
+}
+
+impl Api {
+    pub fn close(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket (refusing one another process serves; replacing a stale one) and serves
+/// it from a thread of its own.
+pub fn serve(
+    path: &Path,
+    info: VmInfo,
+    control: Arc<Control>,
+    mmio: Arc<MmioBus>,
+) -> Result<Api, Error> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(path.to_owned()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| Error::Bind(path.to_owned(), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::Bind(path.to_owned(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::Bind(path.to_owned(), e))?;
+    let state = ApiState {
+        info: Arc::new(info),
+        control,
+        mmio,
+    };
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("API runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(l, router(state)).await {
+                            tracing::error!("API failed: {e}");
+                        }
+                    }
+                    Err(e) => tracing::error!("API socket: {e}"),
+                }
+            });
+        })
+        .map_err(Error::Thread)?;
+    tracing::info!(socket = %path.display(), "API listening");
+    Ok(Api {
+        path: path.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_file_describes_every_route() {
+        let spec = include_str!("../openapi.yaml");
+        for route in super::ROUTES {
+            assert!(
+                spec.lines().any(|l| l == format!("  {route}:")),
+                "openapi.yaml lacks {route}"
+            );
+        }
+        let documented = spec
+            .lines()
+            .filter(|l| l.starts_with("  /") && l.ends_with(':'))
+            .count();
+        assert_eq!(documented, super::ROUTES.len());
+    }
+}

@@ -1,0 +1,180 @@
+//! What the main thread, the vCPU threads and the API share: how the VM ends, pausing, and
+//! the exit counters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest reset the machine (i8042) or shut it down.
+    Reset,
+    /// The guest crashed (triple fault) or KVM could not run it.
+    Crash(String),
+    /// A signal (SIGTERM, SIGINT) stopped the VMM.
+    Signal(i32),
+    /// `POST /v1/vm/shutdown`.
+    ApiShutdown,
+    /// `POST /v1/vm/kill`.
+    ApiKill,
+}
+
+impl Exit {
+    /// The process exit code (documented in the README): 0 guest reset or shutdown, or a
+    /// shutdown through the API; 3 guest crash; 4 killed through the API; 128 + n for
+    /// signal n.
+    pub fn code(&self) -> i32 {
+        match self {
+            Exit::Reset | Exit::ApiShutdown => 0,
+            Exit::Crash(_) => 3,
+            Exit::ApiKill => 4,
+            Exit::Signal(n) => 128 + n,
+        }
+    }
+}
+
+/// vCPU exit kinds counted, in the order of [`Control::exits`].
+pub const EXIT_KINDS: [&str; 8] = [
+    "io_in",
+    "io_out",
+    "mmio_read",
+    "mmio_write",
+    "hlt",
+    "interrupted",
+    "shutdown",
+    "other",
+];
+
+/// Shared state of a running VM.
+pub struct Control {
+    exit: Mutex<Option<Exit>>,
+    /// Readable once the VM has ended.
+    pub exit_event: EventFd,
+    pause: AtomicBool,
+    parked: AtomicUsize,
+    gate: Mutex<()>,
+    resumed: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+    pub exits: [AtomicU64; EXIT_KINDS.len()],
+    pub vcpus: usize,
+}
+
+/// Signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the (empty) handler of [`kick_signal`], so it interrupts KVM_RUN instead of
+/// killing the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and no flags (no SA_RESTART: KVM_RUN
+    // must return EINTR); sigaction reads it.
+    let r = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Control {
+    pub fn new(vcpus: usize) -> std::io::Result<Control> {
+        Ok(Control {
+            exit: Mutex::new(None),
+            exit_event: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            pause: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+            gate: Mutex::new(()),
+            resumed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            exits: Default::default(),
+            vcpus,
+        })
+    }
+
+    /// Records how the VM ended; the first report wins.
+    pub fn end(&self, e: Exit) {
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() {
+            *exit = Some(e);
+            let _ = self.exit_event.write(1);
+        }
+    }
+
+    pub fn ended(&self) -> Option<Exit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Called by each vCPU thread once, to be kicked on pause.
+    pub fn register_vcpu_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(me);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN: parks it while the VM is paused.
+    pub fn park_if_paused(&self) {
+        if !self.pause.load(Ordering::Acquire) {
+            return;
+        }
+        let mut g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        while self.pause.load(Ordering::Acquire) && self.ended().is_none() {
+            g = self
+                .resumed
+                .wait_timeout(g, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Stops every vCPU; returns once all are parked (or after a second, false).
+    pub fn pause(&self) -> bool {
+        self.pause.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.parked.load(Ordering::Acquire) < self.vcpus {
+            if Instant::now() > deadline {
+                return false;
+            }
+            // A kick that lands just before KVM_RUN is lost: kick until all are parked.
+            for t in self
+                .threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                // SAFETY: `t` is a live vCPU thread of this process (they run until exit).
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    pub fn resume(&self) {
+        let _g = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause.store(false, Ordering::Release);
+        self.resumed.notify_all();
+    }
+
+    pub fn count(&self, kind: usize) {
+        self.exits[kind].fetch_add(1, Ordering::Relaxed);
+    }
+}
