@@ -381,3 +381,15 @@ fn an_api_shutdown_ends_the_vmm_with_0_and_a_busy_api_socket_is_refused() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(!api.exists());
 }
+
+#[test]
+fn an_acpi_power_off_ends_the_vmm_with_0() {
+    let k = guest("poweroff");
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("PowerOff"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -12,7 +12,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::{SERIAL_IRQ, SERIAL_PORT};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+
+use crate::devices::{SERIAL_IRQ, SERIAL_PORT, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 
 /// Where the RSDP goes (the start of the BIOS read-only area Linux scans).
 pub const RSDP_ADDR: u64 = 0xe_0000;
@@ -42,13 +44,29 @@ pub fn write(
 
     let dsdt = put(dsdt(mmio).as_slice())?;
 
-    let fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
         .dsdt_64(dsdt)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
-        .flag(Flags::Headless)
-        .finalize();
+        .flag(Flags::Headless);
+    // Hardware-reduced sleep: the guest powers off by writing SLP_TYP (the _S5_ value, 5)
+    // and SLP_EN to the sleep control register.
+    fadt.sleep_control_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(SLEEP_CONTROL_PORT),
+    );
+    fadt.sleep_status_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(SLEEP_STATUS_PORT),
+    );
+    let fadt = fadt.finalize();
     let fadt = put(&bytes_of(&fadt))?;
 
     let mut madt = MADT::new(
@@ -92,6 +110,10 @@ fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
     let name_crs = aml::Name::new("_CRS".into(), &crs);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
     dsdt.append_slice(&bytes_of(&com1));
+    // S5 (soft off): SLP_TYP 5 in the sleep control register.
+    let s5_typ = aml::Usize::from(5usize);
+    let s5 = aml::Package::new(vec![&s5_typ, &s5_typ]);
+    dsdt.append_slice(&bytes_of(&aml::Name::new("_S5_".into(), &s5)));
     for (i, (base, irq)) in mmio.iter().enumerate() {
         let path = format!("_SB_.V{i:03X}");
         let hid = aml::AmlStr::from("LNRO0005");

@@ -10,8 +10,10 @@ use vmm_sys_util::eventfd::EventFd;
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// The guest reset the machine (i8042) or shut it down.
+    /// The guest reset the machine (i8042).
     Reset,
+    /// The guest powered off (ACPI S5).
+    PowerOff,
     /// The guest crashed (triple fault) or KVM could not run it.
     Crash(String),
     /// A signal (SIGTERM, SIGINT) stopped the VMM.
@@ -28,7 +30,7 @@ impl Exit {
     /// signal n.
     pub fn code(&self) -> i32 {
         match self {
-            Exit::Reset | Exit::ApiShutdown => 0,
+            Exit::Reset | Exit::PowerOff | Exit::ApiShutdown => 0,
             Exit::Crash(_) => 3,
             Exit::ApiKill => 4,
             Exit::Signal(n) => 128 + n,

@@ -1,5 +1,6 @@
-//! Legacy devices on the port I/O bus: the 16550 UART at 0x3f8 (ttyS0, IRQ 4) and the i8042
-//! controller's reset line (a write of 0xfe to port 0x64 ends the VM, as a reboot).
+//! Legacy devices on the port I/O bus: the 16550 UART at 0x3f8 (ttyS0, IRQ 4), the i8042
+//! controller's reset line (a write of 0xfe to port 0x64 ends the VM, as a reboot), and the
+//! ACPI sleep control register of the hardware-reduced FADT (S5 ends the VM, as a power-off).
 
 use std::io::Write;
 
@@ -10,6 +11,12 @@ use vmm_sys_util::eventfd::EventFd;
 /// First port of ttyS0 and its interrupt line.
 pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
+/// ACPI sleep control and status registers (see [`crate::acpi`]).
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
+const SLP_EN: u8 = 1 << 5;
+const SLP_TYP_S5: u8 = 5;
+
 /// i8042 command port.
 pub const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
@@ -60,6 +67,8 @@ pub enum Action {
     None,
     /// The guest reset the machine through the i8042.
     Reset,
+    /// The guest entered S5 (power-off) through the ACPI sleep control register.
+    PowerOff,
 }
 
 /// The port I/O devices of a VM.
@@ -95,6 +104,11 @@ impl PortBus {
                 Action::None
             }
             I8042_COMMAND if data == [I8042_RESET] => Action::Reset,
+            SLEEP_CONTROL_PORT
+                if data.len() == 1 && data[0] & SLP_EN != 0 && (data[0] >> 2) & 7 == SLP_TYP_S5 =>
+            {
+                Action::PowerOff
+            }
             _ => Action::None,
         }
     }

@@ -240,6 +240,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
                 match port_bus().write(port, data) {
                     Action::None => continue,
                     Action::Reset => Exit::Reset,
+                    Action::PowerOff => Exit::PowerOff,
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
