@@ -393,3 +393,68 @@ fn an_acpi_power_off_ends_the_vmm_with_0() {
         text(&out.stderr)
     );
 }
+
+/// Whether this host runs guests on hardware virtualization (kvm_intel or kvm_amd, not the
+/// emulating kvm_pvm).
+fn hardware_kvm() -> bool {
+    let m = |name: &str| std::path::Path::new("/sys/module").join(name).exists();
+    (m("kvm_intel") || m("kvm_amd")) && !m("kvm_pvm")
+}
+
+/// A full boot: the Debian cloud kernel (bzImage) and the test initramfs, /dev/vda served by
+/// storaged, fio inside the guest, and the guest's power-off ending the VMM with 0. Needs
+/// hardware virtualization; elsewhere it says so and checks nothing.
+#[test]
+fn linux_boots_runs_fio_on_a_storaged_disk_and_powers_off_where_kvm_is_hardware() {
+    if !hardware_kvm() {
+        eprintln!(
+            "SKIPPED full Linux boot: this host's KVM is not hardware virtualization \
+             (kvm_intel/kvm_amd not loaded, or kvm_pvm), so Linux would run emulated"
+        );
+        return;
+    }
+    let out_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../images/out"));
+    let s = storaged_tests::Storaged::start();
+    s.create_volume(r#"{"name":"root","size":"1GiB"}"#);
+    let socket = s.socket_of("root");
+    let mut child = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(out_dir.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(out_dir.join("initramfs.cpio.gz"))
+        .args([
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1 vmm.test=fio",
+            "--vcpus",
+            "2",
+            "--memory",
+            "1GiB",
+            "--disk",
+        ])
+        .arg(format!("socket={}", socket.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut console = String::new();
+            use std::io::Read;
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut console)
+                .unwrap();
+            assert!(console.contains("vmm-test: fio done"), "{console}");
+            assert_eq!(status.code(), Some(0), "{console}");
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the guest did not power off within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
