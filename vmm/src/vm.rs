@@ -280,6 +280,15 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked (pause) or interrupted: look at the pause flag again.
                 control.count(5);
+                if control.is_paused() {
+                    if let Ok(regs) = vcpu.get_regs() {
+                        tracing::debug!(
+                            vcpu = id,
+                            rip = format_args!("{:#x}", regs.rip),
+                            "vCPU paused"
+                        );
+                    }
+                }
                 continue;
             }
             Err(e) => Exit::Crash(format!("vCPU {id}: KVM_RUN failed: {e}")),
