@@ -458,3 +458,69 @@ fn linux_boots_runs_fio_on_a_storaged_disk_and_powers_off_where_kvm_is_hardware(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_vm_can_be_configured_and_started_through_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = tmp.path().join("api.sock");
+    let console = tmp.path().join("console.log");
+    let mut child = Command::new(bin("vmm"))
+        .arg("--api-sock")
+        .arg(&api)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let c = storaged_tests::AdminClient::new(&api);
+    let vm = c.get("/v1/vm").unwrap().json();
+    assert_eq!(vm["state"], "not_started");
+    assert_eq!(vm["config"], serde_json::Value::Null);
+    // Nothing to start or pause yet.
+    assert_eq!(c.request("POST", "/v1/vm/start", None).unwrap().status, 409);
+    assert_eq!(c.request("POST", "/v1/vm/pause", None).unwrap().status, 409);
+    // The command line's checks, as 400s that say what is wrong.
+    let k = guest("hello");
+    let bad = format!(r#"{{"kernel":"{}","vcpus":0}}"#, k.display());
+    let r = c.request("PUT", "/v1/vm/config", Some(&bad)).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("--vcpus"),
+        "{}",
+        r.body
+    );
+    let r = c
+        .request(
+            "PUT",
+            "/v1/vm/config",
+            Some(r#"{"kernel":"/etc/hostname"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let r = c
+        .request("PUT", "/v1/vm/config", Some("{not json"))
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].is_string());
+
+    let good = format!(
+        r#"{{"kernel":"{}","vcpus":2,"memory":"64MiB","serial":"{}"}}"#,
+        k.display(),
+        console.display()
+    );
+    let r = c.request("PUT", "/v1/vm/config", Some(&good)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.get("/v1/vm").unwrap().json()["config"]["vcpus"], 2);
+    let r = c.request("POST", "/v1/vm/start", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The hello guest prints and resets: the VMM ends with 0.
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "hello from the test guest\n"
+    );
+    assert!(!api.exists());
+}

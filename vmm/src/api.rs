@@ -1,7 +1,9 @@
 //! The VM's API: HTTP/1.1 + JSON under `/v1` on a Unix socket (see `vmm/openapi.yaml`). Runs
 //! on a thread of its own with a small tokio runtime; the vCPUs never wait for it.
 //!
-//! - `GET /v1/vm`: state (running, paused) and configuration
+//! - `GET /v1/vm`: state (not_started, running, paused) and configuration
+//! - `PUT /v1/vm/config`, `POST /v1/vm/start`: configure and boot a VM started without
+//!   `--kernel` (the checks are the command line's; 409 once it runs)
 //! - `POST /v1/vm/pause`, `/v1/vm/resume`: stop and restart every vCPU (409 if already so)
 //! - `POST /v1/vm/shutdown`, `/v1/vm/kill`: end the VMM (exit codes 0 and 4)
 //! - `GET /v1/vm/counters`: vCPU exits by kind, and per disk the requests the backend completed
@@ -11,17 +13,19 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::VmConfig;
+use crate::config::{self, VmConfig};
 use crate::control::{Control, Exit, EXIT_KINDS};
 use crate::vm::MmioBus;
 
@@ -73,11 +77,104 @@ impl VmInfo {
     }
 }
 
-#[derive(Clone)]
-struct ApiState {
-    info: Arc<VmInfo>,
+/// What main is told before the VM runs.
+pub enum Command {
+    Start(Box<VmConfig>),
+    Stop(Exit),
+}
+
+/// The VM once it runs.
+struct Running {
+    info: VmInfo,
     control: Arc<Control>,
     mmio: Arc<MmioBus>,
+}
+
+/// State shared by the API and the VMM, from before the VM starts.
+pub struct Shared {
+    running: OnceLock<Running>,
+    pending: Mutex<Option<VmConfig>>,
+    commands: Mutex<Option<Sender<Command>>>,
+    api_sock: PathBuf,
+    max_vcpus: usize,
+}
+
+impl Shared {
+    /// `commands` reaches main while it waits for a configuration (None: it does not wait,
+    /// the command line configured the VM).
+    pub fn new(api_sock: &Path, max_vcpus: usize, commands: Option<Sender<Command>>) -> Shared {
+        Shared {
+            running: OnceLock::new(),
+            pending: Mutex::new(None),
+            commands: Mutex::new(commands),
+            api_sock: api_sock.to_owned(),
+            max_vcpus,
+        }
+    }
+
+    /// Called by the VMM once the devices exist and the vCPUs are about to run.
+    pub fn set_running(&self, cfg: &VmConfig, control: Arc<Control>, mmio: Arc<MmioBus>) {
+        let _ = self.running.set(Running {
+            info: VmInfo::new(cfg),
+            control,
+            mmio,
+        });
+    }
+
+    fn command(&self, c: Command) -> bool {
+        match self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(tx) => tx.send(c).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// `PUT /v1/vm/config`: the command line's options, as JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBody {
+    kernel: PathBuf,
+    #[serde(default)]
+    initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    cmdline: String,
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default = "default_memory")]
+    memory: String,
+    #[serde(default = "default_serial")]
+    serial: String,
+    /// `socket=PATH[,readonly]`, as for `--disk`.
+    #[serde(default)]
+    disks: Vec<String>,
+}
+
+fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1".into()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> String {
+    "512MiB".into()
+}
+fn default_serial() -> String {
+    "stdout".into()
+}
+
+type ApiState = Arc<Shared>;
+
+fn not_started() -> ApiError {
+    ApiError(StatusCode::CONFLICT, "The VM has not started".into())
+}
+
+fn running(s: &Shared) -> Result<&Running, ApiError> {
+    s.running.get().ok_or_else(not_started)
 }
 
 struct ApiError(StatusCode, String);
@@ -97,17 +194,72 @@ fn state_name(c: &Control) -> &'static str {
 }
 
 async fn vm_info(State(s): State<ApiState>) -> impl IntoResponse {
-    Json(json!({ "state": state_name(&s.control), "config": *s.info }))
+    match s.running.get() {
+        Some(r) => Json(json!({ "state": state_name(&r.control), "config": r.info })),
+        None => {
+            let pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+            Json(json!({ "state": "not_started", "config": pending.as_ref().map(VmInfo::new) }))
+        }
+    }
+}
+
+async fn put_config(State(s): State<ApiState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    if s.running.get().is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "The VM is already running".into(),
+        ));
+    }
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let b: ConfigBody =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("Invalid request body: {e}")))?;
+    let args = config::Args {
+        kernel: &b.kernel,
+        initrd: b.initrd.as_deref(),
+        cmdline: &b.cmdline,
+        vcpus: b.vcpus,
+        memory: &b.memory,
+        serial: &b.serial,
+        disks: &b.disks,
+        api_sock: Some(&s.api_sock),
+    };
+    let cfg = VmConfig::new(&args, s.max_vcpus).map_err(|e| bad(crate::error_chain(&e)))?;
+    let info = VmInfo::new(&cfg);
+    *s.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
+    Ok(Json(json!({ "state": "not_started", "config": info })))
+}
+
+async fn start(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    if s.running.get().is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "The VM is already running".into(),
+        ));
+    }
+    let Some(cfg) = s.pending.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "No configuration: PUT /v1/vm/config first".into(),
+        ));
+    };
+    if !s.command(Command::Start(Box::new(cfg))) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "The VM was configured on the command line".into(),
+        ));
+    }
+    Ok(Json(json!({ "state": "starting" })))
 }
 
 async fn pause(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    if s.control.is_paused() {
+    let r = running(&s)?;
+    if r.control.is_paused() {
         return Err(ApiError(
             StatusCode::CONFLICT,
             "The VM is already paused".into(),
         ));
     }
-    let c = s.control.clone();
+    let c = r.control.clone();
     let all = tokio::task::spawn_blocking(move || c.pause())
         .await
         .unwrap_or(false);
@@ -122,34 +274,46 @@ async fn pause(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError>
 }
 
 async fn resume(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    if !s.control.is_paused() {
+    let r = running(&s)?;
+    if !r.control.is_paused() {
         return Err(ApiError(
             StatusCode::CONFLICT,
             "The VM is not paused".into(),
         ));
     }
-    s.control.resume();
+    r.control.resume();
     tracing::info!("VM resumed");
     Ok(Json(json!({ "state": "running" })))
 }
 
+/// Ends the VM, or main's wait for one.
+fn stop(s: &Shared, e: Exit) -> Json<serde_json::Value> {
+    let code = e.code();
+    match s.running.get() {
+        Some(r) => r.control.end(e),
+        None => {
+            let _ = s.command(Command::Stop(e));
+        }
+    }
+    Json(json!({ "state": "stopping", "exit_code": code }))
+}
+
 async fn shutdown(State(s): State<ApiState>) -> impl IntoResponse {
-    s.control.end(Exit::ApiShutdown);
-    Json(json!({ "state": "stopping", "exit_code": Exit::ApiShutdown.code() }))
+    stop(&s, Exit::ApiShutdown)
 }
 
 async fn kill(State(s): State<ApiState>) -> impl IntoResponse {
-    s.control.end(Exit::ApiKill);
-    Json(json!({ "state": "stopping", "exit_code": Exit::ApiKill.code() }))
+    stop(&s, Exit::ApiKill)
 }
 
-async fn counters(State(s): State<ApiState>) -> impl IntoResponse {
+async fn counters(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let r = running(&s)?;
     let exits: serde_json::Map<String, serde_json::Value> = EXIT_KINDS
         .iter()
-        .zip(s.control.exits.iter())
+        .zip(r.control.exits.iter())
         .map(|(k, v)| ((*k).to_string(), v.load(Ordering::Relaxed).into()))
         .collect();
-    let disks: Vec<serde_json::Value> = s
+    let disks: Vec<serde_json::Value> = r
         .mmio
         .disks
         .iter()
@@ -158,12 +322,12 @@ async fn counters(State(s): State<ApiState>) -> impl IntoResponse {
             json!({
                 "socket": d.socket(),
                 "active": d.is_active(),
-                "completed_requests_mod_65536": d.completed(&s.mmio.mem),
+                "completed_requests_mod_65536": d.completed(&r.mmio.mem),
                 "notifications_through_vmm": d.notifies,
             })
         })
         .collect();
-    Json(json!({ "vcpu_exits": exits, "disks": disks }))
+    Ok(Json(json!({ "vcpu_exits": exits, "disks": disks })))
 }
 
 async fn not_found() -> ApiError {
@@ -178,8 +342,10 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Routes; each is described in vmm/openapi.yaml.
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 8] = [
     "/v1/vm",
+    "/v1/vm/config",
+    "/v1/vm/start",
     "/v1/vm/pause",
     "/v1/vm/resume",
     "/v1/vm/shutdown",
@@ -190,6 +356,8 @@ pub const ROUTES: [&str; 6] = [
 fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/vm", get(vm_info))
+        .route("/v1/vm/config", put(put_config))
+        .route("/v1/vm/start", post(start))
         .route("/v1/vm/pause", post(pause))
         .route("/v1/vm/resume", post(resume))
         .route("/v1/vm/shutdown", post(shutdown))
@@ -213,12 +381,7 @@ impl Api {
 
 /// Binds the socket (refusing one another process serves; replacing a stale one) and serves
 /// it from a thread of its own.
-pub fn serve(
-    path: &Path,
-    info: VmInfo,
-    control: Arc<Control>,
-    mmio: Arc<MmioBus>,
-) -> Result<Api, Error> {
+pub fn serve(path: &Path, state: Arc<Shared>) -> Result<Api, Error> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -234,11 +397,6 @@ pub fn serve(
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::Bind(path.to_owned(), e))?;
-    let state = ApiState {
-        info: Arc::new(info),
-        control,
-        mmio,
-    };
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use clap::Parser;
+use vmm::api::{Command, Shared};
 use vmm::config::VmConfig;
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
@@ -15,9 +18,10 @@ use vmm::config::VmConfig;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// Kernel image: a bzImage or an ELF vmlinux.
-    #[arg(long)]
-    kernel: PathBuf,
+    /// Kernel image: a bzImage or an ELF vmlinux. Without it, the VM is configured and started
+    /// through the API (--api-sock): PUT /v1/vm/config, then POST /v1/vm/start.
+    #[arg(long, required_unless_present = "api_sock")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -56,24 +60,74 @@ fn main() -> ExitCode {
     let max_vcpus = kvm_ioctls::Kvm::new()
         .map(|k| k.get_max_vcpus())
         .unwrap_or(1);
-    let request = vmm::config::Args {
-        kernel: &args.kernel,
-        initrd: args.initrd.as_deref(),
-        cmdline: &args.cmdline,
-        vcpus: args.vcpus,
-        memory: &args.memory,
-        serial: &args.serial,
-        disks: &args.disks,
-        api_sock: args.api_sock.as_deref(),
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waits_for_api = args.kernel.is_none();
+    let api = match &args.api_sock {
+        Some(path) => {
+            let shared = Arc::new(Shared::new(path, max_vcpus, waits_for_api.then_some(tx)));
+            match vmm::api::serve(path, shared.clone()) {
+                Ok(api) => Some((api, shared)),
+                Err(e) => {
+                    eprintln!("vmm: {}", vmm::error_chain(&e));
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => None,
     };
-    let cfg = match VmConfig::new(&request, max_vcpus) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vmm: {}", vmm::error_chain(&e));
+    let code = run(
+        &args,
+        max_vcpus,
+        started,
+        api.as_ref().map(|(_, s)| &**s),
+        waits_for_api,
+        &rx,
+    );
+    // The API socket goes with the process.
+    if let Some((api, _)) = api {
+        api.close();
+    }
+    code
+}
+
+fn run(
+    args: &Args,
+    max_vcpus: usize,
+    started: Instant,
+    api: Option<&Shared>,
+    waits_for_api: bool,
+    rx: &std::sync::mpsc::Receiver<Command>,
+) -> ExitCode {
+    let cfg = if waits_for_api {
+        tracing::info!("waiting for PUT /v1/vm/config and POST /v1/vm/start");
+        match rx.recv() {
+            Ok(Command::Start(cfg)) => *cfg,
+            Ok(Command::Stop(exit)) => return ExitCode::from(exit.code() as u8),
+            Err(_) => return ExitCode::FAILURE,
+        }
+    } else {
+        let Some(kernel) = args.kernel.as_deref() else {
             return ExitCode::from(2);
+        };
+        let request = vmm::config::Args {
+            kernel,
+            initrd: args.initrd.as_deref(),
+            cmdline: &args.cmdline,
+            vcpus: args.vcpus,
+            memory: &args.memory,
+            serial: &args.serial,
+            disks: &args.disks,
+            api_sock: args.api_sock.as_deref(),
+        };
+        match VmConfig::new(&request, max_vcpus) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("vmm: {}", vmm::error_chain(&e));
+                return ExitCode::from(2);
+            }
         }
     };
-    match vmm::vm::run(&cfg, started) {
+    match vmm::vm::run(&cfg, started, api) {
         Ok(exit) => {
             match &exit {
                 vmm::vm::Exit::Crash(why) => {

@@ -40,17 +40,12 @@ pub enum Error {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] virtio_mmio::Error),
-    #[error(transparent)]
-    Api(#[from] api::Error),
 }
 
 impl Error {
     /// A configuration problem found while setting up, before the guest ran.
     pub fn before_guest(&self) -> bool {
-        matches!(
-            self,
-            Error::Disk(virtio_mmio::Error::Connect(..)) | Error::Api(api::Error::InUse(_))
-        )
+        matches!(self, Error::Disk(virtio_mmio::Error::Connect(..)))
     }
 }
 
@@ -58,7 +53,7 @@ pub use crate::control::Exit;
 
 /// Boots the VM and runs it until it ends. `started` is when the process started, for the
 /// time-to-first-instruction log line.
-pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
+pub fn run(cfg: &VmConfig, started: Instant, api: Option<&api::Shared>) -> Result<Exit, Error> {
     // Block the stop signals in every thread; the main thread reads them from a signalfd.
     let signals = block_stop_signals()?;
 
@@ -165,17 +160,10 @@ pub fn run(cfg: &VmConfig, started: Instant) -> Result<Exit, Error> {
         threads.push(t);
     }
 
-    let api = match &cfg.api_sock {
-        Some(path) => Some(
-            api::serve(path, api::VmInfo::new(cfg), control.clone(), mmio.clone())
-                .map_err(Error::Api)?,
-        ),
-        None => None,
-    };
-    let exit = wait(&control, &signals);
     if let Some(api) = api {
-        api.close();
+        api.set_running(cfg, control.clone(), mmio.clone());
     }
+    let exit = wait(&control, &signals);
     if let Some(first) = bus
         .lock()
         .unwrap_or_else(|p| p.into_inner())
