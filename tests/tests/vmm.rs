@@ -524,3 +524,24 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
     );
     assert!(!api.exists());
 }
+
+#[test]
+fn sigterm_while_waiting_for_an_api_configuration_ends_with_143_and_removes_the_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = tmp.path().join("api.sock");
+    let mut child = Command::new(bin("vmm"))
+        .arg("--api-sock")
+        .arg(&api)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill takes a pid and a signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    assert!(!api.exists(), "API socket left behind");
+}

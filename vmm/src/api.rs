@@ -368,13 +368,20 @@ fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// The API server; [`Api::close`] removes its socket.
+/// The API server; [`Api::close`] lets the requests being answered finish (a kill's answer
+/// reaches its client before the process ends), then removes the socket.
 pub struct Api {
     path: PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Api {
-    pub fn close(self) {
+    pub fn close(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -397,7 +404,8 @@ pub fn serve(path: &Path, state: Arc<Shared>) -> Result<Api, Error> {
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::Bind(path.to_owned(), e))?;
-    std::thread::Builder::new()
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -413,8 +421,24 @@ pub fn serve(path: &Path, state: Arc<Shared>) -> Result<Api, Error> {
             rt.block_on(async move {
                 match tokio::net::UnixListener::from_std(listener) {
                     Ok(l) => {
-                        if let Err(e) = axum::serve(l, router(state)).await {
-                            tracing::error!("API failed: {e}");
+                        let mut graceful = stopped.clone();
+                        let mut hard = stopped;
+                        let serve =
+                            axum::serve(l, router(state)).with_graceful_shutdown(async move {
+                                let _ = graceful.wait_for(|s| *s).await;
+                            });
+                        // Once stopping, requests being answered get a second to finish.
+                        let deadline = async move {
+                            let _ = hard.wait_for(|s| *s).await;
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        };
+                        tokio::select! {
+                            r = serve => {
+                                if let Err(e) = r {
+                                    tracing::error!("API failed: {e}");
+                                }
+                            }
+                            _ = deadline => {}
                         }
                     }
                     Err(e) => tracing::error!("API socket: {e}"),
@@ -425,6 +449,8 @@ pub fn serve(path: &Path, state: Arc<Shared>) -> Result<Api, Error> {
     tracing::info!(socket = %path.display(), "API listening");
     Ok(Api {
         path: path.to_owned(),
+        stop,
+        thread: Some(thread),
     })
 }
 

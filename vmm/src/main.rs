@@ -57,6 +57,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before any thread exists, so SIGTERM and SIGINT only ever reach this signalfd.
+    let signals = match vmm::vm::block_stop_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {}", vmm::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let max_vcpus = kvm_ioctls::Kvm::new()
         .map(|k| k.get_max_vcpus())
         .unwrap_or(1);
@@ -82,6 +90,7 @@ fn main() -> ExitCode {
         api.as_ref().map(|(_, s)| &**s),
         waits_for_api,
         &rx,
+        &signals,
     );
     // The API socket goes with the process.
     if let Some((api, _)) = api {
@@ -97,13 +106,21 @@ fn run(
     api: Option<&Shared>,
     waits_for_api: bool,
     rx: &std::sync::mpsc::Receiver<Command>,
+    signals: &std::fs::File,
 ) -> ExitCode {
     let cfg = if waits_for_api {
         tracing::info!("waiting for PUT /v1/vm/config and POST /v1/vm/start");
-        match rx.recv() {
-            Ok(Command::Start(cfg)) => *cfg,
-            Ok(Command::Stop(exit)) => return ExitCode::from(exit.code() as u8),
-            Err(_) => return ExitCode::FAILURE,
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(Command::Start(cfg)) => break *cfg,
+                Ok(Command::Stop(exit)) => return ExitCode::from(exit.code() as u8),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(sig) = vmm::vm::pending_signal(signals) {
+                        return ExitCode::from((128 + sig) as u8);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return ExitCode::FAILURE,
+            }
         }
     } else {
         let Some(kernel) = args.kernel.as_deref() else {
@@ -127,7 +144,7 @@ fn run(
             }
         }
     };
-    match vmm::vm::run(&cfg, started, api) {
+    match vmm::vm::run(&cfg, started, api, signals) {
         Ok(exit) => {
             match &exit {
                 vmm::vm::Exit::Crash(why) => {

@@ -53,10 +53,12 @@ pub use crate::control::Exit;
 
 /// Boots the VM and runs it until it ends. `started` is when the process started, for the
 /// time-to-first-instruction log line.
-pub fn run(cfg: &VmConfig, started: Instant, api: Option<&api::Shared>) -> Result<Exit, Error> {
-    // Block the stop signals in every thread; the main thread reads them from a signalfd.
-    let signals = block_stop_signals()?;
-
+pub fn run(
+    cfg: &VmConfig,
+    started: Instant,
+    api: Option<&api::Shared>,
+    signals: &std::fs::File,
+) -> Result<Exit, Error> {
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     let vm = kvm
         .create_vm()
@@ -163,7 +165,7 @@ pub fn run(cfg: &VmConfig, started: Instant, api: Option<&api::Shared>) -> Resul
     if let Some(api) = api {
         api.set_running(cfg, control.clone(), mmio.clone());
     }
-    let exit = wait(&control, &signals);
+    let exit = wait(&control, signals);
     if let Some(first) = bus
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -286,8 +288,10 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
     }
 }
 
-/// The signals that stop the VMM, blocked and readable from a signalfd.
-fn block_stop_signals() -> Result<std::fs::File, Error> {
+/// Blocks the signals that stop the VMM (SIGTERM, SIGINT) and returns a signalfd to read them
+/// from. Call before starting any thread: threads inherit the mask, so the signals reach only
+/// the signalfd.
+pub fn block_stop_signals() -> Result<std::fs::File, Error> {
     use std::os::fd::FromRawFd;
     // SAFETY: sigset_t is plain data; the libc calls only fill it and change this thread's
     // mask (inherited by the threads spawned afterwards).
@@ -328,19 +332,7 @@ fn wait(control: &Control, signals: &std::fs::File) -> Exit {
             continue;
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            // SAFETY: signalfd_siginfo is plain data, read whole from the signalfd.
-            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            // SAFETY: reads at most size_of::<signalfd_siginfo>() bytes into `info`.
-            let r = unsafe {
-                libc::read(
-                    signals.as_raw_fd(),
-                    (&mut info as *mut libc::signalfd_siginfo).cast(),
-                    std::mem::size_of::<libc::signalfd_siginfo>(),
-                )
-            };
-            if r > 0 {
-                let sig = info.ssi_signo as i32;
-                tracing::info!(signal = sig, "stopping on signal");
+            if let Some(sig) = read_signal(signals) {
                 control.end(Exit::Signal(sig));
             }
         }
@@ -348,4 +340,39 @@ fn wait(control: &Control, signals: &std::fs::File) -> Exit {
             return e;
         }
     }
+}
+
+/// A stop signal waiting on the signalfd, if there is one (does not block).
+pub fn pending_signal(signals: &std::fs::File) -> Option<i32> {
+    let mut fd = libc::pollfd {
+        fd: signals.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    if n == 1 && fd.revents & libc::POLLIN != 0 {
+        read_signal(signals)
+    } else {
+        None
+    }
+}
+
+fn read_signal(signals: &std::fs::File) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data, read whole from the signalfd.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    // SAFETY: reads at most size_of::<signalfd_siginfo>() bytes into `info`.
+    let r = unsafe {
+        libc::read(
+            signals.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            std::mem::size_of::<libc::signalfd_siginfo>(),
+        )
+    };
+    if r <= 0 {
+        return None;
+    }
+    let sig = info.ssi_signo as i32;
+    tracing::info!(signal = sig, "stopping on signal");
+    Some(sig)
 }
