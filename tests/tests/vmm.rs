@@ -545,3 +545,45 @@ fn sigterm_while_waiting_for_an_api_configuration_ends_with_143_and_removes_the_
     assert_eq!(child.wait().unwrap().code(), Some(143));
     assert!(!api.exists(), "API socket left behind");
 }
+
+#[test]
+fn growing_a_storaged_volume_raises_a_configuration_change_in_the_guest() {
+    let s = storaged_tests::Storaged::start();
+    s.create_volume(r#"{"name":"grow","size":"64MiB"}"#);
+    let socket = s.socket_of("grow");
+    let tmp = tempfile::tempdir().unwrap();
+    let console = tmp.path().join("console.log");
+    let mut child = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(guest("config_change"))
+        .args(["--memory", "64MiB"])
+        .arg("--disk")
+        .arg(format!("socket={}", socket.display()))
+        .arg("--serial")
+        .arg(&console)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains('\n')
+    {
+        assert!(Instant::now() < deadline, "the guest did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "capacity 131072\n"
+    );
+    let r = s
+        .admin()
+        .request("PATCH", "/v1/volumes/grow", Some(r#"{"size":"128MiB"}"#))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "capacity 131072\ncapacity 262144\n"
+    );
+}

@@ -5,10 +5,15 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+    VhostUserVirtioFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -56,6 +61,21 @@ struct Queue {
     used: u64,
 }
 
+/// Receives the backend's configuration-change messages (a storaged volume grew): marks the
+/// configuration stale and interrupts the guest, which then reads it again.
+struct ConfigWatch {
+    changed: Arc<AtomicBool>,
+    irq: EventFd,
+}
+
+impl VhostUserFrontendReqHandler for ConfigWatch {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.changed.store(true, Ordering::Release);
+        self.irq.write(1)?;
+        Ok(0)
+    }
+}
+
 /// One vhost-user-blk disk on virtio-mmio.
 pub struct BlkDevice {
     socket: PathBuf,
@@ -74,6 +94,12 @@ pub struct BlkDevice {
     kicks: Vec<EventFd>,
     call: EventFd,
     active: bool,
+    /// The backend said the configuration changed; it is fetched again at the guest's next
+    /// look at it.
+    config_changed: Arc<AtomicBool>,
+    /// A configuration interrupt the guest has not acknowledged.
+    config_pending: bool,
+    config_generation: u32,
     /// Requests the guest made on this disk's queue notification register (counter for the
     /// API; only those that reached the VMM: ioeventfd catches the rest).
     pub notifies: u64,
@@ -99,9 +125,13 @@ impl BlkDevice {
         let supported = frontend
             .get_protocol_features()
             .map_err(proto("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        let negotiated = supported & wanted;
         frontend
-            .set_protocol_features(supported & wanted)
+            .set_protocol_features(negotiated)
             .map_err(proto("SET_PROTOCOL_FEATURES"))?;
         if supported.contains(VhostUserProtocolFeatures::CONFIG) {
             let (_, payload) = frontend
@@ -111,6 +141,34 @@ impl BlkDevice {
             config[..n].copy_from_slice(&payload[..n]);
         }
         let ev = |e| Error::EventFd(s.clone(), e);
+        let call = EventFd::new(EFD_NONBLOCK).map_err(ev)?;
+        let config_changed = Arc::new(AtomicBool::new(false));
+        if negotiated.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let watch = ConfigWatch {
+                changed: config_changed.clone(),
+                irq: call.try_clone().map_err(ev)?,
+            };
+            let mut handler = FrontendReqHandler::new(Arc::new(watch)).map_err(|e| {
+                Error::Protocol(
+                    s.clone(),
+                    "backend request channel",
+                    vhost::Error::VhostUserProtocol(e),
+                )
+            })?;
+            handler.set_reply_ack_flag(negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            frontend
+                .set_backend_request_fd(&handler.get_tx_raw_fd())
+                .map_err(proto("SET_BACKEND_REQ_FD"))?;
+            let name = s.display().to_string();
+            std::thread::Builder::new()
+                .name("disk-cfg".into())
+                .spawn(move || {
+                    // Ends when the backend closes the channel.
+                    while handler.handle_request().is_ok() {}
+                    tracing::debug!(disk = %name, "backend request channel closed");
+                })
+                .map_err(ev)?;
+        }
         Ok(BlkDevice {
             socket: s.clone(),
             read_only,
@@ -126,8 +184,11 @@ impl BlkDevice {
             status: 0,
             config,
             kicks: vec![EventFd::new(EFD_NONBLOCK).map_err(ev)?],
-            call: EventFd::new(EFD_NONBLOCK).map_err(ev)?,
+            call,
             active: false,
+            config_changed,
+            config_pending: false,
+            config_generation: 0,
             notifies: 0,
         })
     }
@@ -170,7 +231,29 @@ impl BlkDevice {
         (self.base..self.base + MMIO_SIZE).contains(&addr)
     }
 
+    /// Fetches the configuration again if the backend said it changed.
+    fn refresh_config(&mut self) {
+        if !self.config_changed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let buf = vec![0u8; CONFIG_LEN as usize];
+        match self
+            .frontend
+            .get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &buf)
+        {
+            Ok((_, payload)) => {
+                let n = payload.len().min(self.config.len());
+                self.config[..n].copy_from_slice(&payload[..n]);
+                self.config_generation = self.config_generation.wrapping_add(1);
+                self.config_pending = true;
+                tracing::info!(disk = %self.socket.display(), "disk configuration changed");
+            }
+            Err(e) => tracing::warn!(disk = %self.socket.display(), "GET_CONFIG failed: {e}"),
+        }
+    }
+
     pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        self.refresh_config();
         let offset = addr - self.base;
         if offset >= 0x100 {
             let start = (offset - 0x100) as usize;
@@ -191,10 +274,15 @@ impl BlkDevice {
             }
             0x034 => q.map_or(0, |_| u32::from(QUEUE_MAX)),
             0x044 => q.map_or(0, |q| u32::from(q.ready)),
-            // The backend signals the irqfd directly: whenever it fires, it is for the queue.
-            0x060 if self.active => INT_VRING,
+            // The backend signals the irqfd directly: once active, any interrupt may be the
+            // queue's; a configuration change is known here.
+            0x060 => {
+                let vring = if self.active { INT_VRING } else { 0 };
+                let config = if self.config_pending { INT_CONFIG } else { 0 };
+                vring | config
+            }
             0x070 => self.status,
-            0x0fc => 0,
+            0x0fc => self.config_generation,
             _ => 0,
         };
         let bytes = v.to_le_bytes();
@@ -232,7 +320,9 @@ impl BlkDevice {
             }
             0x050 => self.notifies += 1,
             0x064 => {
-                let _ = v & INT_CONFIG;
+                if v & INT_CONFIG != 0 {
+                    self.config_pending = false;
+                }
             }
             0x070 => self.set_status(v, mem),
             0x080 => self.with_queue(sel, |q| set_lo(&mut q.desc, v)),
