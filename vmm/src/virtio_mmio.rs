@@ -319,11 +319,7 @@ impl BlkDevice {
                 }
             }
             0x050 => self.notifies += 1,
-            0x064 => {
-                if v & INT_CONFIG != 0 {
-                    self.config_pending = false;
-                }
-            }
+            0x064 if v & INT_CONFIG != 0 => self.config_pending = false,
             0x070 => self.set_status(v, mem),
             0x080 => self.with_queue(sel, |q| set_lo(&mut q.desc, v)),
             0x084 => self.with_queue(sel, |q| set_hi(&mut q.desc, v)),
