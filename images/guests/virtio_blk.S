@@ -1,8 +1,9 @@
 # Test guest: drives the virtio-mmio block device at 0xd0000000 as a driver would: probe
-# (magic, version 2, device id 2), negotiate features (VERSION_1, and FLUSH if offered), set
-# up queue 0 with 8 entries, then write a pattern to sector 8, flush, read it back and
-# compare. Polls the used ring (interrupts stay off). Prints "virtio-blk: PASS" or
-# "virtio-blk: FAIL <step>" on ttyS0 and resets the machine.
+# (magic, version 2, device id 2), negotiate features (VERSION_1, and FLUSH and MQ if
+# offered), set up the device's last queue (the one with the highest index that has a
+# QueueNumMax) with 8 entries, then write a pattern to sector 8, flush, read it back and
+# compare. Polls the used ring (interrupts stay off). Prints "virtio-blk: PASS on queue N"
+# or "virtio-blk: FAIL <step>" on ttyS0 and resets the machine.
     .set MMIO, 0xd0000000
     .set DESC, 0x300000
     .set AVAIL, 0x301000
@@ -38,7 +39,7 @@ _start:
     jz fail
     movl $0, 0x14(%rbx)
     mov 0x10(%rbx), %eax
-    and $(1 << 9), %eax             # FLUSH, if offered
+    and $((1 << 9) | (1 << 12)), %eax   # FLUSH and MQ, if offered
     movl $0, 0x24(%rbx)
     mov %eax, 0x20(%rbx)
     movl $1, 0x24(%rbx)
@@ -49,8 +50,15 @@ _start:
     jz fail
 
     lea s_queue(%rip), %r15
-    movl $0, 0x30(%rbx)
-    cmpl $8, 0x34(%rbx)
+    # The last queue: the highest index below 16 with a QueueNumMax.
+    mov $15, %r13d
+5:  mov %r13d, 0x30(%rbx)
+    cmpl $0, 0x34(%rbx)
+    jne 6f
+    dec %r13d
+    jns 5b
+    jmp fail
+6:  cmpl $8, 0x34(%rbx)
     jb fail
     movl $8, 0x38(%rbx)
     movl $DESC, 0x80(%rbx)
@@ -97,6 +105,15 @@ _start:
     jne fail
     lea pass(%rip), %rsi
     call puts
+    mov %r13d, %eax
+    add $'0', %al
+    cmp $'9', %al
+    jbe 7f
+    add $7, %al                     # 10..15 as A..F
+7:  mov $COM1, %dx
+    out %al, %dx
+    lea nl(%rip), %rsi
+    call puts
     jmp reset
 
 # One request: type in %eax, data buffer in %rdi (0: none), extra data flags in %esi.
@@ -134,7 +151,7 @@ request:
     mfence
     mov %r12w, 2(%r10)              # avail idx
     mfence
-    movl $0, 0x50(%rbx)             # QueueNotify: queue 0
+    mov %r13d, 0x50(%rbx)           # QueueNotify: our queue
     mov $200000000, %ecx
 3:  pause
     mov USED + 2, %ax
@@ -170,7 +187,7 @@ puts:
 2:  ret
 
     .section .rodata
-pass:       .asciz "virtio-blk: PASS\n"
+pass:       .asciz "virtio-blk: PASS on queue "
 failed:     .asciz "virtio-blk: FAIL "
 nl:         .asciz "\n"
 s_probe:    .asciz "probe"

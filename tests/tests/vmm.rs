@@ -238,7 +238,7 @@ fn a_guest_driver_writes_flushes_and_reads_a_storaged_volume_through_virtio_mmio
     ]);
     assert_eq!(
         text(&out.stdout),
-        "virtio-blk: PASS\n",
+        "virtio-blk: PASS on queue 0\n",
         "{}",
         text(&out.stderr)
     );
@@ -586,4 +586,29 @@ fn growing_a_storaged_volume_raises_a_configuration_change_in_the_guest() {
         std::fs::read_to_string(&console).unwrap(),
         "capacity 131072\ncapacity 262144\n"
     );
+}
+
+#[test]
+fn a_multi_queue_volume_is_served_on_its_last_queue_too() {
+    let s = storaged_tests::Storaged::start();
+    s.create_volume(r#"{"name":"mq","size":"64MiB","num_queues":2}"#);
+    let socket = s.socket_of("mq");
+    let out = vmm(&[
+        "--kernel",
+        guest("virtio_blk").to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--disk",
+        &format!("socket={}", socket.display()),
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "virtio-blk: PASS on queue 1\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let mut c = storaged_tests::connect_retry(&socket, 2);
+    let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
+    assert_eq!(c.read(1, 8 * 512, 4096).unwrap(), want);
 }

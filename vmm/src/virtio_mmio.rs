@@ -33,6 +33,10 @@ const INT_VRING: u32 = 1;
 const INT_CONFIG: u32 = 2;
 /// Largest queue offered (libblkio and Linux both use up to 256).
 const QUEUE_MAX: u16 = 256;
+/// Most queues a disk gets (VIRTIO_BLK_F_MQ).
+const MAX_QUEUES: usize = 16;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+
 /// Config space bytes fetched from the backend (struct virtio_blk_config up to
 /// write_zeroes_may_unmap).
 const CONFIG_LEN: u32 = 60;
@@ -113,8 +117,8 @@ impl BlkDevice {
             let s = s.clone();
             move |e| Error::Protocol(s, what, e)
         };
-        let mut frontend =
-            Frontend::connect(socket, 1).map_err(|e| Error::Connect(s.clone(), e))?;
+        let mut frontend = Frontend::connect(socket, MAX_QUEUES as u64)
+            .map_err(|e| Error::Connect(s.clone(), e))?;
         frontend.set_owner().map_err(proto("SET_OWNER"))?;
         let mut device_features = frontend.get_features().map_err(proto("GET_FEATURES"))?;
         device_features &= !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -141,6 +145,16 @@ impl BlkDevice {
             config[..n].copy_from_slice(&payload[..n]);
         }
         let ev = |e| Error::EventFd(s.clone(), e);
+        // Queues: what the config space says when the backend offers MQ, else one.
+        let num_queues = if device_features & VIRTIO_BLK_F_MQ != 0 {
+            usize::from(u16::from_le_bytes([config[34], config[35]])).clamp(1, MAX_QUEUES)
+        } else {
+            1
+        };
+        let kicks = (0..num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ev)?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(ev)?;
         let config_changed = Arc::new(AtomicBool::new(false));
         if negotiated.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
@@ -180,10 +194,10 @@ impl BlkDevice {
             driver_features: 0,
             driver_features_sel: 0,
             queue_sel: 0,
-            queues: vec![Queue::default(); 1],
+            queues: vec![Queue::default(); num_queues],
             status: 0,
             config,
-            kicks: vec![EventFd::new(EFD_NONBLOCK).map_err(ev)?],
+            kicks,
             call,
             active: false,
             config_changed,
