@@ -48,3 +48,26 @@ need_promtool() {
     fi
     echo "$dir/bin/promtool"
 }
+
+# need_qemu_microvm: puts Debian's qemu-system-x86_64 (with the few libraries it needs that
+# are not installed) in target/tools/qemu, extracted from the packages without installing
+# them: installing qemu-system-x86 would replace qemu-storage-daemon 10 (qemu-utils) by 7.2.
+# Prints the directory (bin/qemu-system-x86_64, lib/, share/qemu).
+need_qemu_microvm() {
+    local dir
+    dir="$(repo_root)/target/tools/qemu"
+    if [ ! -x "$dir/x/usr/bin/qemu-system-x86_64" ]; then
+        echo "==> fetching qemu-system-x86 (extracted, not installed)" >&2
+        local tmp
+        tmp="$(mktemp -d)"
+        (cd "$tmp" && apt-get download qemu-system-x86 qemu-system-data libcapstone4 libfdt1 libslirp0 libvdeplug2 >/dev/null 2>&1) || {
+            echo "cannot download qemu-system-x86" >&2
+            rm -rf "$tmp"
+            return 1
+        }
+        mkdir -p "$dir"
+        for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$dir/x"; done
+        rm -rf "$tmp"
+    fi
+    echo "$dir/x"
+}
