@@ -612,3 +612,26 @@ fn a_multi_queue_volume_is_served_on_its_last_queue_too() {
     let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
     assert_eq!(c.read(1, 8 * 512, 4096).unwrap(), want);
 }
+
+#[test]
+fn several_disks_get_their_own_windows_and_readonly_ones_show_ro() {
+    let s = storaged_tests::Storaged::start();
+    s.create_volume(r#"{"name":"a","size":"16MiB"}"#);
+    s.create_volume(r#"{"name":"b","size":"16MiB"}"#);
+    let (a, b) = (s.socket_of("a"), s.socket_of("b"));
+    let out = vmm(&[
+        "--kernel",
+        guest("probe").to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--disk",
+        &format!("socket={}", a.display()),
+        "--disk",
+        &format!("socket={},readonly", b.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "disk 0: id 2, ro 0\ndisk 1: id 2, ro 1\n"
+    );
+}
