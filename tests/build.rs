@@ -15,6 +15,25 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// A bzImage: one setup sector after the boot sector, with the setup header fields the boot
+/// protocol (and linux-loader) look at, then the protected-mode image.
+fn bzimage(body: &[u8]) -> Vec<u8> {
+    let mut img = vec![0u8; 1024];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe] = 0x55; // boot_flag 0xaa55
+    img[0x1ff] = 0xaa;
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020cu16.to_le_bytes()); // protocol 2.12
+    img[0x211] = 0x01; // loadflags: LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    img[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+    img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+    let init_size = (body.len() as u32 + 0xfff) & !0xfff;
+    img[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+    img.extend_from_slice(body);
+    img
+}
+
 fn main() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/guests");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("guests");
@@ -38,6 +57,24 @@ fn main() {
             .arg("-o")
             .arg(&obj)
             .arg(&path));
+        if stem == "bzimage" {
+            // A flat image at 1 MiB behind a minimal setup header: the bzImage boot path.
+            let flat = out.join("bzimage.bin");
+            run(Command::new("ld")
+                .args([
+                    "-m",
+                    "elf_x86_64",
+                    "-static",
+                    "-nostdlib",
+                    "-Ttext=0x100000",
+                ])
+                .args(["--oformat", "binary", "-e", "_start", "-o"])
+                .arg(&flat)
+                .arg(&obj));
+            let body = std::fs::read(&flat).expect("flat image");
+            std::fs::write(out.join("bzimage.img"), bzimage(&body)).expect("write bzImage");
+            continue;
+        }
         run(Command::new("ld")
             .args([
                 "-m",

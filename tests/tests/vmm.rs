@@ -635,3 +635,26 @@ fn several_disks_get_their_own_windows_and_readonly_ones_show_ro() {
         "disk 0: id 2, ro 0\ndisk 1: id 2, ro 1\n"
     );
 }
+
+/// The bzImage path with an image small enough to run here: linux-loader reads the setup
+/// header, the protected-mode part goes to 1 MiB, the 64-bit entry at +0x200 gets the zero
+/// page in RSI, and the guest prints the command line the zero page points to.
+#[test]
+fn a_bzimage_is_entered_at_its_64_bit_entry_with_the_zero_page() {
+    let k = PathBuf::from(env!("GUEST_DIR")).join("bzimage.img");
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--cmdline",
+        "root=/dev/vda console=ttyS0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "bzImage: root=/dev/vda console=ttyS0\n");
+    assert!(
+        text(&out.stderr).contains("entry=0x100200"),
+        "{}",
+        text(&out.stderr)
+    );
+}
