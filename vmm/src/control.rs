@@ -147,12 +147,17 @@ impl Control {
         self.parked.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Stops every vCPU; returns once all are parked (or after a second, false).
+    /// Stops every vCPU; returns once all are parked. False (and the VM left running) if that
+    /// takes more than a second, or the VM has ended: its vCPU threads may be gone.
     pub fn pause(&self) -> bool {
+        if self.ended().is_some() {
+            return false;
+        }
         self.pause.store(true, Ordering::Release);
         let deadline = Instant::now() + Duration::from_secs(1);
         while self.parked.load(Ordering::Acquire) < self.vcpus {
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || self.ended().is_some() {
+                self.resume();
                 return false;
             }
             // A kick that lands just before KVM_RUN is lost: kick until all are parked.
@@ -162,7 +167,9 @@ impl Control {
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
             {
-                // SAFETY: `t` is a live vCPU thread of this process (they run until exit).
+                // SAFETY: `t` is a vCPU thread of this process; they only return after the VM
+                // has ended, which was checked just above (a kick racing that end finds the
+                // thread still on its way out of its loop).
                 unsafe { libc::pthread_kill(*t, kick_signal()) };
             }
             std::thread::sleep(Duration::from_millis(1));

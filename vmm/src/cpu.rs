@@ -2,7 +2,8 @@
 //! 64-bit boot state of the boot vCPU.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
@@ -16,7 +17,7 @@ pub enum Error {
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("Cannot configure vCPU {0}: {1}")]
     Setup(u8, &'static str, #[source] kvm_ioctls::Error),
-    #[error("Cannot build the MSR list")]
+    #[error("Cannot build the MSR or CPUID list")]
     Msrs,
 }
 
@@ -75,38 +76,38 @@ pub fn base_cpuid(kvm: &Kvm, pvm: bool) -> Result<CpuId, Error> {
 /// Sets up vCPU `id` of `count`: CPUID with its APIC id, MSRs, FPU, LAPIC LINT pins.
 pub fn configure(vcpu: &VcpuFd, base: &CpuId, id: u8, count: u8) -> Result<(), Error> {
     let mut cpuid = base.clone();
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                // Initial APIC id, logical processor count, HTT when there is more than one.
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
-                if count > 1 {
-                    e.edx |= 1 << 28;
-                }
-            }
-            0xb => {
-                // Extended topology: one thread per core, `count` cores in one package.
-                e.edx = u32::from(id);
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = 1 << 8;
-                    }
-                    1 => {
-                        e.eax = u32::from(count).next_power_of_two().trailing_zeros();
-                        e.ebx = u32::from(count);
-                        e.ecx = (2 << 8) | 1;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = e.index;
-                    }
-                }
-            }
-            _ => {}
+    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        // Initial APIC id, logical processor count, HTT when there is more than one.
+        e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+        if count > 1 {
+            e.edx |= 1 << 28;
         }
+    }
+    // Extended topology (leaf 0xB): KVM reports only its first subleaf; every level is
+    // written here: one thread per core, `count` cores in one package, then the end marker.
+    let has_topology = cpuid.as_slice().iter().any(|e| e.function == 0xb);
+    if has_topology {
+        let mut entries: Vec<kvm_cpuid_entry2> = cpuid
+            .as_slice()
+            .iter()
+            .filter(|e| e.function != 0xb)
+            .copied()
+            .collect();
+        let core_bits = u32::from(count).next_power_of_two().trailing_zeros();
+        let level = |index: u32, eax: u32, ebx: u32, kind: u32| kvm_cpuid_entry2 {
+            function: 0xb,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx,
+            ecx: (kind << 8) | index,
+            edx: u32::from(id),
+            ..Default::default()
+        };
+        entries.push(level(0, 0, 1, 1));
+        entries.push(level(1, core_bits, u32::from(count), 2));
+        entries.push(level(2, 0, 0, 0));
+        cpuid = CpuId::from_entries(&entries).map_err(|_| Error::Msrs)?;
     }
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| Error::Setup(id, "CPUID", e))?;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
     VhostUserVirtioFeatures,
@@ -31,8 +33,15 @@ const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const INT_VRING: u32 = 1;
 const INT_CONFIG: u32 = 2;
+const STATUS_NEEDS_RESET: u32 = 0x40;
 /// Largest queue offered (libblkio and Linux both use up to 256).
 const QUEUE_MAX: u16 = 256;
+/// Device features this transport passes on: VERSION_1, the ring features it handles
+/// (INDIRECT_DESC, EVENT_IDX) and virtio-blk's own (bits 0-23). Anything else a backend offers
+/// (packed rings, notification data, ring reset, platform access) needs transport support
+/// this device does not have.
+const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 28) | (1 << 29) | 0x00ff_ffff;
+
 /// Most queues a disk gets (VIRTIO_BLK_F_MQ).
 const MAX_QUEUES: usize = 16;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
@@ -52,7 +61,7 @@ pub enum Error {
     EventFd(PathBuf, #[source] std::io::Error),
     #[error("Disk {0}: KVM {1}")]
     Kvm(PathBuf, &'static str, #[source] kvm_ioctls::Error),
-    #[error("Disk {0}: queue {1} is not in guest memory")]
+    #[error("Disk {0}: queue {1} has a bad size or is not in guest memory")]
     BadQueue(PathBuf, u32),
 }
 
@@ -121,7 +130,7 @@ impl BlkDevice {
             .map_err(|e| Error::Connect(s.clone(), e))?;
         frontend.set_owner().map_err(proto("SET_OWNER"))?;
         let mut device_features = frontend.get_features().map_err(proto("GET_FEATURES"))?;
-        device_features &= !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        device_features &= TRANSPORT_FEATURES;
         if read_only {
             device_features |= VIRTIO_BLK_F_RO;
         }
@@ -137,6 +146,10 @@ impl BlkDevice {
         frontend
             .set_protocol_features(negotiated)
             .map_err(proto("SET_PROTOCOL_FEATURES"))?;
+        if negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every request waits for the backend's verdict, so a refused activation is seen.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
         if supported.contains(VhostUserProtocolFeatures::CONFIG) {
             let (_, payload) = frontend
                 .get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
@@ -177,8 +190,26 @@ impl BlkDevice {
             std::thread::Builder::new()
                 .name("disk-cfg".into())
                 .spawn(move || {
-                    // Ends when the backend closes the channel.
-                    while handler.handle_request().is_ok() {}
+                    // Ends when the backend closes the channel; a message it cannot handle
+                    // is logged and skipped.
+                    let mut failures = 0;
+                    loop {
+                        match handler.handle_request() {
+                            Ok(_) => failures = 0,
+                            Err(
+                                vhost::vhost_user::Error::Disconnected
+                                | vhost::vhost_user::Error::SocketBroken(_)
+                                | vhost::vhost_user::Error::PartialMessage,
+                            ) => break,
+                            Err(e) => {
+                                tracing::warn!(disk = %name, "backend request: {e}");
+                                failures += 1;
+                                if failures > 100 {
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     tracing::debug!(disk = %name, "backend request channel closed");
                 })
                 .map_err(ev)?;
@@ -315,6 +346,7 @@ impl BlkDevice {
         let set_hi = |x: &mut u64, v: u32| *x = (*x & 0xffff_ffff) | (u64::from(v) << 32);
         match offset {
             0x014 => self.features_sel = v,
+            0x020 if self.status & STATUS_FEATURES_OK != 0 => {}
             0x020 => match self.driver_features_sel {
                 0 => set_lo(&mut self.driver_features, v),
                 1 => set_hi(&mut self.driver_features, v),
@@ -324,7 +356,8 @@ impl BlkDevice {
             0x030 => self.queue_sel = v,
             0x038 => {
                 if let Some(q) = self.queues.get_mut(sel) {
-                    q.num = (v as u16).min(QUEUE_MAX);
+                    // Checked at DRIVER_OK: a power of two up to QUEUE_MAX.
+                    q.num = u16::try_from(v).unwrap_or(0);
                 }
             }
             0x044 => {
@@ -332,7 +365,13 @@ impl BlkDevice {
                     q.ready = v == 1;
                 }
             }
-            0x050 => self.notifies += 1,
+            // Normally caught by the ioeventfd; if not, passed on, so the queue does not stall.
+            0x050 => {
+                self.notifies += 1;
+                if let Some(kick) = self.kicks.get(v as usize) {
+                    let _ = kick.write(1);
+                }
+            }
             0x064 if v & INT_CONFIG != 0 => self.config_pending = false,
             0x070 => self.set_status(v, mem),
             0x080 => self.with_queue(sel, |q| set_lo(&mut q.desc, v)),
@@ -353,10 +392,7 @@ impl BlkDevice {
 
     fn set_status(&mut self, v: u32, mem: &GuestMemoryMmap) {
         if v == 0 {
-            // Device reset: the backend keeps its connection; queues are set up again.
-            self.status = 0;
-            self.driver_features = 0;
-            self.queues = vec![Queue::default(); self.queues.len()];
+            self.reset();
             return;
         }
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
@@ -369,22 +405,59 @@ impl BlkDevice {
             }
         }
         let became_ready = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        if became_ready && v & STATUS_FEATURES_OK == 0 {
+            // DRIVER_OK without FEATURES_OK: the driver skipped negotiation.
+            self.status = v | STATUS_NEEDS_RESET;
+            return;
+        }
         self.status = v;
         if became_ready && !self.active {
             match self.activate(mem) {
                 Ok(()) => self.active = true,
                 Err(e) => {
                     tracing::error!("{}", crate::error_chain(&e));
-                    // DEVICE_NEEDS_RESET.
-                    self.status |= 0x40;
+                    self.status |= STATUS_NEEDS_RESET;
                 }
             }
         }
     }
 
+    /// Device reset (status 0): the backend stops using the rings (their state is fetched
+    /// and dropped), and everything the driver set is forgotten, so it can set the device up
+    /// again.
+    fn reset(&mut self) {
+        if self.active {
+            for (i, q) in self.queues.iter().enumerate() {
+                if !q.ready {
+                    continue;
+                }
+                if let Err(e) = self.frontend.set_vring_enable(i, false) {
+                    tracing::warn!(disk = %self.socket.display(), queue = i, "SET_VRING_ENABLE 0 failed: {e}");
+                }
+                if let Err(e) = self.frontend.get_vring_base(i) {
+                    tracing::warn!(disk = %self.socket.display(), queue = i, "GET_VRING_BASE failed: {e}");
+                }
+            }
+            self.active = false;
+            tracing::info!(disk = %self.socket.display(), "disk reset by the driver");
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.config_pending = false;
+        self.queues = vec![Queue::default(); self.queues.len()];
+    }
+
     /// DRIVER_OK: hands the memory table and the rings to the backend.
     fn activate(&mut self, mem: &GuestMemoryMmap) -> Result<(), Error> {
         let s = self.socket.clone();
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready && (q.num == 0 || !q.num.is_power_of_two() || q.num > QUEUE_MAX) {
+                return Err(Error::BadQueue(s.clone(), i as u32));
+            }
+        }
         let proto = |what| {
             let s = s.clone();
             move |e| Error::Protocol(s, what, e)

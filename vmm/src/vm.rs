@@ -189,24 +189,26 @@ pub struct MmioBus {
 }
 
 impl MmioBus {
+    /// The disk whose window holds `addr`: windows are fixed by index, so only that disk is
+    /// locked (a vCPU waiting on one backend does not hold up the others).
+    fn disk(&self, addr: u64) -> Option<std::sync::MutexGuard<'_, BlkDevice>> {
+        let offset = addr.checked_sub(virtio_mmio::MMIO_BASE)?;
+        let d = self
+            .disks
+            .get(usize::try_from(offset / virtio_mmio::MMIO_SIZE).ok()?)?;
+        Some(d.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn read(&self, addr: u64, data: &mut [u8]) {
         data.fill(0xff);
-        for d in &self.disks {
-            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
-            if d.contains(addr) {
-                d.read(addr, data);
-                return;
-            }
+        if let Some(mut d) = self.disk(addr) {
+            d.read(addr, data);
         }
     }
 
     fn write(&self, addr: u64, data: &[u8]) {
-        for d in &self.disks {
-            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
-            if d.contains(addr) {
-                d.write(addr, data, &self.mem);
-                return;
-            }
+        if let Some(mut d) = self.disk(addr) {
+            d.write(addr, data, &self.mem);
         }
     }
 }
