@@ -3,7 +3,9 @@
 # offered), set up the device's last queue (the one with the highest index that has a
 # QueueNumMax) with 8 entries, then write a pattern to sector 8, flush, read it back and
 # compare. Polls the used ring (interrupts stay off). Prints "virtio-blk: PASS on queue N"
-# or "virtio-blk: FAIL <step>" on ttyS0 and resets the machine.
+# or "virtio-blk: FAIL <step>" on ttyS0. Then resets the device (status 0), clears the rings
+# and does it all again, as a driver that is unbound and bound again would; after the second
+# round it resets the machine.
     .set MMIO, 0xd0000000
     .set DESC, 0x300000
     .set AVAIL, 0x301000
@@ -29,6 +31,8 @@ _start:
     cmpl $2, 0x8(%rbx)
     jne fail
 
+    xor %r14d, %r14d                # round
+round:
     lea s_features(%rip), %r15
     movl $0, 0x70(%rbx)             # reset
     movl $1, 0x70(%rbx)             # ACKNOWLEDGE
@@ -114,7 +118,16 @@ _start:
     out %al, %dx
     lea nl(%rip), %rsi
     call puts
-    jmp reset
+    inc %r14d
+    cmp $2, %r14d
+    jae reset
+    # Second round: reset the device, clear the rings, set everything up again.
+    movl $0, 0x70(%rbx)
+    mov $DESC, %rdi
+    xor %eax, %eax
+    mov $0x3000, %ecx               # descriptors, avail and used rings
+    rep stosb
+    jmp round
 
 # One request: type in %eax, data buffer in %rdi (0: none), extra data flags in %esi.
 # Fails (via %r15's step name) unless the device answers with status 0.
