@@ -150,6 +150,11 @@ pub fn run(
         disks: disks.into_iter().map(Mutex::new).collect(),
         mem: mem.clone(),
     });
+    // The API sees the VM as running before any vCPU runs (a pause before the threads start
+    // parks them at their first loop).
+    if let Some(api) = api {
+        api.set_running(cfg, control.clone(), mmio.clone());
+    }
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
@@ -162,9 +167,6 @@ pub fn run(
         threads.push(t);
     }
 
-    if let Some(api) = api {
-        api.set_running(cfg, control.clone(), mmio.clone());
-    }
     let exit = wait(&control, signals);
     if let Some(first) = bus
         .lock()
