@@ -39,6 +39,10 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("guests");
     std::fs::create_dir_all(&out).expect("create guest dir");
     println!("cargo:rerun-if-changed={}", src.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        src.join("common.inc").display()
+    );
     let entries = std::fs::read_dir(&src).expect("images/guests");
     for e in entries {
         let path = e.expect("dir entry").path();
@@ -54,6 +58,8 @@ fn main() {
         let elf = out.join(format!("{stem}.elf"));
         run(Command::new("as")
             .arg("--64")
+            .arg("-I")
+            .arg(&src)
             .arg("-o")
             .arg(&obj)
             .arg(&path));

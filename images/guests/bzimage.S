@@ -1,7 +1,6 @@
 # Test guest in bzImage form (tests/build.rs puts a setup header before it): the protected-
 # mode part, loaded at 1 MiB; the 64-bit boot protocol enters at +0x200 with RSI pointing to
 # the zero page. Prints "bzImage: " and the command line the zero page points to, resets.
-    .set COM1, 0x3f8
     .code64
     .text
     .globl _start
@@ -21,14 +20,7 @@ startup_64:
 1:  hlt
     jmp 1b
 
-puts:
-    mov $COM1, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  ret
+.include "common.inc"
 
 msg: .asciz "bzImage: "
 nl:  .asciz "\n"

@@ -39,14 +39,7 @@ report:
     call puts
     ret
 
-puts:
-    mov $COM1, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  ret
+.include "common.inc"
 
 # Writes %rax in decimal.
 putdec:

@@ -49,14 +49,7 @@ putdigit:
     out %al, %dx
     ret
 
-puts:
-    mov $COM1, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  ret
+.include "common.inc"
 
     .section .rodata
 disk: .asciz "disk "

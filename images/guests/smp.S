@@ -87,14 +87,7 @@ unlock:
     ret
 
 # Writes the NUL-terminated string at %rsi.
-puts:
-    mov $COM1, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  ret
+.include "common.inc"
 
 # Writes %eax (below 1000) in decimal.
 putdec:

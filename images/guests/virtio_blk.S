@@ -190,14 +190,7 @@ reset:
 1:  hlt
     jmp 1b
 
-puts:
-    mov $COM1, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  ret
+.include "common.inc"
 
     .section .rodata
 pass:       .asciz "virtio-blk: PASS on queue "

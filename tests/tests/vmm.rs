@@ -226,28 +226,28 @@ fn the_debian_cloud_kernel_shows_our_e820_map_acpi_tables_and_cpus() {
 fn a_guest_driver_writes_flushes_and_reads_a_storaged_volume_through_virtio_mmio() {
     let s = storaged_tests::Storaged::start();
     s.create_volume(r#"{"name":"vda","size":"64MiB"}"#);
-    let socket = s.socket_of("vda");
-    let k = guest("virtio_blk");
+    virtio_guest_passes_on(&s.socket_of("vda"), 1);
+}
+
+/// Runs the virtio-mmio driver guest on a volume with `queues` queues: it must pass on the
+/// last one, twice (it resets the device in between), and what it wrote to sector 8 must be
+/// on the volume as the blkio client reads it through that queue.
+fn virtio_guest_passes_on(socket: &std::path::Path, queues: i32) {
     let out = vmm(&[
         "--kernel",
-        k.to_str().unwrap(),
+        guest("virtio_blk").to_str().unwrap(),
         "--memory",
         "64MiB",
         "--disk",
         &format!("socket={}", socket.display()),
     ]);
-    // Twice: the guest resets the device after the first round and sets it up again.
-    assert_eq!(
-        text(&out.stdout),
-        "virtio-blk: PASS on queue 0\nvirtio-blk: PASS on queue 0\n",
-        "{}",
-        text(&out.stderr)
-    );
+    let last = queues - 1;
+    let pass = format!("virtio-blk: PASS on queue {last}\n");
+    assert_eq!(text(&out.stdout), pass.repeat(2), "{}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(0));
-    // What the guest wrote to sector 8 is on the volume, as the blkio client reads it.
-    let mut c = storaged_tests::connect_retry(&socket, 1);
+    let mut c = storaged_tests::connect_retry(socket, queues);
     let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
-    assert_eq!(c.read(0, 8 * 512, 4096).unwrap(), want);
+    assert_eq!(c.read(last as usize, 8 * 512, 4096).unwrap(), want);
 }
 
 #[test]
@@ -593,25 +593,7 @@ fn growing_a_storaged_volume_raises_a_configuration_change_in_the_guest() {
 fn a_multi_queue_volume_is_served_on_its_last_queue_too() {
     let s = storaged_tests::Storaged::start();
     s.create_volume(r#"{"name":"mq","size":"64MiB","num_queues":2}"#);
-    let socket = s.socket_of("mq");
-    let out = vmm(&[
-        "--kernel",
-        guest("virtio_blk").to_str().unwrap(),
-        "--memory",
-        "64MiB",
-        "--disk",
-        &format!("socket={}", socket.display()),
-    ]);
-    assert_eq!(
-        text(&out.stdout),
-        "virtio-blk: PASS on queue 1\nvirtio-blk: PASS on queue 1\n",
-        "{}",
-        text(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(0));
-    let mut c = storaged_tests::connect_retry(&socket, 2);
-    let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
-    assert_eq!(c.read(1, 8 * 512, 4096).unwrap(), want);
+    virtio_guest_passes_on(&s.socket_of("mq"), 2);
 }
 
 #[test]
