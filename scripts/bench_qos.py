@@ -13,6 +13,8 @@ import tempfile
 import threading
 import time
 
+from benchlib import fill, wait_for_socket, write_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 
@@ -30,25 +32,6 @@ def blkbench(sock, runtime, ramp=0.0, qd=32, rw="randread"):
         cmd += ["--ramp", str(ramp)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
-
-
-def fill(path, size):
-    """Writes every byte of a backing file, so reads measure data, not holes."""
-    subprocess.run(
-        ["fio", "--name=fill", f"--filename={path}", "--rw=write", "--bs=1M", "--direct=1",
-         "--ioengine=io_uring", "--iodepth=8", f"--size={size}", "--buffer_pattern=0x5a"],
-        check=True, stdout=subprocess.DEVNULL)
-
-
-def wait_for(path, proc, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"storaged exited with {proc.returncode}")
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    sys.exit(f"{path} did not appear")
 
 
 def main():
@@ -82,7 +65,7 @@ def main():
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
-        wait_for(sock, st)
+        wait_for_socket(sock, st, "storaged")
         vols = {}
         for name in ("limited", "neighbour", "hammer"):
             v = admin(sock, "create", name, "--size", str(size), "--tier", "mass")
@@ -164,14 +147,7 @@ def main():
                      f"| {b:.0f} (median of per-rep ratios: {statistics.median(ratios):.2f} of alone) |")
         lines.append(f"| the hammering volume meanwhile | {med(hammer, 'iops'):.0f} "
                      f"(limit {args.hammer_limit}, its burst included) |")
-        table = "\n".join(lines)
-        print()
-        print(table)
-        os.makedirs(args.out, exist_ok=True)
-        out = os.path.join(args.out, "qos.md" if rows else "qos-neighbour.md")
-        with open(out, "w") as f:
-            f.write(table + "\n")
-        print(f"\nwritten to {out}")
+        write_table(lines, args.out, "qos.md" if rows else "qos-neighbour.md")
     finally:
         cleanup()
 

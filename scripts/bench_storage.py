@@ -6,12 +6,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from benchlib import fill, wait_for_socket, write_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -40,31 +40,6 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def wait_for_socket(path, proc, what, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited with {proc.returncode}")
-        if os.path.exists(path):
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(path)
-                s.close()
-                return
-            except OSError:
-                pass
-        time.sleep(0.05)
-    sys.exit(f"{what}: {path} did not appear")
-
-
-def fill(path, size):
-    """Writes every byte of the backing file, so reads measure data, not holes."""
-    subprocess.run(
-        ["fio", "--name=fill", f"--filename={path}", "--rw=write", "--bs=1M", "--direct=1",
-         "--ioengine=io_uring", "--iodepth=8", f"--size={size}", "--buffer_pattern=0x5a"],
-        check=True, stdout=subprocess.DEVNULL)
 
 
 def blkbench(sock, rw, bs, qd, runtime):
@@ -243,14 +218,7 @@ def main():
                      + (f"`openssl speed -evp aes-256-xts -bytes 4096` {ossl_gbps:.2f} GB/s: "
                         f"{xts['encrypt_gbps'] / ossl_gbps:.2f} of OpenSSL."
                         if ossl_gbps else "openssl speed gave no result."))
-        table = "\n".join(lines)
-        print()
-        print(table)
-        os.makedirs(args.out, exist_ok=True)
-        out = os.path.join(args.out, "storage.md" if len(cases) == len(CASES) else "storage-partial.md")
-        with open(out, "w") as f:
-            f.write(table + "\n")
-        print(f"\nwritten to {out}")
+        write_table(lines, args.out, "storage.md" if len(cases) == len(CASES) else "storage-partial.md")
     finally:
         cleanup()
 

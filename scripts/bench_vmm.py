@@ -3,11 +3,12 @@
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+
+from benchlib import write_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,6 @@ def rss_kib(pid):
 def run_ours(vmm, guest, reps):
     starts, firsts, overheads = [], [], []
     for _ in range(reps):
-        t0 = time.monotonic()
         p = subprocess.run([vmm, "--kernel", guest, "--memory", "128MiB"], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         setup = int(re.search(r"setup_us=(\d+)", p.stderr).group(1))
@@ -67,20 +67,29 @@ def first_byte_and_rss(cmd, env=None):
     return first, (r["VmRSS"] - r.get("RssShmem", 0)) / 1024
 
 
+def qemu():
+    """QEMU extracted by scripts/bench-vmm (QEMU_DIR): its binary and the environment that
+    finds its libraries; None if there is none."""
+    qemu_dir = os.environ.get("QEMU_DIR", "")
+    binary = os.path.join(qemu_dir, "usr/bin/qemu-system-x86_64")
+    if not qemu_dir or not os.path.exists(binary):
+        return None
+    return binary, dict(os.environ, LD_LIBRARY_PATH=os.path.join(qemu_dir, "usr/lib/x86_64-linux-gnu"))
+
+
 def run_kernel(vmm, kernel, reps):
     """vmm and QEMU microvm on the same kernel and command line, runs interleaved."""
-    qemu_dir = os.environ.get("QEMU_DIR", "")
-    qemu = os.path.join(qemu_dir, "usr/bin/qemu-system-x86_64")
+    q = qemu()
     ours, theirs = [], []
-    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(qemu_dir, "usr/lib/x86_64-linux-gnu"))
     for _ in range(reps):
         ours.append(first_byte_and_rss(
             [vmm, "--kernel", kernel, "--memory", "128MiB", "--cmdline", CMDLINE, "--log", "warn"]))
-        if qemu_dir and os.path.exists(qemu):
+        if q:
+            binary, env = q
             # Guest RAM in a shared memfd, like vmm's, so it is RssShmem on both sides.
             # (-cpu host without arch-capabilities: nested KVM refuses that MSR.)
             theirs.append(first_byte_and_rss(
-                [qemu, "-L", os.path.join(qemu_dir, "usr/share/qemu"), "-M", "microvm,memory-backend=mem",
+                [binary, "-L", os.path.join(os.environ["QEMU_DIR"], "usr/share/qemu"), "-M", "microvm,memory-backend=mem",
                  "-object", "memory-backend-memfd,id=mem,size=128M,share=on", "-m", "128M",
                  "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-nodefaults",
                  "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", kernel,
@@ -118,18 +127,14 @@ def main():
               "|---|---|---|",
               f"| vmm | {k['vmm'][0]:.1f} | {k['vmm'][1]:.2f} |"]
     if "qemu" in k:
-        version = subprocess.run([os.path.join(os.environ["QEMU_DIR"], "usr/bin/qemu-system-x86_64"),
-                                  "--version"], capture_output=True, text=True,
-                                 env=dict(os.environ, LD_LIBRARY_PATH=os.path.join(os.environ["QEMU_DIR"], "usr/lib/x86_64-linux-gnu"))).stdout.splitlines()[0]
+        binary, env = qemu()
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                                 env=env).stdout.splitlines()[0]
         lines.append(f"| {version}, -M microvm | {k['qemu'][0]:.1f} | {k['qemu'][1]:.2f} |")
     else:
         lines.append("")
         lines.append("qemu-system-x86_64 could not be fetched: no QEMU row.")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "vmm.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(lines, a.out, "vmm.md")
 
 
 if __name__ == "__main__":
