@@ -15,6 +15,17 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// Links a guest object at `text` (its first instruction there, `_start` its entry).
+fn link(obj: &Path, out: &Path, text: &str, extra: &[&str]) {
+    run(Command::new("ld")
+        .args(["-m", "elf_x86_64", "-static", "-nostdlib"])
+        .arg(format!("-Ttext={text}"))
+        .args(extra)
+        .args(["-e", "_start", "-o"])
+        .arg(out)
+        .arg(obj));
+}
+
 /// A bzImage: one setup sector after the boot sector, with the setup header fields the boot
 /// protocol (and linux-loader) look at, then the protected-mode image.
 fn bzimage(body: &[u8]) -> Vec<u8> {
@@ -66,34 +77,12 @@ fn main() {
         if stem == "bzimage" {
             // A flat image at 1 MiB behind a minimal setup header: the bzImage boot path.
             let flat = out.join("bzimage.bin");
-            run(Command::new("ld")
-                .args([
-                    "-m",
-                    "elf_x86_64",
-                    "-static",
-                    "-nostdlib",
-                    "-Ttext=0x100000",
-                ])
-                .args(["--oformat", "binary", "-e", "_start", "-o"])
-                .arg(&flat)
-                .arg(&obj));
+            link(&obj, &flat, "0x100000", &["--oformat", "binary"]);
             let body = std::fs::read(&flat).expect("flat image");
             std::fs::write(out.join("bzimage.img"), bzimage(&body)).expect("write bzImage");
-            continue;
+        } else {
+            link(&obj, &elf, "0x200000", &[]);
         }
-        run(Command::new("ld")
-            .args([
-                "-m",
-                "elf_x86_64",
-                "-static",
-                "-nostdlib",
-                "-Ttext=0x200000",
-                "-e",
-                "_start",
-                "-o",
-            ])
-            .arg(&elf)
-            .arg(&obj));
     }
     println!("cargo:rustc-env=GUEST_DIR={}", out.display());
 }

@@ -4,17 +4,14 @@
     .text
     .globl _start
 _start:
-    lea msg(%rip), %rsi
-    mov $0x3f8, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  mov $0xfe, %al
+    lea msg(%rip), %rsi             # vmm starts the boot vCPU with a stack
+    call puts
+    mov $0xfe, %al
     out %al, $0x64
-3:  hlt
-    jmp 3b
+1:  hlt
+    jmp 1b
+
+.include "common.inc"
 
     .section .rodata
 msg: .asciz "hello from the test guest\n"

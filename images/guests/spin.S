@@ -3,15 +3,12 @@
     .text
     .globl _start
 _start:
-    lea msg(%rip), %rsi
-    mov $0x3f8, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
+    lea msg(%rip), %rsi             # vmm starts the boot vCPU with a stack
+    call puts
+1:  hlt
     jmp 1b
-2:  hlt
-    jmp 2b
+
+.include "common.inc"
 
     .section .rodata
 msg: .asciz "spinning\n"

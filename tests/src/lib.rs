@@ -393,6 +393,15 @@ pub fn connect_retry(socket: &Path, num_queues: i32) -> BlkClient {
     }
 }
 
+/// Polls `cond` every 10 ms until it holds; fails the test with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Fetches a URL over plain HTTP/1.1 (for /metrics on loopback).
 pub fn http_get(url: &str) -> String {
     use std::io::{Read, Write};

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use storaged_tests::bin;
+use storaged_tests::{bin, wait_until};
 
 fn guest(name: &str) -> PathBuf {
     PathBuf::from(env!("GUEST_DIR")).join(format!("{name}.elf"))
@@ -78,11 +78,9 @@ fn sigterm_ends_the_vmm_with_143() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&console).unwrap_or_default() != "spinning\n" {
-        assert!(Instant::now() < deadline, "the guest did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the guest did not start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&console).unwrap_or_default() == "spinning\n"
+    });
     // SAFETY: kill takes a pid and a signal number.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
@@ -290,15 +288,12 @@ fn vmm_with_api(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .is_empty()
-        || !api.exists()
-    {
-        assert!(Instant::now() < deadline, "the guest did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the guest did not start", Duration::from_secs(30), || {
+        !std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .is_empty()
+            && api.exists()
+    });
     (child, console, api)
 }
 
@@ -333,11 +328,11 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
 
     let r = c.request("POST", "/v1/vm/resume", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&console).unwrap().len() == len {
-        assert!(Instant::now() < deadline, "the guest did not run again");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "the guest did not run again",
+        Duration::from_secs(10),
+        || std::fs::metadata(&console).unwrap().len() != len,
+    );
     assert_eq!(
         c.request("POST", "/v1/vm/resume", None).unwrap().status,
         409
@@ -460,22 +455,24 @@ fn linux_boots_runs_fio_on_a_storaged_disk_and_powers_off_where_kvm_is_hardware(
     }
 }
 
+/// Starts `vmm` with only an API socket (it waits to be configured there) once it listens.
+fn vmm_waiting_for_api(api: &std::path::Path) -> std::process::Child {
+    let child = Command::new(bin("vmm"))
+        .arg("--api-sock")
+        .arg(api)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("no API socket", Duration::from_secs(10), || api.exists());
+    child
+}
+
 #[test]
 fn a_vm_can_be_configured_and_started_through_the_api() {
     let tmp = tempfile::tempdir().unwrap();
     let api = tmp.path().join("api.sock");
     let console = tmp.path().join("console.log");
-    let mut child = Command::new(bin("vmm"))
-        .arg("--api-sock")
-        .arg(&api)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !api.exists() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = vmm_waiting_for_api(&api);
     let c = storaged_tests::AdminClient::new(&api);
     let vm = c.get("/v1/vm").unwrap().json();
     assert_eq!(vm["state"], "not_started");
@@ -530,17 +527,7 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
 fn sigterm_while_waiting_for_an_api_configuration_ends_with_143_and_removes_the_socket() {
     let tmp = tempfile::tempdir().unwrap();
     let api = tmp.path().join("api.sock");
-    let mut child = Command::new(bin("vmm"))
-        .arg("--api-sock")
-        .arg(&api)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !api.exists() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = vmm_waiting_for_api(&api);
     // SAFETY: kill takes a pid and a signal number.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(143));
@@ -565,14 +552,11 @@ fn growing_a_storaged_volume_raises_a_configuration_change_in_the_guest() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains('\n')
-    {
-        assert!(Instant::now() < deadline, "the guest did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the guest did not start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains('\n')
+    });
     assert_eq!(
         std::fs::read_to_string(&console).unwrap(),
         "capacity 131072\n"
