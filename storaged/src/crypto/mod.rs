@@ -153,31 +153,18 @@ impl Xts {
     /// `src` must be readable for `dst.len()` bytes (a multiple of [`UNIT`]) and not overlap
     /// `dst`. It may change meanwhile (it is only read through raw pointers).
     pub unsafe fn encrypt_units_from(&self, src: *const u8, dst: &mut [u8], first: u64) {
-        let len = dst.len() / UNIT * UNIT;
-        for (i, off) in (0..len).step_by(UNIT).enumerate() {
-            let index = u128::from(first + i as u64);
-            let d = &mut dst[off..off + UNIT];
-            match &self.0 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AES-NI keys exist only on CPUs that have it; `src + off` is readable
-                // for UNIT bytes (the caller's contract) and `d` is UNIT writable bytes.
-                Engine::Ni { keys, wide } => unsafe {
-                    ni_xts(
-                        keys,
-                        *wide,
-                        src.add(off),
-                        d.as_mut_ptr(),
-                        UNIT / 16,
-                        index,
-                        false,
-                    )
-                },
-                _ => {
-                    // SAFETY: as above; copy_nonoverlapping reads through the raw pointer.
-                    unsafe { std::ptr::copy_nonoverlapping(src.add(off), d.as_mut_ptr(), UNIT) };
-                    self.unit(d, index, false);
-                }
-            }
+        for (i, d) in dst.chunks_exact_mut(UNIT).enumerate() {
+            // SAFETY: unit i of `src` is readable (the caller's contract) and `d` is that
+            // unit's UNIT bytes of `dst`, which `src` does not overlap.
+            unsafe {
+                self.unit_between(
+                    src.add(i * UNIT),
+                    d.as_mut_ptr(),
+                    UNIT,
+                    u128::from(first + i as u64),
+                    false,
+                )
+            };
         }
     }
 
@@ -188,31 +175,15 @@ impl Xts {
     /// `dst` must be writable for `src.len()` bytes (a multiple of [`UNIT`]) and not overlap
     /// `src`; it is only written through raw pointers.
     pub unsafe fn decrypt_units_into(&self, src: &[u8], dst: *mut u8, first: u64) {
-        let len = src.len() / UNIT * UNIT;
-        for (i, off) in (0..len).step_by(UNIT).enumerate() {
-            let index = u128::from(first + i as u64);
-            let s = &src[off..off + UNIT];
-            // SAFETY: off + UNIT <= src.len(), and `dst` is writable for src.len() bytes (the
-            // caller's contract), so `d` is writable for UNIT bytes; the blocks below rely
-            // on that.
-            let d = unsafe { dst.add(off) };
-            if is_zero(s) {
-                // SAFETY: see above.
-                unsafe { std::ptr::write_bytes(d, 0, UNIT) };
-                continue;
-            }
-            match &self.0 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AES-NI keys exist only on CPUs that have it; see above for `d`.
-                Engine::Ni { keys, wide } => unsafe {
-                    ni_xts(keys, *wide, s.as_ptr(), d, UNIT / 16, index, true)
-                },
-                _ => {
-                    let mut tmp = [0u8; UNIT];
-                    tmp.copy_from_slice(s);
-                    self.unit(&mut tmp, index, true);
-                    // SAFETY: see above.
-                    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), d, UNIT) };
+        for (i, s) in src.chunks_exact(UNIT).enumerate() {
+            // SAFETY: `dst` is writable for src.len() bytes (the caller's contract), so unit
+            // i of it is UNIT writable bytes, not overlapping `s`.
+            unsafe {
+                let d = dst.add(i * UNIT);
+                if is_zero(s) {
+                    std::ptr::write_bytes(d, 0, UNIT);
+                } else {
+                    self.unit_between(s.as_ptr(), d, UNIT, u128::from(first + i as u64), true);
                 }
             }
         }
@@ -221,12 +192,11 @@ impl Xts {
     fn unit(&self, unit: &mut [u8], index: u128, decrypt: bool) {
         match &self.0 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Ni` keys exist only on CPUs with AES-NI (see `Xts::new`); src and dst
-            // are the same `unit.len()` bytes.
-            Engine::Ni { keys, wide } => unsafe {
+            Engine::Ni { .. } => {
                 let p = unit.as_mut_ptr();
-                ni_xts(keys, *wide, p, p, unit.len() / 16, index, decrypt)
-            },
+                // SAFETY: source and destination are the same `unit.len()` bytes.
+                unsafe { self.unit_between(p, p, unit.len(), index, decrypt) }
+            }
             Engine::Soft(keys) => {
                 let (data, tweak) = &**keys;
                 if decrypt {
@@ -234,6 +204,39 @@ impl Xts {
                 } else {
                     soft(tweak, unit, index, |b| data.encrypt_blocks(b));
                 }
+            }
+        }
+    }
+
+    /// One data unit of `len` bytes (a multiple of 16, at most [`UNIT`]) from `src` to `dst`
+    /// (the same pointer: in place), both only touched through raw pointers.
+    ///
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes; they are the same or do not
+    /// overlap.
+    unsafe fn unit_between(
+        &self,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        index: u128,
+        decrypt: bool,
+    ) {
+        match &self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Ni` keys exist only on CPUs with AES-NI (see `Xts::new`); the pointers
+            // are the caller's contract.
+            Engine::Ni { keys, wide } => unsafe {
+                ni_xts(keys, *wide, src, dst, len / 16, index, decrypt)
+            },
+            Engine::Soft(_) => {
+                let mut tmp = [0u8; UNIT];
+                let tmp = &mut tmp[..len.min(UNIT)];
+                // SAFETY: the caller's contract; the copies go through raw pointers.
+                unsafe { std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), tmp.len()) };
+                self.unit(tmp, index, decrypt);
+                // SAFETY: as above.
+                unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, tmp.len()) };
             }
         }
     }
