@@ -646,8 +646,7 @@ impl QueueEngine {
             [one] if one.iov_len == len => Some(one.iov_base.cast::<u8>()),
             _ => None,
         };
-        let volume = self.volume.clone();
-        match (write, encrypt, &volume.crypt) {
+        match (write, encrypt, &self.volume.crypt) {
             (true, Some(first), Some(xts)) => match contiguous {
                 // SAFETY: `src` is `len` bytes of mapped guest memory (from get_slices), kept
                 // mapped by `inflight.mem`; the bounce buffer is ours.
