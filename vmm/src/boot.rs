@@ -2,7 +2,7 @@
 //! GDT, the zero page with the e820 map, the command line, an initrd.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::Path;
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
@@ -106,15 +106,8 @@ pub fn load(
         KernelKind::Elf => {
             let r =
                 Elf::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY))).map_err(load_err)?;
-            // ELF entry point: the loader reports where the image went; e_entry is read here.
-            (
-                elf_entry(&mut f).map_err(|source| Error::Open {
-                    path: name.clone(),
-                    source,
-                })?,
-                None,
-                r.kernel_end,
-            )
+            // Loaded where its headers say, linux-loader reports the entry point (e_entry).
+            (r.kernel_load.raw_value(), None, r.kernel_end)
         }
         KernelKind::BzImage => {
             let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIGH_MEMORY)))
@@ -167,13 +160,6 @@ pub fn load(
     write_page_tables(mem)?;
     write_gdt(mem)?;
     Ok(Entry { rip })
-}
-
-fn elf_entry(f: &mut File) -> std::io::Result<u64> {
-    let mut e = [0u8; 8];
-    f.seek(SeekFrom::Start(0x18))?;
-    f.read_exact(&mut e)?;
-    Ok(u64::from_le_bytes(e))
 }
 
 /// Puts the initrd at the top of low RAM, page-aligned, above the kernel.
