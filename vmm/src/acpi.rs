@@ -2,7 +2,7 @@
 //! vCPU, one IOAPIC) and a DSDT describing the serial port. Linux finds the RSDP in the BIOS
 //! area (0xe0000) and through the zero page.
 
-use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -24,6 +24,10 @@ const TABLES_START: u64 = 0xe_0100;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 
+/// IA-PC boot architecture flags of the FADT (ACPI 6.5, table 5.11).
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
 const OEM_ID: [u8; 6] = *b"SOVIAS";
 const OEM_TABLE_ID: [u8; 8] = *b"VMM     ";
 
@@ -44,30 +48,7 @@ pub fn write(
 
     let dsdt = put(dsdt(mmio).as_slice())?;
 
-    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
-        .dsdt_64(dsdt)
-        .flag(Flags::HwReducedAcpi)
-        .flag(Flags::PwrButton)
-        .flag(Flags::SlpButton)
-        .flag(Flags::Headless);
-    // Hardware-reduced sleep: the guest powers off by writing SLP_TYP (the _S5_ value, 5)
-    // and SLP_EN to the sleep control register.
-    fadt.sleep_control_reg = GAS::new(
-        AddressSpace::SystemIo,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        u64::from(SLEEP_CONTROL_PORT),
-    );
-    fadt.sleep_status_reg = GAS::new(
-        AddressSpace::SystemIo,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        u64::from(SLEEP_STATUS_PORT),
-    );
-    let fadt = fadt.finalize();
-    let fadt = put(&bytes_of(&fadt))?;
+    let fadt = put(&bytes_of(&fadt(dsdt)))?;
 
     let mut madt = MADT::new(
         OEM_ID,
@@ -89,6 +70,38 @@ pub fn write(
     let rsdp = Rsdp::new(OEM_ID, xsdt);
     mem.write_slice(&bytes_of(&rsdp), GuestAddress(RSDP_ADDR))?;
     Ok(RSDP_ADDR)
+}
+
+/// The FADT of a hardware-reduced, headless platform with the DSDT at `dsdt`.
+fn fadt(dsdt: u64) -> FADT {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
+        .dsdt_64(dsdt)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::Headless);
+    // IA-PC boot architecture flags: no VGA, no CMOS RTC. Without the second, Linux probes
+    // rtc_cmos on ports 0x70/0x71, which read 0xff here: the update-in-progress bit never
+    // clears and it polls for a second (thousands of port exits, seconds where exits are
+    // slow) before it gives up.
+    fadt.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    // Hardware-reduced sleep: the guest powers off by writing SLP_TYP (the _S5_ value, 5)
+    // and SLP_EN to the sleep control register.
+    fadt.sleep_control_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(SLEEP_CONTROL_PORT),
+    );
+    fadt.sleep_status_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(SLEEP_STATUS_PORT),
+    );
+    fadt.finalize()
 }
 
 fn bytes_of(t: &dyn Aml) -> Vec<u8> {
@@ -129,4 +142,18 @@ fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
         dsdt.append_slice(&bytes_of(&dev));
     }
     dsdt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fadt_says_there_is_no_vga_and_no_cmos_rtc() {
+        let bytes = bytes_of(&fadt(0x1000));
+        assert_eq!(&bytes[0..4], b"FACP");
+        // IAPC_BOOT_ARCH is the 16-bit field at offset 109.
+        let flags = u16::from_le_bytes([bytes[109], bytes[110]]);
+        assert_eq!(flags, IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT);
+    }
 }

@@ -76,6 +76,15 @@ pub fn run(
     vm.create_pit2(pit).map_err(|e| Error::KvmSetup("PIT", e))?;
 
     let (mem, _memfd) = memory::create(cfg.memory)?;
+    match memory::huge_pages_for_shared_memory() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "guest memory is in 4 KiB pages: the host's \
+             /sys/kernel/mm/transparent_hugepage/shmem_enabled does not allow huge pages for \
+             shared memory; 'advise' lets vmm use them (fewer page faults, faster boots)"
+        ),
+        Err(e) => tracing::debug!("no transparent huge pages: {e}"),
+    }
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
