@@ -1,6 +1,7 @@
 """Driver of scripts/bench-vmm: see that script for what is measured."""
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -77,6 +78,67 @@ def qemu():
     return binary, dict(os.environ, LD_LIBRARY_PATH=os.path.join(qemu_dir, "usr/lib/x86_64-linux-gnu"))
 
 
+def run_emulated_host(reps, firecracker):
+    """tests/scenarios/bench-boot.sh in the emulated host (target/release/emulated-host):
+    vmm, QEMU microvm and, when given, Firecracker boot the same kernel and initramfs in turn,
+    reps rounds. Returns {vmm name: [result, ...]} from its "bench: NAME {json}" lines."""
+    cmd = [os.path.join(ROOT, "target", "release", "emulated-host"), "--timeout", str(600 + 300 * reps),
+           "--qemu", "--var", f"REPS={reps}"]
+    if firecracker:
+        cmd += ["--firecracker", firecracker]
+    print(f"==> boot benchmark in the emulated host ({reps} rounds; a few minutes)", flush=True)
+    p = subprocess.run(cmd + ["bench-boot"], capture_output=True, text=True)
+    results = {}
+    for line in p.stdout.splitlines() + p.stderr.splitlines():
+        m = re.match(r"bench: (\S+) (\{.*\})\s*$", line)
+        if m:
+            results.setdefault(m.group(1), []).append(json.loads(m.group(2)))
+    if p.returncode != 0 or "vmm" not in results:
+        tail = "\n".join((p.stdout + p.stderr).splitlines()[-40:])
+        raise SystemExit(f"the boot benchmark in the emulated host failed:\n{tail}")
+    return results
+
+
+def emulated_host_rows(results, reps, firecracker):
+    """The table of the boot benchmark: medians, and each VMM's time to init over vmm's."""
+    med = statistics.median
+
+    def times(runs, i):
+        return [r["markers"][i]["ms"] / 1000 for r in runs]
+
+    base = med(times(results["vmm"], 0))
+    lines = ["", "Inside the emulated host (QEMU 10 TCG, EPYC with SVM and nested paging, 2 vCPUs, "
+             "kvm_amd; `tests/scenarios/bench-boot.sh`): the Debian kernel (ELF vmlinux), the test "
+             "initramfs (its init prints a line and powers off), 2 vCPUs, 512 MiB; vmm and QEMU with the "
+             "same storaged volume as a disk (vhost-user-blk), Firecracker without one. "
+             f"Median of {reps} rounds, the VMMs in turn in each. Times are wall-clock in the emulated host "
+             "(absolute values mean little under emulation; the ratio is the figure). Overhead = RSS "
+             "minus the guest memory's resident pages (RssShmem), for the VMMs whose guest memory is "
+             "shared memory.", "",
+             "| VMM | start to \"Run /init\" (s) | guest's printk time there (s) | start to init's first line (s) "
+             "| memory overhead (MiB) | time to init / vmm's | the guest's power-off (init's next step) |",
+             "|---|---|---|---|---|---|---|"]
+    names = {"vmm": "vmm", "qemu": "QEMU 10 -M microvm -accel kvm", "firecracker": "Firecracker"}
+    for key in ["vmm", "qemu", "firecracker"]:
+        runs = results.get(key)
+        if not runs:
+            continue
+        t = med(times(runs, 0))
+        guest = med(r["markers"][0]["guest_s"] for r in runs)
+        init = med(times(runs, 1))
+        if key == "firecracker":
+            overhead = "n/a (guest memory is anonymous)"
+        else:
+            overhead = f"{med((r['rss_kib'] - r['shmem_kib']) / 1024 for r in runs):.1f}"
+        exits = sorted({r.get("exit") for r in runs}, key=str)
+        ended = ", ".join("never ended the VMM (killed after 10 s)" if e is None else f"ended the VMM with {e}"
+                          for e in exits)
+        lines.append(f"| {names[key]} | {t:.2f} | {guest:.2f} | {init:.2f} | {overhead} | {t / base:.2f} | {ended} |")
+    if not firecracker:
+        lines += ["", "No Firecracker row: pass `--firecracker PATH` (a binary built from its public source)."]
+    return lines
+
+
 def run_kernel(vmm, kernel, reps):
     """vmm and QEMU microvm on the same kernel and command line, runs interleaved."""
     q = qemu()
@@ -89,7 +151,8 @@ def run_kernel(vmm, kernel, reps):
             # Guest RAM in a shared memfd, like vmm's, so it is RssShmem on both sides.
             # (-cpu host without arch-capabilities: nested KVM refuses that MSR.)
             theirs.append(first_byte_and_rss(
-                [binary, "-L", os.path.join(os.environ["QEMU_DIR"], "usr/share/qemu"), "-M", "microvm,memory-backend=mem",
+                [binary, "-L", os.path.join(os.environ["QEMU_DIR"], "usr/share/qemu"),
+                 "-L", os.path.join(os.environ["QEMU_DIR"], "usr/share/seabios"), "-M", "microvm,memory-backend=mem",
                  "-object", "memory-backend-memfd,id=mem,size=128M,share=on", "-m", "128M",
                  "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1", "-nodefaults",
                  "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", kernel,
@@ -104,6 +167,9 @@ def run_kernel(vmm, kernel, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--host-reps", type=int, default=3,
+                    help="rounds of the boot benchmark in the emulated host (0: skip it)")
+    ap.add_argument("--firecracker", help="a Firecracker binary to boot beside vmm in the emulated host")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
     a = ap.parse_args()
     vmm = os.path.join(ROOT, "target", "release", "vmm")
@@ -134,6 +200,8 @@ def main():
     else:
         lines.append("")
         lines.append("qemu-system-x86_64 could not be fetched: no QEMU row.")
+    if a.host_reps > 0:
+        lines += emulated_host_rows(run_emulated_host(a.host_reps, a.firecracker), a.host_reps, a.firecracker)
     write_table(lines, a.out, "vmm.md")
 
 

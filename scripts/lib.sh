@@ -49,25 +49,43 @@ need_promtool() {
     echo "$dir/bin/promtool"
 }
 
-# need_qemu_microvm: puts Debian's qemu-system-x86_64 (with the few libraries it needs that
-# are not installed) in target/tools/qemu, extracted from the packages without installing
-# them: installing qemu-system-x86 would replace qemu-storage-daemon 10 (qemu-utils) by 7.2.
-# Prints the directory (bin/qemu-system-x86_64, lib/, share/qemu).
-need_qemu_microvm() {
-    local dir
+# need_qemu: puts QEMU 10 (qemu-system-x86_64, its firmware and the few libraries it needs that
+# are not installed) in target/tools/qemu, extracted from Debian's packages without installing
+# them: installing qemu-system-x86 would replace qemu-storage-daemon (qemu-utils). Used for
+# QEMU's microvm beside vmm (bench-vmm) and for the emulated host with hardware virtualization
+# (TCG with SVM) of the full-boot tests. QEMU 10 comes from bookworm-backports (the version of
+# the qemu-utils here), through an apt configuration of its own in target/tools/apt that leaves
+# the system's sources alone: Debian 12's own QEMU 7.2 emulates SVM badly enough that one
+# emulated host in three crashes (a kernel stack overflow in a KVM vCPU thread) or hangs.
+# Prints the directory that holds usr/bin/qemu-system-x86_64 (run with
+# LD_LIBRARY_PATH=DIR/usr/lib/x86_64-linux-gnu, firmware in -L DIR/usr/share/qemu and
+# -L DIR/usr/share/seabios).
+need_qemu() {
+    local dir apt
     dir="$(repo_root)/target/tools/qemu"
-    if [ ! -x "$dir/x/usr/bin/qemu-system-x86_64" ]; then
-        echo "==> fetching qemu-system-x86 (extracted, not installed)" >&2
+    apt="$(repo_root)/target/tools/apt"
+    if [ ! -f "$dir/x/.qemu-10" ]; then
+        echo "==> fetching QEMU 10 from bookworm-backports (extracted, not installed)" >&2
+        mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+        printf 'deb http://deb.debian.org/debian bookworm main\ndeb http://deb.debian.org/debian bookworm-backports main\n' \
+            >"$apt/sources.list"
+        local opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root)
         local tmp
         tmp="$(mktemp -d)"
-        (cd "$tmp" && apt-get download qemu-system-x86 qemu-system-data libcapstone4 libfdt1 libslirp0 libvdeplug2 >/dev/null 2>&1) || {
-            echo "cannot download qemu-system-x86" >&2
+        if ! apt-get "${opts[@]}" update -qq >/dev/null 2>&1 ||
+            ! (cd "$tmp" && apt-get "${opts[@]}" download qemu-system-x86/bookworm-backports \
+                qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports \
+                seabios/bookworm-backports libcapstone4 libfdt1 libslirp0 libvdeplug2 >/dev/null 2>&1); then
+            echo "cannot download QEMU 10 from bookworm-backports" >&2
             rm -rf "$tmp"
             return 1
-        }
+        fi
+        rm -rf "$dir/x"
         mkdir -p "$dir"
         for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$dir/x"; done
         rm -rf "$tmp"
+        touch "$dir/x/.qemu-10"
     fi
     echo "$dir/x"
 }

@@ -5,6 +5,7 @@
 // Test infrastructure: a failed step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
 
+pub mod emulated_host;
 pub mod raw_frontend;
 
 use std::io::{BufRead, BufReader};

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use storaged_tests::emulated_host::{run_scenario, Runner};
 use storaged_tests::{bin, wait_until};
 
 fn guest(name: &str) -> PathBuf {
@@ -390,69 +391,39 @@ fn an_acpi_power_off_ends_the_vmm_with_0() {
     );
 }
 
-/// Whether this host runs guests on hardware virtualization (kvm_intel or kvm_amd, not the
-/// emulating kvm_pvm).
-fn hardware_kvm() -> bool {
-    let m = |name: &str| std::path::Path::new("/sys/module").join(name).exists();
-    (m("kvm_intel") || m("kvm_amd")) && !m("kvm_pvm")
-}
-
-/// A full boot: the Debian cloud kernel (bzImage) and the test initramfs, /dev/vda served by
-/// storaged, fio inside the guest, and the guest's power-off ending the VMM with 0. Needs
-/// hardware virtualization; elsewhere it says so and checks nothing.
-#[test]
-fn linux_boots_runs_fio_on_a_storaged_disk_and_powers_off_where_kvm_is_hardware() {
-    if !hardware_kvm() {
-        eprintln!(
-            "SKIPPED full Linux boot: this host's KVM is not hardware virtualization \
-             (kvm_intel/kvm_amd not loaded, or kvm_pvm), so Linux would run emulated"
-        );
-        return;
-    }
-    let out_dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../images/out"));
-    let s = storaged_tests::Storaged::start();
-    s.create_volume(r#"{"name":"root","size":"1GiB"}"#);
-    let socket = s.socket_of("root");
-    let mut child = Command::new(bin("vmm"))
-        .arg("--kernel")
-        .arg(out_dir.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(out_dir.join("initramfs.cpio.gz"))
-        .args([
-            "--cmdline",
-            "console=ttyS0 reboot=k panic=1 vmm.test=fio",
-            "--vcpus",
-            "2",
-            "--memory",
-            "1GiB",
-            "--disk",
-        ])
-        .arg(format!("socket={}", socket.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut console = String::new();
-            use std::io::Read;
-            child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut console)
-                .unwrap();
-            assert!(console.contains("vmm-test: fio done"), "{console}");
-            assert_eq!(status.code(), Some(0), "{console}");
+/// Runs a full-boot scenario of `tests/scenarios/` where a host with hardware virtualization
+/// can be had: this one, or the emulated host (QEMU TCG with SVM and nested paging); says why
+/// it skips where neither is possible.
+fn full_boot(scenario: &str) {
+    let runner = match Runner::pick() {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("SKIPPED full Linux boot ({scenario}): {why}");
             return;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the guest did not power off within 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    let outcome = run_scenario(&runner, scenario, Duration::from_secs(900), false);
+    assert!(
+        outcome.passed,
+        "scenario {scenario} failed, run {}; the console's tail:\n{}",
+        runner.describe(),
+        outcome.tail(150)
+    );
+}
+
+/// `tests/scenarios/full-boot.sh`: the Debian cloud kernel (bzImage) and the test initramfs,
+/// /dev/vda an encrypted storaged volume, fio in the guest, the guest's power-off ending vmm
+/// with 0, and what fio wrote read back from storaged with blkio.
+#[test]
+fn linux_boots_runs_fio_on_an_encrypted_storaged_disk_and_powers_off() {
+    full_boot("full-boot");
+}
+
+/// `tests/scenarios/disks.sh`: two disks, one read-only, two queues on the other; Linux sees
+/// their sizes, read-only flag and queue counts as vmm offers them, and an online grow.
+#[test]
+fn linux_sees_two_disks_as_offered_and_a_grow_made_while_it_runs() {
+    full_boot("disks");
 }
 
 /// Starts `vmm` with only an API socket (it waits to be configured there) once it listens.

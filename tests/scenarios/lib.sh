@@ -1,0 +1,81 @@
+# Shared by the full-boot scenarios (sourced, POSIX sh: busybox runs them in the emulated
+# host, /bin/sh on a host with hardware KVM). The caller sets WORK (an empty scratch dir),
+# IMAGES (images/out) and PATH (storaged, storagectl, vmm and blkcheck first).
+# A scenario prints "scenario: ..." lines and exits 0 when every check held.
+
+set -u
+
+# What the scenario started is stopped when it ends, however it ends.
+STORAGED_PID=""
+VMM_PID=""
+FOLLOW_PID=""
+stop_all() {
+    for pid in $VMM_PID $STORAGED_PID $FOLLOW_PID; do kill -9 "$pid" 2>/dev/null; done
+}
+trap stop_all EXIT
+
+# fail MESSAGE: says what failed, shows the daemons' logs, exits 1.
+fail() {
+    echo "scenario: FAIL $*"
+    for log in "$WORK"/*.log; do
+        [ -f "$log" ] || continue
+        echo "--- last lines of ${log##*/}"
+        tail -n 30 "$log"
+    done
+    exit 1
+}
+
+# start_storaged: storaged on $WORK/storaged (metrics off), ready once its admin API answers;
+# exports STORAGED_ADMIN_SOCKET for storagectl.
+start_storaged() {
+    storaged --data-dir "$WORK/storaged" --metrics-addr off >"$WORK/storaged.log" 2>&1 &
+    STORAGED_PID=$!
+    export STORAGED_ADMIN_SOCKET="$WORK/storaged/admin.sock"
+    i=0
+    until storagectl info >/dev/null 2>&1; do
+        kill -0 "$STORAGED_PID" 2>/dev/null || fail "storaged exited at start"
+        [ $i -lt 300 ] || fail "storaged not ready within 30 s"
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+
+# field KEY: the value of the first "KEY": ... in the JSON on stdin (a string or a number).
+field() {
+    sed -n "s/^ *\"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p" | head -n 1
+}
+
+# volume NAME KEY: a field of a volume as storagectl shows it.
+volume() {
+    storagectl get "$1" | field "$2"
+}
+
+# follow_guest_console: from now on the guest's serial output ($WORK/console, vmm's --serial)
+# is copied to the scenario's output as it comes, each line marked "guest| ".
+follow_guest_console() {
+    : >"$WORK/console"
+    tail -f "$WORK/console" | tr -d '\r' | sed 's/^/guest| /' &
+    FOLLOW_PID=$!
+}
+
+# stop_following: after vmm ended, lets the copy catch up, then stops it.
+stop_following() {
+    sleep 0.5
+    kill "$FOLLOW_PID" 2>/dev/null
+    FOLLOW_PID=""
+}
+
+# guest_said REGEX: whether a line of the guest's console matches (grep, CRs dropped).
+guest_said() {
+    tr -d '\r' <"$WORK/console" 2>/dev/null | grep -q "$1"
+}
+
+# wait_console TEXT SECONDS: waits until the guest's console has a line containing TEXT.
+wait_console() {
+    i=0
+    until guest_said "$1"; do
+        [ $i -lt $(($2 * 10)) ] || fail "no '$1' on the guest's console within $2 s"
+        sleep 0.1
+        i=$((i + 1))
+    done
+}

@@ -1,0 +1,511 @@
+//! Where the full-boot scenarios run: a host whose KVM is hardware virtualization, real or
+//! emulated.
+//!
+//! A scenario (`tests/scenarios/NAME.sh`) starts storaged and vmm, boots the Debian cloud
+//! kernel with the test initramfs (`images/out/`) and checks what the guest did. It needs KVM
+//! backed by hardware virtualization: on `kvm_pvm` (nested KVM without VMX/SVM) Linux runs
+//! emulated and never gets far. Where this host has `kvm_intel` or `kvm_amd`, a scenario runs
+//! directly ([`Runner::Direct`]). Elsewhere it runs in an emulated host ([`Runner::Emulated`]):
+//! QEMU's TCG emulating an AMD EPYC with SVM and nested paging (`-cpu EPYC,+svm,+npt`), 2 vCPUs,
+//! booting the same Debian kernel with an initramfs that holds busybox, the kernel's KVM
+//! modules, the workspace's binaries (storaged, storagectl, vmm, blkcheck) with their
+//! libraries, the guest images and the scenarios. Its init (`emulated_host_init.sh`) loads
+//! `kvm_amd`, which finds the emulated SVM, runs the scenario, prints its outcome on the serial
+//! console and powers the host off; [`run_scenario`] reads the outcome back from the console.
+//!
+//! QEMU is Debian's, extracted into `target/tools/qemu` by `scripts/lib.sh` (`need_qemu`)
+//! rather than installed, so that qemu-storage-daemon 10 stays. One emulated host runs at a
+//! time (a lock file): each keeps both of this machine's cores busy.
+
+// Test infrastructure: a failed step should stop the test with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::bin;
+
+/// Memory of the emulated host: room for its initramfs (about 200 MiB unpacked), storaged's
+/// volumes on tmpfs and a 512 MiB guest.
+const HOST_MEMORY: &str = "3G";
+
+/// Binaries of the workspace the scenarios use, put on the emulated host's PATH.
+const BINARIES: &[&str] = &["storaged", "storagectl", "vmm", "blkcheck", "boottime"];
+
+/// Guest images of `images/out` the scenarios boot.
+const IMAGES: &[&str] = &["vmlinuz", "vmlinux", "initramfs.cpio.gz"];
+
+/// The KVM modules of the Debian kernel, loaded in this order by the emulated host's init.
+const HOST_MODULES: &[&str] = &["irqbypass", "kvm", "kvm-amd"];
+
+/// The workspace's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// `images/out`, where `images/build` puts the guest kernel, initramfs and host modules.
+pub fn images_dir() -> PathBuf {
+    workspace().join("images/out")
+}
+
+/// Whether this host runs guests on hardware virtualization (kvm_intel or kvm_amd, not the
+/// emulating kvm_pvm).
+pub fn hardware_kvm() -> bool {
+    let m = |name: &str| Path::new("/sys/module").join(name).exists();
+    (m("kvm_intel") || m("kvm_amd")) && !m("kvm_pvm") && Path::new("/dev/kvm").exists()
+}
+
+/// Debian's QEMU as `need_qemu` extracts it: the tree holding `usr/bin/qemu-system-x86_64`.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    root: PathBuf,
+}
+
+impl Qemu {
+    /// `$QEMU_DIR`, else `target/tools/qemu/x`; an error says what is missing.
+    pub fn find() -> Result<Qemu, String> {
+        let root = std::env::var_os("QEMU_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/tools/qemu/x"));
+        let q = Qemu { root };
+        for needed in [
+            "usr/bin/qemu-system-x86_64",
+            "usr/share/seabios/bios-256k.bin",
+        ] {
+            if !q.root.join(needed).exists() {
+                return Err(format!(
+                    "no {} (QEMU with TCG and its firmware: scripts/test and \
+                     scripts/emulated-host extract them from Debian's packages)",
+                    q.root.join(needed).display()
+                ));
+            }
+        }
+        Ok(q)
+    }
+
+    /// `qemu-system-x86_64` with the environment that finds its libraries and modules.
+    pub fn command(&self) -> Command {
+        let lib = self.root.join("usr/lib/x86_64-linux-gnu");
+        let mut c = Command::new(self.root.join("usr/bin/qemu-system-x86_64"));
+        c.env("LD_LIBRARY_PATH", &lib)
+            .env("QEMU_MODULE_DIR", lib.join("qemu"))
+            .arg("-L")
+            .arg(self.root.join("usr/share/qemu"))
+            .arg("-L")
+            .arg(self.root.join("usr/share/seabios"));
+        c
+    }
+}
+
+/// Where a scenario runs.
+#[derive(Clone, Debug)]
+pub enum Runner {
+    /// On this host, whose KVM is hardware virtualization.
+    Direct,
+    /// In an emulated host with SVM.
+    Emulated(Qemu),
+}
+
+impl Runner {
+    /// Direct where this host's KVM is hardware virtualization, else the emulated host; an
+    /// error says why neither is possible here.
+    pub fn pick() -> Result<Runner, String> {
+        for image in IMAGES {
+            if !images_dir().join(image).exists() {
+                return Err(format!(
+                    "no {} (run images/build)",
+                    images_dir().join(image).display()
+                ));
+            }
+        }
+        if hardware_kvm() {
+            return Ok(Runner::Direct);
+        }
+        let why_not = |e: String| {
+            format!(
+                "this host's KVM is not hardware virtualization (kvm_intel/kvm_amd not \
+                 loaded, or kvm_pvm) and the emulated host is not possible: {e}"
+            )
+        };
+        if std::env::consts::ARCH != "x86_64" {
+            return Err(why_not(
+                "QEMU's x86_64 TCG host needs an x86_64 machine".into(),
+            ));
+        }
+        for m in HOST_MODULES {
+            let p = images_dir().join("host-modules").join(format!("{m}.ko"));
+            if !p.exists() {
+                return Err(why_not(format!("no {} (run images/build)", p.display())));
+            }
+        }
+        Qemu::find().map(Runner::Emulated).map_err(why_not)
+    }
+
+    /// A few words on where scenarios run, for logs.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Runner::Direct => "directly (this host's KVM is hardware virtualization)",
+            Runner::Emulated(_) => {
+                "in an emulated host (QEMU TCG, EPYC with SVM and nested paging, kvm_amd)"
+            }
+        }
+    }
+}
+
+/// What a scenario printed, and whether it passed.
+#[derive(Debug)]
+pub struct Outcome {
+    pub passed: bool,
+    /// The scenario's output; in the emulated host, its whole serial console.
+    pub console: String,
+}
+
+impl Outcome {
+    /// The last `n` lines of the console, for a failure message.
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// What a scenario may be given beyond the workspace's binaries (the boot benchmark): other
+/// VMMs, found through `$QEMU` (the root of the extracted QEMU tree) and `$FIRECRACKER` (the
+/// binary), empty when absent, and variables. In the emulated host the VMMs are copied in
+/// with their libraries and the variables (values without spaces) passed on its kernel
+/// command line.
+#[derive(Clone, Debug, Default)]
+pub struct Extras {
+    pub qemu: Option<Qemu>,
+    pub firecracker: Option<PathBuf>,
+    pub vars: Vec<(String, String)>,
+}
+
+/// Runs `tests/scenarios/NAME.sh` and waits for it, at most `timeout`. With `echo`, the output
+/// is also printed to stderr as it comes.
+pub fn run_scenario(runner: &Runner, name: &str, timeout: Duration, echo: bool) -> Outcome {
+    run_scenario_with(runner, name, &Extras::default(), timeout, echo)
+}
+
+/// [`run_scenario`] with other VMMs at hand.
+pub fn run_scenario_with(
+    runner: &Runner,
+    name: &str,
+    extras: &Extras,
+    timeout: Duration,
+    echo: bool,
+) -> Outcome {
+    let script = workspace()
+        .join("tests/scenarios")
+        .join(format!("{name}.sh"));
+    assert!(script.exists(), "no scenario {}", script.display());
+    let _one_at_a_time = HostLock::take();
+    let work = tempfile::Builder::new().prefix("scn").tempdir().unwrap();
+    match runner {
+        Runner::Direct => {
+            let scratch = work.path().join("work");
+            fs::create_dir(&scratch).unwrap();
+            let path = format!(
+                "{}:{}",
+                crate::bin_dir().display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            let mut cmd = Command::new("sh");
+            cmd.arg(&script)
+                .env("WORK", &scratch)
+                .env("IMAGES", images_dir())
+                .env("PATH", path)
+                .env(
+                    "QEMU",
+                    extras
+                        .qemu
+                        .as_ref()
+                        .map(|q| q.root.clone())
+                        .unwrap_or_default(),
+                )
+                .env(
+                    "FIRECRACKER",
+                    extras.firecracker.clone().unwrap_or_default(),
+                )
+                .envs(extras.vars.iter().map(|(k, v)| (k, v)));
+            let (code, console) = run_with_timeout(cmd, timeout, echo, false);
+            Outcome {
+                passed: code == Some(0),
+                console,
+            }
+        }
+        Runner::Emulated(qemu) => {
+            let initramfs = work.path().join("host.cpio");
+            build_host_initramfs(&work.path().join("root"), extras, &initramfs);
+            let mut cmd = qemu.command();
+            let env_or = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+            cmd.args(["-M", "q35", "-accel"])
+                .arg(env_or("EMULATED_HOST_ACCEL", "tcg,thread=multi"))
+                .arg("-cpu")
+                .arg(env_or("EMULATED_HOST_CPU", "EPYC,+svm,+npt"))
+                .args([
+                    "-smp",
+                    "2",
+                    "-m",
+                    HOST_MEMORY,
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-serial",
+                    "stdio",
+                    "-no-reboot",
+                    "-kernel",
+                ])
+                .arg(images_dir().join("vmlinuz"))
+                .arg("-initrd")
+                .arg(&initramfs)
+                .arg("-append")
+                .arg(format!(
+                    "console=ttyS0 quiet panic=-1 emulated_host.scenario={name} \
+                 emulated_host.qemu={} emulated_host.firecracker={}{}",
+                    u8::from(extras.qemu.is_some()),
+                    u8::from(extras.firecracker.is_some()),
+                    extras
+                        .vars
+                        .iter()
+                        .map(|(k, v)| format!(" emulated_host.var={k}={v}"))
+                        .collect::<String>()
+                ))
+                .args(
+                    std::env::var("EMULATED_HOST_QEMU_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace(),
+                );
+            let (_, console) = run_with_timeout(cmd, timeout, echo, true);
+            let passed = console
+                .lines()
+                .any(|l| l.trim_end() == format!("emulated-host: scenario {name} passed"));
+            Outcome { passed, console }
+        }
+    }
+}
+
+/// Runs `cmd` (stdin closed), collecting stdout and stderr, killed after `timeout`. Returns
+/// its exit code (None when killed or signalled) and what it printed. `quiet_stderr` keeps
+/// stderr out of the echo (QEMU's warnings about CPU features TCG lacks).
+fn run_with_timeout(
+    mut cmd: Command,
+    timeout: Duration,
+    echo: bool,
+    quiet_stderr: bool,
+) -> (Option<i32>, String) {
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let readers: Vec<_> = [
+        (
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            echo,
+        ),
+        (
+            Box::new(child.stderr.take().unwrap()),
+            echo && !quiet_stderr,
+        ),
+    ]
+    .into_iter()
+    .map(|(stream, echo)| {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("{line}");
+                }
+                out.lock().unwrap().push(line);
+            }
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill() of the process group this function started (the scenario's
+            // shell and whatever it started).
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            out.lock()
+                .unwrap()
+                .push(format!("(killed after {} s)", timeout.as_secs()));
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let text = out.lock().unwrap().join("\n");
+    (code, text)
+}
+
+/// Lays out the emulated host's root file system in `root` and packs it as an uncompressed
+/// cpio archive at `out` (the kernel unpacks it without a decompressor, which matters when
+/// every instruction is emulated).
+fn build_host_initramfs(root: &Path, extras: &Extras, out: &Path) {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib/modules",
+        "images",
+        "scenarios",
+    ] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let images = images_dir();
+    let busybox = images.join("busybox");
+    fs::copy(&busybox, root.join("bin/busybox"))
+        .unwrap_or_else(|e| panic!("{}: {e} (run images/build)", busybox.display()));
+    let applets = Command::new(&busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&applets.stdout).split_whitespace() {
+        let link = root.join("bin").join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).unwrap();
+        }
+    }
+    for m in HOST_MODULES {
+        let name = format!("{m}.ko");
+        fs::copy(
+            images.join("host-modules").join(&name),
+            root.join("lib/modules").join(&name),
+        )
+        .unwrap();
+    }
+    let mut libraries = Vec::new();
+    if let Some(q) = &extras.qemu {
+        copy_tree(&q.root.join("usr"), &root.join("opt/qemu/usr"));
+        let mut ldd = Command::new("ldd");
+        ldd.env("LD_LIBRARY_PATH", q.root.join("usr/lib/x86_64-linux-gnu"));
+        libraries.extend(shared_libraries(
+            ldd,
+            &q.root.join("usr/bin/qemu-system-x86_64"),
+        ));
+    }
+    if let Some(fc) = &extras.firecracker {
+        fs::copy(fc, root.join("bin/firecracker"))
+            .unwrap_or_else(|e| panic!("{}: {e}", fc.display()));
+        libraries.extend(shared_libraries(Command::new("ldd"), fc));
+    }
+    for name in BINARIES {
+        let src = bin(name);
+        let dst = root.join("bin").join(name);
+        // Without debug info the initramfs is a fifth of the size; a plain copy where there
+        // is no objcopy.
+        let stripped = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&src)
+            .arg(&dst)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stripped {
+            fs::copy(&src, &dst).unwrap();
+        }
+        libraries.extend(shared_libraries(Command::new("ldd"), &src));
+    }
+    libraries.sort();
+    libraries.dedup();
+    for lib in libraries {
+        // Where the loader looks by default: QEMU's own libraries come from its tree.
+        let dst = root
+            .join("lib/x86_64-linux-gnu")
+            .join(lib.file_name().unwrap());
+        let dst = if lib.starts_with("/lib64") {
+            root.join(lib.strip_prefix("/").unwrap())
+        } else {
+            dst
+        };
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        // Through symlinks: the file the loader will open under this name.
+        fs::copy(&lib, &dst).unwrap_or_else(|e| panic!("{}: {e}", lib.display()));
+    }
+    for image in IMAGES {
+        fs::copy(images.join(image), root.join("images").join(image)).unwrap();
+    }
+    for entry in fs::read_dir(workspace().join("tests/scenarios")).unwrap() {
+        let p = entry.unwrap().path();
+        fs::copy(&p, root.join("scenarios").join(p.file_name().unwrap())).unwrap();
+    }
+    let init = root.join("init");
+    fs::write(&init, include_str!("emulated_host_init.sh")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+    let archive = fs::File::create(out).unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio -o -H newc --quiet")
+        .current_dir(root)
+        .stdout(archive)
+        .status()
+        .expect("cpio (images/build installs it)");
+    assert!(status.success(), "cpio failed packing {}", root.display());
+}
+
+/// Copies the directory tree `src` to `dst`, symlinks as symlinks.
+fn copy_tree(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for entry in fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from).unwrap(), &to).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&from, &to);
+        } else {
+            fs::copy(&from, &to).unwrap();
+        }
+    }
+}
+
+/// The shared libraries `ldd` (the command given, with its environment) names for a binary,
+/// the dynamic loader among them.
+fn shared_libraries(mut ldd: Command, binary: &Path) -> Vec<PathBuf> {
+    let out = ldd.arg(binary).output().expect("ldd");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+            let path = l.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// An exclusive lock on `target/tools/emulated-host.lock`, held while a scenario runs.
+struct HostLock {
+    _file: fs::File,
+}
+
+impl HostLock {
+    fn take() -> HostLock {
+        let dir = workspace().join("target/tools");
+        fs::create_dir_all(&dir).unwrap();
+        let f = fs::File::create(dir.join("emulated-host.lock")).unwrap();
+        // SAFETY: flock on a file descriptor this function owns; blocks until it is ours.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(r, 0, "flock: {}", std::io::Error::last_os_error());
+        HostLock { _file: f }
+    }
+}
