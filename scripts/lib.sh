@@ -53,10 +53,10 @@ need_promtool() {
 # are not installed) in target/tools/qemu, extracted from Debian's packages without installing
 # them: installing qemu-system-x86 would replace qemu-storage-daemon (qemu-utils). Used for
 # QEMU's microvm beside vmm (bench-vmm) and for the emulated host with hardware virtualization
-# (TCG with SVM) of the full-boot tests. QEMU 10 comes from bookworm-backports (the version of
-# the qemu-utils here), through an apt configuration of its own in target/tools/apt that leaves
-# the system's sources alone: Debian 12's own QEMU 7.2 emulates SVM badly enough that one
-# emulated host in three crashes (a kernel stack overflow in a KVM vCPU thread) or hangs.
+# (TCG with SVM) of the full-boot tests. QEMU 10 comes from bookworm-backports, through an apt
+# configuration of its own in target/tools/apt that leaves the system's sources alone (the
+# shared libraries it links are Debian 12's, installed with apt_install): under Debian 12's own QEMU 7.2 the emulated host's kernel
+# crashed (a kernel stack overflow in a KVM vCPU thread) in two runs of seven.
 # Prints the directory that holds usr/bin/qemu-system-x86_64 (run with
 # LD_LIBRARY_PATH=DIR/usr/lib/x86_64-linux-gnu, firmware in -L DIR/usr/share/qemu and
 # -L DIR/usr/share/seabios).
@@ -64,6 +64,10 @@ need_qemu() {
     local dir apt
     dir="$(repo_root)/target/tools/qemu"
     apt="$(repo_root)/target/tools/apt"
+    # The libraries qemu-system-x86 10 links (its Depends, less the ones fetched below).
+    apt_install libaio1 libbpf1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30 libhogweed6 \
+        libibverbs1 libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16 \
+        librdmacm1 libsasl2-2 libseccomp2 libudev1 liburing2 libzstd1 zlib1g >&2
     if [ ! -f "$dir/x/.qemu-10" ]; then
         echo "==> fetching QEMU 10 from bookworm-backports (extracted, not installed)" >&2
         mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"

@@ -22,6 +22,7 @@ storagectl resize data 2GiB >/dev/null || fail "cannot grow data"
 echo "scenario: grew data to 2 GiB while the guest runs"
 wait "$VMM_PID"
 code=$?
+VMM_PID=""
 stop_following
 [ "$code" = 0 ] || fail "vmm exited with $code, not 0 (the guest's power-off)"
 guest_said "vmm-test: FAIL" && fail "the guest reported a failure"

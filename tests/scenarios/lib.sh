@@ -51,16 +51,21 @@ volume() {
 }
 
 # follow_guest_console: from now on the guest's serial output ($WORK/console, vmm's --serial)
-# is copied to the scenario's output as it comes, each line marked "guest| ".
+# is copied to the scenario's output as it comes, each line marked "guest| ". Through a FIFO,
+# so that stopping tail (FOLLOW_PID) ends the whole copy.
 follow_guest_console() {
     : >"$WORK/console"
-    tail -f "$WORK/console" | tr -d '\r' | sed 's/^/guest| /' &
+    rm -f "$WORK/console.fifo"
+    mkfifo "$WORK/console.fifo"
+    tr -d '\r' <"$WORK/console.fifo" | sed 's/^/guest| /' &
+    tail -n +1 -f "$WORK/console" >"$WORK/console.fifo" &
     FOLLOW_PID=$!
 }
 
-# stop_following: after vmm ended, lets the copy catch up, then stops it.
+# stop_following: after vmm ended, lets the copy catch up (busybox's tail looks once a
+# second), then stops it.
 stop_following() {
-    sleep 0.5
+    sleep 1.2
     kill "$FOLLOW_PID" 2>/dev/null
     FOLLOW_PID=""
 }

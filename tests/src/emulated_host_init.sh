@@ -11,6 +11,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 export PATH=/bin:/usr/bin
+set -f # the command line's words are not file names
 scenario=""
 QEMU=""
 FIRECRACKER=""

@@ -394,6 +394,26 @@ pub fn connect_retry(socket: &Path, num_queues: i32) -> BlkClient {
     }
 }
 
+/// The command line of a test tool as `--flag value` pairs; `Err(usage)` for `--help`, and a
+/// message naming the flag that lacks its value.
+pub fn flag_pairs(usage: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(usage.into());
+        }
+        let val = it.next().ok_or(format!("{flag} needs a value\n{usage}"))?;
+        pairs.push((flag, val));
+    }
+    Ok(pairs)
+}
+
+/// `value` of `flag` as a number, or a message naming both.
+pub fn flag_number(flag: &str, value: &str) -> Result<u64, String> {
+    value.parse().map_err(|e| format!("{flag} {value}: {e}"))
+}
+
 /// Polls `cond` every 10 ms until it holds; fails the test with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -69,8 +69,8 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), Error> {
 }
 
 /// What the host's `shmem_enabled` setting makes of the `MADV_HUGEPAGE` on guest memory:
-/// `Ok(true)` when it gets huge pages, `Ok(false)` with the setting when it does not, `Err`
-/// when the host has no transparent huge pages at all.
+/// `Ok(true)` when it gets huge pages, `Ok(false)` when it does not, `Err` when the host has
+/// no transparent huge pages at all.
 pub fn huge_pages_for_shared_memory() -> Result<bool, String> {
     const SETTING: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
     let text = std::fs::read_to_string(SETTING).map_err(|e| format!("{SETTING}: {e}"))?;

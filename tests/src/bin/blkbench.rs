@@ -36,13 +36,8 @@ fn parse_args() -> Result<Args, String> {
         ramp: 0.0,
         size: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--help" || flag == "-h" {
-            return Err(USAGE.into());
-        }
-        let val = it.next().ok_or(format!("{flag} needs a value\n{USAGE}"))?;
-        let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
+    for (flag, val) in storaged_tests::flag_pairs(USAGE)? {
+        let num = |v: &str| storaged_tests::flag_number(&flag, v);
         match flag.as_str() {
             "--socket" => a.socket = val.into(),
             "--rw" => a.rw = val,

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use storaged_tests::{BlkClient, REGION_LEN};
+use storaged_tests::{flag_number, flag_pairs, BlkClient, REGION_LEN};
 
 const USAGE: &str =
     "usage: blkcheck --socket PATH --offset BYTES --len BYTES --pattern HEX (e.g. 5eed0fa1)";
@@ -20,17 +20,11 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let (mut socket, mut offset, mut len, mut pattern) = (None, 0, None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--help" || flag == "-h" {
-            return Err(USAGE.into());
-        }
-        let val = it.next().ok_or(format!("{flag} needs a value\n{USAGE}"))?;
-        let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
+    for (flag, val) in flag_pairs(USAGE)? {
         match flag.as_str() {
             "--socket" => socket = Some(PathBuf::from(val)),
-            "--offset" => offset = num(&val)?,
-            "--len" => len = Some(num(&val)?),
+            "--offset" => offset = flag_number(&flag, &val)?,
+            "--len" => len = Some(flag_number(&flag, &val)?),
             "--pattern" => pattern = Some(parse_hex(&val)?),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }

@@ -98,8 +98,15 @@ fn run() -> Result<String, String> {
             times.push((at, guest_time(&text)));
         }
     }
+    // A VMM that already ended (a zombie) has no memory lines left: that is an error, not 0.
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .map_err(|e| format!("/proc/{}/status: {e}", child.id()))?;
+        .ok()
+        .filter(|s| s.contains("VmRSS:"));
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("the VMM ended before its memory could be read".into());
+    };
     let exit_deadline = Instant::now() + Duration::from_secs(exit_within);
     let exit_code = loop {
         match child.try_wait() {

@@ -42,10 +42,15 @@ fn main() -> ExitCode {
                 _ => return usage("--firecracker needs the path of a Firecracker binary"),
             },
             "--var" => match args.next().as_deref().and_then(|kv| kv.split_once('=')) {
-                Some((k, v)) if !k.is_empty() && !v.contains(char::is_whitespace) => {
+                Some((k, v)) if variable_name(k) && !v.contains(char::is_whitespace) => {
                     extras.vars.push((k.into(), v.into()))
                 }
-                _ => return usage("--var needs NAME=VALUE (a value without spaces)"),
+                _ => {
+                    return usage(
+                        "--var needs NAME=VALUE: a shell variable name (not PATH, WORK, \
+                         IMAGES, QEMU or FIRECRACKER) and a value without spaces",
+                    )
+                }
             },
             _ if a.starts_with('-') => return usage(&format!("unknown option {a}")),
             _ => scenario = Some(a),
@@ -85,6 +90,16 @@ fn main() -> ExitCode {
         eprintln!("emulated-host: {scenario} FAILED");
         ExitCode::FAILURE
     }
+}
+
+/// A shell variable name the scenario does not set itself.
+fn variable_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !["PATH", "WORK", "IMAGES", "QEMU", "FIRECRACKER"].contains(&k)
 }
 
 fn usage(problem: &str) -> ExitCode {
