@@ -17,6 +17,8 @@
 //! `scripts/lib.sh` (`need_qemu`) rather than installed. One emulated host runs at a time (a
 //! lock file): each keeps both of this machine's cores busy. The host's init sets
 //! `shmem_enabled` to `advise`, the setting vmm's guest memory wants (`vmm/src/memory.rs`).
+//! For experiments, `EMULATED_HOST_CPU` and `EMULATED_HOST_ACCEL` replace the `-cpu` and
+//! `-accel` values and `EMULATED_HOST_QEMU_ARGS` adds QEMU arguments (e.g. a monitor socket).
 
 // Test infrastructure: a failed step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
@@ -322,10 +324,10 @@ pub fn run_scenario_with(
 }
 
 /// How often a scenario is started in a new emulated host when that host's own kernel crashed.
-/// QEMU's emulation of SVM (10.0, TCG) now and then leaves the host kernel running on a bad
-/// stack after a #VMEXIT (`BUG: TASK stack guard page was hit` in a KVM vCPU thread, then a
-/// panic), about once in twenty runs here: that says nothing about the code under test, and a
-/// scenario that fails for itself is never run again.
+/// Under QEMU 10.0's TCG emulation of SVM the host kernel now and then overflows a KVM vCPU
+/// thread's stack (`BUG: TASK stack guard page was hit`, then a panic), about once in twenty
+/// runs here: that says nothing about the code under test, and a scenario that fails for
+/// itself is never run again.
 const HOST_ATTEMPTS: u32 = 3;
 
 /// Whether the emulated host's own kernel (not the guest's: its lines are marked `guest| `)
