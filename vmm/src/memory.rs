@@ -4,9 +4,9 @@
 //! them only where the host allows it (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`
 //! set to `advise`, `within_size` or `always`; Linux's default is `never`). Where it does,
 //! KVM maps the guest's memory 2 MiB at a time instead of 4 KiB, 512 times fewer nested page
-//! faults: that is most of what a guest spends unpacking its initramfs, and where exits are
-//! slow (nested virtualization) it halves a boot. [`huge_pages_for_shared_memory`] says
-//! whether the host allows it.
+//! faults: that is most of what a guest spends unpacking its initramfs, several seconds of a
+//! boot where exits are slow (as in the emulated host of the full-boot tests).
+//! [`huge_pages_for_shared_memory`] says whether the host allows it.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
