@@ -14,7 +14,8 @@ pub enum Exit {
     Reset,
     /// The guest powered off (ACPI S5).
     PowerOff,
-    /// The guest crashed (triple fault) or KVM could not run it.
+    /// The guest crashed (triple fault, or a crash it reported: KVM's crash system event) or
+    /// KVM could not run it.
     Crash(String),
     /// A signal (SIGTERM, SIGINT) stopped the VMM.
     Signal(i32),

@@ -14,7 +14,8 @@ use vmm::config::VmConfig;
 ///
 /// Exit codes: 0 the guest reset or shut down, or the API shut the VM down; 1 the VMM failed;
 /// 2 the configuration was refused before the guest started; 3 the guest crashed (triple
-/// fault); 4 killed through the API; 128+N stopped by signal N (SIGTERM: 143).
+/// fault, or a crash it reported); 4 killed through the API; 128+N stopped by signal N
+/// (SIGTERM: 143).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {

@@ -274,7 +274,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 control.count(7);
                 tracing::info!(vcpu = id, kind, "system event");
-                Exit::Reset
+                system_event_exit(id, kind)
             }
             Ok(other) => {
                 control.count(7);
@@ -388,4 +388,36 @@ fn read_signal(signals: &std::fs::File) -> Option<i32> {
     let sig = info.ssi_signo as i32;
     tracing::info!(signal = sig, "stopping on signal");
     Some(sig)
+}
+
+/// How a KVM system event ends the VM: a shutdown is a power-off, a reset a reset, and a
+/// crash (the guest's own report, e.g. through the Hyper-V crash MSRs) or anything unknown a
+/// crash, with the crash exit code.
+fn system_event_exit(vcpu: usize, kind: u32) -> Exit {
+    match kind {
+        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Exit::PowerOff,
+        kvm_bindings::KVM_SYSTEM_EVENT_RESET => Exit::Reset,
+        kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Exit::Crash(format!(
+            "vCPU {vcpu}: the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)"
+        )),
+        other => Exit::Crash(format!("vCPU {vcpu}: unknown KVM system event {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_system_event_ends_the_vm_as_a_crash_not_as_a_reset() {
+        let code = |kind| system_event_exit(0, kind).code();
+        assert_eq!(code(kvm_bindings::KVM_SYSTEM_EVENT_CRASH), 3);
+        assert_eq!(code(99), 3);
+        assert_eq!(code(kvm_bindings::KVM_SYSTEM_EVENT_RESET), 0);
+        assert_eq!(code(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN), 0);
+        assert!(matches!(
+            system_event_exit(0, kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN),
+            Exit::PowerOff
+        ));
+    }
 }
