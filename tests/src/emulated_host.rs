@@ -8,7 +8,7 @@
 //! directly ([`Runner::Direct`]). Elsewhere it runs in an emulated host ([`Runner::Emulated`]):
 //! QEMU's TCG emulating an AMD EPYC with SVM and nested paging (`-cpu EPYC,+svm,+npt`), 2 vCPUs,
 //! booting the same Debian kernel with an initramfs that holds busybox, the kernel's KVM
-//! modules, the workspace's binaries (storaged, storagectl, vmm, blkcheck) with their
+//! modules, the workspace's binaries (storaged, storagectl, vmm, blkcheck, boottime) with their
 //! libraries, the guest images and the scenarios. Its init (`emulated_host_init.sh`) loads
 //! `kvm_amd`, which finds the emulated SVM, runs the scenario, prints its outcome on the serial
 //! console and powers the host off; [`run_scenario`] reads the outcome back from the console.

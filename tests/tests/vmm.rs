@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use storaged_tests::emulated_host::{run_scenario, Runner};
+use storaged_tests::emulated_host::{images_dir, run_scenario, Runner};
 use storaged_tests::{bin, wait_until};
 
 fn guest(name: &str) -> PathBuf {
@@ -165,10 +165,7 @@ fn every_vcpu_comes_up_and_reports_its_apic_id() {
 /// that it found our boot data, then stopped.
 #[test]
 fn the_debian_cloud_kernel_shows_our_e820_map_acpi_tables_and_cpus() {
-    let kernel = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../images/out/vmlinux"
-    ));
+    let kernel = images_dir().join("vmlinux");
     assert!(
         kernel.exists(),
         "{} is missing: run images/build (scripts/test does)",
