@@ -38,6 +38,8 @@ pub enum Error {
     #[error(transparent)]
     Keys(#[from] crate::keys::Error),
     #[error(transparent)]
+    MemoryGuard(#[from] crate::blk::memory_guard::Error),
+    #[error(transparent)]
     Service(#[from] service::Error),
     #[error("Cannot listen on {what} {addr}")]
     Listen {
@@ -89,6 +91,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     create_dir(&paths.socket_dir, 0o755)?;
     let _lock = lock_data_dir(&paths.data_dir)?;
     disable_core_dumps();
+    crate::blk::memory_guard::install()?;
     let keys = open_keys(&config, &paths.data_dir)?;
 
     let metrics = Metrics::new()?;

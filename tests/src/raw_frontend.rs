@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -52,7 +52,7 @@ pub fn wr(addr: u64, len: u32) -> Desc {
 pub struct RawFrontend {
     pub fe: Frontend,
     mem: *mut u8,
-    _memfd: OwnedFd,
+    memfd: OwnedFd,
     kick: EventFd,
     call: EventFd,
     avail_idx: u16,
@@ -91,6 +91,8 @@ impl RawFrontend {
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK,
         )
         .unwrap();
+        // Every message waits for the device's answer, so the set-up is done when this returns.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_LEN as u64,
@@ -123,7 +125,7 @@ impl RawFrontend {
         RawFrontend {
             fe,
             mem: mem.cast(),
-            _memfd: memfd,
+            memfd,
             kick,
             call,
             avail_idx: 0,
@@ -165,7 +167,12 @@ impl RawFrontend {
     /// Puts `descs` in the table as one chain (starting at descriptor `first`), makes it
     /// available, kicks, and waits for the device to return it. Returns the used length.
     pub fn submit(&mut self, first: u16, descs: &[Desc]) -> u32 {
-        let n = descs.len() as u16;
+        self.chain(first, descs);
+        self.make_available(first)
+    }
+
+    /// Puts `descs` in the table as one chain starting at descriptor `first`.
+    pub fn chain(&mut self, first: u16, descs: &[Desc]) {
         for (i, d) in descs.iter().enumerate() {
             let idx = first + i as u16;
             let mut flags = if d.write { VIRTQ_DESC_F_WRITE } else { 0 };
@@ -174,8 +181,6 @@ impl RawFrontend {
             }
             self.raw_desc(idx, d.addr, d.len, flags, (idx + 1) % QUEUE_SIZE);
         }
-        assert!(n > 0 || first < QUEUE_SIZE);
-        self.make_available(first)
     }
 
     /// Writes one raw descriptor (for chains the helper would not build, like loops).
@@ -191,6 +196,18 @@ impl RawFrontend {
     /// Makes descriptor `head` available, kicks, and waits for the used entry; returns its
     /// length.
     pub fn make_available(&mut self, head: u16) -> u32 {
+        self.post(head);
+        self.wait_used(head)
+    }
+
+    /// Makes descriptor `head` available and kicks, without waiting for the device.
+    pub fn post(&mut self, head: u16) {
+        self.publish(head);
+        self.kick();
+    }
+
+    /// Makes descriptor `head` available without kicking.
+    pub fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
         self.put(AVAIL_RING + 4 + slot * 2, &head.to_le_bytes());
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -198,11 +215,23 @@ impl RawFrontend {
         let idx = self.avail_idx;
         self.put(AVAIL_RING + 2, &idx.to_le_bytes());
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.kick.write(1).unwrap();
-        self.wait_used(head)
     }
 
-    fn wait_used(&mut self, head: u16) -> u32 {
+    /// Kicks the queue without publishing anything.
+    pub fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+
+    /// Shrinks the guest memory file to `len` bytes under the device's mapping of it. The
+    /// frontend must not touch its memory past `len` afterwards (it would fault itself).
+    pub fn truncate_memory(&self, len: u64) {
+        // SAFETY: ftruncate on our own memfd.
+        let rc = unsafe { libc::ftruncate(self.memfd.as_raw_fd(), len as i64) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Waits for the device to return chain `head`; returns its used length.
+    pub fn wait_used(&mut self, head: u16) -> u32 {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);

@@ -276,3 +276,74 @@ fn encrypted_volumes_refuse_requests_not_aligned_to_4096_bytes_and_store_ciphert
     assert_ne!(&on_disk[4096..8192], &pattern(4096, 0, 0x77)[..]);
     assert!(on_disk[4096..8192].iter().any(|b| *b != 0));
 }
+
+/// The volumes a hostile frontend shares the daemon with: one it truncates its memory under,
+/// one a well-behaved client uses throughout.
+fn two_volumes() -> (Storaged, BlkClient) {
+    let s = Storaged::start();
+    for name in ["hostile", "bystander"] {
+        s.create_volume(&format!(
+            r#"{{"name":"{name}","size":"1MiB","encryption":"none"}}"#
+        ));
+    }
+    let mut other = BlkClient::connect(&s.socket_of("bystander"), 1).unwrap();
+    assert_eq!(other.write(0, 0, &pattern(4096, 0, 0x42)), 0);
+    (s, other)
+}
+
+#[test]
+fn a_frontend_that_truncates_its_memory_is_disconnected_and_other_volumes_keep_serving() {
+    let (s, mut other) = two_volumes();
+    let mut fe = RawFrontend::connect(&s.socket_of("hostile"));
+    // A read is published, then the memory under the ring and its buffers goes away.
+    fe.header(HDR, T_IN, 0);
+    fe.chain(0, &[ro(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]);
+    fe.publish(0);
+    fe.truncate_memory(0);
+    fe.kick();
+    s.wait_for_log("guest memory file shrank under its mapping");
+    s.wait_for_log("frontend detached");
+    // The daemon is alive and serves the other volume...
+    assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(4096, 0, 0x42));
+    assert_eq!(other.write(0, 4096, &pattern(4096, 4096, 0x43)), 0);
+    // ...and the truncated volume's socket serves the next frontend.
+    drop(fe);
+    let mut fe = RawFrontend::connect(&s.socket_of("hostile"));
+    still_serving(&mut fe);
+}
+
+#[test]
+fn a_memory_table_larger_than_its_file_is_refused() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+
+    let (s, mut other) = two_volumes();
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"short".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a new descriptor we own.
+    let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our own fd: 1 MiB of file for a table that claims 4 MiB.
+    assert_eq!(unsafe { libc::ftruncate(fd, 1 << 20) }, 0);
+    let mut fe = Frontend::connect(s.socket_of("hostile"), 1).unwrap();
+    fe.set_owner().unwrap();
+    let _ = fe.get_features().unwrap();
+    fe.set_features((1 << 32) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        .unwrap();
+    let _ = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 4 << 20,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: memfd.as_raw_fd(),
+    };
+    assert!(fe.set_mem_table(&[region]).is_err());
+    s.wait_for_log("extends past the end of its file");
+    assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(4096, 0, 0x42));
+}

@@ -2,25 +2,26 @@
 //! worker threads: one thread and one io_uring per virtqueue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::engine::{self, GuestMem, QueueEngine};
+use super::memory_guard::{self, MemoryGuard};
 use super::VolumeIo;
 
 /// A queue worker polls after an event that handled, or left in flight, at least this many
@@ -56,6 +57,12 @@ pub struct BlkBackend {
     frontend_channel: Mutex<Option<Backend>>,
     /// A configuration change notification is on its way.
     notifying: Arc<AtomicBool>,
+    /// The frontend's memory regions, as the SIGBUS handler knows them.
+    guard: Mutex<MemoryGuard>,
+    /// [`memory_guard::faults`] when last checked.
+    faults_seen: AtomicU64,
+    /// Ends the connection (set once the frontend is accepted).
+    connection: Mutex<Option<ShutdownHandle>>,
 }
 
 impl BlkBackend {
@@ -73,7 +80,35 @@ impl BlkBackend {
             engines,
             frontend_channel: Mutex::new(None),
             notifying: Arc::new(AtomicBool::new(false)),
+            guard: Mutex::new(MemoryGuard::default()),
+            faults_seen: AtomicU64::new(memory_guard::faults()),
+            connection: Mutex::new(None),
         })
+    }
+
+    /// The handle that ends this device's connection.
+    pub fn set_connection(&self, handle: Option<ShutdownHandle>) {
+        *crate::lock(&self.connection) = handle;
+    }
+
+    /// After a SIGBUS the guard contained somewhere in the daemon: if this frontend's memory
+    /// file shrank under its mapping, logs it and ends the connection.
+    fn check_memory(&self) {
+        let now = memory_guard::faults();
+        if self.faults_seen.swap(now, Ordering::AcqRel) == now {
+            return;
+        }
+        let Some(e) = crate::lock(&self.guard).check() else {
+            return;
+        };
+        tracing::error!(
+            volume = %self.volume.name,
+            "guest memory file shrank under its mapping; disconnecting the frontend: {e}"
+        );
+        self.volume.metrics.invalid_requests.inc();
+        if let Some(conn) = crate::lock(&self.connection).as_ref() {
+            conn.shutdown();
+        }
     }
 
     /// Tells the frontend the configuration space changed (the capacity grew), so it raises a
@@ -196,9 +231,17 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        // vhost-user-backend hands the same atomic it was created with; in-flight requests keep
-        // their own reference to the mapping they were built from.
-        let _ = mem;
+        // vhost-user-backend hands the same atomic it was created with, holding the new table;
+        // in-flight requests keep their own reference to the mapping they were built from.
+        let admitted = crate::lock(&self.guard).admit(&mem.memory());
+        if let Err(e) = admitted {
+            tracing::warn!(volume = %self.volume.name, "refused the frontend's memory table: {e}");
+            // The table is already in place: take it away, so nothing is translated with it.
+            if let Ok(guard) = mem.lock() {
+                guard.replace(GuestMemoryMmap::new());
+            }
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()));
+        }
         Ok(())
     }
 
@@ -220,6 +263,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(mut e) = self.engine(queue_index as usize) {
             e.drain_to_guest();
         }
+        self.check_memory();
         Ok(())
     }
 
@@ -255,6 +299,8 @@ impl VhostUserBackend for BlkBackend {
             engine.poll(vring, &self.mem);
         }
         engine.sleeping();
+        drop(engine);
+        self.check_memory();
         Ok(())
     }
 }

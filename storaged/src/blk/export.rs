@@ -273,6 +273,7 @@ impl Server {
             .start(&mut self.listener)
             .map_err(|e| format!("cannot accept the frontend: {e}"))?;
         *lock(&self.state.connection) = daemon.shutdown_handle();
+        backend.set_connection(daemon.shutdown_handle());
         *lock(&self.state.device) = Some(backend.clone());
         self.state.attached.store(true, Ordering::Release);
         self.volume.metrics.attached.set(1);

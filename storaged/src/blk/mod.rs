@@ -6,6 +6,8 @@
 //! - [`backend`]: the `vhost-user-backend` device of one frontend connection.
 //! - [`export`]: the socket of one volume: accepts one frontend at a time, refuses others,
 //!   accepts a new one after a disconnect.
+//! - [`memory_guard`]: a frontend that shrinks its memory file under the daemon's mapping is
+//!   refused or disconnected, never a SIGBUS that ends the daemon.
 //!
 //! A request passes through stages: parse, then (for volumes that enable them) limit, transform
 //! and replicate, then the backing storage. The limit stage ([`crate::qos`]) sits in
@@ -15,6 +17,7 @@
 pub mod backend;
 pub mod engine;
 pub mod export;
+pub mod memory_guard;
 pub mod request;
 pub mod timer;
 
