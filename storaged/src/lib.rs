@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod keys;
+pub mod log_writer;
 pub mod metrics;
 pub mod notify;
 pub mod qos;

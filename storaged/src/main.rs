@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use storaged::config::Config;
+use storaged::log_writer::LogWriter;
 
 /// Block-storage target daemon: dedicated volumes over vhost-user-blk, I/O on io_uring.
 ///
@@ -34,13 +35,26 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or(args.log.clone());
+    // Logging never waits for stderr: a stalled reader costs log lines, not I/O.
+    let log = match LogWriter::start(std::io::stderr()) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("storaged: cannot start the log thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(log.clone())
         .with_ansi(false)
         .init();
     disable_core_dumps();
+    let code = run(&args);
+    log.drain(std::time::Duration::from_secs(2));
+    code
+}
 
+fn run(args: &Args) -> ExitCode {
     let mut config = match &args.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
@@ -49,13 +63,13 @@ fn main() -> ExitCode {
         None => Config::default(),
     };
     if args.data_dir.is_some() {
-        config.data_dir = args.data_dir;
+        config.data_dir.clone_from(&args.data_dir);
     }
     if args.admin_socket.is_some() {
-        config.admin_socket = args.admin_socket;
+        config.admin_socket.clone_from(&args.admin_socket);
     }
     if args.metrics_addr.is_some() {
-        config.metrics_addr = args.metrics_addr;
+        config.metrics_addr.clone_from(&args.metrics_addr);
     }
     match storaged::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
 
+use std::time::Duration;
+
 use storaged_tests::raw_frontend::*;
 use storaged_tests::*;
 
@@ -346,4 +348,47 @@ fn a_memory_table_larger_than_its_file_is_refused() {
     assert!(fe.set_mem_table(&[region]).is_err());
     s.wait_for_log("extends past the end of its file");
     assert_eq!(other.read(0, 0, 4096).unwrap(), pattern(4096, 0, 0x42));
+}
+
+#[test]
+fn bad_heads_and_empty_transfers_in_a_loop_log_a_bounded_number_of_lines() {
+    // The harness logs storaged at debug level, where every refused request has a line.
+    let (s, mut fe, _) = setup();
+    for _ in 0..1000 {
+        // A head index past the queue size: nothing the device can return.
+        fe.post(QUEUE_SIZE + 7);
+        // A read of no data: an I/O error, not an empty transfer.
+        fe.header(HDR, T_IN, 0);
+        assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_IOERR));
+    }
+    still_serving(&mut fe);
+    let log = s.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("volume=hostile"))
+        .collect();
+    assert!(
+        lines.len() < 50,
+        "{} log lines for 2000 bad requests",
+        lines.len()
+    );
+    // The lines left out are counted in the next one written.
+    std::thread::sleep(storaged::blk::log_limit::WINDOW);
+    fe.header(HDR, T_IN, 0);
+    assert_eq!(send(&mut fe, &[ro(HDR, 16), wr(STATUS, 1)]), (1, S_IOERR));
+    let suppressed = |l: &str| -> u64 {
+        l.split_whitespace()
+            .find_map(|f| f.strip_prefix("suppressed="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    wait_until(
+        "a line that counts what was left out",
+        Duration::from_secs(5),
+        || {
+            s.log_text()
+                .lines()
+                .any(|l| l.contains("volume=hostile") && suppressed(l) >= 1900)
+        },
+    );
 }

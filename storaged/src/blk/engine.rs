@@ -239,7 +239,7 @@ impl QueueEngine {
         let mut empty_passes = 0;
         loop {
             if let Err(e) = vring.disable_notification() {
-                tracing::warn!(volume = %self.volume.name, "cannot disable notifications: {e}");
+                crate::volume_log!(warn, &self.volume, "cannot disable notifications: {e}");
             }
             let n = self.pop_available(vring, mem);
             taken += n;
@@ -256,7 +256,7 @@ impl QueueEngine {
                 Ok(true) if empty_passes < 2 && !self.capped => continue,
                 Ok(_) => break,
                 Err(e) => {
-                    tracing::warn!(volume = %self.volume.name, "cannot enable notifications: {e}");
+                    crate::volume_log!(warn, &self.volume, "cannot enable notifications: {e}");
                     break;
                 }
             }
@@ -277,7 +277,7 @@ impl QueueEngine {
             if self.throttled.is_some() {
                 return taken;
             }
-            let published = {
+            let (published, queue_size) = {
                 let state = vring.get_ref();
                 if !state.is_enabled() || !state.get_queue().ready() {
                     // SET_VRING_ENABLE 0, or stopped by GET_VRING_BASE (a kick read from epoll
@@ -285,10 +285,11 @@ impl QueueEngine {
                     return taken;
                 }
                 let queue = state.get_queue();
-                match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
+                let published = match queue.avail_idx(&*mem.memory(), Ordering::Acquire) {
                     Ok(idx) => (idx - Wrapping(queue.next_avail())).0,
                     Err(_) => 0,
-                }
+                };
+                (published, queue.size())
             };
             if published == 0 {
                 return taken;
@@ -309,6 +310,19 @@ impl QueueEngine {
                     .pop_descriptor_chain(snapshot.clone());
                 let Some(chain) = chain else { return taken };
                 taken += 1;
+                if chain.head_index() >= queue_size {
+                    // No descriptor has that index, so there is nothing to return to the
+                    // driver either: the entry is skipped.
+                    crate::volume_log!(
+                        debug,
+                        &self.volume,
+                        head = chain.head_index(),
+                        queue_size,
+                        "skipped an available entry: head index past the queue size"
+                    );
+                    self.volume.metrics.invalid_requests.inc();
+                    continue;
+                }
                 self.start_request(chain, vring, &snapshot);
                 if self.throttled.is_some() {
                     return taken;
@@ -319,7 +333,7 @@ impl QueueEngine {
 
     fn submit_and_signal(&mut self, vring: &VringRwLock) {
         if let Err(e) = self.ring.submit() {
-            tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+            crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
         }
         self.signal(vring);
     }
@@ -335,7 +349,7 @@ impl QueueEngine {
             return;
         }
         if let Err(e) = vring.disable_notification() {
-            tracing::warn!(volume = %self.volume.name, "cannot disable notifications: {e}");
+            crate::volume_log!(warn, &self.volume, "cannot disable notifications: {e}");
         }
         let started = Instant::now();
         let mut last_work = started;
@@ -402,7 +416,7 @@ impl QueueEngine {
                 code,
                 error,
             } => {
-                tracing::debug!(volume = %self.volume.name, "refused request: {error}");
+                crate::volume_log!(debug, &self.volume, "refused request: {error}");
                 self.volume.metrics.invalid_requests.inc();
                 let used = match mem.write_obj(code, status) {
                     Ok(()) => 1,
@@ -412,7 +426,7 @@ impl QueueEngine {
                 return;
             }
             Parsed::Drop(error) => {
-                tracing::debug!(volume = %self.volume.name, "dropped chain: {error}");
+                crate::volume_log!(debug, &self.volume, "dropped chain: {error}");
                 self.volume.metrics.invalid_requests.inc();
                 self.add_used(vring, head, 0);
                 return;
@@ -460,7 +474,11 @@ impl QueueEngine {
             .map_or(Duration::ZERO, |l| l.batch_wait(behind));
         if let Err(e) = self.timer.arm(wait + extra) {
             // Without a timer nothing would wake the queue: let the request go.
-            tracing::error!(volume = %self.volume.name, "cannot arm the throttling timer, not throttling: {e}");
+            crate::volume_log!(
+                error,
+                &self.volume,
+                "cannot arm the throttling timer, not throttling: {e}"
+            );
             self.release(waiting, vring);
             return;
         }
@@ -541,8 +559,9 @@ impl QueueEngine {
                 if encrypted && (offset % unit != 0 || len % unit != 0) {
                     // The device offers 4096-byte blocks; a request that ignores them would
                     // need a read-modify-write of partial units: refused instead.
-                    tracing::debug!(
-                        volume = %self.volume.name,
+                    crate::volume_log!(
+                        debug,
+                        &self.volume,
                         offset,
                         len,
                         "refused request: not aligned to the 4096-byte encryption unit"
@@ -585,7 +604,7 @@ impl QueueEngine {
         }
         if self.ring.submission().len() >= SUBMIT_BATCH {
             if let Err(e) = self.ring.submit() {
-                tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+                crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
             }
         }
     }
@@ -603,8 +622,9 @@ impl QueueEngine {
         for r in &inflight.data {
             for slice in inflight.mem.get_slices(r.addr, r.len as usize) {
                 let Ok(slice) = slice else {
-                    tracing::debug!(
-                        volume = %self.volume.name,
+                    crate::volume_log!(
+                        debug,
+                        &self.volume,
                         addr = r.addr.0,
                         len = r.len,
                         "refused request: data buffer is not in guest memory"
@@ -629,15 +649,16 @@ impl QueueEngine {
         // Encrypted volumes bounce everything: their queue stops taking requests at the budget
         // instead (pop_available), so only a misaligned request of a plain volume is refused.
         if !bounce && self.bounce_bytes + len > BOUNCE_BUDGET {
-            tracing::debug!(
-                volume = %self.volume.name,
+            crate::volume_log!(
+                debug,
+                &self.volume,
                 len,
                 "refused request: bounce-buffer budget of the queue exhausted"
             );
             return false;
         }
         let Some(mut buf) = self.take_bounce(len, align.max(4096)) else {
-            tracing::warn!(volume = %self.volume.name, len, "cannot allocate a bounce buffer");
+            crate::volume_log!(warn, &self.volume, len, "cannot allocate a bounce buffer");
             return false;
         };
         // A guest buffer that is one piece of host memory is encrypted from, or decrypted
@@ -773,12 +794,16 @@ impl QueueEngine {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
-                    tracing::error!(volume = %self.volume.name, "io_uring submit failed: {e}");
+                    crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
         }
-        tracing::error!(volume = %self.volume.name, "io_uring refuses submissions; failing the request");
+        crate::volume_log!(
+            error,
+            &self.volume,
+            "io_uring refuses submissions; failing the request"
+        );
         self.pending_cqes.push((sqe.get_user_data(), -libc::EIO));
     }
 
@@ -809,7 +834,7 @@ impl QueueEngine {
     /// Accounts one CQE; when a request's last part is done, answers it.
     fn complete(&mut self, vring: Option<&VringRwLock>, slot: u32, part: u32, res: i32) {
         let Some(inflight) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
-            tracing::error!(volume = %self.volume.name, slot, "completion for an empty slot");
+            crate::volume_log!(error, &self.volume, slot, "completion for an empty slot");
             return;
         };
         match &inflight.op {
@@ -823,12 +848,17 @@ impl QueueEngine {
                     return;
                 }
                 if res <= 0 {
-                    tracing::warn!(
-                        volume = %self.volume.name,
+                    crate::volume_log!(
+                        warn,
+                        &self.volume,
                         offset = inflight.offset,
                         "{} failed: {}",
                         inflight.op.label(),
-                        if res < 0 { std::io::Error::from_raw_os_error(-res).to_string() } else { "end of file".into() }
+                        if res < 0 {
+                            std::io::Error::from_raw_os_error(-res).to_string()
+                        } else {
+                            "end of file".into()
+                        }
                     );
                     inflight.failed = true;
                 }
@@ -857,8 +887,9 @@ impl QueueEngine {
             }
             _ => {
                 if res < 0 {
-                    tracing::warn!(
-                        volume = %self.volume.name,
+                    crate::volume_log!(
+                        warn,
+                        &self.volume,
                         "{} failed: {}",
                         inflight.op.label(),
                         std::io::Error::from_raw_os_error(-res)
@@ -940,7 +971,7 @@ impl QueueEngine {
 
     fn add_used(&mut self, vring: &VringRwLock, head: u16, len: u32) {
         if let Err(e) = vring.add_used(head, len) {
-            tracing::error!(volume = %self.volume.name, "cannot add to the used ring: {e}");
+            crate::volume_log!(error, &self.volume, "cannot add to the used ring: {e}");
         }
         self.pending_signal = true;
     }
@@ -954,7 +985,7 @@ impl QueueEngine {
             Ok(false) => {}
             Ok(true) | Err(_) => {
                 if let Err(e) = vring.signal_used_queue() {
-                    tracing::debug!(volume = %self.volume.name, "cannot signal the guest: {e}");
+                    crate::volume_log!(debug, &self.volume, "cannot signal the guest: {e}");
                 }
             }
         }
@@ -972,7 +1003,7 @@ impl QueueEngine {
                     self.release(waiting, vring);
                     // Waiting left guest notifications off: a restarted ring must be kicked.
                     if let Err(e) = vring.enable_notification() {
-                        tracing::warn!(volume = %self.volume.name, "cannot enable notifications: {e}");
+                        crate::volume_log!(warn, &self.volume, "cannot enable notifications: {e}");
                     }
                 }
                 None => {
@@ -993,8 +1024,9 @@ impl QueueEngine {
                     _ => {
                         // The kernel may still use the buffers of what is in flight: leak them
                         // rather than free memory it could write into.
-                        tracing::error!(
-                            volume = %self.volume.name,
+                        crate::volume_log!(
+                            error,
+                            &self.volume,
                             in_flight = self.in_flight(),
                             "io_uring wait failed, leaking in-flight buffers: {e}"
                         );

@@ -6,6 +6,8 @@
 //! - [`backend`]: the `vhost-user-backend` device of one frontend connection.
 //! - [`export`]: the socket of one volume: accepts one frontend at a time, refuses others,
 //!   accepts a new one after a disconnect.
+//! - [`log_limit`]: a per-volume budget for the lines the data path logs about a guest's
+//!   requests.
 //! - [`memory_guard`]: a frontend that shrinks its memory file under the daemon's mapping is
 //!   refused or disconnected, never a SIGBUS that ends the daemon.
 //!
@@ -17,6 +19,7 @@
 pub mod backend;
 pub mod engine;
 pub mod export;
+pub mod log_limit;
 pub mod memory_guard;
 pub mod request;
 pub mod timer;
@@ -54,6 +57,8 @@ pub struct VolumeIo {
     /// XTS-AES-256 with the volume's key, for encrypted volumes.
     pub crypt: Option<Xts>,
     pub metrics: VolumeMetrics,
+    /// Budget of the data path's log lines about this volume's requests.
+    pub log_limit: log_limit::LogLimit,
 }
 
 impl VolumeIo {
@@ -83,6 +88,7 @@ impl VolumeIo {
             qos: QosSlot::default(),
             crypt,
             metrics,
+            log_limit: log_limit::LogLimit::default(),
         };
         volume.set_limits(limits);
         volume

@@ -44,6 +44,8 @@ pub enum RequestError {
     WrongDirection(u32),
     #[error("Request of {0} bytes exceeds the {MAX_TRANSFER}-byte limit")]
     TooLarge(u64),
+    #[error("Read or write of no data")]
+    EmptyTransfer,
     #[error("Request has {0} data segments, more than the {1} allowed")]
     TooManySegments(usize, u32),
     #[error("Length {0} is not a multiple of the {1}-byte block size")]
@@ -338,6 +340,9 @@ fn rw_request(
         ));
     }
     let len = total(&data);
+    if len == 0 {
+        return Err((VIRTIO_BLK_S_IOERR, RequestError::EmptyTransfer));
+    }
     if len > MAX_TRANSFER {
         return Err((VIRTIO_BLK_S_IOERR, RequestError::TooLarge(len)));
     }
@@ -536,6 +541,18 @@ mod tests {
             }
         );
         assert_eq!(r.status, GuestAddress(0x2000 + 512));
+    }
+
+    #[test]
+    fn rejects_reads_and_writes_of_no_data() {
+        let m = mem();
+        for t in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
+            let d = [header(&m, 0, t, 0), wr(0x1000, 1)];
+            assert_eq!(
+                rejected(parse(&m, d, &limits())),
+                (IOERR, RequestError::EmptyTransfer)
+            );
+        }
     }
 
     #[test]
