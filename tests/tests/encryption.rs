@@ -409,3 +409,153 @@ fn key_material_never_reaches_the_log_or_a_core_dump() {
         .collect();
     assert_eq!((core[4], core[5]), ("0", "0"), "{core:?}");
 }
+
+/// storaged started under `strace -f`, which writes the calls it is told to trace, with the
+/// path behind every file descriptor (`-y`), into a file. Stopped (storaged first, so strace
+/// never detaches from a live daemon) on drop.
+struct Traced {
+    strace: std::process::Child,
+    data_dir: tempfile::TempDir,
+    out: PathBuf,
+}
+
+impl Traced {
+    fn start(calls: &str) -> Traced {
+        let ok = Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "strace is needed (scripts/test installs it)");
+        let data_dir = tempfile::Builder::new().prefix("stg").tempdir().unwrap();
+        let out = data_dir.path().with_extension("strace");
+        let strace = Command::new("strace")
+            .args(["-f", "-qq", "-y", "-e", "signal=none", "-e"])
+            .arg(format!("trace={calls}"))
+            .arg("-o")
+            .arg(&out)
+            .arg(bin("storaged"))
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(["--metrics-addr", "off"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Traced {
+            strace,
+            data_dir,
+            out,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !t.admin().get("/v1/info").is_ok_and(|r| r.status == 200) {
+            assert!(std::time::Instant::now() < deadline, "storaged not ready");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        t
+    }
+
+    fn admin(&self) -> AdminClient {
+        AdminClient::new(self.data_dir.path().join("admin.sock"))
+    }
+
+    /// Pid of storaged, strace's child.
+    fn daemon_pid(&self) -> Option<i32> {
+        let pid = self.strace.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Stops storaged with SIGTERM and returns the trace.
+    fn stop(mut self) -> String {
+        let pid = self.daemon_pid().unwrap();
+        // SAFETY: kill() with the pid of our child's child, which is still running.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert!(self.strace.wait().unwrap().success());
+        std::fs::read_to_string(&self.out).unwrap()
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if let Some(pid) = self.daemon_pid() {
+            // SAFETY: as in stop().
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.strace.wait();
+        let _ = std::fs::remove_file(&self.out);
+    }
+}
+
+/// Index of the first trace line at or after `from` with all of `needles`.
+fn line_with(lines: &[&str], from: usize, needles: &[&str]) -> Option<usize> {
+    (from..lines.len()).find(|&i| needles.iter().all(|n| lines[i].contains(n)))
+}
+
+#[test]
+fn key_files_and_their_directory_are_fsynced_before_the_catalog_depends_on_them() {
+    let t = Traced::start("fsync,fdatasync,rename,renameat,renameat2");
+    let dir = t.data_dir.path().to_owned();
+    let keys = dir.join("keys");
+    let first = std::fs::read_to_string(keys.join("current")).unwrap();
+    let first = first.trim().to_string();
+    t.admin()
+        .request("POST", "/v1/volumes", Some(r#"{"name":"a","size":"1MiB"}"#))
+        .map(|r| assert_eq!(r.status, 201, "{}", r.body))
+        .unwrap();
+    // The operator's rotation: a key file written without fsync, then rotate-keys.
+    add_kek(&keys, "kek-2", 0x42);
+    set_current(&keys, "kek-2");
+    let r = t.admin().request("POST", "/v1/keys/rotate", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let trace = t.stop();
+    let lines: Vec<&str> = trace.lines().collect();
+    let catalog = format!("\"{}\"", dir.join("catalog.json").display());
+    let fsync = |p: &Path| format!("<{}>)", p.display());
+    let renames: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("rename") && lines[i].contains(&catalog))
+        .collect();
+    assert_eq!(renames.len(), 2, "catalog writes:\n{trace}");
+    let before = |what: &str, needles: &[&str], from: usize, to: usize| {
+        let at = line_with(&lines, from, needles);
+        assert!(
+            at.is_some_and(|i| i < to),
+            "{what} is not fsynced before the catalog names it:\n{trace}"
+        );
+    };
+    let first_key = keys.join(format!("{first}.key"));
+    before(
+        "the first KEK",
+        &["fsync(", &fsync(&first_key)],
+        0,
+        renames[0],
+    );
+    before(
+        "the key directory",
+        &["fsync(", &fsync(&keys)],
+        0,
+        renames[0],
+    );
+    before(
+        "the data dir holding keys/",
+        &["fsync(", &fsync(&dir)],
+        0,
+        renames[0],
+    );
+    before(
+        "the rotated-to KEK",
+        &["fsync(", &fsync(&keys.join("kek-2.key"))],
+        renames[0],
+        renames[1],
+    );
+    before(
+        "the key directory at rotation",
+        &["fsync(", &fsync(&keys)],
+        renames[0],
+        renames[1],
+    );
+}
