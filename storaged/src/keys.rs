@@ -93,6 +93,14 @@ pub trait KeyProvider: Send + Sync {
     fn kek(&self, id: &str) -> Result<Kek, Error>;
     /// Makes the KEK with this id durable: it survives a power cut from now on.
     fn sync_kek(&self, id: &str) -> Result<(), Error>;
+    /// The directory holding the KEKs when they are files on this host.
+    fn local_dir(&self) -> Option<&Path>;
+}
+
+/// Whether two paths are on one file system (one device number): a key directory on the
+/// volumes' file system goes wherever that disk goes.
+pub fn same_file_system(a: &Path, b: &Path) -> std::io::Result<bool> {
+    Ok(fs::metadata(a)?.dev() == fs::metadata(b)?.dev())
 }
 
 /// A volume's wrapped DEK, as stored in the catalog.
@@ -263,6 +271,10 @@ impl KeyProvider for DirProvider {
         validate_id(id)?;
         sync_path(&self.dir.join(format!("{id}.key")))?;
         sync_path(&self.dir)
+    }
+
+    fn local_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
     }
 }
 

@@ -151,17 +151,25 @@ pub struct VolumeInfo {
     pub error: Option<String>,
 }
 
-/// `DELETE` answer.
+/// `DELETE` answer: what was done, and what that does not protect against.
 #[derive(Debug, Serialize)]
 pub struct Deleted {
     pub name: String,
     pub id: String,
     pub deleted: bool,
-    /// The wrapped key was destroyed before the data: what was written cannot be decrypted
-    /// any more, wherever copies of the backing storage went.
-    pub crypto_erased: bool,
+    /// What became of the volume's key: [`KEY_REMOVED`], or "none (not encrypted)".
+    pub key: &'static str,
+    /// What became of the data: "backing file removed" or "left on the device".
+    pub data: &'static str,
+    /// The backing file was removed (false for a device).
     pub data_removed: bool,
+    /// What this delete does not protect against.
+    pub not_protected_against: Vec<String>,
 }
+
+/// What a delete does with an encrypted volume's key: the catalog held its only wrapped copy
+/// (the KEK is kept: it may wrap other volumes).
+pub const KEY_REMOVED: &str = "wrapped key removed from the catalog";
 
 /// `POST /v1/keys/rotate` answer.
 #[derive(Debug, Serialize)]
@@ -618,11 +626,10 @@ impl VolumeService {
         }
         self.failed.remove(&name);
         self.metrics.remove_volume(name.as_str());
-        // The catalog (rewritten whole, fsynced, renamed) no longer holds the wrapped key: the
-        // data is unreadable from here on, before a byte of it is removed.
-        let crypto_erased = spec.encryption.is_some();
+        // The catalog (rewritten whole, fsynced, renamed, the replaced file zeroed) no longer
+        // holds the wrapped key, before a byte of the data is removed.
         if let Some(w) = &spec.encryption {
-            tracing::info!(volume = %name, id = %spec.id, kek = %w.kek_id, "volume crypto-erased: its wrapped key is destroyed");
+            tracing::info!(volume = %name, id = %spec.id, kek = %w.kek_id, "{KEY_REMOVED}");
         }
         let mut data_removed = false;
         if let Backing::File { path, .. } = &spec.backing {
@@ -640,11 +647,62 @@ impl VolumeService {
         tracing::info!(volume = %name, id = %spec.id, force, "volume deleted");
         Ok(Deleted {
             name: name.to_string(),
+            key: if spec.encryption.is_some() {
+                KEY_REMOVED
+            } else {
+                "none (not encrypted)"
+            },
+            data: if data_removed {
+                "backing file removed"
+            } else {
+                "left on the device"
+            },
+            not_protected_against: self.delete_caveats(&spec),
             id: spec.id,
             deleted: true,
-            crypto_erased,
             data_removed,
         })
+    }
+
+    /// What deleting `spec` leaves to whoever holds a copy or the disk.
+    fn delete_caveats(&self, spec: &VolumeSpec) -> Vec<String> {
+        if spec.encryption.is_none() {
+            return vec![
+                "copies taken before the delete: backups or copies of the data dir or the \
+                 backing storage still hold the data"
+                    .into(),
+                match spec.backing {
+                    Backing::File { .. } => "the data was not encrypted: the removed file's \
+                                             blocks hold it until the file system reuses them"
+                        .into(),
+                    Backing::Device { .. } => {
+                        "the data was not encrypted and is left on the device".into()
+                    }
+                },
+            ];
+        }
+        let mut caveats = vec![
+            "copies taken before the delete: backups or copies of the data dir, the key \
+             directory or the backing storage still hold the data and its wrapped key, which \
+             the KEK still unwraps"
+                .to_string(),
+            "flash remanence and copy-on-write storage: the replaced catalog is overwritten with \
+             zeros, but an SSD or a copy-on-write file system may keep its old blocks, and the \
+             wrapped key in them"
+                .into(),
+        ];
+        let volumes = self.paths.data_dir.join("volumes");
+        if let Some(dir) = self.keys.local_dir() {
+            if keys::same_file_system(dir, &volumes).unwrap_or(true) {
+                caveats.push(format!(
+                    "a key directory on the same file system as the volumes: {} goes with the \
+                     disk, so whoever holds the disk and an old copy of the wrapped key can \
+                     decrypt the data",
+                    dir.display()
+                ));
+            }
+        }
+        caveats
     }
 
     /// Re-wraps every volume key not wrapped by the current KEK with it, one volume at a time

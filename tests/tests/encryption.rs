@@ -1,6 +1,7 @@
 //! Encryption at rest against the real daemon: what the `blkio` client writes is stored as
 //! dm-crypt's aes-xts-plain64 (checked by Python's `cryptography`, code we did not write), the
-//! key hierarchy rotates, deletion crypto-erases, and bad keys are refused.
+//! key hierarchy rotates and its files are durable, deletion removes the wrapped key (and says
+//! what that does not cover), and bad keys are refused.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
 
@@ -210,7 +211,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn deleting_an_encrypted_volume_destroys_its_wrapped_key_first() {
+fn deleting_an_encrypted_volume_removes_its_wrapped_key_and_says_what_that_does_not_cover() {
     let s = Storaged::start();
     let v = s.create_volume(r#"{"name":"gone","size":"1MiB"}"#);
     s.create_volume(r#"{"name":"stays","size":"1MiB"}"#);
@@ -230,7 +231,16 @@ fn deleting_an_encrypted_volume_destroys_its_wrapped_key_first() {
         .request("DELETE", "/v1/volumes/gone", None)
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["crypto_erased"], true);
+    // The answer says what was done and what that does not protect against.
+    let j = r.json();
+    assert_eq!(j["key"], "wrapped key removed from the catalog", "{j}");
+    assert_eq!(j["data"], "backing file removed", "{j}");
+    assert_eq!(j["data_removed"], true, "{j}");
+    assert!(j.get("crypto_erased").is_none(), "{j}");
+    let caveats = j["not_protected_against"].to_string();
+    for said in ["taken before", "flash", "same file system"] {
+        assert!(caveats.contains(said), "no '{said}' in {caveats}");
+    }
     assert!(!backing_of(&v).exists());
     let raw: Vec<u8> = (0..wrapped.len())
         .step_by(2)
@@ -244,7 +254,9 @@ fn deleting_an_encrypted_volume_destroys_its_wrapped_key_first() {
             f.display()
         );
     }
-    assert!(s.log_text().contains("crypto-erased"));
+    assert!(s
+        .log_text()
+        .contains("wrapped key removed from the catalog"));
     // The other volume still has its key.
     let stays = s.admin().get("/v1/volumes/stays").unwrap().json();
     assert_eq!(stays["state"], "serving");
@@ -558,4 +570,144 @@ fn key_files_and_their_directory_are_fsynced_before_the_catalog_depends_on_them(
         renames[0],
         renames[1],
     );
+}
+
+/// A file system mounted for a test, unmounted on drop.
+struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    /// `mount ARGS... DIR` on a new temporary directory; None (after saying why) where the
+    /// test may not mount (not root, no loop devices).
+    fn new(args: &[&str]) -> Option<Mount> {
+        let dir = tempfile::Builder::new()
+            .prefix("mnt")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let out = Command::new("mount")
+            .args(args)
+            .arg(dir.path())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("mount {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(Mount { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn unmount(&self) {
+        let status = Command::new("umount").arg(self.path()).status().unwrap();
+        assert!(status.success(), "umount {}", self.path().display());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(self.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+const SAME_FS_WARNING: &str = "key directory is on the same file system as the volumes";
+
+#[test]
+fn a_key_directory_on_the_volumes_file_system_is_warned_about_and_one_elsewhere_is_not() {
+    // The default layout: DATA_DIR/keys beside DATA_DIR/volumes.
+    let s = Storaged::start();
+    s.wait_for_log(SAME_FS_WARNING);
+    drop(s);
+
+    let Some(tmpfs) = Mount::new(&["-t", "tmpfs", "-o", "size=4M,mode=0700", "tmpfs"]) else {
+        eprintln!("SKIPPED the key-directory-elsewhere half: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let keys = tmpfs.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
+    add_kek(&keys, "k1", 7);
+    set_current(&keys, "k1");
+    let scratch = tempfile::tempdir().unwrap();
+    let config = scratch.path().join("storaged.toml");
+    std::fs::write(
+        &config,
+        format!("[encryption]\nkey_dir = \"{}\"\n", keys.display()),
+    )
+    .unwrap();
+    let s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    s.create_volume(r#"{"name":"v","size":"1MiB"}"#);
+    let r = s.admin().request("DELETE", "/v1/volumes/v", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["key"], "wrapped key removed from the catalog", "{j}");
+    assert!(
+        !j["not_protected_against"]
+            .to_string()
+            .contains("same file system"),
+        "{j}"
+    );
+    assert!(s.log_text().contains("storaged ready"));
+    assert!(!s.log_text().contains(SAME_FS_WARNING), "{}", s.log_text());
+}
+
+#[test]
+fn a_rewritten_catalog_leaves_no_old_wrapped_key_in_its_file_systems_blocks() {
+    // The data dir on a file system of its own, in an image file we can read whole afterwards.
+    let image = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    image.as_file().set_len(64 * MIB).unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "nodiscard"])
+        .arg(image.path())
+        .status()
+        .unwrap();
+    assert!(mkfs.success(), "mkfs.ext4");
+    let Some(fs) = Mount::new(&["-o", "loop", image.path().to_str().unwrap()]) else {
+        eprintln!("SKIPPED a_rewritten_catalog_leaves_no_old_wrapped_key_in_its_file_systems_blocks: cannot loop-mount (needs root)");
+        return;
+    };
+    let data = fs.path().join("data");
+    let mut s = Storaged::start_in(&data, &[]);
+    s.create_volume(r#"{"name":"gone","size":"1MiB"}"#);
+    s.create_volume(r#"{"name":"stays","size":"1MiB"}"#);
+    let catalog: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("catalog.json")).unwrap()).unwrap();
+    let wrapped = catalog["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "gone")
+        .unwrap()["encryption"]["wrapped_dek"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .admin()
+        .request("DELETE", "/v1/volumes/gone", None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(s.signal_and_wait(libc::SIGTERM).success());
+    fs.unmount();
+    let blocks = std::fs::read(image.path()).unwrap();
+    assert!(
+        !contains(&blocks, wrapped.as_bytes()),
+        "the deleted volume's wrapped key is still in the file system's blocks"
+    );
+    // Control: the kept volume's wrapped key is found, so the scan works.
+    let kept = catalog["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "stays")
+        .unwrap()["encryption"]["wrapped_dek"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(contains(&blocks, kept.as_bytes()));
 }

@@ -376,6 +376,8 @@ fn block_device_volume_serves_the_device_and_survives_delete() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["data_removed"], false);
+    assert_eq!(r.json()["data"], "left on the device");
+    assert_eq!(r.json()["key"], "none (not encrypted)");
     assert!(
         std::path::Path::new(&lo.dev).exists(),
         "a device was removed"
