@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
 use crate::blk::VolumeIo;
+use crate::blockdev;
 use crate::catalog::{self, VolumeCatalog};
 use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
 use crate::crypto::{self, Dek, Xts};
@@ -276,6 +277,15 @@ impl VolumeService {
             spec.read_only,
             self.config.io.direct,
         )?;
+        // After a reboot or a re-attach the path may name another disk: never serve it.
+        if let Backing::Device { identity, .. } = &spec.backing {
+            match identity {
+                Some(recorded) => store.check_identity(recorded)?,
+                None => {
+                    tracing::warn!(volume = %spec.name, "no device identity recorded (a volume created by an older storaged): a different disk at this path would not be detected")
+                }
+            }
+        }
         let io = Arc::new(VolumeIo::new(
             spec,
             store,
@@ -347,6 +357,44 @@ impl VolumeService {
         Ok(self.info(spec))
     }
 
+    /// Checks a device asked for at creation and returns its identity: a block device, given
+    /// by absolute path, that shares no blocks with another volume's device, whatever path
+    /// that one was given by (links, other nodes, its disk or partition: compared by device
+    /// number).
+    fn check_new_device(&self, dev: &Path) -> Result<blockdev::DeviceIdentity, Error> {
+        if !dev.is_absolute() {
+            return Err(Error::BadRequest(format!(
+                "device path {} is not absolute",
+                dev.display()
+            )));
+        }
+        let num =
+            blockdev::device_number(dev).map_err(|e| Error::BadRequest(crate::error_chain(&e)))?;
+        for v in self.catalog.iter() {
+            let Backing::Device { path, .. } = &v.backing else {
+                continue;
+            };
+            let theirs = self
+                .exports
+                .get(&v.name)
+                .and_then(|e| blockdev::device_number_of(&e.volume().store.file, path).ok())
+                .or_else(|| blockdev::device_number(path).ok());
+            if theirs.is_some_and(|t| blockdev::overlap(num, t)) {
+                return Err(Error::BadRequest(format!(
+                    "device {} shares blocks with {}, which backs volume '{}'",
+                    dev.display(),
+                    path.display(),
+                    v.name
+                )));
+            }
+        }
+        let identity = blockdev::identity(num);
+        if !identity.is_stable() {
+            tracing::warn!(device = %dev.display(), "device has no stable identity (no wwid, serial, dm uuid or loop backing file): a different disk at this path later would not be detected");
+        }
+        Ok(identity)
+    }
+
     fn check_pool(&self, more: u64) -> Result<(), Error> {
         if let Some(cap) = self.config.pool_capacity {
             let used = self.catalog.allocated_bytes();
@@ -412,39 +460,10 @@ impl VolumeService {
                 "preallocate applies to file-backed volumes, not to devices".into(),
             ));
         }
-        if let Some(dev) = &req.device {
-            use std::os::unix::fs::FileTypeExt;
-            if !dev.is_absolute() {
-                return Err(Error::BadRequest(format!(
-                    "device path {} is not absolute",
-                    dev.display()
-                )));
-            }
-            let is_block = std::fs::metadata(dev).map(|m| m.file_type().is_block_device());
-            match is_block {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(Error::BadRequest(format!(
-                        "{} is not a block device",
-                        dev.display()
-                    )))
-                }
-                Err(e) => return Err(Error::BadRequest(format!("device {}: {e}", dev.display()))),
-            }
-            // Compare resolved paths: /dev/disk/by-id links and the node they name are one disk.
-            let real = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.clone());
-            let taken = self.catalog.iter().any(|v| {
-                std::fs::canonicalize(v.backing.path())
-                    .unwrap_or_else(|_| v.backing.path().to_owned())
-                    == real
-            });
-            if taken {
-                return Err(Error::BadRequest(format!(
-                    "device {} already backs another volume",
-                    dev.display()
-                )));
-            }
-        }
+        let device_identity = match &req.device {
+            Some(dev) => Some(self.check_new_device(dev)?),
+            None => None,
+        };
         self.check_pool(size)?;
 
         let id = uuid::Uuid::new_v4().to_string();
@@ -456,7 +475,10 @@ impl VolumeService {
             None
         };
         let backing = match req.device {
-            Some(path) => Backing::Device { path },
+            Some(path) => Backing::Device {
+                path,
+                identity: device_identity,
+            },
             None => {
                 let preallocated = req
                     .preallocate
