@@ -42,7 +42,9 @@ impl From<service::Error> for ApiError {
         let status = match &e {
             E::Invalid(_) | E::BadRequest(_) | E::Shrink(..) | E::Qos(_) => StatusCode::BAD_REQUEST,
             E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::AlreadyExists(_) | E::Attached(_) => StatusCode::CONFLICT,
+            E::AlreadyExists(_)
+            | E::Attached(_)
+            | E::Backing(crate::backing::Error::DeviceBusy { .. }) => StatusCode::CONFLICT,
             E::PoolFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             E::NotServing(..) => StatusCode::SERVICE_UNAVAILABLE,
             E::Backing(crate::backing::Error::DeviceTooSmall { .. })

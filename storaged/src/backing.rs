@@ -2,7 +2,10 @@
 //! io_uring data path.
 //!
 //! O_DIRECT is used where the file system allows it; the smallest alignment it needs is probed
-//! with real reads, so the block size offered to the guest is one direct I/O accepts.
+//! with real reads, so the block size offered to the guest is one direct I/O accepts. Block
+//! devices are opened with O_EXCL: a device that is mounted, part of a device-mapper or RAID
+//! device, or opened exclusively elsewhere (another volume on it, on its disk or on one of its
+//! partitions) is refused as busy instead of being written under its other user.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
@@ -27,12 +30,16 @@ pub enum Error {
     },
     #[error("{path} is neither a regular file nor a block device")]
     NotBlockOrFile { path: PathBuf },
+    #[error("Block device {path} is in use: mounted, held by the kernel (device-mapper, RAID) or opened exclusively by another program or volume")]
+    DeviceBusy { path: PathBuf },
     #[error("Cannot size {path}")]
     Size {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Device(#[from] crate::blockdev::Error),
     #[error("Block device {path} holds {actual} bytes, less than the {wanted} bytes asked for")]
     DeviceTooSmall {
         path: PathBuf,
@@ -172,12 +179,20 @@ impl BackingStore {
                 path: path.to_owned(),
             });
         }
+        // O_EXCL without O_CREAT on a block device: an exclusive claim, EBUSY if taken.
+        let exclusive = if is_device { libc::O_EXCL } else { 0 };
         let open = |flags: i32| {
             OpenOptions::new()
                 .read(true)
                 .write(!read_only)
-                .custom_flags(flags | libc::O_CLOEXEC)
+                .custom_flags(flags | exclusive | libc::O_CLOEXEC)
                 .open(path)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EBUSY) if is_device => Error::DeviceBusy {
+                        path: path.to_owned(),
+                    },
+                    _ => open_err(e),
+                })
         };
         let mut store = None;
         if direct {
@@ -197,18 +212,20 @@ impl BackingStore {
                         "direct I/O reads fail on this file system; using buffered I/O"
                     ),
                 },
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => tracing::warn!(
-                    path = %path.display(),
-                    "file system refuses O_DIRECT; using buffered I/O"
-                ),
-                Err(e) => return Err(open_err(e)),
+                Err(Error::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "file system refuses O_DIRECT; using buffered I/O"
+                    )
+                }
+                Err(e) => return Err(e),
             }
         }
         let store = match store {
             Some(s) => s,
             None => BackingStore {
                 path: path.to_owned(),
-                file: open(0).map_err(open_err)?,
+                file: open(0)?,
                 is_device,
                 direct: false,
                 align: 512,
@@ -228,6 +245,13 @@ impl BackingStore {
             }
         }
         Ok(store)
+    }
+
+    /// Checks that an open device is the one its volume recorded (see [`crate::blockdev`]).
+    pub fn check_identity(&self, recorded: &crate::blockdev::DeviceIdentity) -> Result<(), Error> {
+        Ok(crate::blockdev::check_identity(
+            &self.file, &self.path, recorded,
+        )?)
     }
 
     /// Grows a backing file to `size` bytes (devices: checks they hold that much).

@@ -2,11 +2,16 @@
 //!
 //! Every change is written whole to a temporary file, fsynced, renamed over the old catalog and
 //! the directory fsynced, so a crash leaves either the old or the new catalog, never a torn one.
+//! The replaced catalog is then overwritten with zeros through a descriptor held across the
+//! rename, so that its blocks, freed by the file system, do not keep a deleted volume's wrapped
+//! key (or a key re-wrapped since) for whoever reads the disk. That holds on file systems that
+//! overwrite in place (ext4, XFS); a copy-on-write file system (Btrfs, ZFS) or a flash
+//! translation layer may write the zeros elsewhere and keep the old blocks.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -139,7 +144,8 @@ impl VolumeCatalog {
     }
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old content or the new.
+/// Writes `bytes` to `path` so that a crash leaves either the old content or the new, then
+/// overwrites the old content with zeros (see the module documentation).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
@@ -155,8 +161,33 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
+    // The file about to be replaced, still reachable through this descriptor after the rename.
+    let replaced = OpenOptions::new().write(true).open(path).ok();
     fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    if let Some(old) = replaced {
+        if let Err(e) = overwrite_unlinked(&old) {
+            tracing::warn!(path = %path.display(), "cannot overwrite the replaced file: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Overwrites a file that no name refers to any more with zeros, and syncs it. A file that
+/// still has a name (a hard link someone made, a backup) is left alone.
+fn overwrite_unlinked(file: &File) -> std::io::Result<()> {
+    let meta = file.metadata()?;
+    if meta.nlink() != 0 {
+        return Ok(());
+    }
+    let zeros = [0u8; 64 * 1024];
+    let mut offset = 0;
+    while offset < meta.len() {
+        let n = (meta.len() - offset).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], offset)?;
+        offset += n;
+    }
+    file.sync_data()
 }
 
 #[cfg(test)]
@@ -196,6 +227,24 @@ mod tests {
         assert_eq!(c2.get(&"b".parse().unwrap()), Some(&spec("b")));
         assert_eq!(c2.allocated_bytes(), 1 << 30);
         assert!(!dir.path().join("catalog.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_replaced_catalog_is_zeroed_but_a_linked_copy_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.json");
+        write_atomically(&path, b"first").unwrap();
+        let old = File::open(&path).unwrap();
+        write_atomically(&path, b"second").unwrap();
+        let mut seen = Vec::new();
+        std::io::Read::read_to_end(&mut &old, &mut seen).unwrap();
+        assert_eq!(seen, [0u8; 5], "the replaced file kept its content");
+        // A backup made as a hard link is somebody's copy: it survives the next write.
+        let backup = dir.path().join("backup.json");
+        fs::hard_link(&path, &backup).unwrap();
+        write_atomically(&path, b"third").unwrap();
+        assert_eq!(fs::read(&backup).unwrap(), b"second");
+        assert_eq!(fs::read(&path).unwrap(), b"third");
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     disable_core_dumps();
     crate::blk::memory_guard::install()?;
     let keys = open_keys(&config, &paths.data_dir)?;
+    warn_if_keys_beside_volumes(keys.as_ref(), &paths.data_dir.join("volumes"));
 
     let metrics = Metrics::new()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -230,6 +231,25 @@ fn open_keys(config: &Config, data_dir: &Path) -> Result<Arc<dyn crate::keys::Ke
         }
     };
     Ok(Arc::new(provider))
+}
+
+/// Warns when the KEKs are on the file system of the volumes: whoever takes that disk takes
+/// the keys with the data, and a deleted volume's wrapped key may survive in old copies.
+fn warn_if_keys_beside_volumes(keys: &dyn crate::keys::KeyProvider, volumes: &Path) {
+    let Some(dir) = keys.local_dir() else { return };
+    match crate::keys::same_file_system(dir, volumes) {
+        Ok(true) => tracing::warn!(
+            key_dir = %dir.display(),
+            volumes = %volumes.display(),
+            "key directory is on the same file system as the volumes: whoever holds that disk \
+             holds the keys too; set [encryption] key_dir to a directory on another device"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            key_dir = %dir.display(),
+            "cannot tell whether the key directory shares the volumes' file system: {e}"
+        ),
+    }
 }
 
 async fn wait_for_signal() {

@@ -11,8 +11,13 @@
 //! use. The directory and its key files must belong to storaged's user and be closed to group
 //! and others; otherwise storaged refuses to start and says which file is wrong. With no key
 //! directory configured, storaged keeps one in `DATA_DIR/keys` and creates a first KEK there.
+//!
+//! A KEK must outlive every record it wraps: [`wrap`] makes the KEK durable (its file and the
+//! directory entry naming it fsynced, [`KeyProvider::sync_kek`]) before it returns a wrapped
+//! key for the catalog to store, so a power cut cannot leave the catalog naming a key file
+//! that an operator wrote (rotation) or storaged created (first start) and the disk lost.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -44,6 +49,12 @@ pub enum Error {
     },
     #[error("Cannot create key {path}")]
     Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot fsync {path}")]
+    Sync {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -80,6 +91,16 @@ pub trait KeyProvider: Send + Sync {
     fn current_id(&self) -> Result<String, Error>;
     /// The KEK with this id.
     fn kek(&self, id: &str) -> Result<Kek, Error>;
+    /// Makes the KEK with this id durable: it survives a power cut from now on.
+    fn sync_kek(&self, id: &str) -> Result<(), Error>;
+    /// The directory holding the KEKs when they are files on this host.
+    fn local_dir(&self) -> Option<&Path>;
+}
+
+/// Whether two paths are on one file system (one device number): a key directory on the
+/// volumes' file system goes wherever that disk goes.
+pub fn same_file_system(a: &Path, b: &Path) -> std::io::Result<bool> {
+    Ok(fs::metadata(a)?.dev() == fs::metadata(b)?.dev())
 }
 
 /// A volume's wrapped DEK, as stored in the catalog.
@@ -97,10 +118,12 @@ pub struct WrappedKey {
     pub wrapped_dek: String,
 }
 
-/// Wraps `dek` for volume `volume_id` with the provider's current KEK.
+/// Wraps `dek` for volume `volume_id` with the provider's current KEK, made durable first: the
+/// caller may store the answer at once.
 pub fn wrap(provider: &dyn KeyProvider, volume_id: &str, dek: &Dek) -> Result<WrappedKey, Error> {
     let kek_id = provider.current_id()?;
     let kek = provider.kek(&kek_id)?;
+    provider.sync_kek(&kek_id)?;
     let mut nonce = [0u8; NONCE_LEN];
     getrandom(&mut nonce).map_err(Error::Random)?;
     let cipher = Aes256Gcm::new((&kek.0).into());
@@ -181,16 +204,8 @@ impl DirProvider {
     /// Opens `dir`, creating it (mode 0700) with a first KEK if it does not exist or is empty.
     /// Returns the provider and the id of a KEK it created, if it did.
     pub fn open_or_create(dir: &Path) -> Result<(DirProvider, Option<String>), Error> {
-        let create = |source| Error::Create {
-            path: dir.to_owned(),
-            source,
-        };
         if !dir.exists() {
-            fs::DirBuilder::new()
-                .mode(0o700)
-                .recursive(true)
-                .create(dir)
-                .map_err(create)?;
+            create_dir_durably(dir)?;
         }
         if dir.join("current").exists() {
             return Ok((Self::open(dir)?, None));
@@ -199,9 +214,20 @@ impl DirProvider {
         let id = format!("local-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let mut key = Zeroizing::new([0u8; KEK_LEN]);
         getrandom(&mut key[..]).map_err(Error::Random)?;
-        let path = dir.join(format!("{id}.key"));
-        write_private(&path, to_hex(&key[..]).as_bytes())?;
-        write_private(&dir.join("current"), id.as_bytes())?;
+        // The key file and its directory entry are durable before `current` names it, and
+        // `current` appears whole (renamed into place) or not at all: a crash in between
+        // leaves a directory without `current`, where the next start creates a new KEK.
+        write_private(&dir.join(format!("{id}.key")), to_hex(&key[..]).as_bytes())?;
+        sync_path(dir)?;
+        let tmp = dir.join("current.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_private(&tmp, id.as_bytes())?;
+        let current = dir.join("current");
+        fs::rename(&tmp, &current).map_err(|source| Error::Create {
+            path: current,
+            source,
+        })?;
+        sync_path(dir)?;
         Ok((Self::open(dir)?, Some(id)))
     }
 
@@ -239,6 +265,56 @@ impl KeyProvider for DirProvider {
             .map_err(|_| Error::BadKeyFile { path })?;
         Ok(Kek(key))
     }
+
+    /// Fsyncs `ID.key` and the directory: the file's data and the entry that names it.
+    fn sync_kek(&self, id: &str) -> Result<(), Error> {
+        validate_id(id)?;
+        sync_path(&self.dir.join(format!("{id}.key")))?;
+        sync_path(&self.dir)
+    }
+
+    fn local_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+}
+
+/// Fsyncs a file or directory by path (a read-only descriptor is enough on Linux).
+fn sync_path(path: &Path) -> Result<(), Error> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Sync {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Creates `dir` (mode 0700) and the missing folders above it, fsyncing the parent of each
+/// one created so that the new entries survive a power cut.
+fn create_dir_durably(dir: &Path) -> Result<(), Error> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(source) => {
+                return Err(Error::Create {
+                    path: d.to_owned(),
+                    source,
+                })
+            }
+        }
+        sync_path(
+            d.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?;
+    }
+    Ok(())
 }
 
 fn validate_id(id: &str) -> Result<(), Error> {

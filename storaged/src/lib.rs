@@ -6,6 +6,7 @@
 pub mod api;
 pub mod backing;
 pub mod blk;
+pub mod blockdev;
 pub mod catalog;
 pub mod client;
 pub mod config;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
 use crate::blk::VolumeIo;
+use crate::blockdev;
 use crate::catalog::{self, VolumeCatalog};
 use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
 use crate::crypto::{self, Dek, Xts};
@@ -151,17 +152,25 @@ pub struct VolumeInfo {
     pub error: Option<String>,
 }
 
-/// `DELETE` answer.
+/// `DELETE` answer: what was done, and what that does not protect against.
 #[derive(Debug, Serialize)]
 pub struct Deleted {
     pub name: String,
     pub id: String,
     pub deleted: bool,
-    /// The wrapped key was destroyed before the data: what was written cannot be decrypted
-    /// any more, wherever copies of the backing storage went.
-    pub crypto_erased: bool,
+    /// What became of the volume's key: [`KEY_REMOVED`], or "none (not encrypted)".
+    pub key: &'static str,
+    /// What became of the data: "backing file removed" or "left on the device".
+    pub data: &'static str,
+    /// The backing file was removed (false for a device).
     pub data_removed: bool,
+    /// What this delete does not protect against.
+    pub not_protected_against: Vec<String>,
 }
+
+/// What a delete does with an encrypted volume's key: the catalog held its only wrapped copy
+/// (the KEK is kept: it may wrap other volumes).
+pub const KEY_REMOVED: &str = "wrapped key removed from the catalog";
 
 /// `POST /v1/keys/rotate` answer.
 #[derive(Debug, Serialize)]
@@ -268,6 +277,15 @@ impl VolumeService {
             spec.read_only,
             self.config.io.direct,
         )?;
+        // After a reboot or a re-attach the path may name another disk: never serve it.
+        if let Backing::Device { identity, .. } = &spec.backing {
+            match identity {
+                Some(recorded) => store.check_identity(recorded)?,
+                None => {
+                    tracing::warn!(volume = %spec.name, "no device identity recorded (a volume created by an older storaged): a different disk at this path would not be detected")
+                }
+            }
+        }
         let io = Arc::new(VolumeIo::new(
             spec,
             store,
@@ -339,6 +357,44 @@ impl VolumeService {
         Ok(self.info(spec))
     }
 
+    /// Checks a device asked for at creation and returns its identity: a block device, given
+    /// by absolute path, that shares no blocks with another volume's device, whatever path
+    /// that one was given by (links, other nodes, its disk or partition: compared by device
+    /// number).
+    fn check_new_device(&self, dev: &Path) -> Result<blockdev::DeviceIdentity, Error> {
+        if !dev.is_absolute() {
+            return Err(Error::BadRequest(format!(
+                "device path {} is not absolute",
+                dev.display()
+            )));
+        }
+        let num =
+            blockdev::device_number(dev).map_err(|e| Error::BadRequest(crate::error_chain(&e)))?;
+        for v in self.catalog.iter() {
+            let Backing::Device { path, .. } = &v.backing else {
+                continue;
+            };
+            let theirs = self
+                .exports
+                .get(&v.name)
+                .and_then(|e| blockdev::device_number_of(&e.volume().store.file, path).ok())
+                .or_else(|| blockdev::device_number(path).ok());
+            if theirs.is_some_and(|t| blockdev::overlap(num, t)) {
+                return Err(Error::BadRequest(format!(
+                    "device {} shares blocks with {}, which backs volume '{}'",
+                    dev.display(),
+                    path.display(),
+                    v.name
+                )));
+            }
+        }
+        let identity = blockdev::identity(num);
+        if !identity.is_stable() {
+            tracing::warn!(device = %dev.display(), "device has no stable identity (no wwid, serial, dm uuid or loop backing file): a different disk at this path later would not be detected");
+        }
+        Ok(identity)
+    }
+
     fn check_pool(&self, more: u64) -> Result<(), Error> {
         if let Some(cap) = self.config.pool_capacity {
             let used = self.catalog.allocated_bytes();
@@ -404,39 +460,10 @@ impl VolumeService {
                 "preallocate applies to file-backed volumes, not to devices".into(),
             ));
         }
-        if let Some(dev) = &req.device {
-            use std::os::unix::fs::FileTypeExt;
-            if !dev.is_absolute() {
-                return Err(Error::BadRequest(format!(
-                    "device path {} is not absolute",
-                    dev.display()
-                )));
-            }
-            let is_block = std::fs::metadata(dev).map(|m| m.file_type().is_block_device());
-            match is_block {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(Error::BadRequest(format!(
-                        "{} is not a block device",
-                        dev.display()
-                    )))
-                }
-                Err(e) => return Err(Error::BadRequest(format!("device {}: {e}", dev.display()))),
-            }
-            // Compare resolved paths: /dev/disk/by-id links and the node they name are one disk.
-            let real = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.clone());
-            let taken = self.catalog.iter().any(|v| {
-                std::fs::canonicalize(v.backing.path())
-                    .unwrap_or_else(|_| v.backing.path().to_owned())
-                    == real
-            });
-            if taken {
-                return Err(Error::BadRequest(format!(
-                    "device {} already backs another volume",
-                    dev.display()
-                )));
-            }
-        }
+        let device_identity = match &req.device {
+            Some(dev) => Some(self.check_new_device(dev)?),
+            None => None,
+        };
         self.check_pool(size)?;
 
         let id = uuid::Uuid::new_v4().to_string();
@@ -448,7 +475,10 @@ impl VolumeService {
             None
         };
         let backing = match req.device {
-            Some(path) => Backing::Device { path },
+            Some(path) => Backing::Device {
+                path,
+                identity: device_identity,
+            },
             None => {
                 let preallocated = req
                     .preallocate
@@ -618,11 +648,10 @@ impl VolumeService {
         }
         self.failed.remove(&name);
         self.metrics.remove_volume(name.as_str());
-        // The catalog (rewritten whole, fsynced, renamed) no longer holds the wrapped key: the
-        // data is unreadable from here on, before a byte of it is removed.
-        let crypto_erased = spec.encryption.is_some();
+        // The catalog (rewritten whole, fsynced, renamed, the replaced file zeroed) no longer
+        // holds the wrapped key, before a byte of the data is removed.
         if let Some(w) = &spec.encryption {
-            tracing::info!(volume = %name, id = %spec.id, kek = %w.kek_id, "volume crypto-erased: its wrapped key is destroyed");
+            tracing::info!(volume = %name, id = %spec.id, kek = %w.kek_id, "{KEY_REMOVED}");
         }
         let mut data_removed = false;
         if let Backing::File { path, .. } = &spec.backing {
@@ -640,11 +669,62 @@ impl VolumeService {
         tracing::info!(volume = %name, id = %spec.id, force, "volume deleted");
         Ok(Deleted {
             name: name.to_string(),
+            key: if spec.encryption.is_some() {
+                KEY_REMOVED
+            } else {
+                "none (not encrypted)"
+            },
+            data: if data_removed {
+                "backing file removed"
+            } else {
+                "left on the device"
+            },
+            not_protected_against: self.delete_caveats(&spec),
             id: spec.id,
             deleted: true,
-            crypto_erased,
             data_removed,
         })
+    }
+
+    /// What deleting `spec` leaves to whoever holds a copy or the disk.
+    fn delete_caveats(&self, spec: &VolumeSpec) -> Vec<String> {
+        if spec.encryption.is_none() {
+            return vec![
+                "copies taken before the delete: backups or copies of the data dir or the \
+                 backing storage still hold the data"
+                    .into(),
+                match spec.backing {
+                    Backing::File { .. } => "the data was not encrypted: the removed file's \
+                                             blocks hold it until the file system reuses them"
+                        .into(),
+                    Backing::Device { .. } => {
+                        "the data was not encrypted and is left on the device".into()
+                    }
+                },
+            ];
+        }
+        let mut caveats = vec![
+            "copies taken before the delete: backups or copies of the data dir, the key \
+             directory or the backing storage still hold the data and its wrapped key, which \
+             the KEK still unwraps"
+                .to_string(),
+            "flash remanence and copy-on-write storage: the replaced catalog is overwritten with \
+             zeros, but an SSD or a copy-on-write file system may keep its old blocks, and the \
+             wrapped key in them"
+                .into(),
+        ];
+        let volumes = self.paths.data_dir.join("volumes");
+        if let Some(dir) = self.keys.local_dir() {
+            if keys::same_file_system(dir, &volumes).unwrap_or(true) {
+                caveats.push(format!(
+                    "a key directory on the same file system as the volumes: {} goes with the \
+                     disk, so whoever holds the disk and an old copy of the wrapped key can \
+                     decrypt the data",
+                    dir.display()
+                ));
+            }
+        }
+        caveats
     }
 
     /// Re-wraps every volume key not wrapped by the current KEK with it, one volume at a time

@@ -166,13 +166,19 @@ pub enum Backing {
     /// A sparse (or preallocated) file in the data dir's `volumes/` folder, named after the id.
     File { path: PathBuf, preallocated: bool },
     /// An existing block device, given by path; never created, resized or removed by us.
-    Device { path: PathBuf },
+    Device {
+        path: PathBuf,
+        /// The device's identity at creation: a device at `path` that shows another is not
+        /// served. None in records written before identities were recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<crate::blockdev::DeviceIdentity>,
+    },
 }
 
 impl Backing {
     pub fn path(&self) -> &std::path::Path {
         match self {
-            Backing::File { path, .. } | Backing::Device { path } => path,
+            Backing::File { path, .. } | Backing::Device { path, .. } => path,
         }
     }
 }

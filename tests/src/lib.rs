@@ -71,6 +71,19 @@ impl Storaged {
         s
     }
 
+    /// Starts storaged on `data_dir`, which the caller owns (a file system it mounted, say).
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Self {
+        let mut s = Storaged {
+            data_dir: data_dir.to_owned(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            _tmp: None,
+        };
+        s.spawn();
+        s
+    }
+
     fn spawn(&mut self) {
         let mut cmd = Command::new(bin("storaged"));
         cmd.arg("--data-dir")

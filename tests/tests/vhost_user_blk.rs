@@ -316,8 +316,44 @@ impl LoopDevice {
     fn new(size: u64) -> Option<Self> {
         let file = tempfile::NamedTempFile::new_in("/var/tmp").ok()?;
         file.as_file().set_len(size).ok()?;
+        Self::attach(file, &[])
+    }
+
+    /// A device of `size` bytes with an MBR holding one partition of `part` bytes at 1 MiB,
+    /// attached with partition scanning: the partition is `DEV` + "p1".
+    fn partitioned(size: u64, part: u64) -> Option<Self> {
+        let file = tempfile::NamedTempFile::new_in("/var/tmp").ok()?;
+        file.as_file().set_len(size).ok()?;
+        let mut mbr = [0u8; 512];
+        let entry = &mut mbr[446..462];
+        entry[4] = 0x83; // Linux
+        entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+        entry[12..16].copy_from_slice(&((part / 512) as u32).to_le_bytes());
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        std::os::unix::fs::FileExt::write_all_at(file.as_file(), &mbr, 0).ok()?;
+        let lo = Self::attach(file, &["--partscan"])?;
+        // A kernel without the MBR parser finds no partition: partx reads the table itself
+        // and adds the partition (BLKPG).
+        if !std::path::Path::new(&lo.partition()).exists() {
+            let _ = std::process::Command::new("partx")
+                .args(["-a", &lo.dev])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::path::Path::new(&lo.partition()).exists() {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(lo)
+    }
+
+    fn attach(file: tempfile::NamedTempFile, args: &[&str]) -> Option<Self> {
         let out = std::process::Command::new("losetup")
             .args(["--find", "--show"])
+            .args(args)
             .arg(file.path())
             .output()
             .ok()?;
@@ -327,6 +363,33 @@ impl LoopDevice {
         let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Some(LoopDevice { dev, file })
     }
+
+    fn partition(&self) -> String {
+        format!("{}p1", self.dev)
+    }
+
+    /// Detaches the device and attaches `file` at the same /dev/loopN: what a reboot that
+    /// numbers devices differently looks like to storaged. Returns the file it had, or None
+    /// if the number was taken in between (other tests attach loop devices too).
+    fn swap_backing_file(
+        &mut self,
+        file: tempfile::NamedTempFile,
+    ) -> Option<tempfile::NamedTempFile> {
+        let run = |args: &[&str]| {
+            std::process::Command::new("losetup")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        assert!(run(&["-d", &self.dev]));
+        for _ in 0..50 {
+            if run(&[&self.dev, file.path().to_str().unwrap()]) {
+                return Some(std::mem::replace(&mut self.file, file));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
 }
 
 impl Drop for LoopDevice {
@@ -335,6 +398,184 @@ impl Drop for LoopDevice {
             .args(["-d", &self.dev])
             .status();
     }
+}
+
+fn create_on_device(s: &Storaged, name: &str, dev: &str, size: &str) -> storaged_tests::Response {
+    let body = serde_json::json!({"name": name, "size": size, "device": dev, "encryption": "none"})
+        .to_string();
+    s.admin()
+        .request("POST", "/v1/volumes", Some(&body))
+        .unwrap()
+}
+
+/// Major and minor number of a block device node.
+fn rdev(path: &str) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(path).unwrap().rdev();
+    (libc::major(rdev), libc::minor(rdev))
+}
+
+#[test]
+fn a_device_is_refused_under_a_second_path_and_as_its_own_partition() {
+    let (Some(lo), Some(parted)) = (
+        LoopDevice::new(16 * MIB),
+        LoopDevice::partitioned(32 * MIB, 16 * MIB),
+    ) else {
+        eprintln!("SKIPPED a_device_is_refused_under_a_second_path_and_as_its_own_partition: cannot set up loop devices (needs root and losetup)");
+        return;
+    };
+    let s = Storaged::start();
+    let r = create_on_device(&s, "one", &lo.dev, "16MiB");
+    assert_eq!(r.status, 201, "{}", r.body);
+    // A second node for the same device (what /dev/block/MAJ:MIN or a copied /dev gives),
+    // and a symbolic link to it.
+    let nodes = tempfile::tempdir().unwrap();
+    let node = nodes.path().join("again");
+    let (major, minor) = rdev(&lo.dev);
+    let c_node = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+    // SAFETY: mknod reads a NUL-terminated path and integers.
+    let rc = unsafe {
+        libc::mknod(
+            c_node.as_ptr(),
+            libc::S_IFBLK | 0o600,
+            libc::makedev(major, minor),
+        )
+    };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    let link = nodes.path().join("link");
+    std::os::unix::fs::symlink(&lo.dev, &link).unwrap();
+    for (name, path) in [("two", &node), ("three", &link)] {
+        let r = create_on_device(&s, name, path.to_str().unwrap(), "16MiB");
+        assert_eq!(r.status, 400, "{} accepted: {}", path.display(), r.body);
+        assert!(r.body.contains("volume 'one'"), "{}", r.body);
+    }
+    // A whole disk and its partition share blocks: whichever comes second is refused.
+    let r = create_on_device(&s, "disk", &parted.dev, "16MiB");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create_on_device(&s, "part", &parted.partition(), "16MiB");
+    assert_eq!(
+        r.status, 400,
+        "partition accepted beside its disk: {}",
+        r.body
+    );
+    assert!(r.body.contains("volume 'disk'"), "{}", r.body);
+    assert_eq!(
+        s.admin()
+            .request("DELETE", "/v1/volumes/disk", None)
+            .unwrap()
+            .status,
+        200
+    );
+    let r = create_on_device(&s, "part", &parted.partition(), "16MiB");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = create_on_device(&s, "disk", &parted.dev, "16MiB");
+    assert_eq!(
+        r.status, 400,
+        "disk accepted beside its partition: {}",
+        r.body
+    );
+    assert!(r.body.contains("volume 'part'"), "{}", r.body);
+    let names: Vec<String> = s
+        .admin()
+        .get("/v1/volumes")
+        .unwrap()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["one", "part"]);
+}
+
+#[test]
+fn a_device_opened_exclusively_or_mounted_elsewhere_is_refused() {
+    let (Some(held), Some(mounted)) = (LoopDevice::new(16 * MIB), LoopDevice::new(16 * MIB)) else {
+        eprintln!("SKIPPED a_device_opened_exclusively_or_mounted_elsewhere_is_refused: cannot set up loop devices (needs root and losetup)");
+        return;
+    };
+    let s = Storaged::start();
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _exclusive = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&held.dev)
+            .unwrap();
+        let r = create_on_device(&s, "held", &held.dev, "16MiB");
+        assert_eq!(
+            r.status, 409,
+            "a device held elsewhere was accepted: {}",
+            r.body
+        );
+        assert!(r.body.contains("in use"), "{}", r.body);
+    }
+    // Once the other holder lets go, the device is served.
+    let r = create_on_device(&s, "held", &held.dev, "16MiB");
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", &mounted.dev])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let dir = tempfile::tempdir().unwrap();
+    let mount = std::process::Command::new("mount")
+        .arg(&mounted.dev)
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(mount.success());
+    let r = create_on_device(&s, "mounted", &mounted.dev, "16MiB");
+    let _ = std::process::Command::new("umount")
+        .arg(dir.path())
+        .status();
+    assert_eq!(r.status, 409, "a mounted device was accepted: {}", r.body);
+    assert!(r.body.contains("in use"), "{}", r.body);
+}
+
+#[test]
+fn a_device_renumbered_while_storaged_was_stopped_is_not_served() {
+    let Some(mut lo) = LoopDevice::new(16 * MIB) else {
+        eprintln!("SKIPPED a_device_renumbered_while_storaged_was_stopped_is_not_served: cannot set up a loop device (needs root and losetup)");
+        return;
+    };
+    let mut s = Storaged::start();
+    let r = create_on_device(&s, "dev", &lo.dev, "16MiB");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["backing"]["identity"]["source"], "loop", "{v}");
+    s.create_volume(r#"{"name":"file","size":"1MiB"}"#);
+    assert!(s.signal_and_wait(libc::SIGTERM).success());
+
+    // Another disk at the same /dev/loopN.
+    let other = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    other.as_file().set_len(16 * MIB).unwrap();
+    let Some(first) = lo.swap_backing_file(other) else {
+        eprintln!("SKIPPED a_device_renumbered_while_storaged_was_stopped_is_not_served: {} was taken by another test", lo.dev);
+        return;
+    };
+    s.restart_after_stop();
+    let dev = s.admin().get("/v1/volumes/dev").unwrap().json();
+    assert_eq!(dev["state"], "failed", "a different disk was served: {dev}");
+    assert!(
+        dev["error"].as_str().unwrap().contains("not the device"),
+        "{dev}"
+    );
+    assert!(std::os::unix::net::UnixStream::connect(s.socket_of("dev")).is_err());
+    assert!(s.log_text().contains("cannot serve volume"));
+    let file = s.admin().get("/v1/volumes/file").unwrap().json();
+    assert_eq!(file["state"], "serving", "{file}");
+
+    // The volume's own disk back at that number: served again.
+    assert!(s.signal_and_wait(libc::SIGTERM).success());
+    if lo.swap_backing_file(first).is_none() {
+        eprintln!("SKIPPED the second half of a_device_renumbered_while_storaged_was_stopped_is_not_served: {} was taken by another test", lo.dev);
+        return;
+    }
+    s.restart_after_stop();
+    let dev = s.admin().get("/v1/volumes/dev").unwrap().json();
+    assert_eq!(dev["state"], "serving", "{dev}");
 }
 
 #[test]
@@ -376,6 +617,8 @@ fn block_device_volume_serves_the_device_and_survives_delete() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["data_removed"], false);
+    assert_eq!(r.json()["data"], "left on the device");
+    assert_eq!(r.json()["key"], "none (not encrypted)");
     assert!(
         std::path::Path::new(&lo.dev).exists(),
         "a device was removed"

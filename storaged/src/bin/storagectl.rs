@@ -75,7 +75,8 @@ enum Command {
         #[arg(long)]
         bandwidth: Option<String>,
     },
-    /// Delete a volume and its data.
+    /// Delete a volume: its wrapped key, then its backing file (a device is left as it is).
+    /// Prints what was done and what that does not protect against.
     Delete {
         name: String,
         /// Delete even while a frontend is attached (disconnects it).
