@@ -60,9 +60,11 @@
 //!   fuller than its own capacity), so a change does not hand out a fresh burst. A volume that
 //!   had no limit starts with a full bucket. A request already waiting is woken at once and
 //!   checked against the new limits (paying its full cost under them).
-//! - **A queue being stopped** (the frontend asks for the vring base): a request waiting at its
-//!   head is submitted without waiting, since the frontend expects every request it sees as
-//!   taken to complete.
+//! - **A queue being stopped** (the frontend asks for the vring base, as a guest's device reset
+//!   does): a request waiting at its head has not paid and is not run. The ring is wound back
+//!   over it, so the base the frontend gets says it was not taken; a ring restarted from that
+//!   base offers it again and it pays then. A driver that resets its device in a loop thus
+//!   gets no more than the limit.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;

@@ -230,6 +230,46 @@ impl RawFrontend {
         assert_eq!(rc, 0);
     }
 
+    /// What a guest's device reset does to the queue: the frontend stops the ring
+    /// (GET_VRING_BASE, which answers what was taken), the driver lays out empty rings, and the
+    /// ring is started again from index 0. Returns the base the device answered and how many
+    /// chains it had returned by then.
+    pub fn reset_ring(&mut self) -> (u16, u16) {
+        let base = self.fe.get_vring_base(0).unwrap() as u16;
+        let used = self.used_idx();
+        let zeros = vec![0u8; (USED_RING + 0x1000 - AVAIL_RING) as usize];
+        self.put(AVAIL_RING, &zeros);
+        self.avail_idx = 0;
+        self.used_seen = 0;
+        let addr = self.mem as u64;
+        self.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
+        self.fe
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: addr + DESC_TABLE,
+                    used_ring_addr: addr + USED_RING,
+                    avail_ring_addr: addr + AVAIL_RING,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        self.fe.set_vring_base(0, 0).unwrap();
+        self.fe.set_vring_call(0, &self.call).unwrap();
+        self.fe.set_vring_kick(0, &self.kick).unwrap();
+        self.fe.set_vring_enable(0, true).unwrap();
+        (base, used)
+    }
+
+    /// The used ring's index: how many chains the device has returned since the ring started.
+    pub fn used_idx(&mut self) -> u16 {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        u16::from_le_bytes(self.get(USED_RING + 2, 2).try_into().unwrap())
+    }
+
     /// Waits for the device to return chain `head`; returns its used length.
     pub fn wait_used(&mut self, head: u16) -> u32 {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -359,3 +359,49 @@ fn metrics_pass_promtool_and_show_limits_and_build_info() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_request_waiting_for_tokens_stays_owed_across_ring_resets() {
+    use storaged_tests::raw_frontend::*;
+    const T_IN: u32 = 0;
+    const HDR: u64 = BUF_BASE;
+    const STATUS: u64 = BUF_BASE + 0x100;
+    const DATA: u64 = BUF_BASE + 0x1000;
+    let s = Storaged::start();
+    let v = s.create_volume(r#"{"name":"slow","size":"64MiB","iops_limit":100}"#);
+    let burst = v["limits"]["iops_burst"].as_f64().unwrap();
+    let mut fe = RawFrontend::connect(&s.socket_of("slow"));
+    let read = |fe: &mut RawFrontend| {
+        fe.header(HDR, T_IN, 0);
+        fe.chain(0, &[ro(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]);
+    };
+    // Empty the bucket.
+    for _ in 0..burst as usize {
+        read(&mut fe);
+        fe.submit(0, &[ro(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]);
+    }
+    fe.reset_ring();
+    // Then, over and over, queue a read that must wait and reset the device under it.
+    let started = Instant::now();
+    let (mut resets, mut served) = (0u64, 0u64);
+    while started.elapsed() < Duration::from_secs(3) {
+        read(&mut fe);
+        fe.post(0);
+        std::thread::sleep(Duration::from_millis(1));
+        let (base, used) = fe.reset_ring();
+        assert!(base >= used, "base {base} below the {used} chains returned");
+        served += u64::from(used);
+        resets += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Over any interval: the limit times the interval, plus at most one bucket.
+    let allowed = 100.0 * seconds + burst;
+    assert!(
+        served as f64 <= allowed,
+        "{served} reads served in {seconds:.1} s through {resets} resets: the limit allows {allowed:.0}"
+    );
+    assert!(
+        resets as f64 > 1.5 * allowed,
+        "only {resets} resets in {seconds:.1} s: too few to show anything"
+    );
+}

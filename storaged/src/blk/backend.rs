@@ -258,8 +258,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: finish what the guest submitted so the used ring the frontend reads
-        // next is complete. The kick fd is already unregistered, so nothing new arrives.
+        // GET_VRING_BASE: finish what was taken off the ring so the used ring the frontend
+        // reads next is complete (a request still waiting for tokens is given back to the
+        // ring instead). The kick fd is already unregistered, so nothing new arrives.
         if let Some(mut e) = self.engine(queue_index as usize) {
             e.drain_to_guest();
         }

@@ -996,22 +996,25 @@ impl QueueEngine {
     pub fn drain(&mut self, vring: Option<&VringRwLock>) {
         if let Some(waiting) = self.throttled.take() {
             let _ = self.timer.disarm();
-            // The queue is stopping: the frontend expects every request it saw taken to
-            // complete, so the waiting one goes now. With the frontend gone, it is dropped.
-            match vring {
-                Some(vring) => {
-                    self.release(waiting, vring);
-                    // Waiting left guest notifications off: a restarted ring must be kicked.
-                    if let Err(e) = vring.enable_notification() {
-                        crate::volume_log!(warn, &self.volume, "cannot enable notifications: {e}");
-                    }
-                }
-                None => {
-                    if let Some(limiter) = &self.limiter {
-                        limiter.forget(self.waiter_id);
-                    }
+            if let Some(limiter) = &self.limiter {
+                limiter.forget(self.waiter_id);
+            }
+            // The request has not paid, so it is not run: letting it go would let a driver
+            // that resets its device in a loop escape the limit. It was the last chain taken
+            // (nothing is taken while one waits), so the ring is wound back over it: the base
+            // the frontend reads next says it was never taken, and a ring restarted from that
+            // base offers it again, to pay then. With the frontend gone, it is dropped.
+            if let Some(vring) = vring {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                drop(state);
+                // Waiting left guest notifications off: a restarted ring must be kicked.
+                if let Err(e) = vring.enable_notification() {
+                    crate::volume_log!(warn, &self.volume, "cannot enable notifications: {e}");
                 }
             }
+            drop(waiting);
         }
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
