@@ -55,6 +55,89 @@ fn serial_output_can_go_to_a_file_and_several_vcpus_start() {
     );
 }
 
+/// What the `chatter` guest writes on its console before it powers off: 4096 numbered lines
+/// of 64 bytes, 256 KiB.
+fn chatter_output() -> Vec<u8> {
+    (0..4096)
+        .flat_map(|i| {
+            format!("line {i:05x}: the serial console of a guest that has much to say.\n")
+                .into_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn a_guest_flooding_its_console_log_keeps_under_the_cap_in_the_log_and_one_rotated_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("console.log");
+    let rotated = tmp.path().join("console.log.1");
+    std::fs::write(&rotated, "from an older run\n").unwrap();
+    let out = vmm(&[
+        "--kernel",
+        guest("chatter").to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--serial",
+        log.to_str().unwrap(),
+        "--serial-log-max",
+        "64KiB",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let current = std::fs::read(&log).unwrap();
+    let older = std::fs::read(&rotated).unwrap();
+    assert!(
+        current.len() <= 64 << 10,
+        "{} bytes in the log",
+        current.len()
+    );
+    assert!(
+        older.len() <= 64 << 10,
+        "{} bytes in the rotated log",
+        older.len()
+    );
+    // The two files hold the end of what the guest wrote, in order, nothing left out.
+    let kept = [older, current].concat();
+    assert!(kept.len() >= 64 << 10, "only {} bytes kept", kept.len());
+    assert!(
+        chatter_output().ends_with(&kept),
+        "the logs are not the end of the guest's output"
+    );
+}
+
+#[test]
+fn a_stdout_nobody_reads_does_not_stop_the_guest_or_its_power_off() {
+    use std::os::fd::AsRawFd;
+    let mut child = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(guest("chatter"))
+        .args(["--memory", "64MiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads vmm's stdout: its pipe is full after 4 KiB of the 256 KiB the guest writes.
+    let stdout = child.stdout.take().unwrap();
+    // SAFETY: F_SETPIPE_SZ on a pipe this test owns.
+    unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the guest never powered off: vmm is stuck on its stdout");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("PowerOff"), "{log}");
+    drop(stdout);
+}
+
 #[test]
 fn a_triple_fault_ends_the_vmm_with_3() {
     let k = guest("crash");
@@ -429,7 +512,9 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
         .as_str()
         .unwrap()
         .contains("already paused"));
-    // Paused: the guest writes nothing more.
+    // Paused: the guest writes nothing more. (What it wrote before reaches the file within
+    // the console writer's few milliseconds.)
+    std::thread::sleep(Duration::from_millis(100));
     let len = std::fs::metadata(&console).unwrap().len();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(std::fs::metadata(&console).unwrap().len(), len);
