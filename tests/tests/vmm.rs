@@ -55,6 +55,89 @@ fn serial_output_can_go_to_a_file_and_several_vcpus_start() {
     );
 }
 
+/// What the `chatter` guest writes on its console before it powers off: 4096 numbered lines
+/// of 64 bytes, 256 KiB.
+fn chatter_output() -> Vec<u8> {
+    (0..4096)
+        .flat_map(|i| {
+            format!("line {i:05x}: the serial console of a guest that has much to say.\n")
+                .into_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn a_guest_flooding_its_console_log_keeps_under_the_cap_in_the_log_and_one_rotated_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("console.log");
+    let rotated = tmp.path().join("console.log.1");
+    std::fs::write(&rotated, "from an older run\n").unwrap();
+    let out = vmm(&[
+        "--kernel",
+        guest("chatter").to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--serial",
+        log.to_str().unwrap(),
+        "--serial-log-max",
+        "64KiB",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let current = std::fs::read(&log).unwrap();
+    let older = std::fs::read(&rotated).unwrap();
+    assert!(
+        current.len() <= 64 << 10,
+        "{} bytes in the log",
+        current.len()
+    );
+    assert!(
+        older.len() <= 64 << 10,
+        "{} bytes in the rotated log",
+        older.len()
+    );
+    // The two files hold the end of what the guest wrote, in order, nothing left out.
+    let kept = [older, current].concat();
+    assert!(kept.len() >= 64 << 10, "only {} bytes kept", kept.len());
+    assert!(
+        chatter_output().ends_with(&kept),
+        "the logs are not the end of the guest's output"
+    );
+}
+
+#[test]
+fn a_stdout_nobody_reads_does_not_stop_the_guest_or_its_power_off() {
+    use std::os::fd::AsRawFd;
+    let mut child = Command::new(bin("vmm"))
+        .arg("--kernel")
+        .arg(guest("chatter"))
+        .args(["--memory", "64MiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads vmm's stdout: its pipe is full after 4 KiB of the 256 KiB the guest writes.
+    let stdout = child.stdout.take().unwrap();
+    // SAFETY: F_SETPIPE_SZ on a pipe this test owns.
+    unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the guest never powered off: vmm is stuck on its stdout");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("PowerOff"), "{log}");
+    drop(stdout);
+}
+
 #[test]
 fn a_triple_fault_ends_the_vmm_with_3() {
     let k = guest("crash");
@@ -268,6 +351,116 @@ fn a_disk_nobody_serves_is_refused_with_exit_code_2() {
     assert!(text(&out.stderr).contains("expected socket=PATH"));
 }
 
+// vhost-user request codes the scripted backend below looks at.
+const GET_FEATURES: u32 = 1;
+const GET_VRING_BASE: u32 = 11;
+const SET_VRING_KICK: u32 = 12;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_VRING_ENABLE: u32 = 18;
+const GET_CONFIG: u32 = 24;
+
+/// A vhost-user-blk backend for one connection, speaking the protocol by hand: it offers
+/// VERSION_1, MQ with two queues, and the CONFIG, MQ and REPLY_ACK protocol features; answers
+/// every request as a working backend would, except those `refuse` picks, which it acks with
+/// a failure. Descriptors that come with a message are closed unread. Returns, once vmm hangs
+/// up, every request it got (code and payload).
+fn scripted_backend(
+    socket: &std::path::Path,
+    refuse: fn(u32, &[u8]) -> bool,
+) -> std::thread::JoinHandle<Vec<(u32, Vec<u8>)>> {
+    use std::io::{Read, Write};
+    const REPLY: u32 = 0x1 | 0x4; // version 1, reply
+    const NEED_REPLY: u32 = 0x8;
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut seen = Vec::new();
+        let mut hdr = [0u8; 12];
+        while conn.read_exact(&mut hdr).is_ok() {
+            let word = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
+            let (code, flags, size) = (word(0), word(1), word(2));
+            let mut payload = vec![0u8; size as usize];
+            conn.read_exact(&mut payload).unwrap();
+            let body: Option<Vec<u8>> = match code {
+                // VERSION_1, MQ, VHOST_USER_F_PROTOCOL_FEATURES.
+                GET_FEATURES => Some(((1u64 << 32) | (1 << 12) | (1 << 30)).to_le_bytes().into()),
+                // MQ, REPLY_ACK, CONFIG.
+                GET_PROTOCOL_FEATURES => Some((0x1u64 | 0x8 | 0x200).to_le_bytes().into()),
+                GET_CONFIG => {
+                    // The request's offset, size and flags, then the config space: 2048
+                    // sectors, num_queues (offset 34) 2.
+                    let len = u32::from_le_bytes(payload[4..8].try_into().unwrap()) as usize;
+                    let mut config = vec![0u8; len];
+                    config[..8].copy_from_slice(&2048u64.to_le_bytes());
+                    config[34..36].copy_from_slice(&2u16.to_le_bytes());
+                    Some([&payload[..12], &config].concat())
+                }
+                // The ring's index, and where it stopped: 0.
+                GET_VRING_BASE => Some([&payload[..4], &[0u8; 4][..]].concat()),
+                _ if flags & NEED_REPLY != 0 => {
+                    Some(u64::from(refuse(code, &payload)).to_le_bytes().into())
+                }
+                _ => None,
+            };
+            if let Some(body) = body {
+                let mut reply = Vec::new();
+                for w in [code, REPLY, body.len() as u32] {
+                    reply.extend_from_slice(&w.to_le_bytes());
+                }
+                reply.extend_from_slice(&body);
+                conn.write_all(&reply).unwrap();
+            }
+            seen.push((code, payload));
+        }
+        seen
+    })
+}
+
+#[test]
+fn a_disk_whose_activation_fails_halfway_has_the_rings_it_started_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("backend.sock");
+    // Queue 0 is handed over, kicked and enabled; queue 1's kick is refused.
+    let backend = scripted_backend(&socket, |code, payload| {
+        code == SET_VRING_KICK && payload[0] == 1
+    });
+    let out = vmm(&[
+        "--kernel",
+        guest("virtio_two_queues").to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--disk",
+        &format!("socket={}", socket.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "virtio: DEVICE_NEEDS_RESET\nvirtio: reset\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let seen = backend.join().unwrap();
+    let on_queue = |p: &[u8], q: u32| u32::from_le_bytes(p[..4].try_into().unwrap()) == q;
+    let codes: Vec<u32> = seen.iter().map(|(c, _)| *c).collect();
+    let enabled = seen
+        .iter()
+        .position(|(c, p)| *c == SET_VRING_ENABLE && on_queue(p, 0) && p[4] == 1)
+        .unwrap_or_else(|| panic!("queue 0 was never enabled: {codes:?}"));
+    let after = &seen[enabled..];
+    assert!(
+        after
+            .iter()
+            .any(|(c, p)| *c == SET_VRING_ENABLE && on_queue(p, 0) && p[4] == 0),
+        "queue 0 was enabled and never disabled: {codes:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|(c, p)| *c == GET_VRING_BASE && on_queue(p, 0)),
+        "queue 0 was started and never stopped (GET_VRING_BASE): {codes:?}"
+    );
+}
+
 /// Starts `vmm` with a guest, a serial log and an API socket; waits for the first output.
 fn vmm_with_api(
     guest_name: &str,
@@ -319,7 +512,9 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
         .as_str()
         .unwrap()
         .contains("already paused"));
-    // Paused: the guest writes nothing more.
+    // Paused: the guest writes nothing more. (What it wrote before reaches the file within
+    // the console writer's few milliseconds.)
+    std::thread::sleep(Duration::from_millis(100));
     let len = std::fs::metadata(&console).unwrap().len();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(std::fs::metadata(&console).unwrap().len(), len);

@@ -149,6 +149,9 @@ struct ConfigBody {
     memory: String,
     #[serde(default = "default_serial")]
     serial: String,
+    /// As `--serial-log-max`.
+    #[serde(default)]
+    serial_log_max: Option<String>,
     /// `socket=PATH[,readonly]`, as for `--disk`.
     #[serde(default)]
     disks: Vec<String>,
@@ -220,6 +223,7 @@ async fn put_config(State(s): State<ApiState>, body: Bytes) -> Result<impl IntoR
         vcpus: b.vcpus,
         memory: &b.memory,
         serial: &b.serial,
+        serial_log_max: b.serial_log_max.as_deref(),
         disks: &b.disks,
         api_sock: Some(&s.api_sock),
     };

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::boot;
+use crate::console::{DEFAULT_LOG_MAX, MIN_LOG_MAX};
 use crate::layout::CMDLINE_MAX;
 
 /// Most vCPUs: APIC ids are 8 bits here.
@@ -33,13 +34,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--serial-log-max '{0}' is not a size of at least {min} KiB (e.g. 16MiB)", min = MIN_LOG_MAX >> 10)]
+    SerialLogMax(String),
+    #[error("--serial-log-max is for a serial log file (--serial FILE), not stdout")]
+    SerialLogMaxStdout,
 }
 
 /// Where the serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialOut {
     Stdout,
-    File(PathBuf),
+    /// A log file rotated to `PATH.1` when it holds `max_bytes`.
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+    },
 }
 
 /// A vhost-user-blk disk.
@@ -78,6 +87,8 @@ pub struct Args<'a> {
     pub vcpus: u32,
     pub memory: &'a str,
     pub serial: &'a str,
+    /// Size of the serial log file before it is rotated ([`DEFAULT_LOG_MAX`] if not given).
+    pub serial_log_max: Option<&'a str>,
     pub disks: &'a [String],
     pub api_sock: Option<&'a Path>,
 }
@@ -129,6 +140,7 @@ impl VmConfig {
             vcpus,
             memory,
             serial,
+            serial_log_max,
             disks,
             api_sock,
         } = *args;
@@ -181,8 +193,15 @@ impl VmConfig {
             return Err(Error::Cmdline);
         }
         let serial = match serial {
+            "stdout" if serial_log_max.is_some() => return Err(Error::SerialLogMaxStdout),
             "stdout" => SerialOut::Stdout,
             path => {
+                let max_bytes = match serial_log_max {
+                    None => DEFAULT_LOG_MAX,
+                    Some(s) => parse_size(s)
+                        .filter(|n| *n >= MIN_LOG_MAX)
+                        .ok_or_else(|| Error::SerialLogMax(s.to_string()))?,
+                };
                 let path = PathBuf::from(path);
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -192,7 +211,7 @@ impl VmConfig {
                         path: path.clone(),
                         source,
                     })?;
-                SerialOut::File(path)
+                SerialOut::File { path, max_bytes }
             }
         };
         Ok(VmConfig {
@@ -219,6 +238,50 @@ mod tests {
         assert_eq!(parse_size("4096"), Some(4096));
         assert_eq!(parse_size("1.5G"), None);
         assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn a_serial_log_gets_a_size_cap_of_at_least_4_kib_and_stdout_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("console.log");
+        let kernel = tmp.path().join("vmlinux");
+        // An ELF header is all the kernel check reads.
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        std::fs::write(&kernel, &elf).unwrap();
+        let args = |serial, max| Args {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "",
+            vcpus: 1,
+            memory: "64MiB",
+            serial,
+            serial_log_max: max,
+            disks: &[],
+            api_sock: None,
+        };
+        let file = log.to_str().unwrap();
+        let serial = |max| VmConfig::new(&args(file, max), 1).map(|c| c.serial);
+        assert_eq!(
+            serial(None).unwrap(),
+            SerialOut::File {
+                path: log.clone(),
+                max_bytes: DEFAULT_LOG_MAX
+            }
+        );
+        assert_eq!(
+            serial(Some("64KiB")).unwrap(),
+            SerialOut::File {
+                path: log.clone(),
+                max_bytes: 64 << 10
+            }
+        );
+        assert!(matches!(serial(Some("1KiB")), Err(Error::SerialLogMax(_))));
+        assert!(matches!(serial(Some("lots")), Err(Error::SerialLogMax(_))));
+        assert!(matches!(
+            VmConfig::new(&args("stdout", Some("1MiB")), 1),
+            Err(Error::SerialLogMaxStdout)
+        ));
     }
 
     #[test]

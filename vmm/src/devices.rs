@@ -2,11 +2,11 @@
 //! controller's reset line (a write of 0xfe to port 0x64 ends the VM, as a reboot), and the
 //! ACPI sleep control register of the hardware-reduced FADT (S5 ends the VM, as a power-off).
 
-use std::io::Write;
-
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::Console;
 
 /// First port of ttyS0 and its interrupt line.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -31,36 +31,6 @@ impl Trigger for IrqLine {
     }
 }
 
-/// Where the serial console's output goes; the first byte is time-stamped for benchmarks.
-pub struct Console {
-    out: Box<dyn Write + Send>,
-    pub first_byte: Option<std::time::Instant>,
-}
-
-impl Console {
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Console {
-            out,
-            first_byte: None,
-        }
-    }
-}
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.first_byte.is_none() && !buf.is_empty() {
-            self.first_byte = Some(std::time::Instant::now());
-        }
-        let n = self.out.write(buf)?;
-        // Console output is line-buffered by nobody else: flush so a crash loses nothing.
-        self.out.flush()?;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
-}
-
 /// What a port access asks of the VMM.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
@@ -71,7 +41,8 @@ pub enum Action {
     PowerOff,
 }
 
-/// The port I/O devices of a VM.
+/// The port I/O devices of a VM. The serial port's output is a [`Console`]: it never waits
+/// on the host.
 pub struct PortBus {
     pub serial: Serial<IrqLine, NoEvents, Console>,
 }

@@ -6,7 +6,8 @@
 //! - [`acpi`]: RSDP, XSDT, FADT (hardware-reduced), MADT, DSDT.
 //! - [`boot`]: kernel, initrd, command line, zero page with the e820 map, page tables, GDT.
 //! - [`cpu`]: CPUID (per-vCPU topology, kvm_pvm masking), MSRs, FPU, LAPIC, boot registers.
-//! - [`devices`]: the serial port and the i8042 reset line.
+//! - [`devices`]: the serial port and the i8042 reset line; [`console`]: where the serial
+//!   port's output goes, through a buffer and a writer thread, so no vCPU waits on it.
 //! - [`vm`]: KVM setup, the vCPU threads and how the VM ends; [`control`]: pause, exit and
 //!   counters shared with [`api`], the HTTP API on a Unix socket.
 
@@ -14,6 +15,7 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod cpu;
 pub mod devices;

@@ -39,9 +39,15 @@ struct Args {
     /// the first is /dev/vda.
     #[arg(long = "disk")]
     disks: Vec<String>,
-    /// Serial console (ttyS0) output: "stdout" or a file path.
+    /// Serial console (ttyS0) output: "stdout" or a file path. The guest never waits for it:
+    /// what the output cannot take in time is dropped (and counted in the log).
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// Most bytes in the serial log file (--serial FILE), e.g. 64MiB; when full it is renamed
+    /// FILE.1 (replacing the one before) and a new FILE started. At least 4KiB. [default:
+    /// 16MiB]
+    #[arg(long)]
+    serial_log_max: Option<String>,
     /// API socket (HTTP/1.1 + JSON under /v1; see vmm/openapi.yaml), mode 0600.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -134,6 +140,7 @@ fn run(
             vcpus: args.vcpus,
             memory: &args.memory,
             serial: &args.serial,
+            serial_log_max: args.serial_log_max.as_deref(),
             disks: &args.disks,
             api_sock: args.api_sock.as_deref(),
         };

@@ -1,4 +1,6 @@
-//! Guest memory: memfd-backed and mapped shared, so vhost-user backends can map it too.
+//! Guest memory: memfd-backed and mapped shared, so vhost-user backends can map it too. The
+//! memfd is sealed at its size once it has it ([`SEALS`]): a backend cannot shrink it under
+//! the guest.
 //!
 //! The mapping is advised for transparent huge pages (`MADV_HUGEPAGE`). Shared memory gets
 //! them only where the host allows it (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`
@@ -9,7 +11,7 @@
 //! [`huge_pages_for_shared_memory`] says whether the host allows it.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -22,11 +24,20 @@ pub enum Error {
     Memfd(#[source] std::io::Error),
     #[error("Cannot size the guest memory file to {0} bytes")]
     Size(u64, #[source] std::io::Error),
+    #[error("Cannot seal the guest memory file")]
+    Seal(#[source] std::io::Error),
     #[error("Cannot map {0} bytes of guest memory")]
     Map(u64, #[source] vm_memory::mmap::MmapRegionError),
     #[error("Invalid guest memory layout")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
 }
+
+/// Seals on the guest memory file once it is sized. The file goes to every vhost-user backend:
+/// no holder of it can shrink it (which would take pages from under the guest's mapping, and
+/// the next access to them a SIGBUS in vmm or the backend) or grow it (the size is the
+/// guest's), nor change these seals (e.g. add `F_SEAL_FUTURE_WRITE`, which would stop the next
+/// backend from mapping it writable). Writes and writable mappings stay allowed.
+pub const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 /// The RAM ranges of a guest of `size` bytes: below the MMIO gap, the rest above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
@@ -40,16 +51,26 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Creates `size` bytes of guest memory in one memfd, mapped shared.
+/// Creates `size` bytes of guest memory in one memfd, mapped shared. The memfd is sealed at
+/// that size ([`SEALS`]).
 pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), Error> {
     // SAFETY: the name is a NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmm-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(Error::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: fd is a new descriptor nobody else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(|e| Error::Size(size, e))?;
+    // SAFETY: F_ADD_SEALS on a descriptor this function owns; the result is checked.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
+        return Err(Error::Seal(std::io::Error::last_os_error()));
+    }
     let mut regions = Vec::new();
     let mut offset = 0;
     for (addr, len) in ram_ranges(size) {
@@ -87,6 +108,21 @@ fn selected_setting(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_memory_file_refuses_to_shrink_or_grow() {
+        let size = 16 << 20;
+        let (_mem, file) = create(size).unwrap();
+        // A backend holding the fd could otherwise cut pages from under the guest's mapping.
+        let e = file.set_len(size / 2).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        let e = file.set_len(size * 2).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        assert_eq!(file.metadata().unwrap().len(), size);
+        // SAFETY: F_GET_SEALS on a descriptor the test owns.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals, SEALS);
+    }
 
     #[test]
     fn reads_the_selected_word_of_a_sysfs_choice_list() {

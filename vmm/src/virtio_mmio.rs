@@ -106,6 +106,10 @@ pub struct BlkDevice {
     config: Vec<u8>,
     kicks: Vec<EventFd>,
     call: EventFd,
+    /// The rings handed to the backend (their first vring message sent) and not stopped
+    /// since, by queue: what a failed activation or a reset stops, whether or not the
+    /// activation that started them got to the end.
+    started: Vec<bool>,
     active: bool,
     /// The backend said the configuration changed; it is fetched again at the guest's next
     /// look at it.
@@ -230,6 +234,7 @@ impl BlkDevice {
             config,
             kicks,
             call,
+            started: vec![false; num_queues],
             active: false,
             config_changed,
             config_pending: false,
@@ -416,28 +421,21 @@ impl BlkDevice {
                 Ok(()) => self.active = true,
                 Err(e) => {
                     tracing::error!("{}", crate::error_chain(&e));
+                    // All or nothing: the rings started before the failure are stopped, so
+                    // the backend does not go on serving a device the guest must reset.
+                    self.stop_rings();
                     self.status |= STATUS_NEEDS_RESET;
                 }
             }
         }
     }
 
-    /// Device reset (status 0): the backend stops using the rings (their state is fetched
-    /// and dropped), and everything the driver set is forgotten, so it can set the device up
-    /// again.
+    /// Device reset (status 0): the backend stops using the rings it was given (their state
+    /// is fetched and dropped), and everything the driver set is forgotten, so it can set the
+    /// device up again.
     fn reset(&mut self) {
+        self.stop_rings();
         if self.active {
-            for (i, q) in self.queues.iter().enumerate() {
-                if !q.ready {
-                    continue;
-                }
-                if let Err(e) = self.frontend.set_vring_enable(i, false) {
-                    tracing::warn!(disk = %self.socket.display(), queue = i, "SET_VRING_ENABLE 0 failed: {e}");
-                }
-                if let Err(e) = self.frontend.get_vring_base(i) {
-                    tracing::warn!(disk = %self.socket.display(), queue = i, "GET_VRING_BASE failed: {e}");
-                }
-            }
             self.active = false;
             tracing::info!(disk = %self.socket.display(), "disk reset by the driver");
         }
@@ -450,7 +448,23 @@ impl BlkDevice {
         self.queues = vec![Queue::default(); self.queues.len()];
     }
 
-    /// DRIVER_OK: hands the memory table and the rings to the backend.
+    /// Has the backend stop every ring it was given: disabled, then stopped (GET_VRING_BASE).
+    fn stop_rings(&mut self) {
+        for (i, started) in self.started.iter_mut().enumerate() {
+            if !std::mem::take(started) {
+                continue;
+            }
+            if let Err(e) = self.frontend.set_vring_enable(i, false) {
+                tracing::warn!(disk = %self.socket.display(), queue = i, "SET_VRING_ENABLE 0 failed: {e}");
+            }
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                tracing::warn!(disk = %self.socket.display(), queue = i, "GET_VRING_BASE failed: {e}");
+            }
+        }
+    }
+
+    /// DRIVER_OK: hands the memory table and the rings to the backend. On an error, the
+    /// rings handed over so far are in `started`.
     fn activate(&mut self, mem: &GuestMemoryMmap) -> Result<(), Error> {
         let s = self.socket.clone();
         for (i, q) in self.queues.iter().enumerate() {
@@ -505,6 +519,7 @@ impl BlkDevice {
                 avail_ring_addr: host(q.avail)?,
                 log_addr: None,
             };
+            self.started[i] = true;
             self.frontend
                 .set_vring_num(i, q.num)
                 .map_err(proto("SET_VRING_NUM"))?;

@@ -1,7 +1,8 @@
 //! A running VM: KVM with an in-kernel irqchip and PIT, memfd guest memory, one thread per
-//! vCPU, legacy devices on the port bus. Ends on a guest reset, a crash, or a signal.
+//! vCPU, legacy devices on the port bus, a thread writing the serial console out. Ends on a
+//! guest reset, a crash, or a signal.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,8 +12,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{SerialOut, VmConfig};
+use crate::console::{self, Console, ConsoleBuffer, ConsoleWriter, RotatingFile};
 use crate::control::{self, Control};
-use crate::devices::{Action, Console, PortBus, SERIAL_IRQ};
+use crate::devices::{Action, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::virtio_mmio::{self, BlkDevice};
 use crate::{acpi, api, boot, cpu, memory};
@@ -32,10 +34,12 @@ pub enum Error {
     Cpu(#[from] cpu::Error),
     #[error("Cannot open the serial output")]
     Serial(#[source] std::io::Error),
+    #[error(transparent)]
+    Console(#[from] console::Error),
     #[error("Cannot set up an eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("Cannot start vCPU thread")]
-    Thread(#[source] std::io::Error),
+    #[error("Cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -114,20 +118,25 @@ pub fn run(
         rsdp,
     )?;
 
-    let out: Box<dyn std::io::Write + Send> = match &cfg.serial {
-        SerialOut::Stdout => Box::new(std::io::stdout()),
-        SerialOut::File(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
+    // Stdout as a file of its own: unbuffered, and not std's, whose flush at exit would wait
+    // on a stdout nobody reads.
+    let sink: Box<dyn std::io::Write + Send> = match &cfg.serial {
+        SerialOut::Stdout => Box::new(std::fs::File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
                 .map_err(Error::Serial)?,
-        ),
+        )),
+        SerialOut::File { path, max_bytes } => Box::new(RotatingFile::open(path, *max_bytes)?),
     };
+    let console = ConsoleBuffer::new(console::BUFFER_BYTES);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| Error::KvmSetup("serial irqfd", e))?;
-    let bus = Arc::new(Mutex::new(PortBus::new(serial_irq, Console::new(out))));
+    let bus = Arc::new(Mutex::new(PortBus::new(
+        serial_irq,
+        Console::new(console.clone()),
+    )));
 
     let pvm = cpu::host_is_pvm();
     if pvm {
@@ -164,6 +173,13 @@ pub fn run(
     if let Some(api) = api {
         api.set_running(cfg, control.clone(), mmio.clone());
     }
+    let writer = ConsoleWriter::new(console.clone(), sink);
+    std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || writer.run())
+        .map_err(|e| Error::Thread("console", e))?;
+    // From here on, however this returns, what the guest wrote is written out first.
+    let console_end = ConsoleEnd(console.clone());
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
@@ -172,18 +188,13 @@ pub fn run(
         let t = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu_loop(vcpu, id, &bus, &mmio, &control))
-            .map_err(Error::Thread)?;
+            .map_err(|e| Error::Thread("vCPU", e))?;
         threads.push(t);
     }
 
     let exit = wait(&control, signals);
-    if let Some(first) = bus
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .serial
-        .writer()
-        .first_byte
-    {
+    drop(console_end);
+    if let Some(first) = console.first_byte() {
         tracing::info!(
             first_serial_byte_us = first.duration_since(started).as_micros() as u64,
             "first serial byte"
@@ -191,6 +202,16 @@ pub fn run(
     }
     // vCPU threads may be blocked in KVM_RUN; they end with the process.
     Ok(exit)
+}
+
+/// Closes the console when dropped: the writer writes what the guest wrote, and the VM's end
+/// waits for it as long as the output takes bytes (see [`ConsoleBuffer::close`]).
+struct ConsoleEnd(Arc<ConsoleBuffer>);
+
+impl Drop for ConsoleEnd {
+    fn drop(&mut self) {
+        self.0.close(console::STALL);
+    }
 }
 
 /// The virtio-mmio devices, by address.
