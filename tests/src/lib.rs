@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod emulated_host;
+pub mod loop_device;
 pub mod raw_frontend;
 
 use std::io::{BufRead, BufReader};
@@ -291,7 +292,13 @@ impl BlkClient {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.blkio.get_u64("capacity").expect("capacity")
+        self.get_u64("capacity")
+    }
+
+    pub fn get_u64(&self, name: &str) -> u64 {
+        self.blkio
+            .get_u64(name)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
     }
 
     pub fn get_bool(&self, name: &str) -> bool {

@@ -405,3 +405,41 @@ fn a_request_waiting_for_tokens_stays_owed_across_ring_resets() {
         "only {resets} resets in {seconds:.1} s: too few to show anything"
     );
 }
+
+#[test]
+fn write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies() {
+    use storaged_tests::loop_device::LoopDevice;
+    let Some(lo) = LoopDevice::new(256 * MIB) else {
+        eprintln!("SKIPPED write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies: cannot set up a loop device (needs root and losetup)");
+        return;
+    };
+    let s = Storaged::start();
+    let limit = 32.0 * MIB as f64;
+    let body = serde_json::json!({
+        "name": "dev", "size": "256MiB", "device": lo.dev, "encryption": "none",
+        "tier": "mass", "bandwidth_limit": limit as u64,
+    });
+    let v = s.create_volume(&body.to_string());
+    let burst = v["limits"]["bandwidth_burst_bytes"].as_f64().unwrap();
+    let mut c = BlkClient::connect(&s.socket_of("dev"), 1).unwrap();
+    let max = c.get_u64("max-write-zeroes-len");
+    assert!(
+        max > 0 && max <= 32 * MIB,
+        "{max} bytes per write-zeroes request"
+    );
+    // 256 MiB of zeroes, in the largest requests the device offers, with and without unmap.
+    let started = Instant::now();
+    let mut zeroed = 0;
+    while zeroed < 256 * MIB {
+        let len = max.min(256 * MIB - zeroed);
+        assert_eq!(c.write_zeroes(0, zeroed, len, zeroed % (2 * max) == 0), 0);
+        zeroed += len;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // At most the limit times the interval plus one bucket: the bytes bound the time from below.
+    let least = (zeroed as f64 - burst) / limit;
+    assert!(
+        seconds >= least * 0.95,
+        "{zeroed} bytes zeroed in {seconds:.2} s; a limit of {limit} B/s allows no less than {least:.2} s"
+    );
+}

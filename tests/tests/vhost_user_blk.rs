@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
 
+use storaged_tests::loop_device::LoopDevice;
 use storaged_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -306,100 +307,6 @@ fn metrics_count_operations_and_bytes_exactly() {
     }
 }
 
-/// A loop device over a temporary file, detached on drop.
-struct LoopDevice {
-    dev: String,
-    file: tempfile::NamedTempFile,
-}
-
-impl LoopDevice {
-    fn new(size: u64) -> Option<Self> {
-        let file = tempfile::NamedTempFile::new_in("/var/tmp").ok()?;
-        file.as_file().set_len(size).ok()?;
-        Self::attach(file, &[])
-    }
-
-    /// A device of `size` bytes with an MBR holding one partition of `part` bytes at 1 MiB,
-    /// attached with partition scanning: the partition is `DEV` + "p1".
-    fn partitioned(size: u64, part: u64) -> Option<Self> {
-        let file = tempfile::NamedTempFile::new_in("/var/tmp").ok()?;
-        file.as_file().set_len(size).ok()?;
-        let mut mbr = [0u8; 512];
-        let entry = &mut mbr[446..462];
-        entry[4] = 0x83; // Linux
-        entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
-        entry[12..16].copy_from_slice(&((part / 512) as u32).to_le_bytes());
-        mbr[510] = 0x55;
-        mbr[511] = 0xaa;
-        std::os::unix::fs::FileExt::write_all_at(file.as_file(), &mbr, 0).ok()?;
-        let lo = Self::attach(file, &["--partscan"])?;
-        // A kernel without the MBR parser finds no partition: partx reads the table itself
-        // and adds the partition (BLKPG).
-        if !std::path::Path::new(&lo.partition()).exists() {
-            let _ = std::process::Command::new("partx")
-                .args(["-a", &lo.dev])
-                .status();
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !std::path::Path::new(&lo.partition()).exists() {
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Some(lo)
-    }
-
-    fn attach(file: tempfile::NamedTempFile, args: &[&str]) -> Option<Self> {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .args(args)
-            .arg(file.path())
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(LoopDevice { dev, file })
-    }
-
-    fn partition(&self) -> String {
-        format!("{}p1", self.dev)
-    }
-
-    /// Detaches the device and attaches `file` at the same /dev/loopN: what a reboot that
-    /// numbers devices differently looks like to storaged. Returns the file it had, or None
-    /// if the number was taken in between (other tests attach loop devices too).
-    fn swap_backing_file(
-        &mut self,
-        file: tempfile::NamedTempFile,
-    ) -> Option<tempfile::NamedTempFile> {
-        let run = |args: &[&str]| {
-            std::process::Command::new("losetup")
-                .args(args)
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        assert!(run(&["-d", &self.dev]));
-        for _ in 0..50 {
-            if run(&[&self.dev, file.path().to_str().unwrap()]) {
-                return Some(std::mem::replace(&mut self.file, file));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.dev])
-            .status();
-    }
-}
-
 fn create_on_device(s: &Storaged, name: &str, dev: &str, size: &str) -> storaged_tests::Response {
     let body = serde_json::json!({"name": name, "size": size, "device": dev, "encryption": "none"})
         .to_string();
@@ -605,7 +512,7 @@ fn block_device_volume_serves_the_device_and_survives_delete() {
     assert_eq!(c.flush(0), 0);
     drop(c);
     // The data is on the device (read back through the loop device's backing file).
-    let bytes = std::fs::read(lo.file.path()).unwrap();
+    let bytes = std::fs::read(lo.backing_file()).unwrap();
     assert_eq!(
         &bytes[4 * MIB as usize..4 * MIB as usize + 8192],
         &pattern(8192, 4 * MIB, 4)[..]

@@ -435,7 +435,7 @@ impl QueueEngine {
         // Limit stage: draw the request's cost from the volume's buckets, or wait for it.
         self.refresh_limiter();
         if let Some(limiter) = &self.limiter {
-            let mut cost = request_cost(limiter, &req.op);
+            let mut cost = request_cost(limiter, &req.op, self.volume.zeroes_are_writes());
             if let Err(wait) = limiter.admit(self.waiter_id, &mut cost) {
                 self.volume.metrics.throttled.inc();
                 let waiting = Throttled {
@@ -513,7 +513,8 @@ impl QueueEngine {
         if let Some(limiter) = &self.limiter {
             if waiting.generation != self.qos_generation {
                 // The limits changed while it waited: it pays the new price, in full.
-                waiting.cost = request_cost(limiter, &waiting.req.op);
+                waiting.cost =
+                    request_cost(limiter, &waiting.req.op, self.volume.zeroes_are_writes());
                 waiting.generation = self.qos_generation;
             }
             if let Err(wait) = limiter.admit(self.waiter_id, &mut waiting.cost) {
@@ -1112,10 +1113,16 @@ fn published_behind(vring: &VringRwLock, mem: &GuestMem) -> u64 {
     }
 }
 
-/// What a request draws from its volume's buckets (see [`crate::qos`]).
-fn request_cost(limiter: &Limiter, op: &Operation) -> Cost {
+/// What a request draws from its volume's buckets (see [`crate::qos`]): what it makes the
+/// backing storage do. A discard, and a write-zeroes where the zeros are metadata (a file's
+/// unwritten extents or holes), cost one operation per range; a write-zeroes the device may
+/// carry out by writing (`zeroes_are_writes`) costs the write of its length.
+fn request_cost(limiter: &Limiter, op: &Operation, zeroes_are_writes: bool) -> Cost {
     match op {
         Operation::Read { len, .. } | Operation::Write { len, .. } => limiter.transfer_cost(*len),
+        Operation::WriteZeroes(ranges) if zeroes_are_writes => {
+            limiter.transfer_cost(ranges.iter().map(|r| r.len).sum())
+        }
         Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
             Cost::ops(ranges.len() as u64)
         }

@@ -39,6 +39,11 @@ use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 pub const MAX_DISCARD_SEG: u32 = 16;
 /// Most sectors in one discard or write-zeroes segment (2 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Most sectors (32 MiB, the largest read or write) and segments (one) of a write-zeroes
+/// request to a device-backed volume: the device may write the zeros for real, so the request
+/// is charged as that write, and one request may cost no more than the largest write.
+pub const DEVICE_MAX_WRITE_ZEROES_SECTORS: u32 = (request::MAX_TRANSFER >> SECTOR_SHIFT) as u32;
+pub const DEVICE_MAX_WRITE_ZEROES_SEG: u32 = 1;
 
 /// What the data path of one volume needs, shared by its queues and connections.
 pub struct VolumeIo {
@@ -124,7 +129,24 @@ impl VolumeIo {
         }
     }
 
+    /// Whether a write-zeroes makes the backing storage write the zeros: a block device may
+    /// (ZERO_RANGE falls back to writing zero pages where the device has no offload); a file
+    /// system records unwritten extents or punches a hole instead.
+    pub fn zeroes_are_writes(&self) -> bool {
+        self.store.is_device
+    }
+
+    /// Largest write-zeroes request: sectors per segment and segments.
+    fn write_zeroes_max(&self) -> (u32, u32) {
+        if self.zeroes_are_writes() {
+            (DEVICE_MAX_WRITE_ZEROES_SECTORS, DEVICE_MAX_WRITE_ZEROES_SEG)
+        } else {
+            (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG)
+        }
+    }
+
     pub fn limits(&self) -> Limits {
+        let (max_write_zeroes_sectors, max_write_zeroes_seg) = self.write_zeroes_max();
         Limits {
             capacity_sectors: self.capacity() >> SECTOR_SHIFT,
             read_only: self.read_only,
@@ -132,7 +154,8 @@ impl VolumeIo {
             block_size: self.block_size(),
             max_discard_seg: MAX_DISCARD_SEG,
             max_discard_sectors: MAX_DISCARD_SECTORS,
-            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors,
+            max_write_zeroes_seg,
         }
     }
 
@@ -153,8 +176,9 @@ impl VolumeIo {
         put32(&mut c, 36, MAX_DISCARD_SECTORS);
         put32(&mut c, 40, MAX_DISCARD_SEG);
         put32(&mut c, 44, self.block_size() >> SECTOR_SHIFT);
-        put32(&mut c, 48, MAX_DISCARD_SECTORS);
-        put32(&mut c, 52, MAX_DISCARD_SEG);
+        let (max_write_zeroes_sectors, max_write_zeroes_seg) = self.write_zeroes_max();
+        put32(&mut c, 48, max_write_zeroes_sectors);
+        put32(&mut c, 52, max_write_zeroes_seg);
         c[56] = 1; // write_zeroes_may_unmap
         c
     }

@@ -92,6 +92,7 @@ pub struct Limits {
     pub max_discard_seg: u32,
     pub max_discard_sectors: u32,
     pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
 }
 
 /// A byte range of the volume, for discard and write-zeroes.
@@ -374,10 +375,12 @@ fn segment_request<M: GuestMemory + ?Sized>(
     }
     let len = total(payload);
     let count = len / DISCARD_SEGMENT_LEN;
-    if len == 0
-        || !len.is_multiple_of(DISCARD_SEGMENT_LEN)
-        || count > u64::from(limits.max_discard_seg)
-    {
+    let max_seg = if discard {
+        limits.max_discard_seg
+    } else {
+        limits.max_write_zeroes_seg
+    };
+    if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_LEN) || count > u64::from(max_seg) {
         return Err((VIRTIO_BLK_S_IOERR, RequestError::BadSegmentPayload(len)));
     }
     let mut bytes = vec![0u8; len as usize];
@@ -443,6 +446,7 @@ mod tests {
             max_discard_seg: 2,
             max_discard_sectors: 1024,
             max_write_zeroes_sectors: 1024,
+            max_write_zeroes_seg: 2,
         }
     }
 
