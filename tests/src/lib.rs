@@ -252,7 +252,7 @@ pub struct BlkClient {
 }
 
 /// Size of the client's buffer region.
-pub const REGION_LEN: usize = 8 << 20;
+pub const REGION_LEN: usize = 32 << 20;
 
 impl BlkClient {
     pub fn connect(socket: &Path, num_queues: i32) -> blkio::Result<Self> {

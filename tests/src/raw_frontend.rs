@@ -270,6 +270,27 @@ impl RawFrontend {
         u16::from_le_bytes(self.get(USED_RING + 2, 2).try_into().unwrap())
     }
 
+    /// Waits for the device to return any chain; returns its head and used length.
+    pub fn wait_any_used(&mut self) -> (u16, u32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.used_idx() != self.used_seen {
+                let slot = u64::from(self.used_seen % QUEUE_SIZE);
+                let e = self.get(USED_RING + 4 + slot * 8, 8);
+                self.used_seen = self.used_seen.wrapping_add(1);
+                let id = u32::from_le_bytes(e[0..4].try_into().unwrap());
+                let len = u32::from_le_bytes(e[4..8].try_into().unwrap());
+                let _ = self.call.read();
+                return (id as u16, len);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "device returned no chain"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits for the device to return chain `head`; returns its used length.
     pub fn wait_used(&mut self, head: u16) -> u32 {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -392,3 +392,49 @@ fn bad_heads_and_empty_transfers_in_a_loop_log_a_bounded_number_of_lines() {
         },
     );
 }
+
+#[test]
+fn misaligned_requests_beyond_the_bounce_budget_wait_for_it_instead_of_failing() {
+    // 80 reads of 1 MiB into a misaligned buffer, all at once: 80 MiB of bounce buffers, over
+    // the queue's 64 MiB budget.
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"hostile","size":"128MiB","encryption":"none","tier":"mass"}"#);
+    let mut fe = RawFrontend::connect(&s.socket_of("hostile"));
+    let info = s.admin().get("/v1/volumes/hostile").unwrap().json();
+    assert_eq!(
+        info["direct_io"], true,
+        "this test needs O_DIRECT on the test file system"
+    );
+    let odd = BUF_BASE + 0x10000 + 3;
+    let requests: u16 = 80;
+    for i in 0..requests {
+        let (hdr, status) = (HDR + u64::from(i) * 16, STATUS + 0x800 + u64::from(i));
+        fe.header(hdr, T_IN, u64::from(i) * 2048);
+        fe.write_mem(status, &[0xff]);
+        fe.chain(i * 3, &[ro(hdr, 16), wr(odd, 1 << 20), wr(status, 1)]);
+        fe.publish(i * 3);
+    }
+    fe.kick();
+    for _ in 0..requests {
+        let (head, used) = fe.wait_any_used();
+        let i = head / 3;
+        let status = fe.read_mem(STATUS + 0x800 + u64::from(i), 1)[0];
+        assert_eq!((status, used), (S_OK, (1 << 20) + 1), "read {i}");
+    }
+}
+
+#[test]
+fn the_device_offers_a_transfer_limit_a_driver_can_keep_to() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"hostile","size":"64MiB","encryption":"none"}"#);
+    let mut c = BlkClient::connect(&s.socket_of("hostile"), 1).unwrap();
+    // libblkio, as Linux, derives it from SIZE_MAX × SEG_MAX.
+    let max = c.get_i32("max-transfer");
+    assert!(
+        max > 0 && max <= 32 << 20,
+        "max-transfer {max}: the device refuses requests over 32 MiB"
+    );
+    let data = pattern(max as usize, 0, 0x51);
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert_eq!(c.read(0, 0, max as usize).unwrap(), data);
+}

@@ -10,7 +10,7 @@ use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -34,6 +34,7 @@ pub fn virtio_features(read_only: bool, num_queues: u16) -> u64 {
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_BLK_F_SIZE_MAX)
         | (1 << VIRTIO_BLK_F_BLK_SIZE)
         | (1 << VIRTIO_BLK_F_FLUSH)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();

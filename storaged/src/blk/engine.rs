@@ -64,8 +64,8 @@ pub enum Error {
 /// writes unchanged (scripts/bench-storage).
 const SUBMIT_BATCH: usize = 2;
 
-/// Bounce-buffer bytes one queue may have in flight; a misaligned request beyond it fails with
-/// IOERR rather than let a guest make the daemon allocate without bound.
+/// Bounce-buffer bytes one queue may have in flight; a request beyond it waits for completions
+/// rather than let a guest make the daemon allocate without bound.
 const BOUNCE_BUDGET: usize = 64 << 20;
 
 /// Bounce buffers a queue keeps for reuse, and the largest it keeps (bigger ones are rare).
@@ -83,6 +83,16 @@ const MIN_POLL_WINDOW: Duration = Duration::from_micros(4);
 
 /// Longest a worker polls without returning to its epoll loop.
 const MAX_POLL_SLICE: Duration = Duration::from_millis(2);
+
+/// What became of a read's or write's buffers.
+enum Built {
+    /// Iovecs (or a bounce buffer) ready for submission.
+    Ready,
+    /// Guest memory not mapped, or no bounce buffer to be had: answered IOERR.
+    Invalid,
+    /// The queue's bounce budget is spent: the request waits for completions to free it.
+    NoBudget,
+}
 
 /// A request between submission and completion.
 struct InFlight {
@@ -157,6 +167,9 @@ pub struct QueueEngine {
     qos_generation: u64,
     /// The request waiting for tokens; nothing more is taken off the queue meanwhile.
     throttled: Option<Throttled>,
+    /// A plain volume's misaligned request (taken and paid) waiting for completions to free
+    /// bounce-buffer budget; nothing more is taken off the queue meanwhile.
+    parked: Option<InFlight>,
     /// Wakes the worker when the waiting request's tokens are there (or the limits change).
     timer: Arc<Timer>,
     /// This queue's id in the limiter's line of waiting queues.
@@ -201,6 +214,7 @@ impl QueueEngine {
             limiter,
             qos_generation,
             throttled: None,
+            parked: None,
             timer,
             waiter_id: NEXT_WAITER_ID.fetch_add(1, Ordering::Relaxed),
         })
@@ -225,6 +239,12 @@ impl QueueEngine {
         self.throttled.is_some()
     }
 
+    /// A request waits at the head of the queue (for tokens or bounce-buffer budget), so
+    /// nothing more is taken off it.
+    fn blocked(&self) -> bool {
+        self.throttled.is_some() || self.parked.is_some()
+    }
+
     /// Handles a kick: takes every available chain off the queue, then submits the batch.
     /// Returns how many there were.
     pub fn process_queue(
@@ -243,8 +263,9 @@ impl QueueEngine {
             }
             let n = self.pop_available(vring, mem);
             taken += n;
-            if self.throttled.is_some() {
-                // Leave the rest in the virtqueue, notifications off: the timer comes back.
+            if self.blocked() {
+                // Leave the rest in the virtqueue, notifications off: the timer or the
+                // completions that free bounce buffers come back.
                 break;
             }
             empty_passes = if n == 0 { empty_passes + 1 } else { 0 };
@@ -273,8 +294,15 @@ impl QueueEngine {
     fn pop_available(&mut self, vring: &VringRwLock, mem: &GuestMemoryAtomic<GuestMem>) -> usize {
         self.capped = false;
         let mut taken = 0;
+        if let Some(parked) = self.parked.take() {
+            self.start_transfer(parked, vring);
+            if self.parked.is_some() {
+                return 0;
+            }
+            taken += 1;
+        }
         loop {
-            if self.throttled.is_some() {
+            if self.blocked() {
                 return taken;
             }
             let (published, queue_size) = {
@@ -324,7 +352,7 @@ impl QueueEngine {
                     continue;
                 }
                 self.start_request(chain, vring, &snapshot);
-                if self.throttled.is_some() {
+                if self.blocked() {
                     return taken;
                 }
             }
@@ -360,8 +388,9 @@ impl QueueEngine {
                 did += self.reap(Some(vring));
             }
             did += self.pop_available(vring, mem);
-            if self.throttled.is_some() {
-                // Nothing more will be taken until the timer fires; completions wake us.
+            if self.blocked() {
+                // Nothing more will be taken until the timer fires or completions free bounce
+                // buffers; either wakes the worker.
                 if did > 0 {
                     self.submit_and_signal(vring);
                 }
@@ -554,7 +583,6 @@ impl QueueEngine {
         match &inflight.op {
             Operation::Read { offset, len } | Operation::Write { offset, len } => {
                 let (offset, len) = (*offset, *len);
-                let write = matches!(inflight.op, Operation::Write { .. });
                 let encrypted = self.volume.crypt.is_some();
                 let unit = crypto::UNIT as u64;
                 if encrypted && (offset % unit != 0 || len % unit != 0) {
@@ -571,15 +599,8 @@ impl QueueEngine {
                     self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
                     return;
                 }
-                // Transform stage: encrypted volumes encrypt into a bounce buffer.
-                let encrypt = encrypted.then_some(offset / unit);
-                if !self.build_iovecs(&mut inflight, write, encrypt) {
-                    self.volume.metrics.invalid_requests.inc();
-                    self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
-                    return;
-                }
-                inflight.offset = offset;
-                inflight.remaining = len;
+                self.start_transfer(inflight, vring);
+                return;
             }
             Operation::GetId { len } => {
                 let n = (*len as usize).min(self.volume.serial.len());
@@ -597,6 +618,42 @@ impl QueueEngine {
             }
             Operation::Flush => {}
         }
+        self.queue(inflight, vring);
+    }
+
+    /// Builds a read's or write's buffers (the transform stage encrypts a write into its
+    /// bounce buffer) and queues it. A plain volume's misaligned request that finds the queue's
+    /// bounce budget spent is parked until completions free it: back-pressure, not an error.
+    fn start_transfer(&mut self, mut inflight: InFlight, vring: &VringRwLock) {
+        let (offset, len, write) = match inflight.op {
+            Operation::Read { offset, len } => (offset, len, false),
+            Operation::Write { offset, len } => (offset, len, true),
+            _ => return self.queue(inflight, vring),
+        };
+        let encrypt = self
+            .volume
+            .crypt
+            .is_some()
+            .then_some(offset / crypto::UNIT as u64);
+        match self.build_iovecs(&mut inflight, write, encrypt) {
+            Built::Ready => {}
+            Built::NoBudget => {
+                self.parked = Some(inflight);
+                return;
+            }
+            Built::Invalid => {
+                self.volume.metrics.invalid_requests.inc();
+                self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+                return;
+            }
+        }
+        inflight.offset = offset;
+        inflight.remaining = len;
+        self.queue(inflight, vring);
+    }
+
+    /// Puts a built request in the in-flight table and pushes its SQEs.
+    fn queue(&mut self, inflight: InFlight, vring: &VringRwLock) {
         let slot = self.alloc_slot(inflight);
         self.volume.metrics.inflight.inc();
         self.push_sqes(slot);
@@ -613,8 +670,12 @@ impl QueueEngine {
     /// Translates the data ranges into iovecs, or sets up a bounce buffer where direct I/O
     /// cannot use guest memory as it is, or where the data is encrypted (`encrypt`: the first
     /// unit of the request). Encrypted writes are encrypted into the bounce buffer here.
-    /// False if guest memory is not mapped.
-    fn build_iovecs(&mut self, inflight: &mut InFlight, write: bool, encrypt: Option<u64>) -> bool {
+    fn build_iovecs(
+        &mut self,
+        inflight: &mut InFlight,
+        write: bool,
+        encrypt: Option<u64>,
+    ) -> Built {
         let bounce = encrypt.is_some();
         let align = self.volume.store.align as usize;
         let direct = self.volume.store.direct;
@@ -630,7 +691,7 @@ impl QueueEngine {
                         len = r.len,
                         "refused request: data buffer is not in guest memory"
                     );
-                    return false;
+                    return Built::Invalid;
                 };
                 let ptr = slice.ptr_guard_mut().as_ptr();
                 if direct && (!(ptr as usize).is_multiple_of(align) || slice.len() % align != 0) {
@@ -644,23 +705,19 @@ impl QueueEngine {
         }
         if aligned && iovecs.len() <= MAX_IOVECS && !bounce {
             inflight.iovecs = iovecs;
-            return true;
+            return Built::Ready;
         }
         let len: usize = iovecs.iter().map(|v| v.iov_len).sum();
         // Encrypted volumes bounce everything: their queue stops taking requests at the budget
-        // instead (pop_available), so only a misaligned request of a plain volume is refused.
-        if !bounce && self.bounce_bytes + len > BOUNCE_BUDGET {
-            crate::volume_log!(
-                debug,
-                &self.volume,
-                len,
-                "refused request: bounce-buffer budget of the queue exhausted"
-            );
-            return false;
+        // instead (pop_available). A misaligned request of a plain volume waits for the
+        // budget; with nothing in flight the whole budget is free, and it is larger than any
+        // request.
+        if !bounce && self.bounce_bytes + len > BOUNCE_BUDGET && self.in_flight() > 0 {
+            return Built::NoBudget;
         }
         let Some(mut buf) = self.take_bounce(len, align.max(4096)) else {
             crate::volume_log!(warn, &self.volume, len, "cannot allocate a bounce buffer");
-            return false;
+            return Built::Invalid;
         };
         // A guest buffer that is one piece of host memory is encrypted from, or decrypted
         // into, directly: one pass over the data instead of two.
@@ -678,7 +735,7 @@ impl QueueEngine {
                 None => {
                     let plain = &mut buf.as_mut_slice()[..len];
                     if request::gather(inflight.mem.as_ref(), &inflight.data, plain).is_err() {
-                        return false;
+                        return Built::Invalid;
                     }
                     xts.encrypt_units(plain, first);
                 }
@@ -686,7 +743,7 @@ impl QueueEngine {
             (true, _, _) => {
                 let dst = &mut buf.as_mut_slice()[..len];
                 if request::gather(inflight.mem.as_ref(), &inflight.data, dst).is_err() {
-                    return false;
+                    return Built::Invalid;
                 }
             }
             (false, Some(_), _) => inflight.decrypt_into = contiguous,
@@ -698,7 +755,7 @@ impl QueueEngine {
         }];
         self.bounce_bytes += buf.len();
         inflight.bounce = Some(buf);
-        true
+        Built::Ready
     }
 
     /// A bounce buffer of `len` bytes: a recycled one if there is one of that size.
@@ -1017,6 +1074,27 @@ impl QueueEngine {
             }
             drop(waiting);
         }
+        loop {
+            self.wait_in_flight(vring);
+            // A request parked for bounce budget was taken: it goes now (nothing is in flight,
+            // so the budget is free), or is dropped with the frontend.
+            match (self.parked.take(), vring) {
+                (Some(parked), Some(vring)) if self.in_flight() == 0 => {
+                    self.start_transfer(parked, vring);
+                    if let Err(e) = self.ring.submit() {
+                        crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
+                    }
+                }
+                _ => break,
+            }
+        }
+        if let Some(vring) = vring {
+            self.signal(vring);
+        }
+    }
+
+    /// Waits until nothing is in flight, answering through `vring` if given.
+    fn wait_in_flight(&mut self, vring: Option<&VringRwLock>) {
         while self.in_flight() > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 match e.raw_os_error() {
@@ -1046,9 +1124,6 @@ impl QueueEngine {
             }
             self.reap(vring);
         }
-        if let Some(vring) = vring {
-            self.signal(vring);
-        }
     }
 
     /// Called when the worker wakes for an event: adapts the polling window to how long it
@@ -1076,13 +1151,14 @@ impl QueueEngine {
         self.slept_at = Some(Instant::now());
     }
 
-    /// Takes the requests left in the ring at the in-flight limit, once completions made room.
+    /// Takes the requests left in the ring at the in-flight limit, or the one parked for bounce
+    /// budget, once completions made room.
     pub fn resume_capped(
         &mut self,
         vring: &VringRwLock,
         mem: &GuestMemoryAtomic<GuestMem>,
     ) -> usize {
-        if self.capped {
+        if self.capped || self.parked.is_some() {
             self.process_queue(vring, mem)
         } else {
             0

@@ -145,6 +145,14 @@ impl VolumeIo {
         }
     }
 
+    /// Largest data segment offered (VIRTIO_BLK_F_SIZE_MAX): with `seg_max` segments, a driver
+    /// that keeps to both (Linux, libblkio) never sends more than the largest request taken
+    /// ([`request::MAX_TRANSFER`]).
+    pub fn size_max(&self) -> u32 {
+        let per_segment = request::MAX_TRANSFER / u64::from(self.seg_max.max(1));
+        (per_segment & !4095).max(4096) as u32
+    }
+
     pub fn limits(&self) -> Limits {
         let (max_write_zeroes_sectors, max_write_zeroes_seg) = self.write_zeroes_max();
         Limits {
@@ -166,7 +174,7 @@ impl VolumeIo {
         let put32 =
             |c: &mut Vec<u8>, at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
         c[0..8].copy_from_slice(&(self.capacity() >> SECTOR_SHIFT).to_le_bytes());
-        // size_max (8) stays 0: VIRTIO_BLK_F_SIZE_MAX is not offered.
+        put32(&mut c, 8, self.size_max());
         put32(&mut c, 12, self.seg_max);
         // geometry (16..20) unused.
         put32(&mut c, 20, self.block_size());
