@@ -64,7 +64,8 @@ pub struct Export {
     socket_path: PathBuf,
     state: Arc<ExportState>,
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    /// The socket thread; taken by the first [`Export::stop`].
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Export {
@@ -100,7 +101,7 @@ impl Export {
             socket_path: socket_path.to_owned(),
             state,
             stop,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -133,12 +134,10 @@ impl Export {
     }
 
     /// Stops accepting, closes the connection, waits for in-flight I/O and removes the socket.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
+    /// Returns when all of that is done, however long the backing storage takes to finish what
+    /// it was given; a second call returns at once.
+    pub fn stop(&self) {
+        let Some(thread) = lock(&self.thread).take() else {
             return;
         };
         self.state.stopping.store(true, Ordering::Release);
@@ -152,7 +151,7 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop();
     }
 }
 
