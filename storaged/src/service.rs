@@ -33,7 +33,7 @@ use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
 use crate::size::ByteSize;
-use crate::volume::{self, Backing, Tier, VolumeName, VolumeSpec};
+use crate::volume::{self, Backing, Owner, Tier, VolumeName, VolumeSpec};
 
 /// Errors of volume operations; each maps to an HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +106,9 @@ pub struct CreateVolume {
     /// "aes-xts-plain64" (the default) or "none".
     #[serde(default)]
     pub encryption: Option<String>,
+    /// The only uid served, and the VM the volume is assigned to.
+    #[serde(default)]
+    pub owner: Option<Owner>,
 }
 
 /// Tells a field left out (`None`) from a field set to null (`Some(None)`).
@@ -129,6 +132,9 @@ pub struct UpdateVolume {
     /// A new bandwidth override (bytes/s); null removes it.
     #[serde(default, deserialize_with = "present")]
     pub bandwidth_limit: Option<Option<ByteSize>>,
+    /// A new owner; null removes it. A change drops the connected frontend.
+    #[serde(default, deserialize_with = "present")]
+    pub owner: Option<Option<Owner>>,
 }
 
 /// A volume as the API shows it.
@@ -160,6 +166,9 @@ pub struct VolumeInfo {
     /// Id of the KEK wrapping the volume's key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kek_id: Option<String>,
+    /// The only uid served and the VM the volume is assigned to (null: any peer that can
+    /// open the socket).
+    pub owner: Option<Owner>,
     /// "serving", or "failed" when the backing storage could not be opened at start.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -376,7 +385,11 @@ impl VolumeService {
             crypt,
             self.metrics.volume(spec.name.as_str()),
         ));
-        Ok(Export::start(io, &self.socket_path(&spec.name))?)
+        Ok(Export::start(
+            io,
+            &self.socket_path(&spec.name),
+            spec.owner.as_ref(),
+        )?)
     }
 
     fn limits(&self, spec: &VolumeSpec) -> Limits {
@@ -412,6 +425,7 @@ impl VolumeService {
                 None => "none".into(),
             },
             kek_id: spec.encryption.as_ref().map(|w| w.kek_id.clone()),
+            owner: spec.owner.clone(),
             state: if export.is_some() {
                 "serving"
             } else {
@@ -529,6 +543,9 @@ impl VolumeService {
             bandwidth_limit: req.bandwidth_limit.map(|b| b.0),
         };
         overrides.validate()?;
+        if let Some(owner) = &req.owner {
+            owner.validate()?;
+        }
         let encrypted =
             match req.encryption.as_deref() {
                 None | Some(crypto::CIPHER) => true,
@@ -639,6 +656,7 @@ impl VolumeService {
             iops_limit: overrides.iops_limit,
             bandwidth_limit: overrides.bandwidth_limit,
             encryption,
+            owner: req.owner,
         };
         let undo_file = |spec: &VolumeSpec| {
             if let Backing::File { path, .. } = &spec.backing {
@@ -680,6 +698,7 @@ impl VolumeService {
             bandwidth_limit = limits.bandwidth_bytes_per_second,
             encryption = spec.encryption.as_ref().map_or("none", |w| w.cipher.as_str()),
             kek = spec.encryption.as_ref().map_or("", |w| w.kek_id.as_str()),
+            owner = %spec.owner.as_ref().map_or("none".to_string(), Owner::to_string),
             socket = %export.socket_path().display(),
             "volume created"
         );
@@ -701,6 +720,12 @@ impl VolumeService {
             new.bandwidth_limit = bandwidth.map(|b| b.0);
         }
         new.overrides().validate()?;
+        if let Some(owner) = req.owner {
+            if let Some(o) = &owner {
+                o.validate()?;
+            }
+            new.owner = owner;
+        }
         let grow_to = match req.size {
             Some(s) => {
                 volume::validate_size(s.0)?;
@@ -732,8 +757,33 @@ impl VolumeService {
             export.volume().store.grow(size, preallocated)?;
             new.size_bytes = size;
         }
+        // The socket changes hands before the catalog says so, and back if the catalog write
+        // fails.
+        let owner_changed = new.owner != spec.owner;
+        if owner_changed {
+            if let Some(export) = &export {
+                export.set_owner(new.owner.as_ref())?;
+            }
+        }
         if new != spec {
-            new = self.commit_change(new)?;
+            new = match self.commit_change(new) {
+                Ok(new) => new,
+                Err(e) => {
+                    if let (true, Some(export)) = (owner_changed, &export) {
+                        if let Err(back) = export.set_owner(spec.owner.as_ref()) {
+                            tracing::error!(volume = %name, "cannot give the socket back to its owner: {}", crate::error_chain(&back));
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+        }
+        if owner_changed {
+            let owner = new
+                .owner
+                .as_ref()
+                .map_or("none".to_string(), Owner::to_string);
+            tracing::info!(volume = %name, %owner, "volume owner changed");
         }
         if let Some(size) = grow_to {
             if let Some(export) = &export {

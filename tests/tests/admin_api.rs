@@ -460,6 +460,32 @@ fn admin_socket_is_private_and_storagectl_drives_the_api() {
     assert_eq!(v["limits"]["iops_source"], "floor");
     let (ok, _, err) = ctl(&["set-limits", "cli1", "--iops", "0"]);
     assert!(!ok && err.contains("iops_limit"), "{err}");
+    let (ok, out, err) = ctl(&["set-owner", "cli1", "--uid", "1234", "--vm-id", "vm-7"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["owner"],
+        serde_json::json!({"uid": 1234, "vm_id": "vm-7"})
+    );
+    let (ok, out, err) = ctl(&["set-owner", "cli1", "--none"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["owner"], serde_json::Value::Null);
+    let (ok, _, _) = ctl(&["set-owner", "cli1"]);
+    assert!(!ok, "set-owner without --uid or --none was accepted");
+    let (ok, out, err) = ctl(&[
+        "create",
+        "cli2",
+        "--size",
+        "1MiB",
+        "--owner-uid",
+        "77",
+        "--vm-id",
+        "vm-2",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["owner"], serde_json::json!({"uid": 77, "vm_id": "vm-2"}));
     let (ok, _, err) = ctl(&["create", "bad/name", "--size", "1MiB"]);
     assert!(!ok && err.contains("HTTP 400"), "{err}");
     let (ok, _, _) = ctl(&["delete", "cli1"]);
