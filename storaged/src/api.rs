@@ -2,9 +2,10 @@
 //!
 //! Bodies are parsed here, not by an extractor, so every malformed request gets a JSON error
 //! naming what is wrong. Volume operations run on the blocking pool: creating a preallocated
-//! volume or draining a deleted one's I/O takes real time.
+//! volume or draining a deleted one's I/O takes real time. The service takes its own locks,
+//! never across I/O on a volume's storage, so such an operation holds up no other request.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -22,7 +23,7 @@ use crate::service::{self, VolumeService};
 /// Shared state of the API handlers.
 #[derive(Clone)]
 pub struct ApiState {
-    pub service: Arc<Mutex<VolumeService>>,
+    pub service: Arc<VolumeService>,
     pub metrics: Metrics,
     pub metrics_url: Option<String>,
 }
@@ -44,6 +45,8 @@ impl From<service::Error> for ApiError {
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::AlreadyExists(_)
             | E::Attached(_)
+            | E::Busy(..)
+            | E::RotationUnderWay
             | E::Backing(crate::backing::Error::DeviceBusy { .. }) => StatusCode::CONFLICT,
             E::PoolFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             E::NotServing(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -95,21 +98,18 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 async fn with_service<T, F>(state: &ApiState, f: F) -> ApiResult<T>
 where
     T: Send + 'static,
-    F: FnOnce(&mut VolumeService) -> Result<T, service::Error> + Send + 'static,
+    F: FnOnce(&VolumeService) -> Result<T, service::Error> + Send + 'static,
 {
     let svc = state.service.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = crate::lock(&svc);
-        f(&mut guard)
-    })
-    .await
-    .map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("Internal error: {e}"),
-        )
-    })?
-    .map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || f(&svc))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Internal error: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
 }
 
 async fn list_volumes(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {

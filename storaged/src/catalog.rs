@@ -193,7 +193,7 @@ fn overwrite_unlinked(file: &File) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::{Backing, Tier};
+    use crate::volume::{Backing, Owner, Tier};
 
     fn spec(name: &str) -> VolumeSpec {
         VolumeSpec {
@@ -211,6 +211,7 @@ mod tests {
             iops_limit: None,
             bandwidth_limit: None,
             encryption: None,
+            owner: None,
         }
     }
 
@@ -264,6 +265,30 @@ mod tests {
             VolumeCatalog::open(dir.path()),
             Err(Error::Version { found: 9, .. })
         ));
+    }
+
+    #[test]
+    fn owners_are_kept_and_catalogs_without_them_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // A catalog as written before volumes had owners.
+        fs::write(
+            dir.path().join("catalog.json"),
+            br#"{"version":1,"volumes":[{"name":"old","id":"id-old","size_bytes":4096,
+                "tier":"standard","read_only":false,"num_queues":1,
+                "backing":{"kind":"file","path":"/d/volumes/old.img","preallocated":false},
+                "created_at":1}]}"#,
+        )
+        .unwrap();
+        let mut c = VolumeCatalog::open(dir.path()).unwrap();
+        assert_eq!(c.get(&"old".parse().unwrap()).unwrap().owner, None);
+        let mut owned = spec("a");
+        owned.owner = Some(Owner {
+            uid: 1234,
+            vm_id: Some("vm-1".into()),
+        });
+        c.put(owned.clone()).unwrap();
+        let c2 = VolumeCatalog::open(dir.path()).unwrap();
+        assert_eq!(c2.get(&"a".parse().unwrap()), Some(&owned));
     }
 
     #[test]

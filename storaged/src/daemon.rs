@@ -4,7 +4,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 
@@ -104,7 +104,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         .map_err(Error::Runtime)?;
 
     let service = VolumeService::start(config, paths.clone(), metrics.clone(), keys)?;
-    let service = Arc::new(Mutex::new(service));
+    let service = Arc::new(service);
 
     let result = runtime.block_on(async {
         let metrics_listener = match paths.metrics_addr {
@@ -165,7 +165,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
         });
 
-        let volumes = crate::lock(&service).list().len();
+        let volumes = service.list().len();
         tracing::info!(
             admin_socket = %paths.admin_socket.display(),
             metrics_url = metrics_url.as_deref().unwrap_or("off"),
@@ -186,7 +186,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         Ok::<(), Error>(())
     });
     // Exports stop accepting, in-flight I/O finishes, backing storage is synced.
-    crate::lock(&service).shutdown();
+    service.shutdown();
     let _ = fs::remove_file(&paths.admin_socket);
     runtime.shutdown_background();
     tracing::info!("stopped");

@@ -4,10 +4,21 @@
 //! backing file, then the catalog, then starts the socket; deletion removes the catalog entry
 //! before the file, so a crash in between leaves an orphan file, never a catalog entry without
 //! its data.
+//!
+//! No lock is held across I/O on a volume's storage, so one hung device (a forced delete
+//! waiting for in-flight I/O, a grow, a slow fsync) holds up only the operation on that volume:
+//! - `state` is what the API shows (the catalog as last written, the exports) and which
+//!   volumes an operation is working on; it is held for no I/O at all.
+//! - `catalog` is the catalog file; a change takes it while the file is written and fsynced,
+//!   then publishes the change in `state`. It is taken before `state`, never while holding it.
+//!
+//! An operation claims its volume in `state` first (a create claims the name, its size and its
+//! device): a second operation on a claimed volume is answered 409 at once, while operations on
+//! other volumes and every read go on. Pool capacity counts what claims have reserved.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -23,7 +34,7 @@ use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
 use crate::size::ByteSize;
-use crate::volume::{self, Backing, Tier, VolumeName, VolumeSpec};
+use crate::volume::{self, Backing, Owner, Tier, VolumeName, VolumeSpec};
 
 /// Errors of volume operations; each maps to an HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +57,10 @@ pub enum Error {
     Shrink(String, u64, u64),
     #[error("Volume '{0}' is attached to a frontend; detach it first or pass force=true")]
     Attached(String),
+    #[error("Volume '{0}' is busy: a {1} is under way")]
+    Busy(String, &'static str),
+    #[error("A key rotation is already under way")]
+    RotationUnderWay,
     #[error("Volume '{0}' is not being served: {1}")]
     NotServing(String, String),
     #[error(transparent)]
@@ -92,6 +107,9 @@ pub struct CreateVolume {
     /// "aes-xts-plain64" (the default) or "none".
     #[serde(default)]
     pub encryption: Option<String>,
+    /// The only uid served, and the VM the volume is assigned to.
+    #[serde(default)]
+    pub owner: Option<Owner>,
 }
 
 /// Tells a field left out (`None`) from a field set to null (`Some(None)`).
@@ -115,6 +133,9 @@ pub struct UpdateVolume {
     /// A new bandwidth override (bytes/s); null removes it.
     #[serde(default, deserialize_with = "present")]
     pub bandwidth_limit: Option<Option<ByteSize>>,
+    /// A new owner; null removes it. A change drops the connected frontend.
+    #[serde(default, deserialize_with = "present")]
+    pub owner: Option<Option<Owner>>,
 }
 
 /// A volume as the API shows it.
@@ -146,6 +167,9 @@ pub struct VolumeInfo {
     /// Id of the KEK wrapping the volume's key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kek_id: Option<String>,
+    /// The only uid served and the VM the volume is assigned to (null: any peer that can
+    /// open the socket).
+    pub owner: Option<Owner>,
     /// "serving", or "failed" when the backing storage could not be opened at start.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,15 +214,71 @@ pub struct KeyStatus {
     pub volumes_by_kek: BTreeMap<String, usize>,
 }
 
-/// Volumes of this daemon.
+/// Volumes of this daemon (see the module doc for its two locks).
 pub struct VolumeService {
     config: Config,
     paths: Resolved,
-    catalog: VolumeCatalog,
-    exports: BTreeMap<VolumeName, Export>,
-    failed: BTreeMap<VolumeName, String>,
     metrics: Metrics,
     keys: Arc<dyn KeyProvider>,
+    catalog: Mutex<VolumeCatalog>,
+    state: Mutex<State>,
+}
+
+/// What the API shows and what operations hold; changed only in memory.
+#[derive(Default)]
+struct State {
+    /// The catalog as last written.
+    volumes: BTreeMap<VolumeName, VolumeSpec>,
+    /// The devices that back volumes: path and device number.
+    devices: BTreeMap<VolumeName, (PathBuf, blockdev::DevNum)>,
+    exports: BTreeMap<VolumeName, Arc<Export>>,
+    failed: BTreeMap<VolumeName, String>,
+    /// Volumes an operation is working on (a create's before they exist).
+    busy: BTreeMap<VolumeName, Claim>,
+    rotating: bool,
+}
+
+/// An operation's hold on one volume.
+struct Claim {
+    /// What it does: "create", "change", "delete".
+    op: &'static str,
+    /// Pool bytes it will add (a create's size, a grow's increase).
+    reserved: u64,
+    /// The device a create will serve: path and device number.
+    device: Option<(PathBuf, blockdev::DevNum)>,
+}
+
+impl State {
+    fn allocated_bytes(&self) -> u64 {
+        let volumes: u64 = self.volumes.values().map(|v| v.size_bytes).sum();
+        let reserved: u64 = self.busy.values().map(|c| c.reserved).sum();
+        volumes + reserved
+    }
+}
+
+/// What an operation holds in [`State`].
+enum Hold {
+    Volume(VolumeName),
+    Rotation,
+}
+
+/// Releases a [`Hold`] on drop, whatever the operation's outcome. Never dropped while the
+/// state lock is held.
+struct Held<'a> {
+    state: &'a Mutex<State>,
+    hold: Hold,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut st = crate::lock(self.state);
+        match &self.hold {
+            Hold::Volume(name) => {
+                st.busy.remove(name);
+            }
+            Hold::Rotation => st.rotating = false,
+        }
+    }
 }
 
 fn now() -> u64 {
@@ -206,6 +286,20 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn pool_check(st: &State, capacity: Option<ByteSize>, more: u64) -> Result<(), Error> {
+    if let Some(cap) = capacity {
+        let available = cap.0.saturating_sub(st.allocated_bytes());
+        if more > available {
+            return Err(Error::PoolFull {
+                requested: more,
+                available,
+                capacity: cap.0,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl VolumeService {
@@ -218,17 +312,22 @@ impl VolumeService {
         keys: Arc<dyn KeyProvider>,
     ) -> Result<Self, Error> {
         let catalog = VolumeCatalog::open(&paths.data_dir)?;
-        let mut svc = VolumeService {
+        let specs: Vec<VolumeSpec> = catalog.iter().cloned().collect();
+        let svc = VolumeService {
             config,
             paths,
-            catalog,
-            exports: BTreeMap::new(),
-            failed: BTreeMap::new(),
             metrics,
             keys,
+            catalog: Mutex::new(catalog),
+            state: Mutex::new(State::default()),
         };
-        let specs: Vec<VolumeSpec> = svc.catalog.iter().cloned().collect();
+        let mut st = State::default();
         for spec in specs {
+            if let Backing::Device { path, .. } = &spec.backing {
+                if let Ok(num) = blockdev::device_number(path) {
+                    st.devices.insert(spec.name.clone(), (path.clone(), num));
+                }
+            }
             match svc.open_and_export(&spec) {
                 Ok(export) => {
                     tracing::info!(
@@ -237,19 +336,25 @@ impl VolumeService {
                         size = spec.size_bytes,
                         "volume served"
                     );
-                    svc.exports.insert(spec.name.clone(), export);
+                    st.exports.insert(spec.name.clone(), Arc::new(export));
                 }
                 Err(e) => {
                     tracing::error!(volume = %spec.name, "cannot serve volume: {}", crate::error_chain(&e));
-                    svc.failed.insert(spec.name.clone(), crate::error_chain(&e));
+                    st.failed.insert(spec.name.clone(), crate::error_chain(&e));
                 }
             }
+            st.volumes.insert(spec.name.clone(), spec);
         }
+        *svc.state() = st;
         Ok(svc)
     }
 
     pub fn paths(&self) -> &Resolved {
         &self.paths
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        crate::lock(&self.state)
     }
 
     fn socket_path(&self, name: &VolumeName) -> PathBuf {
@@ -294,7 +399,11 @@ impl VolumeService {
             crypt,
             self.metrics.volume(spec.name.as_str()),
         ));
-        Ok(Export::start(io, &self.socket_path(&spec.name))?)
+        Ok(Export::start(
+            io,
+            &self.socket_path(&spec.name),
+            spec.owner.as_ref(),
+        )?)
     }
 
     fn limits(&self, spec: &VolumeSpec) -> Limits {
@@ -306,8 +415,8 @@ impl VolumeService {
         )
     }
 
-    fn info(&self, spec: &VolumeSpec) -> VolumeInfo {
-        let export = self.exports.get(&spec.name);
+    fn info(&self, st: &State, spec: &VolumeSpec) -> VolumeInfo {
+        let export = st.exports.get(&spec.name);
         VolumeInfo {
             name: spec.name.to_string(),
             id: spec.id.clone(),
@@ -317,7 +426,7 @@ impl VolumeService {
             read_only: spec.read_only,
             num_queues: spec.num_queues,
             socket: self.socket_path(&spec.name),
-            attached: export.is_some_and(Export::is_attached),
+            attached: export.is_some_and(|e| e.is_attached()),
             backing: spec.backing.clone(),
             direct_io: export.is_some_and(|e| e.volume().store.direct),
             block_size: export.map_or(512, |e| e.volume().block_size()),
@@ -330,87 +439,111 @@ impl VolumeService {
                 None => "none".into(),
             },
             kek_id: spec.encryption.as_ref().map(|w| w.kek_id.clone()),
+            owner: spec.owner.clone(),
             state: if export.is_some() {
                 "serving"
             } else {
                 "failed"
             }
             .into(),
-            error: self.failed.get(&spec.name).cloned(),
+            error: st.failed.get(&spec.name).cloned(),
         }
     }
 
-    pub fn list(&self) -> Vec<VolumeInfo> {
-        self.catalog.iter().map(|s| self.info(s)).collect()
+    /// The volume as the API shows it now.
+    fn info_of(&self, spec: &VolumeSpec) -> VolumeInfo {
+        self.info(&self.state(), spec)
     }
 
-    fn spec(&self, name: &str) -> Result<(VolumeName, &VolumeSpec), Error> {
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        let st = self.state();
+        st.volumes.values().map(|s| self.info(&st, s)).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<VolumeInfo, Error> {
         let n: VolumeName = name.parse()?;
-        match self.catalog.get(&n) {
-            Some(s) => Ok((n, s)),
+        let st = self.state();
+        match st.volumes.get(&n) {
+            Some(spec) => Ok(self.info(&st, spec)),
             None => Err(Error::NotFound(name.to_string())),
         }
     }
 
-    pub fn get(&self, name: &str) -> Result<VolumeInfo, Error> {
-        let (_, spec) = self.spec(name)?;
-        Ok(self.info(spec))
+    /// Claims a volume of the catalog for `op`: its record and export as they are now.
+    fn claim(
+        &self,
+        name: &str,
+        op: &'static str,
+    ) -> Result<(Held<'_>, VolumeSpec, Option<Arc<Export>>), Error> {
+        let n: VolumeName = name.parse()?;
+        let (spec, export) = {
+            let mut st = self.state();
+            let spec = st
+                .volumes
+                .get(&n)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(name.to_string()))?;
+            if let Some(c) = st.busy.get(&n) {
+                return Err(Error::Busy(n.to_string(), c.op));
+            }
+            st.busy.insert(
+                n.clone(),
+                Claim {
+                    op,
+                    reserved: 0,
+                    device: None,
+                },
+            );
+            (spec, st.exports.get(&n).cloned())
+        };
+        let held = Held {
+            state: &self.state,
+            hold: Hold::Volume(n),
+        };
+        Ok((held, spec, export))
     }
 
-    /// Checks a device asked for at creation and returns its identity: a block device, given
-    /// by absolute path, that shares no blocks with another volume's device, whatever path
-    /// that one was given by (links, other nodes, its disk or partition: compared by device
-    /// number).
-    fn check_new_device(&self, dev: &Path) -> Result<blockdev::DeviceIdentity, Error> {
+    /// The device number of a device asked for at creation: a block device, given by
+    /// absolute path. (Whether it shares blocks with another volume's device, whatever path
+    /// that one was given by, is checked by device number under the state lock.)
+    fn new_device_number(dev: &Path) -> Result<blockdev::DevNum, Error> {
         if !dev.is_absolute() {
             return Err(Error::BadRequest(format!(
                 "device path {} is not absolute",
                 dev.display()
             )));
         }
-        let num =
-            blockdev::device_number(dev).map_err(|e| Error::BadRequest(crate::error_chain(&e)))?;
-        for v in self.catalog.iter() {
-            let Backing::Device { path, .. } = &v.backing else {
-                continue;
-            };
-            let theirs = self
-                .exports
-                .get(&v.name)
-                .and_then(|e| blockdev::device_number_of(&e.volume().store.file, path).ok())
-                .or_else(|| blockdev::device_number(path).ok());
-            if theirs.is_some_and(|t| blockdev::overlap(num, t)) {
-                return Err(Error::BadRequest(format!(
-                    "device {} shares blocks with {}, which backs volume '{}'",
-                    dev.display(),
-                    path.display(),
-                    v.name
-                )));
-            }
-        }
-        let identity = blockdev::identity(num);
-        if !identity.is_stable() {
-            tracing::warn!(device = %dev.display(), "device has no stable identity (no wwid, serial, dm uuid or loop backing file): a different disk at this path later would not be detected");
-        }
-        Ok(identity)
+        blockdev::device_number(dev).map_err(|e| Error::BadRequest(crate::error_chain(&e)))
     }
 
-    fn check_pool(&self, more: u64) -> Result<(), Error> {
-        if let Some(cap) = self.config.pool_capacity {
-            let used = self.catalog.allocated_bytes();
-            let available = cap.0.saturating_sub(used);
-            if more > available {
-                return Err(Error::PoolFull {
-                    requested: more,
-                    available,
-                    capacity: cap.0,
-                });
-            }
+    /// Reserves `more` pool bytes for the claimed volume `name`.
+    fn reserve(&self, name: &VolumeName, more: u64) -> Result<(), Error> {
+        let mut st = self.state();
+        pool_check(&st, self.config.pool_capacity, more)?;
+        if let Some(c) = st.busy.get_mut(name) {
+            c.reserved = more;
         }
         Ok(())
     }
 
-    pub fn create(&mut self, req: CreateVolume) -> Result<VolumeInfo, Error> {
+    fn failed_reason(&self, name: &VolumeName) -> String {
+        self.state().failed.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Writes a changed record of a claimed volume to the catalog and publishes it. The
+    /// wrapped key is taken from the catalog as it is now: a key rotation may have re-wrapped
+    /// it since the claim.
+    fn commit_change(&self, mut new: VolumeSpec) -> Result<VolumeSpec, Error> {
+        let mut catalog = crate::lock(&self.catalog);
+        if let Some(current) = catalog.get(&new.name) {
+            new.encryption = current.encryption.clone();
+        }
+        catalog.put(new.clone())?;
+        self.state().volumes.insert(new.name.clone(), new.clone());
+        Ok(new)
+    }
+
+    pub fn create(&self, req: CreateVolume) -> Result<VolumeInfo, Error> {
         let name: VolumeName = req.name.parse()?;
         let size = req.size.0;
         volume::validate_size(size)?;
@@ -426,9 +559,6 @@ impl VolumeService {
                 "num_queues {num_queues} is not between 1 and {MAX_QUEUES}"
             )));
         }
-        if self.catalog.get(&name).is_some() {
-            return Err(Error::AlreadyExists(name.to_string()));
-        }
         if socket_path_len(&self.paths.socket_dir, name.as_str().len()) > MAX_SOCKET_PATH {
             return Err(Error::BadRequest(format!(
                 "volume name '{name}' is too long for socket dir {}: the socket path would exceed {MAX_SOCKET_PATH} bytes",
@@ -440,6 +570,9 @@ impl VolumeService {
             bandwidth_limit: req.bandwidth_limit.map(|b| b.0),
         };
         overrides.validate()?;
+        if let Some(owner) = &req.owner {
+            owner.validate()?;
+        }
         let encrypted =
             match req.encryption.as_deref() {
                 None | Some(crypto::CIPHER) => true,
@@ -460,11 +593,57 @@ impl VolumeService {
                 "preallocate applies to file-backed volumes, not to devices".into(),
             ));
         }
-        let device_identity = match &req.device {
-            Some(dev) => Some(self.check_new_device(dev)?),
+        let device = match &req.device {
+            Some(dev) => Some((dev.clone(), Self::new_device_number(dev)?)),
             None => None,
         };
-        self.check_pool(size)?;
+        let _held = {
+            let mut st = self.state();
+            if st.volumes.contains_key(&name) {
+                return Err(Error::AlreadyExists(name.to_string()));
+            }
+            if let Some(c) = st.busy.get(&name) {
+                return Err(Error::Busy(name.to_string(), c.op));
+            }
+            if let Some((dev, num)) = &device {
+                // Compared by device number: links, other nodes, a disk and its partitions.
+                let backing = st.devices.iter();
+                let creating = st
+                    .busy
+                    .iter()
+                    .filter_map(|(n, c)| c.device.as_ref().map(|d| (n, d)));
+                if let Some((other, (path, _))) = backing
+                    .chain(creating)
+                    .find(|(_, (_, theirs))| blockdev::overlap(*num, *theirs))
+                {
+                    return Err(Error::BadRequest(format!(
+                        "device {} shares blocks with {}, which backs volume '{other}'",
+                        dev.display(),
+                        path.display(),
+                    )));
+                }
+            }
+            pool_check(&st, self.config.pool_capacity, size)?;
+            st.busy.insert(
+                name.clone(),
+                Claim {
+                    op: "create",
+                    reserved: size,
+                    device: device.clone(),
+                },
+            );
+            Held {
+                state: &self.state,
+                hold: Hold::Volume(name.clone()),
+            }
+        };
+        let device_identity = device.as_ref().map(|(dev, num)| {
+            let identity = blockdev::identity(*num);
+            if !identity.is_stable() {
+                tracing::warn!(device = %dev.display(), "device has no stable identity (no wwid, serial, dm uuid or loop backing file): a different disk at this path later would not be detected");
+            }
+            identity
+        });
 
         let id = uuid::Uuid::new_v4().to_string();
         let encryption = if encrypted {
@@ -504,6 +683,7 @@ impl VolumeService {
             iops_limit: overrides.iops_limit,
             bandwidth_limit: overrides.bandwidth_limit,
             encryption,
+            owner: req.owner,
         };
         let undo_file = |spec: &VolumeSpec| {
             if let Backing::File { path, .. } = &spec.backing {
@@ -511,14 +691,25 @@ impl VolumeService {
             }
         };
         let export = match self.open_and_export(&spec) {
-            Ok(e) => e,
+            Ok(e) => Arc::new(e),
             Err(e) => {
                 undo_file(&spec);
                 self.metrics.remove_volume(name.as_str());
                 return Err(e);
             }
         };
-        if let Err(e) = self.catalog.put(spec.clone()) {
+        let written = {
+            let mut catalog = crate::lock(&self.catalog);
+            catalog.put(spec.clone()).map(|()| {
+                let mut st = self.state();
+                st.volumes.insert(name.clone(), spec.clone());
+                st.exports.insert(name.clone(), export.clone());
+                if let Some(device) = device {
+                    st.devices.insert(name.clone(), device);
+                }
+            })
+        };
+        if let Err(e) = written {
             export.stop();
             undo_file(&spec);
             self.metrics.remove_volume(name.as_str());
@@ -534,17 +725,18 @@ impl VolumeService {
             bandwidth_limit = limits.bandwidth_bytes_per_second,
             encryption = spec.encryption.as_ref().map_or("none", |w| w.cipher.as_str()),
             kek = spec.encryption.as_ref().map_or("", |w| w.kek_id.as_str()),
+            owner = %spec.owner.as_ref().map_or("none".to_string(), Owner::to_string),
             socket = %export.socket_path().display(),
             "volume created"
         );
-        self.exports.insert(name, export);
-        Ok(self.info(&spec))
+        Ok(self.info_of(&spec))
     }
 
-    pub fn update(&mut self, name: &str, req: UpdateVolume) -> Result<VolumeInfo, Error> {
-        let (name, spec) = self.spec(name)?;
+    pub fn update(&self, name: &str, req: UpdateVolume) -> Result<VolumeInfo, Error> {
+        let (_held, spec, export) = self.claim(name, "change")?;
+        let name = spec.name.clone();
         let mut new = spec.clone();
-        let old_limits = self.limits(spec);
+        let old_limits = self.limits(&spec);
         if let Some(t) = &req.tier {
             new.tier = t.parse()?;
         }
@@ -555,6 +747,12 @@ impl VolumeService {
             new.bandwidth_limit = bandwidth.map(|b| b.0);
         }
         new.overrides().validate()?;
+        if let Some(owner) = req.owner {
+            if let Some(o) = &owner {
+                o.validate()?;
+            }
+            new.owner = owner;
+        }
         let grow_to = match req.size {
             Some(s) => {
                 volume::validate_size(s.0)?;
@@ -571,13 +769,11 @@ impl VolumeService {
                     "volume '{name}' is read-only and cannot be resized"
                 )));
             }
-            self.check_pool(size - spec.size_bytes)?;
-            let export = self.exports.get(&name).ok_or_else(|| {
-                Error::NotServing(
-                    name.to_string(),
-                    self.failed.get(&name).cloned().unwrap_or_default(),
-                )
-            })?;
+            self.reserve(&name, size - spec.size_bytes)?;
+            let Some(export) = &export else {
+                let why = self.failed_reason(&name);
+                return Err(Error::NotServing(name.to_string(), why));
+            };
             let preallocated = matches!(
                 spec.backing,
                 Backing::File {
@@ -588,11 +784,36 @@ impl VolumeService {
             export.volume().store.grow(size, preallocated)?;
             new.size_bytes = size;
         }
-        if &new != spec {
-            self.catalog.put(new.clone())?;
+        // The socket changes hands before the catalog says so, and back if the catalog write
+        // fails.
+        let owner_changed = new.owner != spec.owner;
+        if owner_changed {
+            if let Some(export) = &export {
+                export.set_owner(new.owner.as_ref())?;
+            }
+        }
+        if new != spec {
+            new = match self.commit_change(new) {
+                Ok(new) => new,
+                Err(e) => {
+                    if let (true, Some(export)) = (owner_changed, &export) {
+                        if let Err(back) = export.set_owner(spec.owner.as_ref()) {
+                            tracing::error!(volume = %name, "cannot give the socket back to its owner: {}", crate::error_chain(&back));
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+        }
+        if owner_changed {
+            let owner = new
+                .owner
+                .as_ref()
+                .map_or("none".to_string(), Owner::to_string);
+            tracing::info!(volume = %name, %owner, "volume owner changed");
         }
         if let Some(size) = grow_to {
-            if let Some(export) = self.exports.get(&name) {
+            if let Some(export) = &export {
                 export.volume().set_capacity(size);
                 let notified = export.notify_config_change();
                 tracing::info!(
@@ -609,7 +830,7 @@ impl VolumeService {
         }
         let limits = self.limits(&new);
         if limits != old_limits {
-            if let Some(export) = self.exports.get(&name) {
+            if let Some(export) = &export {
                 export.volume().set_limits(&limits);
             }
             tracing::info!(
@@ -620,33 +841,47 @@ impl VolumeService {
                 "volume limits changed"
             );
         }
-        Ok(self.info(&new))
+        Ok(self.info_of(&new))
     }
 
-    pub fn delete(&mut self, name: &str, force: bool) -> Result<Deleted, Error> {
-        let (name, spec) = self.spec(name)?;
-        let spec = spec.clone();
-        if let Some(export) = self.exports.get(&name) {
+    pub fn delete(&self, name: &str, force: bool) -> Result<Deleted, Error> {
+        let (_held, spec, export) = self.claim(name, "delete")?;
+        let name = spec.name.clone();
+        if let Some(export) = &export {
             if export.is_attached() && !force {
                 return Err(Error::Attached(name.to_string()));
             }
-        }
-        if let Some(export) = self.exports.remove(&name) {
+            if export.is_attached() {
+                tracing::info!(volume = %name, "deleting an attached volume: disconnecting its frontend, waiting for its in-flight I/O");
+            }
+            // As long as the device takes to finish that I/O, with no lock held.
             export.stop();
         }
-        if let Err(e) = self.catalog.remove(&name) {
+        let removed = {
+            let mut catalog = crate::lock(&self.catalog);
+            catalog.remove(&name).map(|_| {
+                let mut st = self.state();
+                st.volumes.remove(&name);
+                st.devices.remove(&name);
+                st.exports.remove(&name);
+                st.failed.remove(&name);
+            })
+        };
+        if let Err(e) = removed {
             // Put the volume back in service: nothing changed on disk.
-            match self.open_and_export(&spec) {
+            let reopened = self.open_and_export(&spec);
+            let mut st = self.state();
+            match reopened {
                 Ok(export) => {
-                    self.exports.insert(name.clone(), export);
+                    st.exports.insert(name.clone(), Arc::new(export));
                 }
                 Err(again) => {
-                    self.failed.insert(name.clone(), crate::error_chain(&again));
+                    st.exports.remove(&name);
+                    st.failed.insert(name.clone(), crate::error_chain(&again));
                 }
             }
             return Err(e.into());
         }
-        self.failed.remove(&name);
         self.metrics.remove_volume(name.as_str());
         // The catalog (rewritten whole, fsynced, renamed, the replaced file zeroed) no longer
         // holds the wrapped key, before a byte of the data is removed.
@@ -728,14 +963,26 @@ impl VolumeService {
     }
 
     /// Re-wraps every volume key not wrapped by the current KEK with it, one volume at a time
-    /// (each catalog write is atomic). Volume data is not touched.
-    pub fn rotate_keys(&mut self) -> Result<Rotated, Error> {
+    /// (each catalog write is atomic). Volume data is not touched; operations on volumes go on
+    /// meanwhile, and a volume deleted meanwhile is skipped.
+    pub fn rotate_keys(&self) -> Result<Rotated, Error> {
+        let _held = {
+            let mut st = self.state();
+            if st.rotating {
+                return Err(Error::RotationUnderWay);
+            }
+            st.rotating = true;
+            Held {
+                state: &self.state,
+                hold: Hold::Rotation,
+            }
+        };
         let current = self.keys.current_id()?;
         // Check the current KEK before touching anything.
         self.keys.kek(&current)?;
         let mut rewrapped = Vec::new();
         let mut already_current = 0;
-        let specs: Vec<VolumeSpec> = self.catalog.iter().cloned().collect();
+        let specs: Vec<VolumeSpec> = self.state().volumes.values().cloned().collect();
         for spec in specs {
             let Some(w) = &spec.encryption else { continue };
             if w.kek_id == current {
@@ -744,12 +991,23 @@ impl VolumeService {
             }
             let dek = keys::unwrap(self.keys.as_ref(), &spec.id, w)?;
             let new_wrap = keys::wrap(self.keys.as_ref(), &spec.id, &dek)?;
-            let old_kek = w.kek_id.clone();
-            let mut new = spec.clone();
-            new.encryption = Some(new_wrap);
-            self.catalog.put(new)?;
-            tracing::info!(volume = %spec.name, from = %old_kek, to = %current, "volume key re-wrapped");
-            rewrapped.push(spec.name.to_string());
+            let written = {
+                let mut catalog = crate::lock(&self.catalog);
+                match catalog.get(&spec.name) {
+                    Some(now) if now.id == spec.id && now.encryption.as_ref() == Some(w) => {
+                        let mut new = now.clone();
+                        new.encryption = Some(new_wrap);
+                        catalog.put(new.clone())?;
+                        self.state().volumes.insert(new.name.clone(), new);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if written {
+                tracing::info!(volume = %spec.name, from = %w.kek_id, to = %current, "volume key re-wrapped");
+                rewrapped.push(spec.name.to_string());
+            }
         }
         Ok(Rotated {
             current_kek: current,
@@ -761,7 +1019,7 @@ impl VolumeService {
     /// The current KEK and how many volumes each KEK wraps.
     pub fn key_status(&self) -> Result<KeyStatus, Error> {
         let mut volumes_by_kek = BTreeMap::new();
-        for spec in self.catalog.iter() {
+        for spec in self.state().volumes.values() {
             if let Some(w) = &spec.encryption {
                 *volumes_by_kek.entry(w.kek_id.clone()).or_insert(0) += 1;
             }
@@ -773,11 +1031,11 @@ impl VolumeService {
     }
 
     /// Stops every export (waiting for in-flight I/O) and syncs the backing storage.
-    pub fn shutdown(&mut self) {
-        for (name, export) in std::mem::take(&mut self.exports) {
-            let volume = export.volume().clone();
+    pub fn shutdown(&self) {
+        let exports = std::mem::take(&mut self.state().exports);
+        for (name, export) in exports {
             export.stop();
-            if let Err(e) = volume.store.file.sync_data() {
+            if let Err(e) = export.volume().store.file.sync_data() {
                 tracing::error!(volume = %name, "final sync failed: {e}");
             }
         }
@@ -791,8 +1049,9 @@ impl VolumeService {
         self.config.pool_capacity.map(|c| c.0)
     }
 
+    /// Sum of the volumes' sizes and of what operations under way have reserved.
     pub fn allocated_bytes(&self) -> u64 {
-        self.catalog.allocated_bytes()
+        self.state().allocated_bytes()
     }
 }
 

@@ -1,4 +1,5 @@
-//! What a volume is: its validated name, its performance tier and the record the catalog keeps.
+//! What a volume is: its validated name, its performance tier, its owner and the record the
+//! catalog keeps.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -11,6 +12,9 @@ pub const MAX_NAME_LEN: usize = 63;
 
 /// Volume sizes are a multiple of this.
 pub const SIZE_ALIGNMENT: u64 = 4096;
+
+/// Longest VM id of an owner.
+pub const MAX_VM_ID_LEN: usize = 128;
 
 /// Errors validating what a client says about a volume.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,6 +33,12 @@ pub enum Error {
     ZeroSize,
     #[error("Volume size {0} bytes is not a multiple of {SIZE_ALIGNMENT} bytes")]
     UnalignedSize(u64),
+    #[error("Owner uid {0} is not a uid (-1 means \"no change\" to chown)")]
+    InvalidOwnerUid(u32),
+    #[error(
+        "Owner vm_id must be 1 to {MAX_VM_ID_LEN} ASCII letters, digits, '-', '_', '.' or ':'"
+    )]
+    InvalidVmId,
 }
 
 /// A validated volume name: safe as a file name and a socket name.
@@ -183,6 +193,46 @@ impl Backing {
     }
 }
 
+/// Who may attach a volume. storaged serves its socket only to frontends whose peer uid
+/// (`SO_PEERCRED`, as it was when they connected) is `uid`, root included, and gives the
+/// socket file to that uid (mode 0600).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    pub uid: u32,
+    /// The VM the volume is assigned to, for the agent that assigned it. storaged only keeps
+    /// and shows it: it can check a peer's uid, not which VM the peer runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+}
+
+impl Owner {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.uid == u32::MAX {
+            return Err(Error::InvalidOwnerUid(self.uid));
+        }
+        if let Some(id) = &self.vm_id {
+            let ok = id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+            if id.is_empty() || id.len() > MAX_VM_ID_LEN || !ok {
+                return Err(Error::InvalidVmId);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid {}", self.uid)?;
+        if let Some(id) = &self.vm_id {
+            write!(f, " (VM {id})")?;
+        }
+        Ok(())
+    }
+}
+
 /// The catalog's record of one volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,6 +255,10 @@ pub struct VolumeSpec {
     /// The volume's data key, wrapped by a KEK; `None`: not encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<crate::keys::WrappedKey>,
+    /// The only uid served; `None`: any process that can open the socket (catalogs written
+    /// before owners existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
 }
 
 impl VolumeSpec {
@@ -255,6 +309,30 @@ mod tests {
             "gold".parse::<Tier>(),
             Err(Error::UnknownTier("gold".into()))
         );
+    }
+
+    #[test]
+    fn owners_need_a_real_uid_and_a_plain_vm_id() {
+        let owner = |uid, vm_id: Option<&str>| Owner {
+            uid,
+            vm_id: vm_id.map(str::to_string),
+        };
+        assert!(owner(0, None).validate().is_ok());
+        assert!(owner(1234, Some("vm-7f3a:0.1_x")).validate().is_ok());
+        assert!(owner(7, Some(&"v".repeat(MAX_VM_ID_LEN)))
+            .validate()
+            .is_ok());
+        assert_eq!(
+            owner(u32::MAX, None).validate(),
+            Err(Error::InvalidOwnerUid(u32::MAX))
+        );
+        for id in ["", "a b", "vm\n", "é", &"v".repeat(MAX_VM_ID_LEN + 1)] {
+            assert_eq!(
+                owner(7, Some(id)).validate(),
+                Err(Error::InvalidVmId),
+                "{id:?}"
+            );
+        }
     }
 
     #[test]

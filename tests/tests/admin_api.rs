@@ -460,10 +460,143 @@ fn admin_socket_is_private_and_storagectl_drives_the_api() {
     assert_eq!(v["limits"]["iops_source"], "floor");
     let (ok, _, err) = ctl(&["set-limits", "cli1", "--iops", "0"]);
     assert!(!ok && err.contains("iops_limit"), "{err}");
+    let (ok, out, err) = ctl(&["set-owner", "cli1", "--uid", "1234", "--vm-id", "vm-7"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["owner"],
+        serde_json::json!({"uid": 1234, "vm_id": "vm-7"})
+    );
+    let (ok, out, err) = ctl(&["set-owner", "cli1", "--none"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["owner"], serde_json::Value::Null);
+    let (ok, _, _) = ctl(&["set-owner", "cli1"]);
+    assert!(!ok, "set-owner without --uid or --none was accepted");
+    let (ok, out, err) = ctl(&[
+        "create",
+        "cli2",
+        "--size",
+        "1MiB",
+        "--owner-uid",
+        "77",
+        "--vm-id",
+        "vm-2",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["owner"], serde_json::json!({"uid": 77, "vm_id": "vm-2"}));
     let (ok, _, err) = ctl(&["create", "bad/name", "--size", "1MiB"]);
     assert!(!ok && err.contains("HTTP 400"), "{err}");
     let (ok, _, _) = ctl(&["delete", "cli1"]);
     assert!(ok);
     let (ok, out, _) = ctl(&["info"]);
     assert!(ok && out.contains("metrics_url"), "{out}");
+}
+
+/// Sends a request from a thread of its own; `None` if no answer came within `limit`.
+fn answer_within(
+    s: &Storaged,
+    limit: std::time::Duration,
+    method: &'static str,
+    target: &str,
+    body: Option<&str>,
+) -> Option<Response> {
+    let admin = s.admin();
+    let (target, body) = (target.to_string(), body.map(str::to_string));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(admin.request(method, &target, body.as_deref()).unwrap());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+#[test]
+fn a_forced_delete_stuck_on_a_hung_device_leaves_the_api_answering() {
+    use std::time::Duration;
+    let s = Storaged::start();
+    let Some(mut disk) = FreezableDevice::new(16 << 20) else {
+        eprintln!("SKIPPED a_forced_delete_stuck_on_a_hung_device_leaves_the_api_answering: cannot set up a freezable device (needs root, losetup, mkfs.ext4, mount, fsfreeze)");
+        return;
+    };
+    let body = serde_json::json!({"name": "hung", "size": "16MiB", "device": disk.dev}).to_string();
+    s.create_volume(&body);
+    s.create_volume(r#"{"name":"other","size":"8MiB"}"#);
+
+    // A frontend with a write in flight on the frozen device: the write cannot complete, so a
+    // forced delete waits for it (a drain never abandons I/O the kernel still holds).
+    let socket = s.socket_of("hung");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut c = connect_retry(&socket, 1);
+        assert_eq!(c.write(0, 0, &pattern(4096, 0, 1)), 0);
+        ready_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        // Completes (or fails) once the device is thawed and the connection gone.
+        c.write(0, 4096, &pattern(4096, 4096, 2));
+    });
+    ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    disk.freeze();
+    go_tx.send(()).unwrap();
+    wait_until(
+        "the write never reached the device",
+        Duration::from_secs(10),
+        || disk.inflight() > 0,
+    );
+    let admin = s.admin();
+    let (deleted_tx, deleted_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = deleted_tx.send(
+            admin
+                .request("DELETE", "/v1/volumes/hung?force=true", None)
+                .unwrap(),
+        );
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Meanwhile the API answers: reads, the other volume's changes, a new volume.
+    let limit = Duration::from_secs(5);
+    let must_answer = |method: &'static str, target: &str, body: Option<&str>| {
+        answer_within(&s, limit, method, target, body).unwrap_or_else(|| {
+            panic!("{method} {target}: no answer within {limit:?} while a forced delete waits on a hung device")
+        })
+    };
+    let list = must_answer("GET", "/v1/volumes", None);
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(must_answer("GET", "/v1/volumes/hung", None).status, 200);
+    assert_eq!(must_answer("GET", "/v1/info", None).status, 200);
+    let r = must_answer("PATCH", "/v1/volumes/other", Some(r#"{"size":"12MiB"}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = must_answer(
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"more","size":"4MiB"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(must_answer("DELETE", "/v1/volumes/more", None).status, 200);
+    // A second operation on the volume being deleted is refused, not queued behind it.
+    let r = must_answer("PATCH", "/v1/volumes/hung", Some(r#"{"tier":"ultra"}"#));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("busy"), "{}", r.body);
+    assert!(
+        deleted_rx.try_recv().is_err(),
+        "the delete finished while its frontend's write was still in flight"
+    );
+
+    // Once the device answers, the delete finishes.
+    disk.thaw();
+    let r = deleted_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names: Vec<String> = s
+        .admin()
+        .get("/v1/volumes")
+        .unwrap()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["other"]);
 }

@@ -54,6 +54,12 @@ enum Command {
         /// aes-xts-plain64 or none [default: aes-xts-plain64].
         #[arg(long)]
         encryption: Option<String>,
+        /// Serve the volume only to frontends of this uid (its socket becomes the uid's).
+        #[arg(long)]
+        owner_uid: Option<u32>,
+        /// The VM the volume is assigned to (kept and shown, not checked); needs --owner-uid.
+        #[arg(long, requires = "owner_uid")]
+        vm_id: Option<String>,
     },
     /// List volumes.
     List,
@@ -75,6 +81,21 @@ enum Command {
         #[arg(long)]
         bandwidth: Option<String>,
     },
+    /// Assign a volume to a uid (and VM), or make it anyone's again with --none:
+    /// `storagectl set-owner db1 --uid 1234 --vm-id vm-7`. A change drops the connected
+    /// frontend.
+    SetOwner {
+        name: String,
+        /// The only uid served.
+        #[arg(long, required_unless_present = "none")]
+        uid: Option<u32>,
+        /// The VM the volume is assigned to.
+        #[arg(long, requires = "uid")]
+        vm_id: Option<String>,
+        /// Remove the owner: every process that can open the socket is served.
+        #[arg(long, conflicts_with_all = ["uid", "vm_id"])]
+        none: bool,
+    },
     /// Delete a volume: its wrapped key, then its backing file (a device is left as it is).
     /// Prints what was done and what that does not protect against.
     Delete {
@@ -89,6 +110,13 @@ enum Command {
     Keys,
     /// Re-wrap every volume key with the current KEK (after changing the key dir's `current`).
     RotateKeys,
+}
+
+fn owner_json(uid: u32, vm_id: Option<&str>) -> serde_json::Value {
+    match vm_id {
+        Some(id) => json!({ "uid": uid, "vm_id": id }),
+        None => json!({ "uid": uid }),
+    }
 }
 
 fn main() -> ExitCode {
@@ -106,6 +134,8 @@ fn main() -> ExitCode {
             iops_limit,
             bandwidth_limit,
             encryption,
+            owner_uid,
+            vm_id,
         } => {
             let mut b = json!({ "name": name, "size": size, "read_only": read_only });
             if let Some(t) = tier {
@@ -128,6 +158,9 @@ fn main() -> ExitCode {
             }
             if let Some(e) = encryption {
                 b["encryption"] = json!(e);
+            }
+            if let Some(uid) = owner_uid {
+                b["owner"] = owner_json(*uid, vm_id.as_deref());
             }
             ("POST", "/v1/volumes".to_string(), Some(b))
         }
@@ -168,6 +201,22 @@ fn main() -> ExitCode {
                 };
             }
             ("PATCH", format!("/v1/volumes/{name}"), Some(b))
+        }
+        Command::SetOwner {
+            name,
+            uid,
+            vm_id,
+            none,
+        } => {
+            let owner = match uid {
+                Some(uid) if !*none => owner_json(*uid, vm_id.as_deref()),
+                _ => serde_json::Value::Null,
+            };
+            (
+                "PATCH",
+                format!("/v1/volumes/{name}"),
+                Some(json!({ "owner": owner })),
+            )
         }
         Command::Delete { name, force } => (
             "DELETE",

@@ -5,9 +5,19 @@
 //! threads and rings; while it stays connected, further connections are accepted and closed at
 //! once (and logged). When it disconnects, its in-flight I/O is drained and the socket accepts
 //! the next frontend.
+//!
+//! A volume with an [`Owner`] is served only to the owner's uid. The socket file belongs to
+//! that uid with mode 0600, so other uids cannot connect; a peer that can anyway (root, or one
+//! that connected before the owner changed and waited in the backlog) is checked at accept:
+//! its `SO_PEERCRED` uid, fixed when it connected, must be the owner's, root's included, or the
+//! connection is logged and closed before a message of it is read. An owner change re-chowns
+//! the socket and drops the connection being served: it belongs to the previous assignment.
+//! The check and the registration of an accepted connection happen under the owner's lock, so
+//! a connection is either checked against the new owner or dropped by the change. Without an
+//! owner the socket is storaged's with mode 0660 and every peer that can connect is served.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{chown, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::backend::BlkBackend;
 use super::VolumeIo;
 use crate::lock;
+use crate::volume::Owner;
 
 /// Errors setting up a volume's socket.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +47,13 @@ pub enum Error {
     #[error("Cannot set permissions of {path}")]
     Permissions {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot give {path} to uid {uid}")]
+    Chown {
+        path: PathBuf,
+        uid: u32,
         #[source]
         source: std::io::Error,
     },
@@ -56,6 +74,8 @@ struct ExportState {
     connection: Mutex<Option<ShutdownHandle>>,
     /// The device of the connected frontend.
     device: Mutex<Option<Arc<BlkBackend>>>,
+    /// The only uid served, if any; held while a connection is checked and registered.
+    owner: Mutex<Option<Owner>>,
 }
 
 /// A volume being served on its vhost-user socket.
@@ -64,24 +84,28 @@ pub struct Export {
     socket_path: PathBuf,
     state: Arc<ExportState>,
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    /// The socket thread; taken by the first [`Export::stop`].
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Export {
-    /// Binds the socket (listening when this returns) and starts serving it.
-    pub fn start(volume: Arc<VolumeIo>, socket_path: &Path) -> Result<Self, Error> {
+    /// Binds the socket (listening when this returns), gives it to `owner` if there is one,
+    /// and starts serving it.
+    pub fn start(
+        volume: Arc<VolumeIo>,
+        socket_path: &Path,
+        owner: Option<&Owner>,
+    ) -> Result<Self, Error> {
         let listener = Listener::new(socket_path, true).map_err(|source| Error::Listen {
             path: socket_path.to_owned(),
             source,
         })?;
-        std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o660)).map_err(
-            |source| Error::Permissions {
-                path: socket_path.to_owned(),
-                source,
-            },
-        )?;
+        set_socket_owner(socket_path, owner)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let state = Arc::new(ExportState::default());
+        let state = Arc::new(ExportState {
+            owner: Mutex::new(owner.cloned()),
+            ..ExportState::default()
+        });
         let server = Server {
             volume: volume.clone(),
             listener,
@@ -100,7 +124,7 @@ impl Export {
             socket_path: socket_path.to_owned(),
             state,
             stop,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -125,6 +149,23 @@ impl Export {
             .is_some_and(|d| d.notify_config_change())
     }
 
+    /// Makes `owner` the only uid served (`None`: any peer that can connect) and gives it the
+    /// socket. A change drops the connection being served, which belongs to the previous
+    /// assignment; setting the owner there is already changes nothing.
+    pub fn set_owner(&self, owner: Option<&Owner>) -> Result<(), Error> {
+        let mut current = lock(&self.state.owner);
+        if current.as_ref() == owner {
+            return Ok(());
+        }
+        set_socket_owner(&self.socket_path, owner)?;
+        *current = owner.cloned();
+        if self.is_attached() {
+            tracing::info!(volume = %self.volume.name, "owner changed: disconnecting the frontend");
+            self.disconnect();
+        }
+        Ok(())
+    }
+
     /// Closes the current frontend connection, if any (the socket keeps listening).
     pub fn disconnect(&self) {
         if let Some(conn) = lock(&self.state.connection).as_ref() {
@@ -133,12 +174,10 @@ impl Export {
     }
 
     /// Stops accepting, closes the connection, waits for in-flight I/O and removes the socket.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
+    /// Returns when all of that is done, however long the backing storage takes to finish what
+    /// it was given; a second call returns at once.
+    pub fn stop(&self) {
+        let Some(thread) = lock(&self.thread).take() else {
             return;
         };
         self.state.stopping.store(true, Ordering::Release);
@@ -152,7 +191,7 @@ impl Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        self.shutdown();
+        self.stop();
     }
 }
 
@@ -251,24 +290,46 @@ impl Server {
         Ok((backend, daemon))
     }
 
-    /// Accepts one frontend and serves it until it disconnects (or the export stops).
+    /// Accepts one frontend and serves it until it disconnects (or the export stops). A peer
+    /// that is not the owner is refused before any of its messages is read.
     fn serve_one(&mut self) -> Result<(), String> {
         let name = self.volume.name.clone();
-        let setup = self.new_device().and_then(|(backend, daemon)| {
-            let done = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-            let done_signal = done.try_clone().map_err(|e| e.to_string())?;
-            Ok((backend, daemon, done, done_signal))
-        });
-        let (backend, mut daemon, done, done_signal) = match setup {
-            Ok(s) => s,
-            Err(e) => {
-                // Take the connection off the queue, or it would be retried forever.
-                if let Ok(Some(stream)) = self.listener.accept() {
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
-                }
-                return Err(e);
-            }
+        let stream = match self.listener.accept() {
+            Ok(Some(stream)) => stream,
+            // Gone before it was accepted.
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("cannot accept the frontend: {e}")),
         };
+        let peer = peer_credentials(&stream);
+        // Held until the connection is registered: an owner change either comes first (and
+        // is what the peer is checked against) or finds the connection and drops it.
+        let owner = lock(&self.state.owner);
+        if let Some(o) = owner.as_ref() {
+            match &peer {
+                Ok(p) if p.uid == o.uid => {}
+                Ok(p) => {
+                    tracing::warn!(
+                        volume = %name,
+                        pid = p.pid,
+                        uid = p.uid,
+                        owner_uid = o.uid,
+                        vm_id = o.vm_id.as_deref().unwrap_or(""),
+                        "refused a frontend of another uid: the volume belongs to its owner's uid"
+                    );
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, "refused a frontend whose credentials cannot be read: {e}");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+            }
+        }
+        let (backend, mut daemon) = self.new_device()?;
+        let done = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let done_signal = done.try_clone().map_err(|e| e.to_string())?;
+        self.listener.hand_over(stream);
         daemon
             .start(&mut self.listener)
             .map_err(|e| format!("cannot accept the frontend: {e}"))?;
@@ -276,8 +337,12 @@ impl Server {
         backend.set_connection(daemon.shutdown_handle());
         *lock(&self.state.device) = Some(backend.clone());
         self.state.attached.store(true, Ordering::Release);
+        drop(owner);
         self.volume.metrics.attached.set(1);
-        tracing::info!(volume = %name, "frontend attached");
+        match &peer {
+            Ok(p) => tracing::info!(volume = %name, pid = p.pid, uid = p.uid, "frontend attached"),
+            Err(_) => tracing::info!(volume = %name, "frontend attached"),
+        }
 
         // The connection is served on the daemon's thread; a waiter thread turns its end into
         // an event this thread can poll beside the listener and the stop event.
@@ -347,17 +412,82 @@ impl Server {
                     return;
                 }
                 if let Ok(Some(stream)) = self.listener.accept() {
-                    refuse(stream, name);
+                    refuse_second(stream, name);
                 }
             }
         }
     }
 }
 
-fn refuse(stream: UnixStream, volume: &str) {
+fn refuse_second(stream: UnixStream, volume: &str) {
+    let (pid, uid) = match peer_credentials(&stream) {
+        Ok(p) => (i64::from(p.pid), i64::from(p.uid)),
+        Err(_) => (-1, -1),
+    };
     tracing::warn!(
         volume,
+        pid,
+        uid,
         "refused a second frontend connection: the volume is attached to another one"
     );
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// The process at the other end of a Unix socket, as it was when it connected.
+struct PeerCredentials {
+    pid: i32,
+    uid: u32,
+}
+
+fn peer_credentials(stream: &UnixStream) -> std::io::Result<PeerCredentials> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred that lives for the
+    // call; the fd is open while `stream` is borrowed.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(PeerCredentials {
+        pid: cred.pid,
+        uid: cred.uid,
+    })
+}
+
+/// Gives the socket file to the owner's uid with mode 0600, or without an owner to storaged's
+/// own uid with mode 0660. The mode is narrowed to 0600 first, so that while ownership
+/// changes no one gains access they are not to have.
+fn set_socket_owner(path: &Path, owner: Option<&Owner>) -> Result<(), Error> {
+    let permissions = |mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+            Error::Permissions {
+                path: path.to_owned(),
+                source,
+            }
+        })
+    };
+    let (uid, mode) = match owner {
+        Some(o) => (o.uid, 0o600),
+        // SAFETY: geteuid has no arguments and cannot fail.
+        None => (unsafe { libc::geteuid() }, 0o660),
+    };
+    permissions(0o600)?;
+    chown(path, Some(uid), None).map_err(|source| Error::Chown {
+        path: path.to_owned(),
+        uid,
+        source,
+    })?;
+    permissions(mode)
 }

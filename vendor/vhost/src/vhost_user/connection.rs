@@ -11,6 +11,7 @@ use std::marker::PhantomData;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::{mem, slice};
 
 use libc::{c_void, iovec};
@@ -24,6 +25,8 @@ use super::{Error, Result};
 pub struct Listener {
     fd: UnixListener,
     path: Option<PathBuf>,
+    /// A connection already accepted by the owner, returned by the next `accept()`.
+    handed_over: Mutex<Option<UnixStream>>,
 }
 
 impl Listener {
@@ -40,7 +43,18 @@ impl Listener {
         Ok(Listener {
             fd,
             path: Some(path.as_ref().to_owned()),
+            handed_over: Mutex::new(None),
         })
+    }
+
+    /// Make the next `accept()` return `stream` instead of taking a connection off the queue:
+    /// for an owner that accepts a connection itself (to check its peer's credentials, say)
+    /// and then lets a `BackendListener` serve it.
+    pub fn hand_over(&mut self, stream: UnixStream) {
+        *self
+            .handed_over
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stream);
     }
 
     /// Accept an incoming connection.
@@ -50,6 +64,14 @@ impl Listener {
     /// * - None: no incoming connection available.
     /// * - SocketError: errors from accept().
     pub fn accept(&self) -> Result<Option<UnixStream>> {
+        let handed_over = self
+            .handed_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(stream) = handed_over {
+            return Ok(Some(stream));
+        }
         loop {
             match self.fd.accept() {
                 Ok((socket, _addr)) => return Ok(Some(socket)),
@@ -92,7 +114,11 @@ impl FromRawFd for Listener {
 
 impl From<UnixListener> for Listener {
     fn from(fd: UnixListener) -> Self {
-        Self { fd, path: None }
+        Self {
+            fd,
+            path: None,
+            handed_over: Mutex::new(None),
+        }
     }
 }
 
