@@ -82,10 +82,19 @@ static FAULTS: AtomicU64 = AtomicU64::new(0);
 /// The SIGBUS disposition before [`install`].
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
+/// The page size, read at [`install`] (sysconf is not async-signal-safe).
+static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
+
 /// Installs the SIGBUS handler (once per process; later calls do nothing).
 pub fn install() -> Result<(), Error> {
     if PREVIOUS.get().is_some() {
         return Ok(());
+    }
+    // SAFETY: sysconf only reads a system constant.
+    if let Ok(page) = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }) {
+        if page.is_power_of_two() {
+            PAGE_SIZE.store(page, Ordering::Release);
+        }
     }
     // SAFETY: zeroed sigaction structs are valid (empty mask, no flags); the handler is an
     // extern "C" fn with the SA_SIGINFO signature and stays valid for the process's life.
@@ -147,8 +156,7 @@ fn contain(addr: usize) -> bool {
     }
     // A region mapped but not yet admitted (between the mapping and [`MemoryGuard::admit`]):
     // replace the page; the connection's check finds the short file.
-    // SAFETY: sysconf is async-signal-safe.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let page = PAGE_SIZE.load(Ordering::Acquire);
     replace(addr & !(page - 1), page)
 }
 
