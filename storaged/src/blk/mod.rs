@@ -32,7 +32,7 @@ use crate::config::IoConfig;
 use crate::crypto::Xts;
 use crate::metrics::VolumeMetrics;
 use crate::qos::{self, QosSlot};
-use crate::volume::VolumeSpec;
+use crate::volume::{Backing, VolumeSpec};
 use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 
 /// Most segments in one discard or write-zeroes request.
@@ -47,6 +47,9 @@ pub struct VolumeIo {
     pub store: BackingStore,
     capacity: AtomicU64,
     pub read_only: bool,
+    /// A backing file allocated in full: DISCARD and WRITE_ZEROES zero its ranges in place
+    /// and never give blocks back to the file system, so its writes never meet a full one.
+    pub preallocated: bool,
     pub num_queues: u16,
     pub max_queue_size: u16,
     pub seg_max: u32,
@@ -81,6 +84,13 @@ impl VolumeIo {
             store,
             capacity: AtomicU64::new(spec.size_bytes),
             read_only: spec.read_only,
+            preallocated: matches!(
+                spec.backing,
+                Backing::File {
+                    preallocated: true,
+                    ..
+                }
+            ),
             num_queues: spec.num_queues,
             max_queue_size: io.max_queue_size,
             seg_max: io.seg_max,
