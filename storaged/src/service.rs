@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
-use crate::blk::VolumeIo;
+use crate::blk::{failure, VolumeIo};
 use crate::blockdev;
 use crate::catalog::{self, VolumeCatalog};
 use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
@@ -48,6 +48,10 @@ pub enum Error {
     Attached(String),
     #[error("Volume '{0}' is not being served: {1}")]
     NotServing(String, String),
+    #[error("Volume '{0}' has no recorded I/O failure to clear")]
+    NotFailed(String),
+    #[error(transparent)]
+    Failure(#[from] failure::Error),
     #[error(transparent)]
     Qos(#[from] qos::Error),
     #[error(transparent)]
@@ -146,10 +150,14 @@ pub struct VolumeInfo {
     /// Id of the KEK wrapping the volume's key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kek_id: Option<String>,
-    /// "serving", or "failed" when the backing storage could not be opened at start.
+    /// "serving", or "failed": the backing storage could not be opened at start, or a FLUSH
+    /// failed (see [`crate::blk::failure`]).
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When a FLUSH failed the volume (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<u64>,
 }
 
 /// `DELETE` answer: what was done, and what that does not protect against.
@@ -237,6 +245,9 @@ impl VolumeService {
                         size = spec.size_bytes,
                         "volume served"
                     );
+                    if let Some(f) = export.volume().failure.get() {
+                        tracing::warn!(volume = %spec.name, reason = %f.reason, failed_at = f.at, "volume is failed: FLUSH, writes and discards are answered IOERR until an operator clears the failure");
+                    }
                     svc.exports.insert(spec.name.clone(), export);
                 }
                 Err(e) => {
@@ -293,6 +304,7 @@ impl VolumeService {
             &self.limits(spec),
             crypt,
             self.metrics.volume(spec.name.as_str()),
+            failure::record_path(&self.paths.data_dir, &spec.id),
         ));
         Ok(Export::start(io, &self.socket_path(&spec.name))?)
     }
@@ -308,6 +320,7 @@ impl VolumeService {
 
     fn info(&self, spec: &VolumeSpec) -> VolumeInfo {
         let export = self.exports.get(&spec.name);
+        let io_failure = export.and_then(|e| e.volume().failure.get());
         VolumeInfo {
             name: spec.name.to_string(),
             id: spec.id.clone(),
@@ -330,13 +343,22 @@ impl VolumeService {
                 None => "none".into(),
             },
             kek_id: spec.encryption.as_ref().map(|w| w.kek_id.clone()),
-            state: if export.is_some() {
+            state: if export.is_some() && io_failure.is_none() {
                 "serving"
             } else {
                 "failed"
             }
             .into(),
-            error: self.failed.get(&spec.name).cloned(),
+            error: self.failed.get(&spec.name).cloned().or_else(|| {
+                io_failure.as_ref().map(|f| {
+                    format!(
+                        "{}: data written since the last successful flush may be lost; FLUSH, \
+                         writes and discards are answered IOERR until the failure is cleared",
+                        f.reason
+                    )
+                })
+            }),
+            failed_at: io_failure.map(|f| f.at),
         }
     }
 
@@ -648,6 +670,12 @@ impl VolumeService {
         }
         self.failed.remove(&name);
         self.metrics.remove_volume(name.as_str());
+        let record = failure::record_path(&self.paths.data_dir, &spec.id);
+        if let Err(e) = std::fs::remove_file(&record) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(volume = %name, path = %record.display(), "cannot remove the failure record: {e}");
+            }
+        }
         // The catalog (rewritten whole, fsynced, renamed, the replaced file zeroed) no longer
         // holds the wrapped key, before a byte of the data is removed.
         if let Some(w) = &spec.encryption {
@@ -727,6 +755,23 @@ impl VolumeService {
         caveats
     }
 
+    /// Clears a volume's failure (see [`crate::blk::failure`]): the operator has dealt with the
+    /// storage; FLUSH and writes are served again.
+    pub fn clear_failure(&mut self, name: &str) -> Result<VolumeInfo, Error> {
+        let (name, spec) = self.spec(name)?;
+        let export = self.exports.get(&name).ok_or_else(|| {
+            Error::NotServing(
+                name.to_string(),
+                self.failed.get(&name).cloned().unwrap_or_default(),
+            )
+        })?;
+        let Some(cleared) = export.volume().failure.clear()? else {
+            return Err(Error::NotFailed(name.to_string()));
+        };
+        tracing::info!(volume = %name, reason = %cleared.reason, failed_at = cleared.at, "volume failure cleared by the operator");
+        Ok(self.info(spec))
+    }
+
     /// Re-wraps every volume key not wrapped by the current KEK with it, one volume at a time
     /// (each catalog write is atomic). Volume data is not touched.
     pub fn rotate_keys(&mut self) -> Result<Rotated, Error> {
@@ -779,6 +824,9 @@ impl VolumeService {
             export.stop();
             if let Err(e) = volume.store.file.sync_data() {
                 tracing::error!(volume = %name, "final sync failed: {e}");
+                volume
+                    .failure
+                    .fail(&volume.name, format!("fdatasync at shutdown failed: {e}"));
             }
         }
     }

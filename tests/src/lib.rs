@@ -7,6 +7,7 @@
 
 pub mod emulated_host;
 pub mod raw_frontend;
+pub mod writeback_fault;
 
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;

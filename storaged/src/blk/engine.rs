@@ -35,7 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
 use super::timer::Timer;
-use super::VolumeIo;
+use super::{failure, VolumeIo};
 use crate::backing::{AlignedBuf, FALLOC_ALLOCATE, FALLOC_PUNCH, FALLOC_ZERO};
 use crate::crypto;
 use crate::metrics::op_index;
@@ -922,13 +922,13 @@ impl QueueEngine {
             }
             _ => {
                 if res < 0 {
-                    crate::volume_log!(
-                        warn,
-                        &self.volume,
-                        "{} failed: {}",
-                        inflight.op.label(),
-                        std::io::Error::from_raw_os_error(-res)
-                    );
+                    let err = std::io::Error::from_raw_os_error(-res);
+                    crate::volume_log!(warn, &self.volume, "{} failed: {err}", inflight.op.label());
+                    if inflight.op == Operation::Flush {
+                        // The kernel reports a lost write-back once: the volume stays failed.
+                        let reason = format!("fdatasync failed: {err}");
+                        self.volume.failure.fail(&self.volume.name, reason);
+                    }
                     inflight.failed = true;
                 }
             }
@@ -945,7 +945,7 @@ impl QueueEngine {
         self.volume.metrics.inflight.dec();
         let mut used = 0;
         let mut code = VIRTIO_BLK_S_OK as u8;
-        if inflight.failed {
+        if inflight.failed || (self.volume.failure.is_failed() && failure::refused(&inflight.op)) {
             code = VIRTIO_BLK_S_IOERR as u8;
             self.volume.metrics.io_errors.inc();
         } else if let Operation::Read { offset, len } = inflight.op {
