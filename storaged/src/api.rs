@@ -47,6 +47,7 @@ impl From<service::Error> for ApiError {
             | E::Attached(_)
             | E::Busy(..)
             | E::RotationUnderWay
+            | E::NotFailed(_)
             | E::Backing(crate::backing::Error::DeviceBusy { .. }) => StatusCode::CONFLICT,
             E::PoolFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             E::NotServing(..) => StatusCode::SERVICE_UNAVAILABLE,
@@ -141,6 +142,14 @@ async fn update_volume(
     Ok(Json(v))
 }
 
+async fn clear_failure(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, move |svc| svc.clear_failure(&name)).await?;
+    Ok(Json(v))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeleteParams {
@@ -219,6 +228,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/volumes/{name}",
             get(get_volume).patch(update_volume).delete(delete_volume),
         )
+        .route("/v1/volumes/{name}/clear-failure", post(clear_failure))
         .route("/v1/info", get(info))
         .route("/v1/keys", get(key_status))
         .route("/v1/keys/rotate", post(rotate_keys))
@@ -239,9 +249,10 @@ pub fn metrics_router(metrics: Metrics) -> Router {
 #[cfg(test)]
 mod tests {
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 6] = [
+    const ROUTES: [&str; 7] = [
         "/v1/volumes",
         "/v1/volumes/{name}",
+        "/v1/volumes/{name}/clear-failure",
         "/v1/info",
         "/v1/keys",
         "/v1/keys/rotate",

@@ -304,6 +304,8 @@ fn probe_direct_alignment(file: &File) -> Option<u32> {
 pub const FALLOC_PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 /// Zeroes a range, keeping it allocated.
 pub const FALLOC_ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+/// Allocates a range (holes in it then read as zeros), keeping the size.
+pub const FALLOC_ALLOCATE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 
 #[cfg(test)]
 mod tests {

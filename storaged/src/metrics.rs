@@ -53,6 +53,7 @@ pub struct Metrics {
     throttled: IntCounterVec,
     throttled_seconds: CounterVec,
     throttle_wait: HistogramVec,
+    failed: IntGaugeVec,
 }
 
 /// One volume's resolved series.
@@ -76,6 +77,8 @@ pub struct VolumeMetrics {
     /// Seconds requests spent waiting for the limits.
     pub throttled_seconds: Counter,
     pub throttle_wait: prometheus::Histogram,
+    /// 1 while the volume is failed (a FLUSH failed; see [`crate::blk::failure`]).
+    pub failed: IntGauge,
 }
 
 impl Metrics {
@@ -170,6 +173,14 @@ impl Metrics {
             ]),
             &["volume"],
         )?;
+        let failed = IntGaugeVec::new(
+            Opts::new(
+                "storaged_volume_failed",
+                "1 when a failed FLUSH (fdatasync) failed the volume: FLUSH and writes are \
+                 answered IOERR until an operator clears it",
+            ),
+            &["volume"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "storaged_build_info",
@@ -193,6 +204,7 @@ impl Metrics {
             &inflight,
             &iops_limit,
             &bandwidth_limit,
+            &failed,
             &build_info,
         ] {
             registry.register(Box::new(g.clone()))?;
@@ -211,6 +223,7 @@ impl Metrics {
             throttled,
             throttled_seconds,
             throttle_wait,
+            failed,
         })
     }
 
@@ -231,6 +244,7 @@ impl Metrics {
             throttled: self.throttled.with_label_values(&[name]),
             throttled_seconds: self.throttled_seconds.with_label_values(&[name]),
             throttle_wait: self.throttle_wait.with_label_values(&[name]),
+            failed: self.failed.with_label_values(&[name]),
         }
     }
 
@@ -250,6 +264,7 @@ impl Metrics {
             &self.inflight,
             &self.iops_limit,
             &self.bandwidth_limit,
+            &self.failed,
         ] {
             let _ = g.remove_label_values(&[name]);
         }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
-use crate::blk::VolumeIo;
+use crate::blk::{failure, VolumeIo};
 use crate::blockdev;
 use crate::catalog::{self, VolumeCatalog};
 use crate::config::{socket_path_len, Config, Resolved, MAX_QUEUES, MAX_SOCKET_PATH};
@@ -63,6 +63,10 @@ pub enum Error {
     RotationUnderWay,
     #[error("Volume '{0}' is not being served: {1}")]
     NotServing(String, String),
+    #[error("Volume '{0}' has no recorded I/O failure to clear")]
+    NotFailed(String),
+    #[error(transparent)]
+    Failure(#[from] failure::Error),
     #[error(transparent)]
     Qos(#[from] qos::Error),
     #[error(transparent)]
@@ -170,10 +174,14 @@ pub struct VolumeInfo {
     /// The only uid served and the VM the volume is assigned to (null: any peer that can
     /// open the socket).
     pub owner: Option<Owner>,
-    /// "serving", or "failed" when the backing storage could not be opened at start.
+    /// "serving", or "failed": the backing storage could not be opened at start, or a FLUSH
+    /// failed (see [`crate::blk::failure`]).
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When a FLUSH failed the volume (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<u64>,
 }
 
 /// `DELETE` answer: what was done, and what that does not protect against.
@@ -336,6 +344,9 @@ impl VolumeService {
                         size = spec.size_bytes,
                         "volume served"
                     );
+                    if let Some(f) = export.volume().failure.get() {
+                        tracing::warn!(volume = %spec.name, reason = %f.reason, failed_at = f.at, "volume is failed: FLUSH, writes and discards are answered IOERR until an operator clears the failure");
+                    }
                     st.exports.insert(spec.name.clone(), Arc::new(export));
                 }
                 Err(e) => {
@@ -398,6 +409,7 @@ impl VolumeService {
             &self.limits(spec),
             crypt,
             self.metrics.volume(spec.name.as_str()),
+            failure::record_path(&self.paths.data_dir, &spec.id),
         ));
         Ok(Export::start(
             io,
@@ -417,6 +429,7 @@ impl VolumeService {
 
     fn info(&self, st: &State, spec: &VolumeSpec) -> VolumeInfo {
         let export = st.exports.get(&spec.name);
+        let io_failure = export.and_then(|e| e.volume().failure.get());
         VolumeInfo {
             name: spec.name.to_string(),
             id: spec.id.clone(),
@@ -440,13 +453,22 @@ impl VolumeService {
             },
             kek_id: spec.encryption.as_ref().map(|w| w.kek_id.clone()),
             owner: spec.owner.clone(),
-            state: if export.is_some() {
+            state: if export.is_some() && io_failure.is_none() {
                 "serving"
             } else {
                 "failed"
             }
             .into(),
-            error: st.failed.get(&spec.name).cloned(),
+            error: st.failed.get(&spec.name).cloned().or_else(|| {
+                io_failure.as_ref().map(|f| {
+                    format!(
+                        "{}: data written since the last successful flush may be lost; FLUSH, \
+                         writes and discards are answered IOERR until the failure is cleared",
+                        f.reason
+                    )
+                })
+            }),
+            failed_at: io_failure.map(|f| f.at),
         }
     }
 
@@ -883,6 +905,12 @@ impl VolumeService {
             return Err(e.into());
         }
         self.metrics.remove_volume(name.as_str());
+        let record = failure::record_path(&self.paths.data_dir, &spec.id);
+        if let Err(e) = std::fs::remove_file(&record) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(volume = %name, path = %record.display(), "cannot remove the failure record: {e}");
+            }
+        }
         // The catalog (rewritten whole, fsynced, renamed, the replaced file zeroed) no longer
         // holds the wrapped key, before a byte of the data is removed.
         if let Some(w) = &spec.encryption {
@@ -962,6 +990,30 @@ impl VolumeService {
         caveats
     }
 
+    /// Clears a volume's failure (see [`crate::blk::failure`]): the operator has dealt with the
+    /// storage; FLUSH and writes are served again.
+    pub fn clear_failure(&self, name: &str) -> Result<VolumeInfo, Error> {
+        let n: VolumeName = name.parse()?;
+        let export = {
+            let st = self.state();
+            if !st.volumes.contains_key(&n) {
+                return Err(Error::NotFound(name.to_string()));
+            }
+            st.exports.get(&n).cloned().ok_or_else(|| {
+                Error::NotServing(
+                    n.to_string(),
+                    st.failed.get(&n).cloned().unwrap_or_default(),
+                )
+            })?
+        };
+        // Removing the record (and syncing its directory) is I/O: no lock is held.
+        let Some(cleared) = export.volume().failure.clear()? else {
+            return Err(Error::NotFailed(n.to_string()));
+        };
+        tracing::info!(volume = %n, reason = %cleared.reason, failed_at = cleared.at, "volume failure cleared by the operator");
+        self.get(name)
+    }
+
     /// Re-wraps every volume key not wrapped by the current KEK with it, one volume at a time
     /// (each catalog write is atomic). Volume data is not touched; operations on volumes go on
     /// meanwhile, and a volume deleted meanwhile is skipped.
@@ -1037,6 +1089,10 @@ impl VolumeService {
             export.stop();
             if let Err(e) = export.volume().store.file.sync_data() {
                 tracing::error!(volume = %name, "final sync failed: {e}");
+                let volume = export.volume();
+                volume
+                    .failure
+                    .fail(&volume.name, format!("fdatasync at shutdown failed: {e}"));
             }
         }
     }

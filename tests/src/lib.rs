@@ -8,6 +8,7 @@
 pub mod emulated_host;
 pub mod loop_device;
 pub mod raw_frontend;
+pub mod writeback_fault;
 
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;

@@ -104,6 +104,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Clear the failure a failed FLUSH left on a volume, once the storage and the guest's data
+    /// have been dealt with: FLUSH and writes are served again.
+    ClearFailure { name: String },
     /// Daemon facts: version, data dir, metrics URL, pool usage.
     Info,
     /// The current key-encryption key and how many volume keys each KEK wraps.
@@ -226,6 +229,9 @@ fn main() -> ExitCode {
             ),
             None,
         ),
+        Command::ClearFailure { name } => {
+            ("POST", format!("/v1/volumes/{name}/clear-failure"), None)
+        }
         Command::Info => ("GET", "/v1/info".into(), None),
         Command::Keys => ("GET", "/v1/keys".into(), None),
         Command::RotateKeys => ("POST", "/v1/keys/rotate".into(), None),

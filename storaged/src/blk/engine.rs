@@ -35,8 +35,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
 use super::timer::Timer;
-use super::VolumeIo;
-use crate::backing::{AlignedBuf, FALLOC_PUNCH, FALLOC_ZERO};
+use super::{failure, VolumeIo};
+use crate::backing::{AlignedBuf, FALLOC_ALLOCATE, FALLOC_PUNCH, FALLOC_ZERO};
 use crate::crypto;
 use crate::metrics::op_index;
 use crate::qos::{Cost, Limiter};
@@ -178,6 +178,14 @@ pub struct QueueEngine {
 
 /// Source of [`QueueEngine::waiter_id`]s.
 static NEXT_WAITER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A write-zeroes SQE's part number holds the range's index in its low bits and, above, which
+/// step of zeroing it is: the request's own, the hole punched where ZERO_RANGE is not
+/// supported, or (preallocated files) the range allocated again after that punch.
+const ZEROES_PART: u32 = 0xffff;
+const ZEROES_OWN: u32 = 0;
+const ZEROES_PUNCHED: u32 = 1 << 16;
+const ZEROES_REALLOCATED: u32 = 2 << 16;
 
 fn user_data(slot: u32, part: u32) -> u64 {
     (u64::from(part) << 32) | u64::from(slot)
@@ -813,16 +821,28 @@ impl QueueEngine {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()
                 .user_data(user_data(slot, 0))],
-            Operation::Discard(ranges) => ranges
-                .iter()
-                .enumerate()
-                .map(|(i, r)| fallocate_sqe(fd, r, FALLOC_PUNCH, user_data(slot, i as u32)))
-                .collect(),
+            // A preallocated file keeps its blocks: ranges are zeroed in place, never punched.
+            Operation::Discard(ranges) => {
+                let mode = if self.volume.preallocated {
+                    FALLOC_ZERO
+                } else {
+                    FALLOC_PUNCH
+                };
+                ranges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| fallocate_sqe(fd, r, mode, user_data(slot, i as u32)))
+                    .collect()
+            }
             Operation::WriteZeroes(ranges) => ranges
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    let mode = if r.unmap { FALLOC_PUNCH } else { FALLOC_ZERO };
+                    let mode = if r.unmap && !self.volume.preallocated {
+                        FALLOC_PUNCH
+                    } else {
+                        FALLOC_ZERO
+                    };
                     fallocate_sqe(fd, r, mode, user_data(slot, i as u32))
                 })
                 .collect(),
@@ -921,37 +941,52 @@ impl QueueEngine {
                     inflight.failed = true;
                 }
             }
-            Operation::WriteZeroes(ranges) if res == -libc::EOPNOTSUPP => {
-                // No ZERO_RANGE here (or no discard for unmap): a punched hole also reads zeros.
+            Operation::WriteZeroes(ranges) => {
+                let (step, part) = (part & !ZEROES_PART, part & ZEROES_PART);
                 let r = ranges[part as usize];
-                let fd = types::Fd(self.volume.store.file.as_raw_fd());
-                if !r.unmap {
-                    let sqe = fallocate_sqe(
-                        fd,
-                        &ByteRange { unmap: true, ..r },
-                        FALLOC_PUNCH,
-                        user_data(slot, part),
-                    );
-                    if let Operation::WriteZeroes(ranges) = &mut inflight.op {
-                        ranges[part as usize].unmap = true;
+                let preallocated = self.volume.preallocated;
+                // The request's own SQE zeroed the range, unless it punched a sparse one.
+                let zeroed = preallocated || !r.unmap;
+                let next = match step {
+                    // No ZERO_RANGE here: a punched hole also reads zeros...
+                    ZEROES_OWN if res == -libc::EOPNOTSUPP && zeroed => {
+                        Some((FALLOC_PUNCH, ZEROES_PUNCHED))
                     }
-                    self.push(&sqe);
+                    // ...and a preallocated file takes the blocks back at once.
+                    ZEROES_PUNCHED if res == 0 && preallocated => {
+                        Some((FALLOC_ALLOCATE, ZEROES_REALLOCATED))
+                    }
+                    _ => None,
+                };
+                if let Some((mode, step)) = next {
+                    let fd = types::Fd(self.volume.store.file.as_raw_fd());
+                    self.push(&fallocate_sqe(fd, &r, mode, user_data(slot, part | step)));
                     return;
                 }
-                inflight.failed = true;
-            }
-            Operation::Discard(_) if res == -libc::EOPNOTSUPP => {
-                // Discard is a hint; storage that cannot deallocate keeps the data.
-            }
-            _ => {
                 if res < 0 {
                     crate::volume_log!(
                         warn,
                         &self.volume,
-                        "{} failed: {}",
-                        inflight.op.label(),
+                        offset = r.offset,
+                        "write_zeroes failed: {}",
                         std::io::Error::from_raw_os_error(-res)
                     );
+                    inflight.failed = true;
+                }
+            }
+            Operation::Discard(_) if res == -libc::EOPNOTSUPP => {
+                // Discard is a hint: storage that cannot deallocate (nor, for a preallocated
+                // file, zero in place) keeps the data.
+            }
+            _ => {
+                if res < 0 {
+                    let err = std::io::Error::from_raw_os_error(-res);
+                    crate::volume_log!(warn, &self.volume, "{} failed: {err}", inflight.op.label());
+                    if inflight.op == Operation::Flush {
+                        // The kernel reports a lost write-back once: the volume stays failed.
+                        let reason = format!("fdatasync failed: {err}");
+                        self.volume.failure.fail(&self.volume.name, reason);
+                    }
                     inflight.failed = true;
                 }
             }
@@ -968,7 +1003,7 @@ impl QueueEngine {
         self.volume.metrics.inflight.dec();
         let mut used = 0;
         let mut code = VIRTIO_BLK_S_OK as u8;
-        if inflight.failed {
+        if inflight.failed || (self.volume.failure.is_failed() && failure::refused(&inflight.op)) {
             code = VIRTIO_BLK_S_IOERR as u8;
             self.volume.metrics.io_errors.inc();
         } else if let Operation::Read { offset, len } = inflight.op {

@@ -8,6 +8,8 @@
 //!   accepts a new one after a disconnect.
 //! - [`log_limit`]: a per-volume budget for the lines the data path logs about a guest's
 //!   requests.
+//! - [`failure`]: a volume whose FLUSH failed stays failed, recorded, until an operator clears
+//!   it.
 //! - [`memory_guard`]: a frontend that shrinks its memory file under the daemon's mapping is
 //!   refused or disconnected, never a SIGBUS that ends the daemon.
 //!
@@ -19,11 +21,13 @@
 pub mod backend;
 pub mod engine;
 pub mod export;
+pub mod failure;
 pub mod log_limit;
 pub mod memory_guard;
 pub mod request;
 pub mod timer;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -32,7 +36,7 @@ use crate::config::IoConfig;
 use crate::crypto::Xts;
 use crate::metrics::VolumeMetrics;
 use crate::qos::{self, QosSlot};
-use crate::volume::VolumeSpec;
+use crate::volume::{Backing, VolumeSpec};
 use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 
 /// Most segments in one discard or write-zeroes request.
@@ -52,6 +56,9 @@ pub struct VolumeIo {
     pub store: BackingStore,
     capacity: AtomicU64,
     pub read_only: bool,
+    /// A backing file allocated in full: DISCARD and WRITE_ZEROES zero its ranges in place
+    /// and never give blocks back to the file system, so its writes never meet a full one.
+    pub preallocated: bool,
     pub num_queues: u16,
     pub max_queue_size: u16,
     pub seg_max: u32,
@@ -64,10 +71,13 @@ pub struct VolumeIo {
     pub metrics: VolumeMetrics,
     /// Budget of the data path's log lines about this volume's requests.
     pub log_limit: log_limit::LogLimit,
+    /// Set when a FLUSH failed; refuses FLUSH and writes until cleared.
+    pub failure: failure::FailureState,
 }
 
 impl VolumeIo {
-    /// The data-path view of a catalog volume.
+    /// The data-path view of a catalog volume; `failure_record` is where its failure is
+    /// recorded ([`failure::record_path`]).
     pub fn new(
         spec: &VolumeSpec,
         store: BackingStore,
@@ -75,17 +85,26 @@ impl VolumeIo {
         limits: &qos::Limits,
         crypt: Option<Xts>,
         metrics: VolumeMetrics,
+        failure_record: PathBuf,
     ) -> Self {
         let mut serial = [0u8; ID_BYTES];
         let n = spec.id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&spec.id.as_bytes()[..n]);
         metrics.size.set(spec.size_bytes as i64);
+        let failure = failure::FailureState::load(failure_record, metrics.failed.clone());
         let volume = VolumeIo {
             name: spec.name.to_string(),
             serial,
             store,
             capacity: AtomicU64::new(spec.size_bytes),
             read_only: spec.read_only,
+            preallocated: matches!(
+                spec.backing,
+                Backing::File {
+                    preallocated: true,
+                    ..
+                }
+            ),
             num_queues: spec.num_queues,
             max_queue_size: io.max_queue_size,
             seg_max: io.seg_max,
@@ -94,6 +113,7 @@ impl VolumeIo {
             crypt,
             metrics,
             log_limit: log_limit::LogLimit::default(),
+            failure,
         };
         volume.set_limits(limits);
         volume
