@@ -287,6 +287,8 @@ fn a_failed_volume_stays_failed_across_restart_until_the_operator_clears_it() {
             0,
             "a failed volume answered a flush OK after restart"
         );
+        // Nor does a write reach the storage.
+        assert_ne!(c.write(0, 8 * MIB, &pattern(65536, 8 * MIB, 9)), 0);
     }
     // The operator dealt with the storage (here: gave the file system room again).
     fault.release();
@@ -306,6 +308,10 @@ fn a_failed_volume_stays_failed_across_restart_until_the_operator_clears_it() {
     assert!(v["error"].is_null() && v["failed_at"].is_null(), "{v}");
     assert_eq!(failed_gauge(&s, "lost"), Some(0.0));
     let mut c = connect_retry(&socket, 1);
+    assert!(
+        c.read(0, 8 * MIB, 65536).unwrap() != pattern(65536, 8 * MIB, 9),
+        "a write refused while the volume was failed reached the storage"
+    );
     assert_eq!(c.flush(0), 0);
     assert_eq!(c.write(0, 4 * MIB, &pattern(65536, 4 * MIB, 4)), 0);
     assert_eq!(c.flush(0), 0);

@@ -588,6 +588,13 @@ impl QueueEngine {
             failed: false,
             started,
         };
+        if failure::refused(&inflight.op) && self.volume.failure.is_failed() {
+            // A failed volume takes nothing more that writes: answered without touching the
+            // storage (see [`failure`]).
+            self.volume.metrics.io_errors.inc();
+            self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+            return;
+        }
         match &inflight.op {
             Operation::Read { offset, len } | Operation::Write { offset, len } => {
                 let (offset, len) = (*offset, *len);

@@ -4,10 +4,11 @@
 //! the error once (errseq, Linux 4.13 on): the next `fdatasync` succeeds although the data
 //! never reached the disk, as PostgreSQL learned in 2018. So the first failed FLUSH (or final
 //! sync at shutdown) fails the volume. From then on FLUSH, writes, write-zeroes and discards
-//! are answered IOERR: the guest is never again told its data is safe, nor writes on top of
-//! what was lost. Reads are still served, so the guest can copy off what it can. Only an operator clears the state
-//! (`POST /v1/volumes/{name}/clear-failure`), having dealt with the storage and the guest's
-//! data.
+//! are answered IOERR, without reaching the storage (a request in flight when the volume
+//! fails is answered IOERR at its completion): the guest is never again told its data is safe,
+//! nor writes on top of what was lost. Reads are still served, so the guest can copy off what
+//! it can. Only an operator clears the state (`POST /v1/volumes/{name}/clear-failure`), having
+//! dealt with the storage and the guest's data.
 //!
 //! The failure is recorded in `DATA_DIR/failed/ID.json`, written and fsynced by the queue
 //! worker before the FLUSH that found it is answered, so a restart, which forgets what the page
