@@ -24,6 +24,9 @@ pub fn socket_path_len(socket_dir: &Path, name_len: usize) -> usize {
 
 /// Most queues per volume: vhost-user-backend assigns queues to worker threads by a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
+/// Most data segments per request that can be offered: SEG_MAX × SIZE_MAX (at least a page)
+/// stays within the largest request taken (32 MiB).
+pub const MAX_SEG_MAX: u32 = (crate::blk::request::MAX_TRANSFER / 4096) as u32;
 
 /// Errors loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -223,11 +226,14 @@ impl Config {
                 format!("{q} is not a power of two between 256 and 32768"),
             ));
         }
-        if self.io.seg_max == 0 || self.io.seg_max > u32::from(q) {
+        // SIZE_MAX is offered as the largest request over seg_max, at least a page: past
+        // MAX_SEG_MAX the two would allow requests larger than the device takes.
+        let most = u32::from(q).min(MAX_SEG_MAX);
+        if self.io.seg_max == 0 || self.io.seg_max > most {
             return Err(invalid(
                 "io.seg_max",
                 format!(
-                    "{} is not between 1 and io.max_queue_size ({q})",
+                    "{} is not between 1 and {most} (io.max_queue_size, at most {MAX_SEG_MAX})",
                     self.io.seg_max
                 ),
             ));
@@ -332,6 +338,17 @@ mod tests {
         ));
         let mut c = base();
         c.io.seg_max = 2048;
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Invalid {
+                key: "io.seg_max",
+                ..
+            })
+        ));
+        // Within a large queue, but more segments than SIZE_MAX can keep under 32 MiB.
+        let mut c = base();
+        c.io.max_queue_size = 32768;
+        c.io.seg_max = 16384;
         assert!(matches!(
             c.validate(),
             Err(Error::Invalid {

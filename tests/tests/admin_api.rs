@@ -600,3 +600,83 @@ fn a_forced_delete_stuck_on_a_hung_device_leaves_the_api_answering() {
         .collect();
     assert_eq!(names, ["other"]);
 }
+
+/// The property names of an object schema in storaged/openapi.yaml, by a path of keys (read
+/// with Python's YAML parser, a reader we did not write).
+fn openapi_properties(path: &[&str]) -> Vec<String> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../storaged/openapi.yaml");
+    let script = "import json, sys, yaml\n\
+        node = yaml.safe_load(open(sys.argv[1]))\n\
+        for key in sys.argv[2:]:\n    node = node[key]\n\
+        print(json.dumps(sorted(node['properties'])))";
+    let out = Command::new(python)
+        .args(["-c", script])
+        .arg(&file)
+        .args(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fields(v: &serde_json::Value) -> Vec<String> {
+    let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn the_openapi_file_names_every_field_the_api_answers_with() {
+    let s = Storaged::start();
+    let v = s.create_volume(
+        r#"{"name":"doc","size":"64MiB","owner":{"uid":0,"vm_id":"vm-1"},"bandwidth_limit":1000000}"#,
+    );
+    let volume = openapi_properties(&["components", "schemas", "Volume"]);
+    for f in fields(&v) {
+        assert!(
+            volume.contains(&f),
+            "Volume field '{f}' is not in openapi.yaml: {volume:?}"
+        );
+    }
+    for f in fields(&v["limits"]) {
+        let limits = openapi_properties(&["components", "schemas", "Limits"]);
+        assert!(
+            limits.contains(&f),
+            "Limits field '{f}' is not in openapi.yaml: {limits:?}"
+        );
+    }
+    // What the file says an encrypted volume offers, it offers: WRITE_ZEROES among them.
+    {
+        let mut c = BlkClient::connect(&s.socket_of("doc"), 1).unwrap();
+        assert!(c.get_u64("max-write-zeroes-len") > 0);
+        assert_eq!(c.write(0, 0, &pattern(8192, 0, 3)), 0);
+        assert_eq!(c.write_zeroes(0, 0, 8192, false), 0);
+        assert_eq!(c.read(0, 0, 8192).unwrap(), vec![0u8; 8192]);
+    }
+    s.wait_for_log("frontend detached");
+    let deleted = s
+        .admin()
+        .request("DELETE", "/v1/volumes/doc", None)
+        .unwrap()
+        .json();
+    let answer = openapi_properties(&[
+        "paths",
+        "/v1/volumes/{name}",
+        "delete",
+        "responses",
+        "200",
+        "content",
+        "application/json",
+        "schema",
+    ]);
+    assert_eq!(
+        fields(&deleted),
+        answer,
+        "the delete answer and openapi.yaml differ"
+    );
+}

@@ -13,9 +13,9 @@ use vmm::config::VmConfig;
 /// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
 ///
 /// Exit codes: 0 the guest reset or shut down, or the API shut the VM down; 1 the VMM failed;
-/// 2 the configuration was refused before the guest started; 3 the guest crashed (triple
-/// fault, or a crash it reported); 4 killed through the API; 128+N stopped by signal N
-/// (SIGTERM: 143).
+/// 2 the configuration was refused before the guest started; 3 the guest crashed or KVM could
+/// not run it (triple fault, a crash it reported, a KVM internal error or unhandled exit);
+/// 4 killed through the API; 128+N stopped by signal N (SIGTERM: 143).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {

@@ -162,12 +162,7 @@ impl BlkDevice {
             config[..n].copy_from_slice(&payload[..n]);
         }
         let ev = |e| Error::EventFd(s.clone(), e);
-        // Queues: what the config space says when the backend offers MQ, else one.
-        let num_queues = if device_features & VIRTIO_BLK_F_MQ != 0 {
-            usize::from(u16::from_le_bytes([config[34], config[35]])).clamp(1, MAX_QUEUES)
-        } else {
-            1
-        };
+        let num_queues = queue_count(&mut config, device_features);
         let kicks = (0..num_queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
@@ -294,6 +289,7 @@ impl BlkDevice {
             Ok((_, payload)) => {
                 let n = payload.len().min(self.config.len());
                 self.config[..n].copy_from_slice(&payload[..n]);
+                queue_count(&mut self.config, self.device_features);
                 self.config_generation = self.config_generation.wrapping_add(1);
                 self.config_pending = true;
                 tracing::info!(disk = %self.socket.display(), "disk configuration changed");
@@ -541,5 +537,39 @@ impl BlkDevice {
         }
         tracing::info!(disk = %self.socket.display(), "disk activated");
         Ok(())
+    }
+}
+
+/// The queues a disk gets: what the backend's config space says when it offers MQ (at most
+/// [`MAX_QUEUES`]), else one. The config space the guest reads is made to say the same, so a
+/// guest never sees queues it cannot set up.
+fn queue_count(config: &mut [u8], device_features: u64) -> usize {
+    if device_features & VIRTIO_BLK_F_MQ == 0 {
+        return 1;
+    }
+    let Some(field) = config.get_mut(34..36) else {
+        return 1;
+    };
+    let n = usize::from(u16::from_le_bytes([field[0], field[1]])).clamp(1, MAX_QUEUES);
+    field.copy_from_slice(&(n as u16).to_le_bytes());
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_sees_no_more_queues_than_the_disk_gets() {
+        let mut config = vec![0u8; CONFIG_LEN as usize];
+        config[34..36].copy_from_slice(&64u16.to_le_bytes());
+        assert_eq!(queue_count(&mut config, VIRTIO_BLK_F_MQ), MAX_QUEUES);
+        assert_eq!(
+            u16::from_le_bytes([config[34], config[35]]),
+            MAX_QUEUES as u16
+        );
+        config[34..36].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(queue_count(&mut config, VIRTIO_BLK_F_MQ), 4);
+        assert_eq!(queue_count(&mut config, 0), 1);
     }
 }

@@ -487,7 +487,6 @@ impl QueueEngine {
                 return;
             }
         }
-        // Transform stage (encryption) goes here, before submission.
         self.submit_request(head, req, mem.clone(), started, vring);
     }
 
@@ -1038,7 +1037,6 @@ impl QueueEngine {
                 }
             }
         }
-        // Stages a volume may enable (replicate, transform of read data) go here.
         match vring {
             Some(vring) => self.finish(vring, inflight, code, used),
             None => drop(inflight),

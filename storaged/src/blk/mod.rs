@@ -12,11 +12,12 @@
 //!   it.
 //! - [`memory_guard`]: a frontend that shrinks its memory file under the daemon's mapping is
 //!   refused or disconnected, never a SIGBUS that ends the daemon.
+//! - [`timer`]: the timerfd a throttled queue sleeps on.
 //!
-//! A request passes through stages: parse, then (for volumes that enable them) limit, transform
-//! and replicate, then the backing storage. The limit stage ([`crate::qos`]) sits in
-//! [`engine::QueueEngine`]'s `start_request`; transform and replicate are still to come
-//! (`start_request` for writes, `complete` for read data and replication).
+//! A request passes through stages: parse, then (for volumes that enable them) limit and
+//! transform, then the backing storage. The limit stage ([`crate::qos`]) sits in
+//! [`engine::QueueEngine`]'s `start_request`; the transform stage (encryption) in
+//! `start_transfer` (writes, into the bounce buffer) and `complete` (read data).
 
 pub mod backend;
 pub mod engine;
