@@ -93,23 +93,30 @@ impl BlkBackend {
     }
 
     /// After a SIGBUS the guard contained somewhere in the daemon: if this frontend's memory
-    /// file shrank under its mapping, logs it and ends the connection.
+    /// file shrank under its mapping, logs it and ends the connection. The fault is taken as
+    /// seen only once that is done (or there was nothing to do), so a fault found before the
+    /// connection could be ended is acted on at a later event.
     fn check_memory(&self) {
         let now = memory_guard::faults();
-        if self.faults_seen.swap(now, Ordering::AcqRel) == now {
+        if self.faults_seen.load(Ordering::Acquire) == now {
             return;
         }
         let Some(e) = crate::lock(&self.guard).check() else {
+            self.faults_seen.store(now, Ordering::Release);
             return;
         };
-        tracing::error!(
-            volume = %self.volume.name,
-            "guest memory file shrank under its mapping; disconnecting the frontend: {e}"
-        );
-        self.volume.metrics.invalid_requests.inc();
-        if let Some(conn) = crate::lock(&self.connection).as_ref() {
-            conn.shutdown();
+        let connection = crate::lock(&self.connection);
+        let Some(conn) = connection.as_ref() else {
+            return;
+        };
+        if self.faults_seen.swap(now, Ordering::AcqRel) != now {
+            tracing::error!(
+                volume = %self.volume.name,
+                "guest memory file shrank under its mapping; disconnecting the frontend: {e}"
+            );
+            self.volume.metrics.invalid_requests.inc();
         }
+        conn.shutdown();
     }
 
     /// Tells the frontend the configuration space changed (the capacity grew), so it raises a

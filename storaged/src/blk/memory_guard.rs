@@ -5,23 +5,29 @@
 //! action ends the process: every tenant's disks with it. Two defences:
 //!
 //! - At SET_MEM_TABLE and ADD_MEM_REG ([`MemoryGuard::admit`]) each region is checked against
-//!   its file's size; a region that extends past the end is refused, and the connection keeps
-//!   no memory.
+//!   its file's size; a table with a region that extends past the end is refused, and the
+//!   connection keeps no memory.
 //! - A file can still be shrunk later unless it is sealed (`F_SEAL_SHRINK`; vmm seals its
 //!   memfd, libblkio and some QEMU set-ups do not). A process-wide SIGBUS handler
 //!   ([`install`]) catches a fault on a page past the end of its file (`BUS_ADRERR`) and maps
-//!   anonymous memory over the region it falls in (over the page, if the region is not one the
-//!   guard knows), so the access completes, reading zeros, and the daemon goes on. The handler
-//!   only counts the fault: each connection notices the count change at its next event
-//!   ([`MemoryGuard::check`]), finds which of its regions lost its file, logs it and is
-//!   disconnected. Its requests in flight finish on the anonymous memory; io_uring's own
-//!   accesses to such pages fail with EFAULT, answered as IOERR.
+//!   private anonymous memory over that one page (4 KiB; where the mapping is of huge pages,
+//!   which cannot be split, the 2 MiB or 1 GiB page around it), so the access completes,
+//!   reading zeros, and the daemon goes on. The handler touches nothing but the faulting page
+//!   and a counter: it needs no table of mappings, so nothing a connection does to its
+//!   memory table can make it act on memory that is not the faulting one's. Each connection
+//!   notices the count change at its next event ([`MemoryGuard::check`]); the one whose file
+//!   is now too short logs it and is disconnected. Its requests in flight finish on the
+//!   anonymous pages; io_uring's own accesses to pages past the end fail with EFAULT,
+//!   answered IOERR.
 //!
-//! A SIGBUS of any other kind (or one the handler cannot contain) goes to the handler that was
-//! there before (Rust's stack-overflow reporter), and from there to the default action.
+//! Only files frontends pass are mapped from files others can shrink, so a BUS_ADRERR is
+//! taken to be one of theirs. (A program file truncated under the running daemon would fault
+//! the same way; its page then reads zeros, which ends the daemon as surely.) A SIGBUS of any
+//! other kind, or one whose page cannot be replaced, goes to the handler that was there before
+//! (Rust's stack-overflow reporter), and from there to the default action.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -49,32 +55,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("Memory region at guest address {gpa:#x} faulted past the end of its file")]
-    Replaced { gpa: u64 },
 }
-
-/// Regions the handler knows by address, across every connection of the daemon.
-const SLOTS: usize = 4096;
-
-const FREE: u8 = 0;
-const CLAIMED: u8 = 1;
-const LIVE: u8 = 2;
-const FAULTED: u8 = 3;
-
-/// One mapped region the handler can replace as a whole.
-struct Slot {
-    state: AtomicU8,
-    start: AtomicUsize,
-    len: AtomicUsize,
-}
-
-static REGIONS: [Slot; SLOTS] = [const {
-    Slot {
-        state: AtomicU8::new(FREE),
-        start: AtomicUsize::new(0),
-        len: AtomicUsize::new(0),
-    }
-}; SLOTS];
 
 /// Faults the handler contained, since start.
 static FAULTS: AtomicU64 = AtomicU64::new(0);
@@ -84,6 +65,9 @@ static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// The page size, read at [`install`] (sysconf is not async-signal-safe).
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
+
+/// Huge page sizes a mapping may use (x86-64), tried when a base page cannot be replaced.
+const HUGE_PAGES: [usize; 2] = [2 << 20, 1 << 30];
 
 /// Installs the SIGBUS handler (once per process; later calls do nothing).
 pub fn install() -> Result<(), Error> {
@@ -127,8 +111,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-    let contained = code == libc::BUS_ADRERR && contain(addr);
-    if contained {
+    if code == libc::BUS_ADRERR && contain(addr) {
         FAULTS.fetch_add(1, Ordering::AcqRel);
     } else {
         chain(sig, info, ctx);
@@ -137,34 +120,22 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Maps anonymous memory over the known region holding `addr`, or over its page. False if
-/// that cannot be done (the fault is then not one this guard can contain).
+/// Maps anonymous memory over the page holding `addr`: a base page, or the huge page around
+/// it where the mapping cannot be split at base pages. False if none can be replaced.
 fn contain(addr: usize) -> bool {
-    for slot in &REGIONS {
-        if slot.state.load(Ordering::Acquire) < LIVE {
-            continue;
-        }
-        let start = slot.start.load(Ordering::Acquire);
-        let len = slot.len.load(Ordering::Acquire);
-        if addr >= start && addr - start < len {
-            if replace(start, len) {
-                slot.state.store(FAULTED, Ordering::Release);
-                return true;
-            }
-            return false;
-        }
-    }
-    // A region mapped but not yet admitted (between the mapping and [`MemoryGuard::admit`]):
-    // replace the page; the connection's check finds the short file.
-    let page = PAGE_SIZE.load(Ordering::Acquire);
-    replace(addr & !(page - 1), page)
+    let base = PAGE_SIZE.load(Ordering::Acquire);
+    std::iter::once(base)
+        .chain(HUGE_PAGES)
+        .any(|page| replace(addr & !(page - 1), page))
 }
 
-/// Replaces `[start, start + len)` by private anonymous memory.
+/// Replaces `[start, start + len)`, the page that faulted, by private anonymous memory.
 fn replace(start: usize, len: usize) -> bool {
-    // SAFETY: the range is (part of) a file mapping of guest memory made by this process,
-    // which is only ever accessed as guest memory; replacing it keeps it mapped, so no
-    // access becomes one to unmapped memory.
+    // SAFETY: the range is the page (of the mapping's page size) holding an address this
+    // thread just faulted on as past the end of its file: a frontend's memory, which is only
+    // ever accessed as guest memory. Replacing it keeps it mapped, so no access becomes one
+    // to unmapped memory; a range that is not one whole page of that mapping is refused by
+    // the kernel (EINVAL) and nothing changes.
     let p = unsafe {
         libc::mmap(
             start as *mut libc::c_void,
@@ -210,106 +181,44 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
 
 /// One region of a connection's memory, as admitted.
 struct Admitted {
-    /// The handler's slot for it (None when all are taken: a fault in it is then contained
-    /// page by page).
-    slot: Option<usize>,
     gpa: u64,
-    start: usize,
-    len: usize,
+    len: u64,
     file: Option<(Arc<File>, u64)>,
 }
 
-/// The guest memory regions of one frontend connection, known to the SIGBUS handler while
-/// they are in its memory table.
+/// The guest memory regions of one frontend connection and the files they are mapped from.
 #[derive(Default)]
 pub struct MemoryGuard {
     regions: Vec<Admitted>,
 }
 
 impl MemoryGuard {
-    /// Checks a new memory table against its files and makes its regions the ones the
-    /// handler knows for this connection. (A region dropped from the table may stay mapped
-    /// for a request in flight; a fault there is contained page by page.)
+    /// Checks a new memory table against its files; on success its regions are the ones
+    /// [`MemoryGuard::check`] looks at. On failure nothing is kept.
     pub fn admit(&mut self, mem: &GuestMem) -> Result<(), Error> {
+        self.regions.clear();
         let mut admitted = Vec::with_capacity(mem.num_regions());
         for r in mem.iter() {
-            let start = r.as_ptr() as usize;
-            let len = r.len() as usize;
             let gpa = r.start_addr().0;
+            let len = r.len();
             let file = r.file_offset().map(|fo| (fo.arc().clone(), fo.start()));
             if let Some((file, offset)) = &file {
-                check_file(file, *offset, gpa, len as u64)?;
+                check_file(file, *offset, gpa, len)?;
             }
-            let slot = match self
-                .regions
-                .iter()
-                .position(|a| a.start == start && a.len == len)
-            {
-                Some(i) => self.regions.swap_remove(i).slot,
-                None => claim(start, len),
-            };
-            admitted.push(Admitted {
-                slot,
-                gpa,
-                start,
-                len,
-                file,
-            });
+            admitted.push(Admitted { gpa, len, file });
         }
-        self.release();
         self.regions = admitted;
         Ok(())
     }
 
     /// After a contained fault anywhere in the daemon ([`faults`] changed): the first region
-    /// of this connection that lost memory under it (its file now too short, or replaced by
-    /// the handler).
+    /// of this connection whose file is now too short for it.
     pub fn check(&self) -> Option<Error> {
-        for a in &self.regions {
-            if let Some((file, offset)) = &a.file {
-                if let Err(e) = check_file(file, *offset, a.gpa, a.len as u64) {
-                    return Some(e);
-                }
-            }
-            if a.slot
-                .is_some_and(|i| REGIONS[i].state.load(Ordering::Acquire) == FAULTED)
-            {
-                return Some(Error::Replaced { gpa: a.gpa });
-            }
-        }
-        None
+        self.regions.iter().find_map(|a| {
+            let (file, offset) = a.file.as_ref()?;
+            check_file(file, *offset, a.gpa, a.len).err()
+        })
     }
-
-    fn release(&mut self) {
-        for a in self.regions.drain(..) {
-            if let Some(i) = a.slot {
-                REGIONS[i].state.store(FREE, Ordering::Release);
-            }
-        }
-    }
-}
-
-impl Drop for MemoryGuard {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-/// Takes a free slot for `[start, start + len)`.
-fn claim(start: usize, len: usize) -> Option<usize> {
-    for (i, slot) in REGIONS.iter().enumerate() {
-        if slot
-            .state
-            .compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            slot.start.store(start, Ordering::Release);
-            slot.len.store(len, Ordering::Release);
-            slot.state.store(LIVE, Ordering::Release);
-            return Some(i);
-        }
-    }
-    None
 }
 
 /// A region of `len` bytes from `offset` of a regular file must lie inside the file.
