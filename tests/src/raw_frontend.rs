@@ -217,6 +217,13 @@ impl RawFrontend {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Writes an avail index `ahead` entries past what was published (a driver gone wrong).
+    pub fn publish_garbage_index(&mut self, ahead: u16) {
+        let idx = self.avail_idx.wrapping_add(ahead);
+        self.put(AVAIL_RING + 2, &idx.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Kicks the queue without publishing anything.
     pub fn kick(&self) {
         self.kick.write(1).unwrap();

@@ -327,6 +327,19 @@ impl QueueEngine {
                 };
                 (published, queue.size())
             };
+            if published > queue_size {
+                // More published than the ring holds: the index is garbage, and taking from it
+                // would only give garbage (and a library log line per try). Nothing is taken
+                // until the driver resets the queue.
+                crate::volume_log!(
+                    warn,
+                    &self.volume,
+                    published,
+                    queue_size,
+                    "avail index ahead of the device by more than the queue size: nothing taken"
+                );
+                return taken;
+            }
             if published == 0 {
                 return taken;
             }

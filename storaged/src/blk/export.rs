@@ -308,8 +308,9 @@ impl Server {
             match &peer {
                 Ok(p) if p.uid == o.uid => {}
                 Ok(p) => {
-                    tracing::warn!(
-                        volume = %name,
+                    crate::volume_log!(
+                        info,
+                        &self.volume,
                         pid = p.pid,
                         uid = p.uid,
                         owner_uid = o.uid,
@@ -320,7 +321,11 @@ impl Server {
                     return Ok(());
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %name, "refused a frontend whose credentials cannot be read: {e}");
+                    crate::volume_log!(
+                        info,
+                        &self.volume,
+                        "refused a frontend whose credentials cannot be read: {e}"
+                    );
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     return Ok(());
                 }
@@ -355,7 +360,7 @@ impl Server {
             });
         let result = match waiter {
             Ok(waiter) => {
-                self.watch_connection(&done, &name);
+                self.watch_connection(&done);
                 match waiter.join() {
                     // Dropping the daemon stops and joins its worker threads; then no one
                     // submits I/O and what is in flight can be drained.
@@ -386,7 +391,7 @@ impl Server {
 
     /// While a frontend is attached: refuses other connections and passes a stop on to the
     /// connection. Returns when the connection has ended.
-    fn watch_connection(&mut self, done: &EventFd, name: &str) {
+    fn watch_connection(&mut self, done: &EventFd) {
         loop {
             let Some([incoming, stop, finished]) = poll_readable([
                 self.listener.as_raw_fd(),
@@ -412,19 +417,20 @@ impl Server {
                     return;
                 }
                 if let Ok(Some(stream)) = self.listener.accept() {
-                    refuse_second(stream, name);
+                    refuse_second(stream, &self.volume);
                 }
             }
         }
     }
 }
 
-fn refuse_second(stream: UnixStream, volume: &str) {
+fn refuse_second(stream: UnixStream, volume: &VolumeIo) {
     let (pid, uid) = match peer_credentials(&stream) {
         Ok(p) => (i64::from(p.pid), i64::from(p.uid)),
         Err(_) => (-1, -1),
     };
-    tracing::warn!(
+    crate::volume_log!(
+        info,
         volume,
         pid,
         uid,
