@@ -19,12 +19,12 @@
 //!
 //! A read or write costs one operation per started `io_size` bytes (default 256 KiB), so a
 //! 1 MiB read is four operations and a 4 KiB read is one: a large request cannot pass as one.
-//! FLUSH and GET_ID cost one operation; DISCARD one per segment (it moves no data: a hole
-//! punched, a range deallocated), and so does WRITE_ZEROES on a file-backed volume (the file
-//! system records unwritten extents or a hole). On a device-backed volume WRITE_ZEROES costs
-//! what a write of its length costs, against both buckets: the device may write the zeros for
-//! real. Such a volume offers at most 32 MiB per write-zeroes request, so one request costs no
-//! more than the largest write. Against the bandwidth limit, reads and writes cost their
+//! FLUSH and GET_ID cost one operation. On a file-backed volume DISCARD and WRITE_ZEROES cost
+//! one per segment: they move no data, the file system punches a hole or records unwritten
+//! extents. On a device-backed volume they cost what a write of their length costs, against
+//! both buckets: the device may write the zeros for real (a punched hole on a block device is
+//! the device's zero-out). Such a volume offers at most 32 MiB in one segment per discard or
+//! write-zeroes request, so one request costs no more than the largest write. Against the bandwidth limit, reads and writes cost their
 //! length; the bandwidth bucket counts 512-byte units, so a limit is honoured to within 512
 //! bytes/s.
 //!

@@ -407,10 +407,10 @@ fn a_request_waiting_for_tokens_stays_owed_across_ring_resets() {
 }
 
 #[test]
-fn write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies() {
+fn discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies() {
     use storaged_tests::loop_device::LoopDevice;
     let Some(lo) = LoopDevice::new(256 * MIB) else {
-        eprintln!("SKIPPED write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies: cannot set up a loop device (needs root and losetup)");
+        eprintln!("SKIPPED discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies: cannot set up a loop device (needs root and losetup)");
         return;
     };
     let s = Storaged::start();
@@ -441,5 +441,23 @@ fn write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_impl
     assert!(
         seconds >= least * 0.95,
         "{zeroed} bytes zeroed in {seconds:.2} s; a limit of {limit} B/s allows no less than {least:.2} s"
+    );
+    // A discard on a block device is the device's zero-out: charged the same way.
+    let max = c.get_u64("max-discard-len");
+    assert!(
+        max > 0 && max <= 32 * MIB,
+        "{max} bytes per discard request"
+    );
+    let started = Instant::now();
+    let mut discarded = 0;
+    while discarded < 128 * MIB {
+        assert_eq!(c.discard(0, discarded, max), 0);
+        discarded += max;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let least = (discarded as f64 - burst) / limit;
+    assert!(
+        seconds >= least * 0.95,
+        "{discarded} bytes discarded in {seconds:.2} s; the limit allows no less than {least:.2} s"
     );
 }

@@ -1243,13 +1243,13 @@ fn published_behind(vring: &VringRwLock, mem: &GuestMem) -> u64 {
 }
 
 /// What a request draws from its volume's buckets (see [`crate::qos`]): what it makes the
-/// backing storage do. A discard, and a write-zeroes where the zeros are metadata (a file's
-/// unwritten extents or holes), cost one operation per range; a write-zeroes the device may
-/// carry out by writing (`zeroes_are_writes`) costs the write of its length.
+/// backing storage do. A discard or write-zeroes where the zeros are metadata (a file's
+/// unwritten extents or holes) costs one operation per range; one the device may carry out by
+/// writing (`zeroes_are_writes`) costs the write of its length.
 fn request_cost(limiter: &Limiter, op: &Operation, zeroes_are_writes: bool) -> Cost {
     match op {
         Operation::Read { len, .. } | Operation::Write { len, .. } => limiter.transfer_cost(*len),
-        Operation::WriteZeroes(ranges) if zeroes_are_writes => {
+        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) if zeroes_are_writes => {
             limiter.transfer_cost(ranges.iter().map(|r| r.len).sum())
         }
         Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {

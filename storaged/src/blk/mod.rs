@@ -44,11 +44,12 @@ use request::{Limits, ID_BYTES, SECTOR_SHIFT};
 pub const MAX_DISCARD_SEG: u32 = 16;
 /// Most sectors in one discard or write-zeroes segment (2 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
-/// Most sectors (32 MiB, the largest read or write) and segments (one) of a write-zeroes
-/// request to a device-backed volume: the device may write the zeros for real, so the request
-/// is charged as that write, and one request may cost no more than the largest write.
-pub const DEVICE_MAX_WRITE_ZEROES_SECTORS: u32 = (request::MAX_TRANSFER >> SECTOR_SHIFT) as u32;
-pub const DEVICE_MAX_WRITE_ZEROES_SEG: u32 = 1;
+/// Most sectors (32 MiB, the largest read or write) and segments (one) of a discard or
+/// write-zeroes request to a device-backed volume: the device may write the zeros for real
+/// (a punched hole on a block device is a zero-out), so the request is charged as that write,
+/// and one request may cost no more than the largest write.
+pub const DEVICE_MAX_ZEROING_SECTORS: u32 = (request::MAX_TRANSFER >> SECTOR_SHIFT) as u32;
+pub const DEVICE_MAX_ZEROING_SEG: u32 = 1;
 
 /// What the data path of one volume needs, shared by its queues and connections.
 pub struct VolumeIo {
@@ -150,17 +151,18 @@ impl VolumeIo {
         }
     }
 
-    /// Whether a write-zeroes makes the backing storage write the zeros: a block device may
-    /// (ZERO_RANGE falls back to writing zero pages where the device has no offload); a file
-    /// system records unwritten extents or punches a hole instead.
+    /// Whether a discard or write-zeroes makes the backing storage write the zeros: a block
+    /// device may (ZERO_RANGE falls back to writing zero pages where the device has no
+    /// offload, and a punched hole is the device's own zero-out); a file system records
+    /// unwritten extents or punches a hole instead.
     pub fn zeroes_are_writes(&self) -> bool {
         self.store.is_device
     }
 
-    /// Largest write-zeroes request: sectors per segment and segments.
-    fn write_zeroes_max(&self) -> (u32, u32) {
+    /// Largest discard or write-zeroes request: sectors per segment and segments.
+    fn zeroing_max(&self) -> (u32, u32) {
         if self.zeroes_are_writes() {
-            (DEVICE_MAX_WRITE_ZEROES_SECTORS, DEVICE_MAX_WRITE_ZEROES_SEG)
+            (DEVICE_MAX_ZEROING_SECTORS, DEVICE_MAX_ZEROING_SEG)
         } else {
             (MAX_DISCARD_SECTORS, MAX_DISCARD_SEG)
         }
@@ -175,16 +177,16 @@ impl VolumeIo {
     }
 
     pub fn limits(&self) -> Limits {
-        let (max_write_zeroes_sectors, max_write_zeroes_seg) = self.write_zeroes_max();
+        let (max_sectors, max_seg) = self.zeroing_max();
         Limits {
             capacity_sectors: self.capacity() >> SECTOR_SHIFT,
             read_only: self.read_only,
             seg_max: self.seg_max,
             block_size: self.block_size(),
-            max_discard_seg: MAX_DISCARD_SEG,
-            max_discard_sectors: MAX_DISCARD_SECTORS,
-            max_write_zeroes_sectors,
-            max_write_zeroes_seg,
+            max_discard_seg: max_seg,
+            max_discard_sectors: max_sectors,
+            max_write_zeroes_sectors: max_sectors,
+            max_write_zeroes_seg: max_seg,
         }
     }
 
@@ -202,12 +204,12 @@ impl VolumeIo {
         // topology (24..32): physical_block_exp, alignment_offset, min_io_size, opt_io_size left 0.
         // writeback (32) 0, unused0 (33).
         c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        put32(&mut c, 36, MAX_DISCARD_SECTORS);
-        put32(&mut c, 40, MAX_DISCARD_SEG);
+        let (max_sectors, max_seg) = self.zeroing_max();
+        put32(&mut c, 36, max_sectors);
+        put32(&mut c, 40, max_seg);
         put32(&mut c, 44, self.block_size() >> SECTOR_SHIFT);
-        let (max_write_zeroes_sectors, max_write_zeroes_seg) = self.write_zeroes_max();
-        put32(&mut c, 48, max_write_zeroes_sectors);
-        put32(&mut c, 52, max_write_zeroes_seg);
+        put32(&mut c, 48, max_sectors);
+        put32(&mut c, 52, max_seg);
         c[56] = 1; // write_zeroes_may_unmap
         c
     }
