@@ -890,7 +890,11 @@ impl VolumeService {
             })
         };
         if let Err(e) = removed {
-            // Put the volume back in service: nothing changed on disk.
+            // Put the volume back in service: nothing changed on disk. The stopped export
+            // goes first: it holds the backing store, and a device is opened exclusively.
+            let stopped = self.state().exports.remove(&name);
+            drop(stopped);
+            drop(export);
             let reopened = self.open_and_export(&spec);
             let mut st = self.state();
             match reopened {

@@ -242,12 +242,25 @@ impl RawFrontend {
     /// ring is started again from index 0. Returns the base the device answered and how many
     /// chains it had returned by then.
     pub fn reset_ring(&mut self) -> (u16, u16) {
-        let base = self.fe.get_vring_base(0).unwrap() as u16;
-        let used = self.used_idx();
+        let (base, used) = self.stop_ring();
         let zeros = vec![0u8; (USED_RING + 0x1000 - AVAIL_RING) as usize];
         self.put(AVAIL_RING, &zeros);
         self.avail_idx = 0;
         self.used_seen = 0;
+        self.start_ring(0);
+        (base, used)
+    }
+
+    /// Stops the ring (GET_VRING_BASE); returns the base the device answered and how many
+    /// chains it had returned by then.
+    pub fn stop_ring(&mut self) -> (u16, u16) {
+        let base = self.fe.get_vring_base(0).unwrap() as u16;
+        (base, self.used_idx())
+    }
+
+    /// Starts the ring again at `base` over the rings as they are (what a frontend does
+    /// after a pause), without kicking.
+    pub fn start_ring(&mut self, base: u16) {
         let addr = self.mem as u64;
         self.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
         self.fe
@@ -264,11 +277,10 @@ impl RawFrontend {
                 },
             )
             .unwrap();
-        self.fe.set_vring_base(0, 0).unwrap();
+        self.fe.set_vring_base(0, base).unwrap();
         self.fe.set_vring_call(0, &self.call).unwrap();
         self.fe.set_vring_kick(0, &self.kick).unwrap();
         self.fe.set_vring_enable(0, true).unwrap();
-        (base, used)
     }
 
     /// The used ring's index: how many chains the device has returned since the ring started.

@@ -461,3 +461,31 @@ fn discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwid
         "{discarded} bytes discarded in {seconds:.2} s; the limit allows no less than {least:.2} s"
     );
 }
+
+#[test]
+fn a_request_given_back_at_a_ring_stop_is_served_when_the_ring_restarts_from_the_base() {
+    use storaged_tests::raw_frontend::*;
+    const T_IN: u32 = 0;
+    const HDR: u64 = BUF_BASE;
+    const STATUS: u64 = BUF_BASE + 0x100;
+    const DATA: u64 = 1 << 20;
+    let s = Storaged::start();
+    // 1 MB/s and a bucket of 1 MB: a 2 MiB read waits about a second for its bandwidth.
+    s.create_volume(r#"{"name":"slow","size":"64MiB","tier":"mass","bandwidth_limit":1000000}"#);
+    let mut fe = RawFrontend::connect(&s.socket_of("slow"));
+    fe.header(HDR, T_IN, 0);
+    fe.write_mem(STATUS, &[0xff]);
+    fe.chain(0, &[ro(HDR, 16), wr(DATA, 2 << 20), wr(STATUS, 1)]);
+    fe.post(0);
+    std::thread::sleep(Duration::from_millis(50));
+    let (base, used) = fe.stop_ring();
+    assert_eq!(
+        (base, used, fe.read_mem(STATUS, 1)[0]),
+        (0, 0, 0xff),
+        "the waiting read was served at the stop, unpaid, or not given back"
+    );
+    // As after a pause: the same rings, from the base, and no kick.
+    fe.start_ring(base);
+    assert_eq!(fe.wait_used(0), (2 << 20) + 1);
+    assert_eq!(fe.read_mem(STATUS, 1)[0], 0);
+}

@@ -75,8 +75,12 @@ const BOUNCE_POOL_MAX_LEN: usize = 128 << 10;
 /// Most iovecs one readv/writev takes (UIO_MAXIOV); more go through a bounce buffer.
 const MAX_IOVECS: usize = 1024;
 
-/// Tries to queue an SQE before it is failed with EIO.
+/// Tries to queue an SQE before it is failed.
 const PUSH_ATTEMPTS: usize = 100;
+
+/// The result made up for an SQE the ring refused: the request fails, but nothing was done
+/// to the storage, so a FLUSH failed this way does not fail the volume.
+const NOT_SUBMITTED: i32 = -libc::ECANCELED;
 
 /// Shortest polling window worth spinning for; below it the worker does not poll.
 const MIN_POLL_WINDOW: Duration = Duration::from_micros(4);
@@ -585,7 +589,7 @@ impl QueueEngine {
         vring: &VringRwLock,
     ) {
         let Request { op, data, status } = req;
-        let mut inflight = InFlight {
+        let inflight = InFlight {
             head,
             status,
             op,
@@ -600,13 +604,9 @@ impl QueueEngine {
             failed: false,
             started,
         };
-        if failure::refused(&inflight.op) && self.volume.failure.is_failed() {
-            // A failed volume takes nothing more that writes: answered without touching the
-            // storage (see [`failure`]).
-            self.volume.metrics.io_errors.inc();
-            self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+        let Some(mut inflight) = self.refuse_if_failed(inflight, vring) else {
             return;
-        }
+        };
         match &inflight.op {
             Operation::Read { offset, len } | Operation::Write { offset, len } => {
                 let (offset, len) = (*offset, *len);
@@ -651,7 +651,11 @@ impl QueueEngine {
     /// Builds a read's or write's buffers (the transform stage encrypts a write into its
     /// bounce buffer) and queues it. A plain volume's misaligned request that finds the queue's
     /// bounce budget spent is parked until completions free it: back-pressure, not an error.
-    fn start_transfer(&mut self, mut inflight: InFlight, vring: &VringRwLock) {
+    fn start_transfer(&mut self, inflight: InFlight, vring: &VringRwLock) {
+        // Checked again for a request that waited (parked) while the volume failed.
+        let Some(mut inflight) = self.refuse_if_failed(inflight, vring) else {
+            return;
+        };
         let (offset, len, write) = match inflight.op {
             Operation::Read { offset, len } => (offset, len, false),
             Operation::Write { offset, len } => (offset, len, true),
@@ -677,6 +681,17 @@ impl QueueEngine {
         inflight.offset = offset;
         inflight.remaining = len;
         self.queue(inflight, vring);
+    }
+
+    /// A failed volume takes nothing more that writes: such a request is answered IOERR
+    /// without touching the storage (see [`failure`]). Gives the request back otherwise.
+    fn refuse_if_failed(&mut self, inflight: InFlight, vring: &VringRwLock) -> Option<InFlight> {
+        if failure::refused(&inflight.op) && self.volume.failure.is_failed() {
+            self.volume.metrics.io_errors.inc();
+            self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+            return None;
+        }
+        Some(inflight)
     }
 
     /// Puts a built request in the in-flight table and pushes its SQEs.
@@ -901,7 +916,7 @@ impl QueueEngine {
             &self.volume,
             "io_uring refuses submissions; failing the request"
         );
-        self.pending_cqes.push((sqe.get_user_data(), -libc::EIO));
+        self.pending_cqes.push((sqe.get_user_data(), NOT_SUBMITTED));
     }
 
     /// Handles the completion eventfd: reaps every CQE and signals the guest once. Returns
@@ -1001,7 +1016,7 @@ impl QueueEngine {
                 if res < 0 {
                     let err = std::io::Error::from_raw_os_error(-res);
                     crate::volume_log!(warn, &self.volume, "{} failed: {err}", inflight.op.label());
-                    if inflight.op == Operation::Flush {
+                    if inflight.op == Operation::Flush && res != NOT_SUBMITTED {
                         // The kernel reports a lost write-back once: the volume stays failed.
                         let reason = format!("fdatasync failed: {err}");
                         self.volume.failure.fail(&self.volume.name, reason);
@@ -1114,16 +1129,12 @@ impl QueueEngine {
             // that resets its device in a loop escape the limit. It was the last chain taken
             // (nothing is taken while one waits), so the ring is wound back over it: the base
             // the frontend reads next says it was never taken, and a ring restarted from that
-            // base offers it again, to pay then. With the frontend gone, it is dropped.
+            // base offers it again (vhost-user-backend processes a ring when it is enabled), to
+            // pay then. With the frontend gone, it is dropped.
             if let Some(vring) = vring {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
                 queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                drop(state);
-                // Waiting left guest notifications off: a restarted ring must be kicked.
-                if let Err(e) = vring.enable_notification() {
-                    crate::volume_log!(warn, &self.volume, "cannot enable notifications: {e}");
-                }
             }
             drop(waiting);
         }
@@ -1142,6 +1153,11 @@ impl QueueEngine {
             }
         }
         if let Some(vring) = vring {
+            // A request that waited (for tokens or bounce budget) left guest notifications
+            // off: a ring restarted from here must be kicked.
+            if let Err(e) = vring.enable_notification() {
+                crate::volume_log!(warn, &self.volume, "cannot enable notifications: {e}");
+            }
             self.signal(vring);
         }
     }

@@ -91,7 +91,11 @@ fn now() -> u64 {
 pub struct FailureState {
     /// Read on every completion, so the data path takes no lock.
     failed: AtomicBool,
+    /// The failure as the control plane reads it; held only to read or change it, never
+    /// across I/O, so a hung disk under the record cannot hold up the admin API.
     record: Mutex<Option<IoFailure>>,
+    /// Serialises writing and removing the record file.
+    io: Mutex<()>,
     path: PathBuf,
     /// `storaged_volume_failed`: 1 while failed.
     gauge: IntGauge,
@@ -118,6 +122,7 @@ impl FailureState {
         FailureState {
             failed: AtomicBool::new(record.is_some()),
             record: Mutex::new(record),
+            io: Mutex::new(()),
             path,
             gauge,
         }
@@ -135,20 +140,29 @@ impl FailureState {
     /// Fails the volume, records it and logs it; a volume already failed keeps its first
     /// failure and logs nothing.
     pub fn fail(&self, volume: &str, reason: String) {
-        let mut record = crate::lock(&self.record);
-        if record.is_some() {
-            return;
-        }
-        // Other queues answer IOERR from here on, while the record is written.
-        self.failed.store(true, Ordering::Release);
-        self.gauge.set(1);
-        let failure = IoFailure { reason, at: now() };
+        let failure = {
+            let mut record = crate::lock(&self.record);
+            if record.is_some() {
+                return;
+            }
+            let failure = IoFailure { reason, at: now() };
+            *record = Some(failure.clone());
+            // Other queues answer IOERR from here on, while the record is written.
+            self.failed.store(true, Ordering::Release);
+            self.gauge.set(1);
+            failure
+        };
         tracing::error!(
             volume = %volume,
             reason = %failure.reason,
             "volume marked failed: data written since its last successful flush may be lost; \
              FLUSH, writes and discards are answered IOERR until an operator clears the failure"
         );
+        let _io = crate::lock(&self.io);
+        if !self.is_failed() {
+            // Cleared by the operator before it could be written.
+            return;
+        }
         if let Err(e) = self.persist(&failure) {
             tracing::error!(
                 volume = %volume,
@@ -156,13 +170,12 @@ impl FailureState {
                 crate::error_chain(&e)
             );
         }
-        *record = Some(failure);
     }
 
     /// Clears a failure (the operator's decision) and returns it; None if there was none.
     pub fn clear(&self) -> Result<Option<IoFailure>, Error> {
-        let mut record = crate::lock(&self.record);
-        if record.is_none() {
+        let _io = crate::lock(&self.io);
+        if crate::lock(&self.record).is_none() {
             return Ok(None);
         }
         let err = |source| Error::Remove {
@@ -174,6 +187,7 @@ impl FailureState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e)),
         }
+        let mut record = crate::lock(&self.record);
         self.gauge.set(0);
         self.failed.store(false, Ordering::Release);
         Ok(record.take())
