@@ -124,7 +124,7 @@ impl Drop for Tmpfs {
 fn a_preallocated_volume_keeps_its_blocks_where_the_file_system_cannot_zero_a_range() {
     // tmpfs punches holes and allocates, but has no FALLOC_FL_ZERO_RANGE.
     let Some(fs) = Tmpfs::mount(64 * MIB) else {
-        eprintln!("SKIPPED a_preallocated_volume_keeps_its_blocks_where_the_file_system_cannot_zero_a_range: cannot mount a tmpfs (needs root)");
+        skip("a_preallocated_volume_keeps_its_blocks_where_the_file_system_cannot_zero_a_range: cannot mount a tmpfs (needs root)");
         return;
     };
     let s = Storaged::start_in(fs.dir.path(), &[]);
@@ -155,7 +155,7 @@ fn a_preallocated_volume_keeps_its_blocks_where_the_file_system_cannot_zero_a_ra
 #[test]
 fn a_sparse_volume_on_a_full_file_system_fails_writes_with_ioerr_and_says_so() {
     let Some(fs) = Tmpfs::mount(16 * MIB) else {
-        eprintln!("SKIPPED a_sparse_volume_on_a_full_file_system_fails_writes_with_ioerr_and_says_so: cannot mount a tmpfs (needs root)");
+        skip("a_sparse_volume_on_a_full_file_system_fails_writes_with_ioerr_and_says_so: cannot mount a tmpfs (needs root)");
         return;
     };
     let s = Storaged::start_in(fs.dir.path(), &[]);
@@ -210,7 +210,7 @@ fn failed_gauge(s: &Storaged, name: &str) -> Option<f64> {
 #[test]
 fn a_lost_write_back_fails_every_later_flush_and_write_and_shows_in_the_api_and_metrics() {
     let Some(fault) = WritebackFault::new(16 * MIB) else {
-        eprintln!("SKIPPED a_lost_write_back_fails_every_later_flush_and_write_and_shows_in_the_api_and_metrics: cannot set up loop devices, tmpfs and ext4 (needs root, losetup, mkfs.ext4)");
+        skip("a_lost_write_back_fails_every_later_flush_and_write_and_shows_in_the_api_and_metrics: cannot set up loop devices, tmpfs and ext4 (needs root, losetup, mkfs.ext4)");
         return;
     };
     let s = Storaged::start();
@@ -255,7 +255,7 @@ fn a_lost_write_back_fails_every_later_flush_and_write_and_shows_in_the_api_and_
 #[test]
 fn a_failed_volume_stays_failed_across_restart_until_the_operator_clears_it() {
     let Some(fault) = WritebackFault::new(16 * MIB) else {
-        eprintln!("SKIPPED a_failed_volume_stays_failed_across_restart_until_the_operator_clears_it: cannot set up loop devices, tmpfs and ext4 (needs root, losetup, mkfs.ext4)");
+        skip("a_failed_volume_stays_failed_across_restart_until_the_operator_clears_it: cannot set up loop devices, tmpfs and ext4 (needs root, losetup, mkfs.ext4)");
         return;
     };
     let mut s = Storaged::start();

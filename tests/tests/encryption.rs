@@ -626,7 +626,7 @@ fn a_key_directory_on_the_volumes_file_system_is_warned_about_and_one_elsewhere_
     drop(s);
 
     let Some(tmpfs) = Mount::new(&["-t", "tmpfs", "-o", "size=4M,mode=0700", "tmpfs"]) else {
-        eprintln!("SKIPPED the key-directory-elsewhere half: cannot mount a tmpfs (needs root)");
+        skip("the key-directory-elsewhere half: cannot mount a tmpfs (needs root)");
         return;
     };
     let keys = tmpfs.path().join("keys");
@@ -669,7 +669,7 @@ fn a_rewritten_catalog_leaves_no_old_wrapped_key_in_its_file_systems_blocks() {
         .unwrap();
     assert!(mkfs.success(), "mkfs.ext4");
     let Some(fs) = Mount::new(&["-o", "loop", image.path().to_str().unwrap()]) else {
-        eprintln!("SKIPPED a_rewritten_catalog_leaves_no_old_wrapped_key_in_its_file_systems_blocks: cannot loop-mount (needs root)");
+        skip("a_rewritten_catalog_leaves_no_old_wrapped_key_in_its_file_systems_blocks: cannot loop-mount (needs root)");
         return;
     };
     let data = fs.path().join("data");

@@ -334,7 +334,7 @@ fn metrics_pass_promtool_and_show_limits_and_build_info() {
             })
         });
     let Some(promtool) = promtool else {
-        eprintln!("SKIPPED promtool check: promtool not found (scripts/test installs it)");
+        skip("promtool check: promtool not found (scripts/test installs it)");
         return;
     };
     let mut child = Command::new(&promtool)
@@ -410,7 +410,7 @@ fn a_request_waiting_for_tokens_stays_owed_across_ring_resets() {
 fn discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies() {
     use storaged_tests::loop_device::LoopDevice;
     let Some(lo) = LoopDevice::new(256 * MIB) else {
-        eprintln!("SKIPPED discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies: cannot set up a loop device (needs root and losetup)");
+        skip("discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies: cannot set up a loop device (needs root and losetup)");
         return;
     };
     let s = Storaged::start();

@@ -328,7 +328,7 @@ fn a_device_is_refused_under_a_second_path_and_as_its_own_partition() {
         LoopDevice::new(16 * MIB),
         LoopDevice::partitioned(32 * MIB, 16 * MIB),
     ) else {
-        eprintln!("SKIPPED a_device_is_refused_under_a_second_path_and_as_its_own_partition: cannot set up loop devices (needs root and losetup)");
+        skip("a_device_is_refused_under_a_second_path_and_as_its_own_partition: cannot set up loop devices (needs root and losetup)");
         return;
     };
     let s = Storaged::start();
@@ -398,7 +398,7 @@ fn a_device_is_refused_under_a_second_path_and_as_its_own_partition() {
 #[test]
 fn a_device_opened_exclusively_or_mounted_elsewhere_is_refused() {
     let (Some(held), Some(mounted)) = (LoopDevice::new(16 * MIB), LoopDevice::new(16 * MIB)) else {
-        eprintln!("SKIPPED a_device_opened_exclusively_or_mounted_elsewhere_is_refused: cannot set up loop devices (needs root and losetup)");
+        skip("a_device_opened_exclusively_or_mounted_elsewhere_is_refused: cannot set up loop devices (needs root and losetup)");
         return;
     };
     let s = Storaged::start();
@@ -444,7 +444,7 @@ fn a_device_opened_exclusively_or_mounted_elsewhere_is_refused() {
 #[test]
 fn a_device_renumbered_while_storaged_was_stopped_is_not_served() {
     let Some(mut lo) = LoopDevice::new(16 * MIB) else {
-        eprintln!("SKIPPED a_device_renumbered_while_storaged_was_stopped_is_not_served: cannot set up a loop device (needs root and losetup)");
+        skip("a_device_renumbered_while_storaged_was_stopped_is_not_served: cannot set up a loop device (needs root and losetup)");
         return;
     };
     let mut s = Storaged::start();
@@ -488,7 +488,7 @@ fn a_device_renumbered_while_storaged_was_stopped_is_not_served() {
 #[test]
 fn block_device_volume_serves_the_device_and_survives_delete() {
     let Some(lo) = LoopDevice::new(32 * MIB) else {
-        eprintln!("SKIPPED block_device_volume_serves_the_device_and_survives_delete: cannot set up a loop device (needs root and losetup)");
+        skip("block_device_volume_serves_the_device_and_survives_delete: cannot set up a loop device (needs root and losetup)");
         return;
     };
     let s = Storaged::start();
