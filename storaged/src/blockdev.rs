@@ -83,6 +83,20 @@ impl DeviceIdentity {
     pub fn is_stable(&self) -> bool {
         self.source != IdSource::None
     }
+
+    /// Whether two identities name devices that share blocks: the same disk, or a disk and
+    /// one of its partitions (two partitions of one disk do not). Devices without a stable
+    /// identity are never said to.
+    pub fn overlaps(&self, other: &DeviceIdentity) -> bool {
+        self.is_stable()
+            && other.is_stable()
+            && self.source == other.source
+            && self.id == other.id
+            && match (&self.partition, &other.partition) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
 }
 
 impl fmt::Display for DeviceIdentity {

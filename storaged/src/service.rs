@@ -619,6 +619,13 @@ impl VolumeService {
             Some(dev) => Some((dev.clone(), Self::new_device_number(dev)?)),
             None => None,
         };
+        let device_identity = device.as_ref().map(|(dev, num)| {
+            let identity = blockdev::identity(*num);
+            if !identity.is_stable() {
+                tracing::warn!(device = %dev.display(), "device has no stable identity (no wwid, serial, dm uuid or loop backing file): a different disk at this path later would not be detected");
+            }
+            identity
+        });
         let _held = {
             let mut st = self.state();
             if st.volumes.contains_key(&name) {
@@ -644,6 +651,26 @@ impl VolumeService {
                         path.display(),
                     )));
                 }
+                // A volume whose device is missing or renumbered has no device number here:
+                // its recorded identity still names its disk.
+                let mine = device_identity.as_ref();
+                if let Some(other) = st.volumes.values().find(|v| match (&v.backing, mine) {
+                    (
+                        Backing::Device {
+                            identity: Some(theirs),
+                            ..
+                        },
+                        Some(mine),
+                    ) => mine.overlaps(theirs),
+                    _ => false,
+                }) {
+                    return Err(Error::BadRequest(format!(
+                        "device {} is the disk ({}) that backs volume '{}'",
+                        dev.display(),
+                        mine.map(ToString::to_string).unwrap_or_default(),
+                        other.name
+                    )));
+                }
             }
             pool_check(&st, self.config.pool_capacity, size)?;
             st.busy.insert(
@@ -659,13 +686,6 @@ impl VolumeService {
                 hold: Hold::Volume(name.clone()),
             }
         };
-        let device_identity = device.as_ref().map(|(dev, num)| {
-            let identity = blockdev::identity(*num);
-            if !identity.is_stable() {
-                tracing::warn!(device = %dev.display(), "device has no stable identity (no wwid, serial, dm uuid or loop backing file): a different disk at this path later would not be detected");
-            }
-            identity
-        });
 
         let id = uuid::Uuid::new_v4().to_string();
         let encryption = if encrypted {
@@ -720,6 +740,18 @@ impl VolumeService {
                 return Err(e);
             }
         };
+        if let Some((dev, num)) = &device {
+            // The path was checked, then opened: it must still be the device checked.
+            let opened = blockdev::device_number_of(&export.volume().store.file, dev);
+            if opened.as_ref().ok() != Some(num) {
+                drop(export);
+                self.metrics.remove_volume(name.as_str());
+                return Err(Error::BadRequest(format!(
+                    "device {} changed while it was being opened",
+                    dev.display()
+                )));
+            }
+        }
         let written = {
             let mut catalog = crate::lock(&self.catalog);
             catalog.put(spec.clone()).map(|()| {

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
 
+use std::process::Command;
+
 use storaged_tests::loop_device::LoopDevice;
 use storaged_tests::*;
 
@@ -473,6 +475,27 @@ fn a_device_renumbered_while_storaged_was_stopped_is_not_served() {
     assert!(s.log_text().contains("cannot serve volume"));
     let file = s.admin().get("/v1/volumes/file").unwrap().json();
     assert_eq!(file["state"], "serving", "{file}");
+
+    // The volume's own disk, now at another number: no other volume may take it.
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(first.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let r = create_on_device(&s, "thief", &moved, "16MiB");
+    let _ = Command::new("losetup").args(["-d", &moved]).status();
+    assert_eq!(
+        r.status, 400,
+        "the disk of volume 'dev' was taken: {}",
+        r.body
+    );
+    assert!(r.body.contains("backs volume 'dev'"), "{}", r.body);
 
     // The volume's own disk back at that number: served again.
     assert!(s.signal_and_wait(libc::SIGTERM).success());
