@@ -561,7 +561,12 @@ impl VolumeService {
             new.encryption = current.encryption.clone();
         }
         catalog.put(new.clone())?;
-        self.state().volumes.insert(new.name.clone(), new.clone());
+        let mut st = self.state();
+        // The new size is counted from here on: the claim's reservation is spent.
+        if let Some(c) = st.busy.get_mut(&new.name) {
+            c.reserved = 0;
+        }
+        st.volumes.insert(new.name.clone(), new.clone());
         Ok(new)
     }
 
@@ -756,6 +761,9 @@ impl VolumeService {
             let mut catalog = crate::lock(&self.catalog);
             catalog.put(spec.clone()).map(|()| {
                 let mut st = self.state();
+                if let Some(c) = st.busy.get_mut(&name) {
+                    c.reserved = 0;
+                }
                 st.volumes.insert(name.clone(), spec.clone());
                 st.exports.insert(name.clone(), export.clone());
                 if let Some(device) = device {
