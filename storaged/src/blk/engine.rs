@@ -28,11 +28,14 @@ use io_uring::{opcode, squeue, types, IoUring};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::bounce::{self, BouncePool};
+use super::inflight::{
+    advance_iovecs, user_data, InFlight, InFlightTable, ZEROES_OWN, ZEROES_PART, ZEROES_PUNCHED,
+    ZEROES_REALLOCATED,
+};
 use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
 use super::timer::Timer;
 use super::{failure, VolumeIo};
@@ -64,14 +67,6 @@ pub enum Error {
 /// writes unchanged (scripts/bench-storage).
 const SUBMIT_BATCH: usize = 2;
 
-/// Bounce-buffer bytes one queue may have in flight; a request beyond it waits for completions
-/// rather than let a guest make the daemon allocate without bound.
-const BOUNCE_BUDGET: usize = 64 << 20;
-
-/// Bounce buffers a queue keeps for reuse, and the largest it keeps (bigger ones are rare).
-const BOUNCE_POOL_BUFFERS: usize = 256;
-const BOUNCE_POOL_MAX_LEN: usize = 128 << 10;
-
 /// Most iovecs one readv/writev takes (UIO_MAXIOV); more go through a bounce buffer.
 const MAX_IOVECS: usize = 1024;
 
@@ -98,35 +93,6 @@ enum Built {
     NoBudget,
 }
 
-/// A request between submission and completion.
-struct InFlight {
-    head: u16,
-    status: GuestAddress,
-    op: Operation,
-    /// Keeps the guest mapping alive while the kernel may still access it.
-    mem: Arc<GuestMem>,
-    iovecs: Vec<libc::iovec>,
-    /// Guest ranges of the data, for bounce copies and GET_ID.
-    data: Vec<GuestRange>,
-    bounce: Option<AlignedBuf>,
-    /// Guest memory an encrypted read's data is decrypted into straight from the bounce buffer
-    /// (the guest buffer is one piece of host memory); otherwise it is decrypted in place and
-    /// copied.
-    decrypt_into: Option<*mut u8>,
-    /// Byte offset on the backing storage where the next resubmission of a short transfer
-    /// starts, and bytes still to transfer.
-    offset: u64,
-    remaining: u64,
-    /// SQEs not yet completed (discard and write-zeroes have one per range).
-    parts: u32,
-    failed: bool,
-    started: Instant,
-}
-
-// SAFETY: the raw pointers in `iovecs` point into `mem` or `bounce`, both owned by the
-// InFlight; the struct moves between threads only as a whole, under the engine's mutex.
-unsafe impl Send for InFlight {}
-
 /// A request waiting for its volume's limits, at the head of its queue.
 struct Throttled {
     head: u16,
@@ -143,19 +109,15 @@ struct Throttled {
 pub struct QueueEngine {
     ring: IoUring,
     eventfd: EventFd,
-    slots: Vec<Option<InFlight>>,
-    free: Vec<u32>,
+    slots: InFlightTable,
     volume: Arc<VolumeIo>,
     /// Used-ring entries added since the last signal.
     pending_signal: bool,
     /// The queue this engine serves, known from its first kick; used to answer in-flight
     /// requests when the frontend stops the queue.
     vring: Option<VringRwLock>,
-    /// Bounce-buffer bytes held by in-flight requests.
-    bounce_bytes: usize,
-    /// Bounce buffers kept for reuse: allocating and zeroing one per request of an encrypted
-    /// volume costs more than encrypting its data.
-    bounce_pool: Vec<AlignedBuf>,
+    /// Bounce buffers, held by requests in flight or kept for reuse.
+    bounce: BouncePool,
     /// Popping stopped at the in-flight limit with requests left in the ring; they are taken
     /// when completions make room (no new kick will come for them).
     capped: bool,
@@ -183,18 +145,6 @@ pub struct QueueEngine {
 /// Source of [`QueueEngine::waiter_id`]s.
 static NEXT_WAITER_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A write-zeroes SQE's part number holds the range's index in its low bits and, above, which
-/// step of zeroing it is: the request's own, the hole punched where ZERO_RANGE is not
-/// supported, or (preallocated files) the range allocated again after that punch.
-const ZEROES_PART: u32 = 0xffff;
-const ZEROES_OWN: u32 = 0;
-const ZEROES_PUNCHED: u32 = 1 << 16;
-const ZEROES_REALLOCATED: u32 = 2 << 16;
-
-fn user_data(slot: u32, part: u32) -> u64 {
-    (u64::from(part) << 32) | u64::from(slot)
-}
-
 impl QueueEngine {
     pub fn new(volume: Arc<VolumeIo>, entries: u32) -> Result<Self, Error> {
         let max_window = volume.poll_window;
@@ -212,13 +162,11 @@ impl QueueEngine {
         Ok(QueueEngine {
             ring,
             eventfd,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: InFlightTable::default(),
             volume,
             pending_signal: false,
             vring: None,
-            bounce_bytes: 0,
-            bounce_pool: Vec::new(),
+            bounce: BouncePool::default(),
             capped: false,
             pending_cqes: Vec::new(),
             poll_window: max_window,
@@ -243,7 +191,7 @@ impl QueueEngine {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len()
     }
 
     /// A request is waiting for the volume's limits.
@@ -349,7 +297,8 @@ impl QueueEngine {
             }
             let snapshot = mem.memory().into_inner();
             for _ in 0..published {
-                let bounce_full = self.volume.crypt.is_some() && self.bounce_bytes >= BOUNCE_BUDGET;
+                let bounce_full =
+                    self.volume.crypt.is_some() && self.bounce.held() >= bounce::BUDGET;
                 if self.in_flight() >= usize::from(self.volume.max_queue_size) || bounce_full {
                     // A well-behaved driver cannot have more requests outstanding than its
                     // queue has entries; an encrypted volume's bounce buffers are bounded too.
@@ -696,7 +645,7 @@ impl QueueEngine {
 
     /// Puts a built request in the in-flight table and pushes its SQEs.
     fn queue(&mut self, inflight: InFlight, vring: &VringRwLock) {
-        let slot = self.alloc_slot(inflight);
+        let slot = self.slots.insert(inflight);
         self.volume.metrics.inflight.inc();
         self.push_sqes(slot);
         if !self.pending_cqes.is_empty() {
@@ -754,10 +703,10 @@ impl QueueEngine {
         // instead (pop_available). A misaligned request of a plain volume waits for the
         // budget; with nothing in flight the whole budget is free, and it is larger than any
         // request.
-        if !bounce && self.bounce_bytes + len > BOUNCE_BUDGET && self.in_flight() > 0 {
+        if !bounce && self.bounce.over_budget(len) && self.in_flight() > 0 {
             return Built::NoBudget;
         }
-        let Some(mut buf) = self.take_bounce(len, align.max(4096)) else {
+        let Some(mut buf) = self.bounce.take(len, align.max(4096)) else {
             crate::volume_log!(warn, &self.volume, len, "cannot allocate a bounce buffer");
             return Built::Invalid;
         };
@@ -795,42 +744,14 @@ impl QueueEngine {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: len,
         }];
-        self.bounce_bytes += buf.len();
+        self.bounce.charge(buf.len());
         inflight.bounce = Some(buf);
         Built::Ready
     }
 
-    /// A bounce buffer of `len` bytes: a recycled one if there is one of that size.
-    fn take_bounce(&mut self, len: usize, align: usize) -> Option<AlignedBuf> {
-        match self.bounce_pool.iter().rposition(|b| b.len() == len) {
-            Some(i) => Some(self.bounce_pool.swap_remove(i)),
-            None => AlignedBuf::new(len, align),
-        }
-    }
-
-    /// Keeps a bounce buffer whose request is answered (the kernel is done with it).
-    fn recycle(&mut self, buf: AlignedBuf) {
-        if self.bounce_pool.len() < BOUNCE_POOL_BUFFERS && buf.len() <= BOUNCE_POOL_MAX_LEN {
-            self.bounce_pool.push(buf);
-        }
-    }
-
-    fn alloc_slot(&mut self, inflight: InFlight) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(inflight);
-                i
-            }
-            None => {
-                self.slots.push(Some(inflight));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
     /// Pushes the SQEs of a slot's request (all its parts).
     fn push_sqes(&mut self, slot: u32) {
-        let Some(inflight) = self.slots[slot as usize].as_ref() else {
+        let Some(inflight) = self.slots.get(slot) else {
             return;
         };
         let fd = types::Fd(self.volume.store.file.as_raw_fd());
@@ -945,7 +866,7 @@ impl QueueEngine {
 
     /// Accounts one CQE; when a request's last part is done, answers it.
     fn complete(&mut self, vring: Option<&VringRwLock>, slot: u32, part: u32, res: i32) {
-        let Some(inflight) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+        let Some(inflight) = self.slots.get_mut(slot) else {
             crate::volume_log!(error, &self.volume, slot, "completion for an empty slot");
             return;
         };
@@ -1029,11 +950,11 @@ impl QueueEngine {
         if inflight.parts > 0 {
             return;
         }
-        let Some(mut inflight) = self.slots[slot as usize].take() else {
+        let Some(mut inflight) = self.slots.remove(slot) else {
             return;
         };
-        self.bounce_bytes -= inflight.bounce.as_ref().map_or(0, AlignedBuf::len);
-        self.free.push(slot);
+        self.bounce
+            .discharge(inflight.bounce.as_ref().map_or(0, AlignedBuf::len));
         self.volume.metrics.inflight.dec();
         let mut used = 0;
         let mut code = VIRTIO_BLK_S_OK as u8;
@@ -1074,7 +995,7 @@ impl QueueEngine {
     /// Writes the status, returns the chain to the guest and records metrics.
     fn finish(&mut self, vring: &VringRwLock, mut inflight: InFlight, code: u8, data_used: u32) {
         if let Some(buf) = inflight.bounce.take() {
-            self.recycle(buf);
+            self.bounce.recycle(buf);
         }
         let used = match inflight.mem.write_obj(code, inflight.status) {
             Ok(()) => data_used + 1,
@@ -1181,12 +1102,7 @@ impl QueueEngine {
                             in_flight = self.in_flight(),
                             "io_uring wait failed, leaking in-flight buffers: {e}"
                         );
-                        for slot in self.slots.iter_mut() {
-                            if let Some(inflight) = slot.take() {
-                                std::mem::forget(inflight);
-                            }
-                        }
-                        self.free = (0..self.slots.len() as u32).collect();
+                        self.slots.leak_all();
                         return;
                     }
                 }
@@ -1283,23 +1199,6 @@ fn fallocate_sqe(fd: types::Fd, r: &ByteRange, mode: i32, ud: u64) -> squeue::En
         .user_data(ud)
 }
 
-/// Drops the first `n` bytes from an iovec array.
-fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
-    let mut drop_count = 0;
-    for v in iovecs.iter_mut() {
-        if n >= v.iov_len {
-            n -= v.iov_len;
-            drop_count += 1;
-        } else {
-            // SAFETY: n < iov_len, so the new base stays inside the same buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            break;
-        }
-    }
-    iovecs.drain(..drop_count);
-}
-
 fn copy_to_guest(mem: &GuestMem, ranges: &[GuestRange], mut src: &[u8]) -> bool {
     for r in ranges {
         if src.is_empty() {
@@ -1312,29 +1211,4 @@ fn copy_to_guest(mem: &GuestMem, ranges: &[GuestRange], mut src: &[u8]) -> bool 
         src = &src[n..];
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn advancing_iovecs_skips_whole_and_partial_buffers() {
-        let mut a = [0u8; 8];
-        let mut b = [0u8; 8];
-        let mut v = vec![
-            libc::iovec {
-                iov_base: a.as_mut_ptr().cast(),
-                iov_len: 8,
-            },
-            libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: 8,
-            },
-        ];
-        advance_iovecs(&mut v, 11);
-        assert_eq!(v.len(), 1);
-        assert_eq!(v[0].iov_len, 5);
-        assert_eq!(v[0].iov_base as usize, b.as_ptr() as usize + 3);
-    }
 }

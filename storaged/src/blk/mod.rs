@@ -3,7 +3,9 @@
 //! - [`request`]: parsing and validating virtio-blk requests (pure, unit-tested).
 //! - [`engine`]: one io_uring per virtqueue, executing requests straight from and into guest
 //!   memory.
+//! - [`inflight`]: what a request owns between submission and completion, by slot.
 //! - [`backend`]: the `vhost-user-backend` device of one frontend connection.
+//! - [`bounce`]: a queue's bounce buffers, pooled and bounded.
 //! - [`export`]: the socket of one volume: accepts one frontend at a time, refuses others,
 //!   accepts a new one after a disconnect.
 //! - [`log_limit`]: a per-volume budget for the lines the data path logs about a guest's
@@ -20,9 +22,11 @@
 //! `start_transfer` (writes, into the bounce buffer) and `complete` (read data).
 
 pub mod backend;
+pub mod bounce;
 pub mod engine;
 pub mod export;
 pub mod failure;
+pub mod inflight;
 pub mod log_limit;
 pub mod memory_guard;
 pub mod request;
