@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, squeue, types, IoUring};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{DescriptorChain, QueueT};
@@ -36,10 +35,11 @@ use super::inflight::{
     advance_iovecs, user_data, InFlight, InFlightTable, ZEROES_OWN, ZEROES_PART, ZEROES_PUNCHED,
     ZEROES_REALLOCATED,
 };
-use super::request::{self, ByteRange, ChainDesc, GuestRange, Operation, Parsed, Request};
+use super::request::{self, ChainDesc, GuestRange, Operation, Parsed, Request};
+use super::ring::{self, RingOp, RingQueue, Uring};
 use super::timer::Timer;
 use super::{failure, VolumeIo};
-use crate::backing::{AlignedBuf, FALLOC_ALLOCATE, FALLOC_PUNCH, FALLOC_ZERO};
+use crate::backing::{AlignedBuf, FALLOC_ALLOCATE, FALLOC_PUNCH};
 use crate::crypto;
 use crate::metrics::op_index;
 use crate::qos::{Cost, Limiter};
@@ -50,32 +50,16 @@ pub type GuestMem = GuestMemoryMmap<()>;
 /// Errors of the engine itself (not of requests, which are answered with a status).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Cannot create io_uring of {0} entries")]
-    CreateRing(u32, #[source] std::io::Error),
+    #[error(transparent)]
+    Ring(#[from] ring::Error),
     #[error("Cannot create the completion eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("Cannot register the completion eventfd with io_uring")]
-    RegisterEventFd(#[source] std::io::Error),
     #[error("Cannot create the throttling timerfd")]
     Timer(#[source] std::io::Error),
 }
 
-/// SQEs handed to the kernel together while a burst of requests is being taken off the queue
-/// (the rest go when the burst ends). The device starts on the first requests of a long burst
-/// while the others are still parsed, and the syscall is still shared: on the benchmark host
-/// this gave about +20% IOPS on 4k random reads at QD32 over one submission per burst, with
-/// writes unchanged (scripts/bench-storage).
-const SUBMIT_BATCH: usize = 2;
-
 /// Most iovecs one readv/writev takes (UIO_MAXIOV); more go through a bounce buffer.
 const MAX_IOVECS: usize = 1024;
-
-/// Tries to queue an SQE before it is failed.
-const PUSH_ATTEMPTS: usize = 100;
-
-/// The result made up for an SQE the ring refused: the request fails, but nothing was done
-/// to the storage, so a FLUSH failed this way does not fail the volume.
-const NOT_SUBMITTED: i32 = -libc::ECANCELED;
 
 /// Shortest polling window worth spinning for; below it the worker does not poll.
 const MIN_POLL_WINDOW: Duration = Duration::from_micros(4);
@@ -107,7 +91,7 @@ struct Throttled {
 
 /// The io_uring and in-flight table of one virtqueue.
 pub struct QueueEngine {
-    ring: IoUring,
+    ring: RingQueue<Uring>,
     eventfd: EventFd,
     slots: InFlightTable,
     volume: Arc<VolumeIo>,
@@ -121,9 +105,6 @@ pub struct QueueEngine {
     /// Popping stopped at the in-flight limit with requests left in the ring; they are taken
     /// when completions make room (no new kick will come for them).
     capped: bool,
-    /// Completions taken off the CQ ring (to make room) or made up (an SQE the ring refused),
-    /// not yet processed.
-    pending_cqes: Vec<(u64, i32)>,
     /// Current polling window, adapted between 0 and the volume's `poll_window`.
     poll_window: Duration,
     /// When the worker last went back to sleep.
@@ -148,14 +129,12 @@ static NEXT_WAITER_ID: AtomicU64 = AtomicU64::new(1);
 impl QueueEngine {
     pub fn new(volume: Arc<VolumeIo>, entries: u32) -> Result<Self, Error> {
         let max_window = volume.poll_window;
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 2)
-            .build(entries)
-            .map_err(|e| Error::CreateRing(entries, e))?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
-            .map_err(Error::RegisterEventFd)?;
+        let ring = RingQueue::new(Uring::new(
+            entries,
+            volume.store.file.as_raw_fd(),
+            &eventfd,
+        )?);
         let timer = Arc::new(Timer::new().map_err(Error::Timer)?);
         volume.qos.add_waker(&timer);
         let (qos_generation, limiter) = volume.qos.current();
@@ -168,7 +147,6 @@ impl QueueEngine {
             vring: None,
             bounce: BouncePool::default(),
             capped: false,
-            pending_cqes: Vec::new(),
             poll_window: max_window,
             slept_at: None,
             limiter,
@@ -334,9 +312,7 @@ impl QueueEngine {
     }
 
     fn submit_and_signal(&mut self, vring: &VringRwLock) {
-        if let Err(e) = self.ring.submit() {
-            crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
-        }
+        self.ring.submit(&self.volume);
         self.signal(vring);
     }
 
@@ -358,7 +334,7 @@ impl QueueEngine {
         let mut idle_spins = 0u32;
         loop {
             let mut did = 0;
-            if !self.ring.completion().is_empty() {
+            if self.ring.has_completions() {
                 did += self.reap(Some(vring));
             }
             did += self.pop_available(vring, mem);
@@ -391,7 +367,7 @@ impl QueueEngine {
         // Completions reaped while polling left the eventfd readable: clear it, then take
         // what arrived meanwhile, so the next wake-up is for new work.
         let _ = self.eventfd.read();
-        if !self.ring.completion().is_empty() {
+        if self.ring.has_completions() {
             self.reap(Some(vring));
         }
         // Notifications back on, and anything that slipped in before that is taken.
@@ -647,15 +623,11 @@ impl QueueEngine {
     fn queue(&mut self, inflight: InFlight, vring: &VringRwLock) {
         let slot = self.slots.insert(inflight);
         self.volume.metrics.inflight.inc();
-        self.push_sqes(slot);
-        if !self.pending_cqes.is_empty() {
+        self.push_ops(slot);
+        if self.ring.has_set_aside() {
             self.reap(Some(vring));
         }
-        if self.ring.submission().len() >= SUBMIT_BATCH {
-            if let Err(e) = self.ring.submit() {
-                crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
-            }
-        }
+        self.ring.submit_batch(&self.volume);
     }
 
     /// Translates the data ranges into iovecs, or sets up a bounce buffer where direct I/O
@@ -749,95 +721,16 @@ impl QueueEngine {
         Built::Ready
     }
 
-    /// Pushes the SQEs of a slot's request (all its parts).
-    fn push_sqes(&mut self, slot: u32) {
+    /// Pushes the operations of a slot's request (all its parts).
+    fn push_ops(&mut self, slot: u32) {
         let Some(inflight) = self.slots.get(slot) else {
             return;
         };
-        let fd = types::Fd(self.volume.store.file.as_raw_fd());
-        let sqes: Vec<squeue::Entry> = match &inflight.op {
-            Operation::Read { .. } => {
-                vec![
-                    opcode::Readv::new(fd, inflight.iovecs.as_ptr(), inflight.iovecs.len() as u32)
-                        .offset(inflight.offset)
-                        .build()
-                        .user_data(user_data(slot, 0)),
-                ]
-            }
-            Operation::Write { .. } => vec![opcode::Writev::new(
-                fd,
-                inflight.iovecs.as_ptr(),
-                inflight.iovecs.len() as u32,
-            )
-            .offset(inflight.offset)
-            .build()
-            .user_data(user_data(slot, 0))],
-            Operation::Flush => vec![opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .user_data(user_data(slot, 0))],
-            // A preallocated file keeps its blocks: ranges are zeroed in place, never punched.
-            Operation::Discard(ranges) => {
-                let mode = if self.volume.preallocated {
-                    FALLOC_ZERO
-                } else {
-                    FALLOC_PUNCH
-                };
-                ranges
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| fallocate_sqe(fd, r, mode, user_data(slot, i as u32)))
-                    .collect()
-            }
-            Operation::WriteZeroes(ranges) => ranges
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let mode = if r.unmap && !self.volume.preallocated {
-                        FALLOC_PUNCH
-                    } else {
-                        FALLOC_ZERO
-                    };
-                    fallocate_sqe(fd, r, mode, user_data(slot, i as u32))
-                })
-                .collect(),
-            Operation::GetId { .. } => Vec::new(),
-        };
-        for sqe in sqes {
-            self.push(&sqe);
+        for (op, ud) in ring::request_ops(inflight, slot, self.volume.preallocated) {
+            // SAFETY: every buffer and iovec array the operation points to is owned by the
+            // InFlight in `slots`, which is freed only after its last completion is reaped.
+            unsafe { self.ring.push(&op, ud, &self.volume) };
         }
-    }
-
-    /// Queues one SQE, making room when the submission queue is full. If the ring keeps
-    /// refusing, the SQE is completed with EIO instead, so its request is answered.
-    fn push(&mut self, sqe: &squeue::Entry) {
-        for _ in 0..PUSH_ATTEMPTS {
-            // SAFETY: every buffer and iovec array the SQE points to is owned by an InFlight in
-            // `slots`, which is only freed after this SQE's completion has been reaped.
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                return;
-            }
-            // Submission queue full: hand the batch to the kernel and retry.
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    // The completion ring is full: move its entries aside to make room.
-                    self.pending_cqes
-                        .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-        crate::volume_log!(
-            error,
-            &self.volume,
-            "io_uring refuses submissions; failing the request"
-        );
-        self.pending_cqes.push((sqe.get_user_data(), NOT_SUBMITTED));
     }
 
     /// Handles the completion eventfd: reaps every CQE and signals the guest once. Returns
@@ -852,8 +745,7 @@ impl QueueEngine {
     fn reap(&mut self, vring: Option<&VringRwLock>) -> usize {
         let mut reaped = 0;
         loop {
-            let mut cqes = std::mem::take(&mut self.pending_cqes);
-            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            let cqes = self.ring.reap();
             if cqes.is_empty() {
                 return reaped;
             }
@@ -877,7 +769,7 @@ impl QueueEngine {
                     advance_iovecs(&mut inflight.iovecs, res as usize);
                     inflight.offset += res as u64;
                     inflight.remaining -= res as u64;
-                    self.push_sqes(slot);
+                    self.push_ops(slot);
                     return;
                 }
                 if res <= 0 {
@@ -914,8 +806,12 @@ impl QueueEngine {
                     _ => None,
                 };
                 if let Some((mode, step)) = next {
-                    let fd = types::Fd(self.volume.store.file.as_raw_fd());
-                    self.push(&fallocate_sqe(fd, &r, mode, user_data(slot, part | step)));
+                    let op = RingOp::fallocate(&r, mode);
+                    // SAFETY: a fallocate points to no memory.
+                    unsafe {
+                        self.ring
+                            .push(&op, user_data(slot, part | step), &self.volume)
+                    };
                     return;
                 }
                 if res < 0 {
@@ -937,7 +833,7 @@ impl QueueEngine {
                 if res < 0 {
                     let err = std::io::Error::from_raw_os_error(-res);
                     crate::volume_log!(warn, &self.volume, "{} failed: {err}", inflight.op.label());
-                    if inflight.op == Operation::Flush && res != NOT_SUBMITTED {
+                    if inflight.op == Operation::Flush && res != ring::NOT_SUBMITTED {
                         // The kernel reports a lost write-back once: the volume stays failed.
                         let reason = format!("fdatasync failed: {err}");
                         self.volume.failure.fail(&self.volume.name, reason);
@@ -1066,9 +962,7 @@ impl QueueEngine {
             match (self.parked.take(), vring) {
                 (Some(parked), Some(vring)) if self.in_flight() == 0 => {
                     self.start_transfer(parked, vring);
-                    if let Err(e) = self.ring.submit() {
-                        crate::volume_log!(error, &self.volume, "io_uring submit failed: {e}");
-                    }
+                    self.ring.submit(&self.volume);
                 }
                 _ => break,
             }
@@ -1086,26 +980,17 @@ impl QueueEngine {
     /// Waits until nothing is in flight, answering through `vring` if given.
     fn wait_in_flight(&mut self, vring: Option<&VringRwLock>) {
         while self.in_flight() > 0 {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    Some(libc::EBUSY) => {
-                        let cqes = self.ring.completion().map(|c| (c.user_data(), c.result()));
-                        self.pending_cqes.extend(cqes);
-                    }
-                    _ => {
-                        // The kernel may still use the buffers of what is in flight: leak them
-                        // rather than free memory it could write into.
-                        crate::volume_log!(
-                            error,
-                            &self.volume,
-                            in_flight = self.in_flight(),
-                            "io_uring wait failed, leaking in-flight buffers: {e}"
-                        );
-                        self.slots.leak_all();
-                        return;
-                    }
-                }
+            if let Err(e) = self.ring.wait_one() {
+                // The kernel may still use the buffers of what is in flight: leak them rather
+                // than free memory it could write into.
+                crate::volume_log!(
+                    error,
+                    &self.volume,
+                    in_flight = self.in_flight(),
+                    "io_uring wait failed, leaking in-flight buffers: {e}"
+                );
+                self.slots.leak_all();
+                return;
             }
             self.reap(vring);
         }
@@ -1189,14 +1074,6 @@ fn request_cost(limiter: &Limiter, op: &Operation, zeroes_are_writes: bool) -> C
         }
         Operation::Flush | Operation::GetId { .. } => Cost::ops(1),
     }
-}
-
-fn fallocate_sqe(fd: types::Fd, r: &ByteRange, mode: i32, ud: u64) -> squeue::Entry {
-    opcode::Fallocate::new(fd, r.len)
-        .offset(r.offset)
-        .mode(mode)
-        .build()
-        .user_data(ud)
 }
 
 fn copy_to_guest(mem: &GuestMem, ranges: &[GuestRange], mut src: &[u8]) -> bool {

@@ -3,6 +3,7 @@
 //! - [`request`]: parsing and validating virtio-blk requests (pure, unit-tested).
 //! - [`engine`]: one io_uring per virtqueue, executing requests straight from and into guest
 //!   memory.
+//! - [`ring`]: the operations a request becomes, and the io_uring behind a small trait.
 //! - [`inflight`]: what a request owns between submission and completion, by slot.
 //! - [`backend`]: the `vhost-user-backend` device of one frontend connection.
 //! - [`bounce`]: a queue's bounce buffers, pooled and bounded.
@@ -30,6 +31,7 @@ pub mod inflight;
 pub mod log_limit;
 pub mod memory_guard;
 pub mod request;
+pub mod ring;
 pub mod timer;
 
 use std::path::PathBuf;
