@@ -1,9 +1,12 @@
 //! A one-shot, non-blocking timerfd: a queue worker sleeps in its epoll loop until a throttled
-//! request's tokens are there.
+//! request's tokens are there, or until its volume's limits change (the timer is the queue's
+//! [`QueueWaker`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+use crate::qos::QueueWaker;
 
 /// A CLOCK_MONOTONIC timerfd, non-blocking and close-on-exec.
 pub struct Timer {
@@ -84,9 +87,21 @@ impl AsRawFd for Timer {
     }
 }
 
+/// A queue's timer, fired at once when its volume's limits change, so that the worker checks
+/// its waiting request against the new ones.
+impl QueueWaker for Timer {
+    fn wake(&self) {
+        let _ = self.arm(Duration::from_nanos(1));
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::qos::{Limits, Overrides, QosConfig, QosSlot, TB};
+    use crate::volume::Tier;
 
     fn readable(t: &Timer, timeout_ms: i32) -> bool {
         let mut p = libc::pollfd {
@@ -114,5 +129,25 @@ mod tests {
         t.arm(Duration::from_millis(20)).unwrap();
         t.disarm().unwrap();
         assert!(!readable(&t, 60));
+    }
+
+    #[test]
+    fn a_limit_change_wakes_the_queues_at_once() {
+        let slot = QosSlot::default();
+        let timer = Arc::new(Timer::new().unwrap());
+        slot.add_waker(&timer);
+        timer.arm(Duration::from_secs(3600)).unwrap();
+        let overrides = Overrides {
+            iops_limit: Some(100),
+            bandwidth_limit: None,
+        };
+        slot.set(&Limits::compute(
+            &QosConfig::default(),
+            Tier::Mass,
+            TB,
+            overrides,
+        ));
+        assert!(readable(&timer, 5000));
+        assert!(slot.current().1.is_some());
     }
 }
