@@ -20,7 +20,7 @@
 
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,14 +35,16 @@ use super::inflight::{
     advance_iovecs, user_data, InFlight, InFlightTable, ZEROES_OWN, ZEROES_PART, ZEROES_PUNCHED,
     ZEROES_REALLOCATED,
 };
-use super::request::{self, ChainDesc, GuestRange, Operation, Parsed, Request};
+use super::request::{self, ChainDesc, Operation, Parsed, Request};
 use super::ring::{self, RingOp, RingQueue, Uring};
+use super::stage::limit::{Admit, Owed};
+use super::stage::transform::{copy_to_guest, Transform};
+use super::stage::Stages;
 use super::timer::Timer;
 use super::{failure, VolumeIo};
 use crate::backing::{AlignedBuf, FALLOC_ALLOCATE, FALLOC_PUNCH};
 use crate::crypto;
 use crate::metrics::op_index;
-use crate::qos::{Cost, Limiter};
 
 /// Guest memory as vhost-user-backend maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -84,9 +86,7 @@ struct Throttled {
     mem: Arc<GuestMem>,
     started: Instant,
     /// What it still has to draw from the buckets.
-    cost: Cost,
-    /// Limiter generation `cost` was drawn from.
-    generation: u64,
+    owed: Owed,
 }
 
 /// The io_uring and in-flight table of one virtqueue.
@@ -109,9 +109,8 @@ pub struct QueueEngine {
     poll_window: Duration,
     /// When the worker last went back to sleep.
     slept_at: Option<Instant>,
-    /// The volume's limiter as of `qos_generation` (None: unlimited).
-    limiter: Option<Arc<Limiter>>,
-    qos_generation: u64,
+    /// The limit and transform stages.
+    stages: Stages,
     /// The request waiting for tokens; nothing more is taken off the queue meanwhile.
     throttled: Option<Throttled>,
     /// A plain volume's misaligned request (taken and paid) waiting for completions to free
@@ -119,12 +118,7 @@ pub struct QueueEngine {
     parked: Option<InFlight>,
     /// Wakes the worker when the waiting request's tokens are there (or the limits change).
     timer: Arc<Timer>,
-    /// This queue's id in the limiter's line of waiting queues.
-    waiter_id: u64,
 }
-
-/// Source of [`QueueEngine::waiter_id`]s.
-static NEXT_WAITER_ID: AtomicU64 = AtomicU64::new(1);
 
 impl QueueEngine {
     pub fn new(volume: Arc<VolumeIo>, entries: u32) -> Result<Self, Error> {
@@ -137,7 +131,7 @@ impl QueueEngine {
         )?);
         let timer = Arc::new(Timer::new().map_err(Error::Timer)?);
         volume.qos.add_waker(&timer);
-        let (qos_generation, limiter) = volume.qos.current();
+        let stages = Stages::new(&volume.qos);
         Ok(QueueEngine {
             ring,
             eventfd,
@@ -149,12 +143,10 @@ impl QueueEngine {
             capped: false,
             poll_window: max_window,
             slept_at: None,
-            limiter,
-            qos_generation,
+            stages,
             throttled: None,
             parked: None,
             timer,
-            waiter_id: NEXT_WAITER_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -411,45 +403,30 @@ impl QueueEngine {
                 return;
             }
         };
-        // Limit stage: draw the request's cost from the volume's buckets, or wait for it.
-        self.refresh_limiter();
-        if let Some(limiter) = &self.limiter {
-            let mut cost = request_cost(limiter, &req.op, self.volume.zeroes_are_writes());
-            if let Err(wait) = limiter.admit(self.waiter_id, &mut cost) {
-                self.volume.metrics.throttled.inc();
-                let waiting = Throttled {
-                    head,
-                    req,
-                    mem: mem.clone(),
-                    started,
-                    cost,
-                    generation: self.qos_generation,
-                };
-                self.wait_for_tokens(waiting, wait, vring);
-                return;
-            }
+        let admit =
+            self.stages
+                .limit
+                .admit(&self.volume.qos, &req.op, self.volume.zeroes_are_writes());
+        if let Admit::Wait(wait, owed) = admit {
+            self.volume.metrics.throttled.inc();
+            let waiting = Throttled {
+                head,
+                req,
+                mem: mem.clone(),
+                started,
+                owed,
+            };
+            self.wait_for_tokens(waiting, wait, vring);
+            return;
         }
         self.submit_request(head, req, mem.clone(), started, vring);
-    }
-
-    /// Picks up the volume's limiter if it changed since the last request.
-    fn refresh_limiter(&mut self) {
-        if self.volume.qos.generation() != self.qos_generation {
-            if let Some(old) = &self.limiter {
-                old.forget(self.waiter_id);
-            }
-            (self.qos_generation, self.limiter) = self.volume.qos.current();
-        }
     }
 
     /// Parks a request until its tokens are there. With requests queued behind it, the wake-up
     /// is put off a little so they can go in the same batch ([`Limiter::batch_wait`]).
     fn wait_for_tokens(&mut self, waiting: Throttled, wait: Duration, vring: &VringRwLock) {
         let behind = published_behind(vring, &waiting.mem);
-        let extra = self
-            .limiter
-            .as_ref()
-            .map_or(Duration::ZERO, |l| l.batch_wait(behind));
+        let extra = self.stages.limit.batch_wait(behind);
         if let Err(e) = self.timer.arm(wait + extra) {
             // Without a timer nothing would wake the queue: let the request go.
             crate::volume_log!(
@@ -465,9 +442,7 @@ impl QueueEngine {
 
     /// Submits a request that waited (or stops waiting), recording how long it waited.
     fn release(&mut self, waiting: Throttled, vring: &VringRwLock) {
-        if let Some(limiter) = &self.limiter {
-            limiter.forget(self.waiter_id);
-        }
+        self.stages.limit.forget();
         let waited = waiting.started.elapsed().as_secs_f64();
         self.volume.metrics.throttle_wait.observe(waited);
         self.volume.metrics.throttled_seconds.inc_by(waited);
@@ -487,18 +462,16 @@ impl QueueEngine {
         let Some(mut waiting) = self.throttled.take() else {
             return 0;
         };
-        self.refresh_limiter();
-        if let Some(limiter) = &self.limiter {
-            if waiting.generation != self.qos_generation {
-                // The limits changed while it waited: it pays the new price, in full.
-                waiting.cost =
-                    request_cost(limiter, &waiting.req.op, self.volume.zeroes_are_writes());
-                waiting.generation = self.qos_generation;
-            }
-            if let Err(wait) = limiter.admit(self.waiter_id, &mut waiting.cost) {
-                self.wait_for_tokens(waiting, wait, vring);
-                return 0;
-            }
+        let zeroes_are_writes = self.volume.zeroes_are_writes();
+        let paid = self.stages.limit.readmit(
+            &self.volume.qos,
+            &waiting.req.op,
+            zeroes_are_writes,
+            &mut waiting.owed,
+        );
+        if let Err(wait) = paid {
+            self.wait_for_tokens(waiting, wait, vring);
+            return 0;
         }
         self.release(waiting, vring);
         1 + self.process_queue(vring, mem)
@@ -688,29 +661,25 @@ impl QueueEngine {
             [one] if one.iov_len == len => Some(one.iov_base.cast::<u8>()),
             _ => None,
         };
-        match (write, encrypt, &self.volume.crypt) {
-            (true, Some(first), Some(xts)) => match contiguous {
-                // SAFETY: `src` is `len` bytes of mapped guest memory (from get_slices), kept
-                // mapped by `inflight.mem`; the bounce buffer is ours.
-                Some(src) => unsafe {
-                    xts.encrypt_units_from(src, &mut buf.as_mut_slice()[..len], first)
-                },
-                None => {
-                    let plain = &mut buf.as_mut_slice()[..len];
-                    if request::gather(inflight.mem.as_ref(), &inflight.data, plain).is_err() {
-                        return Built::Invalid;
-                    }
-                    xts.encrypt_units(plain, first);
-                }
-            },
-            (true, _, _) => {
-                let dst = &mut buf.as_mut_slice()[..len];
-                if request::gather(inflight.mem.as_ref(), &inflight.data, dst).is_err() {
-                    return Built::Invalid;
-                }
+        let transform = self.stages.transform(&self.volume);
+        if write {
+            // Transform stage: an encrypted volume's write is encrypted into the bounce buffer.
+            // SAFETY: `contiguous` is `len` bytes of mapped guest memory (from get_slices),
+            // kept mapped by `inflight.mem`.
+            let filled = unsafe {
+                transform.fill(
+                    inflight.mem.as_ref(),
+                    &inflight.data,
+                    contiguous.map(|p| p.cast_const()),
+                    &mut buf.as_mut_slice()[..len],
+                    encrypt.unwrap_or(0),
+                )
+            };
+            if !filled {
+                return Built::Invalid;
             }
-            (false, Some(_), _) => inflight.decrypt_into = contiguous,
-            (false, None, _) => {}
+        } else if transform.active() {
+            inflight.decrypt_into = contiguous;
         }
         inflight.iovecs = vec![libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -861,22 +830,21 @@ impl QueueEngine {
             used = len as u32;
             let first = offset / crypto::UNIT as u64;
             let len = len as usize;
-            if let (Some(bounce), Some(xts), Some(dst)) = (
-                inflight.bounce.as_ref(),
-                &self.volume.crypt,
-                inflight.decrypt_into,
-            ) {
-                // Transform stage of read data: decrypt straight into the guest's buffer.
-                // SAFETY: `dst` is `len` bytes of guest memory mapped while `inflight.mem`
-                // lives (checked contiguous when the request was built); the bounce buffer
-                // is ours and holds `len` bytes read from the volume.
-                unsafe { xts.decrypt_units_into(&bounce.as_slice()[..len], dst, first) };
-            } else if let Some(bounce) = inflight.bounce.as_mut() {
-                // Transform stage of read data: decrypt before the guest sees it.
-                if let Some(xts) = &self.volume.crypt {
-                    xts.decrypt_units(&mut bounce.as_mut_slice()[..len], first);
-                }
-                if !copy_to_guest(&inflight.mem, &inflight.data, &bounce.as_slice()[..len]) {
+            if let Some(bounce) = inflight.bounce.as_mut() {
+                // Transform stage of read data: decrypted (or copied) into guest memory.
+                let transform = Transform::of(&self.volume);
+                // SAFETY: `decrypt_into` is `len` bytes of guest memory mapped while
+                // `inflight.mem` lives (checked contiguous when the request was built).
+                let emptied = unsafe {
+                    transform.empty(
+                        inflight.mem.as_ref(),
+                        &inflight.data,
+                        inflight.decrypt_into,
+                        &mut bounce.as_mut_slice()[..len],
+                        first,
+                    )
+                };
+                if !emptied {
                     code = VIRTIO_BLK_S_IOERR as u8;
                     used = 0;
                 }
@@ -939,9 +907,7 @@ impl QueueEngine {
     pub fn drain(&mut self, vring: Option<&VringRwLock>) {
         if let Some(waiting) = self.throttled.take() {
             let _ = self.timer.disarm();
-            if let Some(limiter) = &self.limiter {
-                limiter.forget(self.waiter_id);
-            }
+            self.stages.limit.forget();
             // The request has not paid, so it is not run: letting it go would let a driver
             // that resets its device in a loop escape the limit. It was the last chain taken
             // (nothing is taken while one waits), so the ring is wound back over it: the base
@@ -1057,35 +1023,4 @@ fn published_behind(vring: &VringRwLock, mem: &GuestMem) -> u64 {
         Ok(idx) => u64::from((idx - Wrapping(queue.next_avail())).0),
         Err(_) => 0,
     }
-}
-
-/// What a request draws from its volume's buckets (see [`crate::qos`]): what it makes the
-/// backing storage do. A discard or write-zeroes where the zeros are metadata (a file's
-/// unwritten extents or holes) costs one operation per range; one the device may carry out by
-/// writing (`zeroes_are_writes`) costs the write of its length.
-fn request_cost(limiter: &Limiter, op: &Operation, zeroes_are_writes: bool) -> Cost {
-    match op {
-        Operation::Read { len, .. } | Operation::Write { len, .. } => limiter.transfer_cost(*len),
-        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) if zeroes_are_writes => {
-            limiter.transfer_cost(ranges.iter().map(|r| r.len).sum())
-        }
-        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
-            Cost::ops(ranges.len() as u64)
-        }
-        Operation::Flush | Operation::GetId { .. } => Cost::ops(1),
-    }
-}
-
-fn copy_to_guest(mem: &GuestMem, ranges: &[GuestRange], mut src: &[u8]) -> bool {
-    for r in ranges {
-        if src.is_empty() {
-            break;
-        }
-        let n = src.len().min(r.len as usize);
-        if mem.write_slice(&src[..n], r.addr).is_err() {
-            return false;
-        }
-        src = &src[n..];
-    }
-    true
 }

@@ -32,6 +32,7 @@ pub mod log_limit;
 pub mod memory_guard;
 pub mod request;
 pub mod ring;
+pub mod stage;
 pub mod timer;
 
 use std::path::PathBuf;
