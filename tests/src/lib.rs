@@ -4,10 +4,15 @@
 //!
 //! - `storaged.rs`: [`Storaged`], the storage daemon on a temporary data dir (start, wait until
 //!   its API answers, log, restart, kill, tear down on drop) and [`AdminClient`] for its API.
+//! - `vmm.rs`: [`Vmm`], the microVM monitor booting a test guest ([`guest`]) in the same shape
+//!   (run to its end, or start and wait for its API socket; output captured; signal, wait for
+//!   the exit code, kill on drop). Its API is reached with the same [`AdminClient`].
 //! - `blk_client.rs`: [`BlkClient`], a vhost-user-blk client on the `blkio` crate (libblkio's
 //!   virtio-blk-vhost-user driver, written by the QEMU authors) for storaged's volumes.
 //! - [`raw_frontend`]: a vhost-user frontend written by hand, for requests and rings no
-//!   well-behaved driver sends.
+//!   well-behaved driver sends storaged.
+//! - [`scripted_backend`]: a vhost-user backend written by hand, refusing what a test picks,
+//!   for vmm's frontend.
 //! - [`devices`]: block devices for device-backed volumes: a loop device, one whose writes hang
 //!   on demand, one whose write-back fails.
 //! - [`emulated_host`]: where the full-boot scenarios run (this host, or QEMU emulating one
@@ -24,9 +29,11 @@ mod blk_client;
 pub mod devices;
 pub mod emulated_host;
 pub mod raw_frontend;
-// Not public: a public module named `storaged` would shadow the `storaged` crate in a test
-// that glob-imports this crate.
+pub mod scripted_backend;
+// The two harnesses are re-exported here, their modules not public: a public module named
+// `storaged` would shadow the `storaged` crate in a test that glob-imports this one.
 mod storaged;
+mod vmm;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +41,7 @@ use std::time::{Duration, Instant};
 pub use self::storaged::{AdminClient, Response, Storaged};
 pub use blk_client::{connect_retry, BlkClient, REGION_LEN};
 pub use devices::{FreezableDevice, LoopDevice, WritebackFault};
+pub use vmm::{guest, wait_for_console, Vmm};
 
 /// Directory holding the workspace's built binaries (the test executable lives in `deps/`).
 pub fn bin_dir() -> PathBuf {
