@@ -8,7 +8,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use storaged_tests::writeback_fault::WritebackFault;
 use storaged_tests::*;
 
 const MIB: u64 = 1 << 20;

@@ -408,7 +408,6 @@ fn a_request_waiting_for_tokens_stays_owed_across_ring_resets() {
 
 #[test]
 fn discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies() {
-    use storaged_tests::loop_device::LoopDevice;
     let Some(lo) = LoopDevice::new(256 * MIB) else {
         skip("discards_and_write_zeroes_on_a_device_backed_volume_take_the_time_its_bandwidth_limit_implies: cannot set up a loop device (needs root and losetup)");
         return;

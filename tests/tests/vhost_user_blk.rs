@@ -4,7 +4,6 @@
 
 use std::process::Command;
 
-use storaged_tests::loop_device::LoopDevice;
 use storaged_tests::*;
 
 const MIB: u64 = 1 << 20;

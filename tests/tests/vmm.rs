@@ -5,19 +5,12 @@
 #![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use storaged_tests::emulated_host::{images_dir, run_scenario, Runner};
-use storaged_tests::{bin, wait_until};
-
-fn guest(name: &str) -> PathBuf {
-    PathBuf::from(env!("GUEST_DIR")).join(format!("{name}.elf"))
-}
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(bin("vmm")).args(args).output().unwrap()
-}
+use storaged_tests::scripted_backend::{self, GET_VRING_BASE, SET_VRING_ENABLE, SET_VRING_KICK};
+use storaged_tests::{bin, guest, wait_for_console, wait_until, Vmm};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -26,7 +19,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn a_guest_prints_on_the_serial_port_and_its_reset_ends_the_vmm_with_0() {
     let k = guest("hello");
-    let out = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
+    let out = Vmm::run(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello from the test guest\n");
     let log = text(&out.stderr);
@@ -39,7 +32,7 @@ fn serial_output_can_go_to_a_file_and_several_vcpus_start() {
     let tmp = tempfile::tempdir().unwrap();
     let console = tmp.path().join("console.log");
     let k = guest("hello");
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         k.to_str().unwrap(),
         "--vcpus",
@@ -72,7 +65,7 @@ fn a_guest_flooding_its_console_log_keeps_under_the_cap_in_the_log_and_one_rotat
     let log = tmp.path().join("console.log");
     let rotated = tmp.path().join("console.log.1");
     std::fs::write(&rotated, "from an older run\n").unwrap();
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         guest("chatter").to_str().unwrap(),
         "--memory",
@@ -141,7 +134,7 @@ fn a_stdout_nobody_reads_does_not_stop_the_guest_or_its_power_off() {
 #[test]
 fn a_triple_fault_ends_the_vmm_with_3() {
     let k = guest("crash");
-    let out = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
+    let out = Vmm::run(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("guest crashed"),
@@ -155,19 +148,21 @@ fn sigterm_ends_the_vmm_with_143() {
     let k = guest("spin");
     let tmp = tempfile::tempdir().unwrap();
     let console = tmp.path().join("console.log");
-    let mut child = Command::new(bin("vmm"))
-        .args(["--kernel", k.to_str().unwrap(), "--memory", "64MiB"])
-        .arg("--serial")
-        .arg(&console)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the guest did not start", Duration::from_secs(30), || {
-        std::fs::read_to_string(&console).unwrap_or_default() == "spinning\n"
-    });
-    // SAFETY: kill takes a pid and a signal number.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let mut vmm = Vmm::start(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--serial",
+        console.to_str().unwrap(),
+    ]);
+    wait_for_console(
+        &console,
+        "the guest did not start",
+        Duration::from_secs(30),
+        |text| text == "spinning\n",
+    );
+    let status = vmm.signal_and_wait(libc::SIGTERM);
     assert_eq!(status.code(), Some(143));
 }
 
@@ -210,7 +205,7 @@ fn bad_command_lines_are_refused_before_the_guest_starts_with_exit_code_2() {
         ),
     ];
     for (args, needle) in cases {
-        let out = vmm(&args);
+        let out = Vmm::run(&args);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: '{err}' lacks '{needle}'");
@@ -222,7 +217,7 @@ fn bad_command_lines_are_refused_before_the_guest_starts_with_exit_code_2() {
 fn every_vcpu_comes_up_and_reports_its_apic_id() {
     let k = guest("smp");
     for n in [1u32, 2, 4] {
-        let out = vmm(&[
+        let out = Vmm::run(&[
             "--kernel",
             k.to_str().unwrap(),
             "--vcpus",
@@ -257,15 +252,18 @@ fn the_debian_cloud_kernel_shows_our_e820_map_acpi_tables_and_cpus() {
     let tmp = tempfile::tempdir().unwrap();
     let console = tmp.path().join("console.log");
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 smoketest=1";
-    let mut child = Command::new(bin("vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--vcpus", "2", "--memory", "512MiB", "--cmdline", cmdline])
-        .arg("--serial")
-        .arg(&console)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut vmm = Vmm::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--memory",
+        "512MiB",
+        "--cmdline",
+        cmdline,
+        "--serial",
+        console.to_str().unwrap(),
+    ]);
     let needles = [
         "Linux version 6.".to_string(),
         format!("Command line: {cmdline}"),
@@ -289,13 +287,12 @@ fn the_debian_cloud_kernel_shows_our_e820_map_acpi_tables_and_cpus() {
         if missing.is_empty() {
             break Ok(());
         }
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+        if Instant::now() > deadline || vmm.try_wait().is_some() {
             break Err(format!("missing {missing:?} in:\n{text}"));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    vmm.kill();
     if let Err(e) = seen {
         panic!("{e}");
     }
@@ -312,7 +309,7 @@ fn a_guest_driver_writes_flushes_and_reads_a_storaged_volume_through_virtio_mmio
 /// last one, twice (it resets the device in between), and what it wrote to sector 8 must be
 /// on the volume as the blkio client reads it through that queue.
 fn virtio_guest_passes_on(socket: &std::path::Path, queues: i32) {
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         guest("virtio_blk").to_str().unwrap(),
         "--memory",
@@ -334,7 +331,7 @@ fn a_disk_nobody_serves_is_refused_with_exit_code_2() {
     let k = guest("hello");
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("nobody.sock");
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         k.to_str().unwrap(),
         "--disk",
@@ -346,74 +343,9 @@ fn a_disk_nobody_serves_is_refused_with_exit_code_2() {
         "{}",
         text(&out.stderr)
     );
-    let out = vmm(&["--kernel", k.to_str().unwrap(), "--disk", "path=/x"]);
+    let out = Vmm::run(&["--kernel", k.to_str().unwrap(), "--disk", "path=/x"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("expected socket=PATH"));
-}
-
-// vhost-user request codes the scripted backend below looks at.
-const GET_FEATURES: u32 = 1;
-const GET_VRING_BASE: u32 = 11;
-const SET_VRING_KICK: u32 = 12;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_VRING_ENABLE: u32 = 18;
-const GET_CONFIG: u32 = 24;
-
-/// A vhost-user-blk backend for one connection, speaking the protocol by hand: it offers
-/// VERSION_1, MQ with two queues, and the CONFIG, MQ and REPLY_ACK protocol features; answers
-/// every request as a working backend would, except those `refuse` picks, which it acks with
-/// a failure. Descriptors that come with a message are closed unread. Returns, once vmm hangs
-/// up, every request it got (code and payload).
-fn scripted_backend(
-    socket: &std::path::Path,
-    refuse: fn(u32, &[u8]) -> bool,
-) -> std::thread::JoinHandle<Vec<(u32, Vec<u8>)>> {
-    use std::io::{Read, Write};
-    const REPLY: u32 = 0x1 | 0x4; // version 1, reply
-    const NEED_REPLY: u32 = 0x8;
-    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
-    std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut seen = Vec::new();
-        let mut hdr = [0u8; 12];
-        while conn.read_exact(&mut hdr).is_ok() {
-            let word = |i: usize| u32::from_le_bytes(hdr[i * 4..i * 4 + 4].try_into().unwrap());
-            let (code, flags, size) = (word(0), word(1), word(2));
-            let mut payload = vec![0u8; size as usize];
-            conn.read_exact(&mut payload).unwrap();
-            let body: Option<Vec<u8>> = match code {
-                // VERSION_1, MQ, VHOST_USER_F_PROTOCOL_FEATURES.
-                GET_FEATURES => Some(((1u64 << 32) | (1 << 12) | (1 << 30)).to_le_bytes().into()),
-                // MQ, REPLY_ACK, CONFIG.
-                GET_PROTOCOL_FEATURES => Some((0x1u64 | 0x8 | 0x200).to_le_bytes().into()),
-                GET_CONFIG => {
-                    // The request's offset, size and flags, then the config space: 2048
-                    // sectors, num_queues (offset 34) 2.
-                    let len = u32::from_le_bytes(payload[4..8].try_into().unwrap()) as usize;
-                    let mut config = vec![0u8; len];
-                    config[..8].copy_from_slice(&2048u64.to_le_bytes());
-                    config[34..36].copy_from_slice(&2u16.to_le_bytes());
-                    Some([&payload[..12], &config].concat())
-                }
-                // The ring's index, and where it stopped: 0.
-                GET_VRING_BASE => Some([&payload[..4], &[0u8; 4][..]].concat()),
-                _ if flags & NEED_REPLY != 0 => {
-                    Some(u64::from(refuse(code, &payload)).to_le_bytes().into())
-                }
-                _ => None,
-            };
-            if let Some(body) = body {
-                let mut reply = Vec::new();
-                for w in [code, REPLY, body.len() as u32] {
-                    reply.extend_from_slice(&w.to_le_bytes());
-                }
-                reply.extend_from_slice(&body);
-                conn.write_all(&reply).unwrap();
-            }
-            seen.push((code, payload));
-        }
-        seen
-    })
 }
 
 #[test]
@@ -421,10 +353,10 @@ fn a_disk_whose_activation_fails_halfway_has_the_rings_it_started_stopped() {
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("backend.sock");
     // Queue 0 is handed over, kicked and enabled; queue 1's kick is refused.
-    let backend = scripted_backend(&socket, |code, payload| {
+    let backend = scripted_backend::start(&socket, |code, payload| {
         code == SET_VRING_KICK && payload[0] == 1
     });
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         guest("virtio_two_queues").to_str().unwrap(),
         "--memory",
@@ -462,42 +394,41 @@ fn a_disk_whose_activation_fails_halfway_has_the_rings_it_started_stopped() {
 }
 
 /// Starts `vmm` with a guest, a serial log and an API socket; waits for the first output.
-fn vmm_with_api(
-    guest_name: &str,
-    tmp: &std::path::Path,
-) -> (std::process::Child, PathBuf, PathBuf) {
+fn vmm_with_api(guest_name: &str, tmp: &std::path::Path) -> (Vmm, PathBuf) {
     let console = tmp.join("console.log");
-    let api = tmp.join("api.sock");
-    let child = Command::new(bin("vmm"))
-        .arg("--kernel")
-        .arg(guest(guest_name))
-        .args(["--vcpus", "2", "--memory", "64MiB"])
-        .arg("--serial")
-        .arg(&console)
-        .arg("--api-sock")
-        .arg(&api)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the guest did not start", Duration::from_secs(30), || {
-        !std::fs::read_to_string(&console)
-            .unwrap_or_default()
-            .is_empty()
-            && api.exists()
-    });
-    (child, console, api)
+    let vmm = Vmm::start_with_api(
+        &tmp.join("api.sock"),
+        &[
+            "--kernel",
+            guest(guest_name).to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--memory",
+            "64MiB",
+            "--serial",
+            console.to_str().unwrap(),
+        ],
+    );
+    wait_for_console(
+        &console,
+        "the guest did not start",
+        Duration::from_secs(30),
+        |text| !text.is_empty(),
+    );
+    (vmm, console)
 }
 
 #[test]
 fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
-    let (mut child, console, api) = vmm_with_api("tick", tmp.path());
+    let (mut vmm, console) = vmm_with_api("tick", tmp.path());
+    let api = vmm.api_socket().to_owned();
     assert_eq!(
         std::fs::metadata(&api).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let c = storaged_tests::AdminClient::new(&api);
+    let c = vmm.api();
     let vm = c.get("/v1/vm").unwrap().json();
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["config"]["vcpus"], 2);
@@ -547,16 +478,17 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
 
     let r = c.request("POST", "/v1/vm/kill", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(child.wait().unwrap().code(), Some(4));
+    assert_eq!(vmm.wait().code(), Some(4));
     assert!(!api.exists(), "API socket left behind");
 }
 
 #[test]
 fn an_api_shutdown_ends_the_vmm_with_0_and_a_busy_api_socket_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut child, _console, api) = vmm_with_api("spin", tmp.path());
+    let (mut vmm, _console) = vmm_with_api("spin", tmp.path());
+    let api = vmm.api_socket().to_owned();
     // A second VMM on the same API socket is refused before its guest starts.
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         guest("hello").to_str().unwrap(),
         "--api-sock",
@@ -564,17 +496,17 @@ fn an_api_shutdown_ends_the_vmm_with_0_and_a_busy_api_socket_is_refused() {
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("another process serves it"));
-    let c = storaged_tests::AdminClient::new(&api);
+    let c = vmm.api();
     let r = c.request("POST", "/v1/vm/shutdown", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(vmm.wait().code(), Some(0));
     assert!(!api.exists());
 }
 
 #[test]
 fn an_acpi_power_off_ends_the_vmm_with_0() {
     let k = guest("poweroff");
-    let out = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
+    let out = Vmm::run(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("PowerOff"),
@@ -618,25 +550,14 @@ fn linux_sees_two_disks_as_offered_and_a_grow_made_while_it_runs() {
     full_boot("disks");
 }
 
-/// Starts `vmm` with only an API socket (it waits to be configured there) once it listens.
-fn vmm_waiting_for_api(api: &std::path::Path) -> std::process::Child {
-    let child = Command::new(bin("vmm"))
-        .arg("--api-sock")
-        .arg(api)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("no API socket", Duration::from_secs(10), || api.exists());
-    child
-}
-
 #[test]
 fn a_vm_can_be_configured_and_started_through_the_api() {
     let tmp = tempfile::tempdir().unwrap();
     let api = tmp.path().join("api.sock");
     let console = tmp.path().join("console.log");
-    let mut child = vmm_waiting_for_api(&api);
-    let c = storaged_tests::AdminClient::new(&api);
+    // Only an API socket: vmm waits to be configured there.
+    let mut vmm = Vmm::start_with_api(&api, &[]);
+    let c = vmm.api();
     let vm = c.get("/v1/vm").unwrap().json();
     assert_eq!(vm["state"], "not_started");
     assert_eq!(vm["config"], serde_json::Value::Null);
@@ -678,7 +599,7 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
     let r = c.request("POST", "/v1/vm/start", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     // The hello guest prints and resets: the VMM ends with 0.
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(vmm.wait().code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(&console).unwrap(),
         "hello from the test guest\n"
@@ -690,10 +611,8 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
 fn sigterm_while_waiting_for_an_api_configuration_ends_with_143_and_removes_the_socket() {
     let tmp = tempfile::tempdir().unwrap();
     let api = tmp.path().join("api.sock");
-    let mut child = vmm_waiting_for_api(&api);
-    // SAFETY: kill takes a pid and a signal number.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(child.wait().unwrap().code(), Some(143));
+    let mut vmm = Vmm::start_with_api(&api, &[]);
+    assert_eq!(vmm.signal_and_wait(libc::SIGTERM).code(), Some(143));
     assert!(!api.exists(), "API socket left behind");
 }
 
@@ -704,22 +623,22 @@ fn growing_a_storaged_volume_raises_a_configuration_change_in_the_guest() {
     let socket = s.socket_of("grow");
     let tmp = tempfile::tempdir().unwrap();
     let console = tmp.path().join("console.log");
-    let mut child = Command::new(bin("vmm"))
-        .arg("--kernel")
-        .arg(guest("config_change"))
-        .args(["--memory", "64MiB"])
-        .arg("--disk")
-        .arg(format!("socket={}", socket.display()))
-        .arg("--serial")
-        .arg(&console)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the guest did not start", Duration::from_secs(30), || {
-        std::fs::read_to_string(&console)
-            .unwrap_or_default()
-            .contains('\n')
-    });
+    let mut vmm = Vmm::start(&[
+        "--kernel",
+        guest("config_change").to_str().unwrap(),
+        "--memory",
+        "64MiB",
+        "--disk",
+        &format!("socket={}", socket.display()),
+        "--serial",
+        console.to_str().unwrap(),
+    ]);
+    wait_for_console(
+        &console,
+        "the guest did not start",
+        Duration::from_secs(30),
+        |text| text.contains('\n'),
+    );
     assert_eq!(
         std::fs::read_to_string(&console).unwrap(),
         "capacity 131072\n"
@@ -729,7 +648,7 @@ fn growing_a_storaged_volume_raises_a_configuration_change_in_the_guest() {
         .request("PATCH", "/v1/volumes/grow", Some(r#"{"size":"128MiB"}"#))
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(vmm.wait().code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(&console).unwrap(),
         "capacity 131072\ncapacity 262144\n"
@@ -749,7 +668,7 @@ fn several_disks_get_their_own_windows_and_readonly_ones_show_ro() {
     s.create_volume(r#"{"name":"a","size":"16MiB"}"#);
     s.create_volume(r#"{"name":"b","size":"16MiB"}"#);
     let (a, b) = (s.socket_of("a"), s.socket_of("b"));
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         guest("probe").to_str().unwrap(),
         "--memory",
@@ -772,7 +691,7 @@ fn several_disks_get_their_own_windows_and_readonly_ones_show_ro() {
 #[test]
 fn a_bzimage_is_entered_at_its_64_bit_entry_with_the_zero_page() {
     let k = PathBuf::from(env!("GUEST_DIR")).join("bzimage.img");
-    let out = vmm(&[
+    let out = Vmm::run(&[
         "--kernel",
         k.to_str().unwrap(),
         "--memory",

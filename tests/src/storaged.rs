@@ -1,0 +1,217 @@
+//! The `storaged` harness: the real daemon on a temporary data dir (or one the test owns),
+//! started with the test's arguments and waited for until its admin API answers; its log
+//! (stderr) captured line by line; stopped by a signal, restarted on the same data dir, killed
+//! on drop. Its admin API is reached with [`AdminClient`], the client `storagectl` uses.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use ::storaged::client::{AdminClient, Response};
+
+use crate::bin;
+
+/// A running `storaged` on a temporary data dir.
+pub struct Storaged {
+    pub data_dir: PathBuf,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Storaged {
+    /// Starts storaged on a new temporary data dir, metrics on an ephemeral loopback port.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("stg")
+            .tempdir()
+            .expect("tempdir");
+        let mut s = Storaged {
+            data_dir: tmp.path().to_owned(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            _tmp: Some(tmp),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts storaged on `data_dir`, which the caller owns (a file system it mounted, say).
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Self {
+        let mut s = Storaged {
+            data_dir: data_dir.to_owned(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            _tmp: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(bin("storaged"));
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--log",
+                "storaged=debug,info",
+            ])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn storaged");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("STORAGED_TEST_LOG").is_some() {
+                    eprintln!("[storaged] {line}");
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.admin().get("/v1/info") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "storaged exited with {status} at start:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "storaged not ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::new(self.admin_socket())
+    }
+
+    /// Everything storaged logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the log has a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no '{needle}' in log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Creates a volume; panics unless the API answers 201. Returns the volume JSON.
+    pub fn create_volume(&self, body: &str) -> serde_json::Value {
+        let r = self
+            .admin()
+            .request("POST", "/v1/volumes", Some(body))
+            .unwrap();
+        assert_eq!(r.status, 201, "create {body}: {}", r.body);
+        r.json()
+    }
+
+    pub fn socket_of(&self, name: &str) -> PathBuf {
+        let r = self.admin().get(&format!("/v1/volumes/{name}")).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        PathBuf::from(r.json()["socket"].as_str().unwrap())
+    }
+
+    pub fn metrics_url(&self) -> String {
+        let r = self.admin().get("/v1/info").unwrap();
+        r.json()["metrics_url"].as_str().unwrap().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill() with a valid pid of our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "storaged did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then start again on the same data dir.
+    pub fn restart(&mut self) {
+        let status = self.signal_and_wait(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "storaged exit {status}:\n{}",
+            self.log_text()
+        );
+        self.spawn();
+    }
+
+    /// Starts again after [`Storaged::signal_and_wait`] stopped it.
+    pub fn restart_after_stop(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// SIGKILL, then start again on the same data dir.
+    pub fn kill_and_restart(&mut self) {
+        self.signal_and_wait(libc::SIGKILL);
+        self.spawn();
+    }
+}
+
+impl Drop for Storaged {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
