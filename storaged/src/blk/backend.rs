@@ -20,8 +20,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::engine::{self, GuestMem, QueueEngine};
 use super::memory_guard::{self, MemoryGuard};
+use super::queue::{self, GuestMem, QueueEngine};
 use super::VolumeIo;
 
 /// A queue worker polls after an event that handled, or left in flight, at least this many
@@ -70,7 +70,7 @@ impl BlkBackend {
     pub fn new(
         volume: Arc<VolumeIo>,
         mem: GuestMemoryAtomic<GuestMem>,
-    ) -> Result<Self, engine::Error> {
+    ) -> Result<Self, queue::Error> {
         let entries = u32::from(volume.max_queue_size);
         let engines = (0..volume.num_queues)
             .map(|_| QueueEngine::new(volume.clone(), entries).map(Mutex::new))

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use vm_memory::GuestAddress;
 
-use super::engine::GuestMem;
+use super::queue::GuestMem;
 use super::request::{GuestRange, Operation};
 use crate::backing::AlignedBuf;
 

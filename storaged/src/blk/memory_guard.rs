@@ -32,7 +32,7 @@ use std::sync::{Arc, OnceLock};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::engine::GuestMem;
+use super::queue::GuestMem;
 
 /// Errors of the memory guard.
 #[derive(Debug, thiserror::Error)]

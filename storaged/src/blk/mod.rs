@@ -1,35 +1,33 @@
-//! The vhost-user-blk data path.
+//! The vhost-user-blk data path. The files, in the order a request meets them:
 //!
-//! - [`request`]: parsing and validating virtio-blk requests (pure, unit-tested).
-//! - [`engine`]: one io_uring per virtqueue, executing requests straight from and into guest
-//!   memory.
+//! - [`export`]: the socket of one volume: accepts one frontend at a time (checked against
+//!   the volume's owner), refuses others, accepts a new one after a disconnect.
+//! - [`backend`]: the `vhost-user-backend` device of one frontend connection; its memory table
+//!   is checked by [`memory_guard`].
+//! - [`queue`]: the loop of one virtqueue on its epoll worker: a kick pops the available
+//!   chains, each goes through the stages and the ring, completions are answered and the
+//!   guest signalled once per batch; adaptive polling.
+//! - [`request`]: parsing and validating a chain (pure, unit-tested).
+//! - [`stage`]: the stages between parsing and the storage: [`stage::limit`] (the volume's
+//!   IOPS and bandwidth buckets, [`crate::qos`]) and [`stage::transform`] (encryption).
+//! - [`bounce`]: the queue's bounce buffers, pooled and bounded; [`inflight`]: what a request
+//!   owns between submission and completion, by slot.
 //! - [`ring`]: the operations a request becomes, and the io_uring behind a small trait.
-//! - [`inflight`]: what a request owns between submission and completion, by slot.
-//! - [`backend`]: the `vhost-user-backend` device of one frontend connection.
-//! - [`bounce`]: a queue's bounce buffers, pooled and bounded.
-//! - [`export`]: the socket of one volume: accepts one frontend at a time, refuses others,
-//!   accepts a new one after a disconnect.
-//! - [`log_limit`]: a per-volume budget for the lines the data path logs about a guest's
-//!   requests.
 //! - [`failure`]: a volume whose FLUSH failed stays failed, recorded, until an operator clears
 //!   it.
-//! - [`memory_guard`]: a frontend that shrinks its memory file under the daemon's mapping is
-//!   refused or disconnected, never a SIGBUS that ends the daemon.
-//! - [`timer`]: the timerfd a throttled queue sleeps on.
-//!
-//! A request passes through stages: parse, then (for volumes that enable them) limit and
-//! transform, then the backing storage. The limit stage ([`crate::qos`]) sits in
-//! [`engine::QueueEngine`]'s `start_request`; the transform stage (encryption) in
-//! `start_transfer` (writes, into the bounce buffer) and `complete` (read data).
+//! - Beside the way: [`timer`] (the timerfd a waiting queue sleeps on), [`log_limit`] (the
+//!   per-volume budget of log lines about a guest's requests), [`memory_guard`] (a frontend
+//!   that shrinks its memory file under the daemon's mapping is refused or disconnected,
+//!   never a SIGBUS that ends the daemon).
 
 pub mod backend;
 pub mod bounce;
-pub mod engine;
 pub mod export;
 pub mod failure;
 pub mod inflight;
 pub mod log_limit;
 pub mod memory_guard;
+pub mod queue;
 pub mod request;
 pub mod ring;
 pub mod stage;

@@ -3,7 +3,7 @@
 //! through the request's bounce buffer. A plain volume's bounce buffer (misaligned or too
 //! fragmented guest buffers under direct I/O) is filled and emptied the same way, as a copy.
 
-use crate::blk::engine::GuestMem;
+use crate::blk::queue::GuestMem;
 use crate::blk::request::{self, GuestRange};
 use crate::blk::VolumeIo;
 use crate::crypto::Xts;

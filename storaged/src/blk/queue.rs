@@ -1,8 +1,10 @@
-//! One io_uring per virtqueue: the queue's requests go to the backing storage straight from and
-//! into guest memory.
+//! The loop of one virtqueue: its requests go to the backing storage straight from and into
+//! guest memory, through the queue's own io_uring.
 //!
-//! A kick pops every available chain, parses it, and queues its SQEs, handing them to the
-//! kernel two at a time ([`SUBMIT_BATCH`]) and the remainder when the burst ends. The ring
+//! A kick pops every available chain, parses it ([`super::request`]), passes it through the
+//! stages ([`super::stage`]) and queues its operations on the ring ([`super::ring`]), handing
+//! them to the kernel two at a time ([`super::ring::SUBMIT_BATCH`]) and the remainder when the
+//! burst ends. The ring
 //! signals completions through an eventfd registered with the queue's epoll worker, which reaps
 //! them, writes the status bytes, fills the used ring and signals the call eventfd once per
 //! batch (respecting EVENT_IDX). A busy queue's worker then polls for a while before sleeping
@@ -14,9 +16,10 @@
 //! there, and goes back to its epoll loop. Other queues and volumes run on their own threads
 //! and rings, so a throttled queue delays nobody else.
 //!
-//! Each in-flight request owns what the kernel reads or writes: the iovec array, a bounce buffer
-//! if one is needed, and a reference to the guest memory mapping, so none of them can go away
-//! before its completion is reaped, even if the frontend replaces its memory table.
+//! Each in-flight request ([`super::inflight`]) owns what the kernel reads or writes: the iovec
+//! array, a bounce buffer ([`super::bounce`]) if one is needed, and a reference to the guest
+//! memory mapping, so none of them can go away before its completion is reaped, even if the
+//! frontend replaces its memory table.
 
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
