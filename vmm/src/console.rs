@@ -376,7 +376,10 @@ mod tests {
         sink: Box<dyn Write + Send>,
     ) -> std::thread::JoinHandle<()> {
         let writer = ConsoleWriter::new(buffer.clone(), sink);
-        std::thread::spawn(move || writer.run())
+        crate::threads::spawn(crate::threads::ThreadKind::Console, "console", move || {
+            writer.run()
+        })
+        .unwrap()
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   port's output goes, through a buffer and a writer thread, so no vCPU waits on it.
 //! - [`vm`]: KVM setup, the vCPU threads and how the VM ends; [`control`]: pause, exit and
 //!   counters shared with [`api`], the HTTP API on a Unix socket.
+//! - [`threads`]: every thread is started there, by its kind (main, vCPU, API, console,
+//!   device).
 
 pub mod acpi;
 pub mod api;
@@ -21,6 +23,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod threads;
 pub mod virtio_mmio;
 pub mod vm;
 

@@ -20,6 +20,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::threads::{self, ThreadKind};
+
 /// First device's registers; each device has a 4 KiB window.
 pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -186,32 +188,30 @@ impl BlkDevice {
                 .set_backend_request_fd(&handler.get_tx_raw_fd())
                 .map_err(proto("SET_BACKEND_REQ_FD"))?;
             let name = s.display().to_string();
-            std::thread::Builder::new()
-                .name("disk-cfg".into())
-                .spawn(move || {
-                    // Ends when the backend closes the channel; a message it cannot handle
-                    // is logged and skipped.
-                    let mut failures = 0;
-                    loop {
-                        match handler.handle_request() {
-                            Ok(_) => failures = 0,
-                            Err(
-                                vhost::vhost_user::Error::Disconnected
-                                | vhost::vhost_user::Error::SocketBroken(_)
-                                | vhost::vhost_user::Error::PartialMessage,
-                            ) => break,
-                            Err(e) => {
-                                tracing::warn!(disk = %name, "backend request: {e}");
-                                failures += 1;
-                                if failures > 100 {
-                                    break;
-                                }
+            threads::spawn(ThreadKind::Device, "disk-cfg", move || {
+                // Ends when the backend closes the channel; a message it cannot handle
+                // is logged and skipped.
+                let mut failures = 0;
+                loop {
+                    match handler.handle_request() {
+                        Ok(_) => failures = 0,
+                        Err(
+                            vhost::vhost_user::Error::Disconnected
+                            | vhost::vhost_user::Error::SocketBroken(_)
+                            | vhost::vhost_user::Error::PartialMessage,
+                        ) => break,
+                        Err(e) => {
+                            tracing::warn!(disk = %name, "backend request: {e}");
+                            failures += 1;
+                            if failures > 100 {
+                                break;
                             }
                         }
                     }
-                    tracing::debug!(disk = %name, "backend request channel closed");
-                })
-                .map_err(ev)?;
+                }
+                tracing::debug!(disk = %name, "backend request channel closed");
+            })
+            .map_err(ev)?;
         }
         Ok(BlkDevice {
             socket: s.clone(),

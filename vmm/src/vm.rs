@@ -16,6 +16,7 @@ use crate::console::{self, Console, ConsoleBuffer, ConsoleWriter, RotatingFile};
 use crate::control::{self, Control};
 use crate::devices::{Action, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
+use crate::threads::{self, ThreadKind};
 use crate::virtio_mmio::{self, BlkDevice};
 use crate::{acpi, api, boot, cpu, memory};
 
@@ -174,22 +175,20 @@ pub fn run(
         api.set_running(cfg, control.clone(), mmio.clone());
     }
     let writer = ConsoleWriter::new(console.clone(), sink);
-    std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || writer.run())
+    threads::spawn(ThreadKind::Console, "console", move || writer.run())
         .map_err(|e| Error::Thread("console", e))?;
     // From here on, however this returns, what the guest wrote is written out first.
     let console_end = ConsoleEnd(console.clone());
-    let mut threads = Vec::new();
+    let mut vcpu_threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let control = control.clone();
         let mmio = mmio.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, id, &bus, &mmio, &control))
-            .map_err(|e| Error::Thread("vCPU", e))?;
-        threads.push(t);
+        let t = threads::spawn(ThreadKind::Vcpu, format!("vcpu{id}"), move || {
+            vcpu_loop(vcpu, id, &bus, &mmio, &control)
+        })
+        .map_err(|e| Error::Thread("vCPU", e))?;
+        vcpu_threads.push(t);
     }
 
     let exit = wait(&control, signals);
