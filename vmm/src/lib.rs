@@ -15,6 +15,7 @@
 
 pub mod acpi;
 pub mod api;
+pub mod backend_req;
 pub mod boot;
 pub mod config;
 pub mod console;
@@ -24,6 +25,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod threads;
+pub mod vhost_user;
 pub mod virtio_mmio;
 pub mod vm;
 

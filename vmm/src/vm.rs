@@ -18,7 +18,7 @@ use crate::devices::{Action, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::threads::{self, ThreadKind};
 use crate::virtio_mmio::{self, BlkDevice};
-use crate::{acpi, api, boot, cpu, memory};
+use crate::{acpi, api, boot, cpu, memory, vhost_user};
 
 /// Errors starting or running the VM (the configuration was already checked).
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +44,13 @@ pub enum Error {
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
-    Disk(#[from] virtio_mmio::Error),
+    Disk(#[from] vhost_user::Error),
 }
 
 impl Error {
     /// A configuration problem found while setting up, before the guest ran.
     pub fn before_guest(&self) -> bool {
-        matches!(self, Error::Disk(virtio_mmio::Error::Connect(..)))
+        matches!(self, Error::Disk(vhost_user::Error::Connect(..)))
     }
 }
 
