@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sys;
+
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -60,7 +62,7 @@ pub struct Control {
     parked: AtomicUsize,
     gate: Mutex<()>,
     resumed: Condvar,
-    threads: Mutex<Vec<libc::pthread_t>>,
+    threads: Mutex<Vec<sys::Thread>>,
     pub exits: [AtomicU64; EXIT_KINDS.len()],
     pub vcpus: usize,
 }
@@ -70,23 +72,10 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int) {}
-
-/// Installs the (empty) handler of [`kick_signal`], so it interrupts KVM_RUN instead of
-/// killing the process.
+/// Installs the (empty) handler of [`kick_signal`], so it interrupts KVM_RUN (no
+/// SA_RESTART: it returns EINTR) instead of killing the process.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction with a valid handler and no flags (no SA_RESTART: KVM_RUN
-    // must return EINTR); sigaction reads it.
-    let r = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_kick as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut())
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    sys::install_empty_handler(kick_signal())
 }
 
 impl Control {
@@ -119,8 +108,7 @@ impl Control {
 
     /// Called by each vCPU thread once, to be kicked on pause.
     pub fn register_vcpu_thread(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
+        let me = sys::current_thread();
         self.threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -171,7 +159,7 @@ impl Control {
                 // SAFETY: `t` is a vCPU thread of this process; they only return after the VM
                 // has ended, which was checked just above (a kick racing that end finds the
                 // thread still on its way out of its loop).
-                unsafe { libc::pthread_kill(*t, kick_signal()) };
+                let _ = unsafe { sys::signal_thread(*t, kick_signal()) };
             }
             std::thread::sleep(Duration::from_millis(1));
         }

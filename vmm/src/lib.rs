@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod sys;
 pub mod threads;
 pub mod vhost_user;
 pub mod virtio_mmio;

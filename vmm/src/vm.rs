@@ -18,7 +18,7 @@ use crate::devices::{Action, PortBus, SERIAL_IRQ};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::threads::{self, ThreadKind};
 use crate::virtio_mmio::{self, BlkDevice};
-use crate::{acpi, api, boot, cpu, memory, vhost_user};
+use crate::{acpi, api, boot, cpu, memory, sys, vhost_user};
 
 /// Errors starting or running the VM (the configuration was already checked).
 #[derive(Debug, thiserror::Error)]
@@ -325,46 +325,18 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
 /// from. Call before starting any thread: threads inherit the mask, so the signals reach only
 /// the signalfd.
 pub fn block_stop_signals() -> Result<std::fs::File, Error> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: sigset_t is plain data; the libc calls only fill it and change this thread's
-    // mask (inherited by the threads spawned afterwards).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(Error::Signals(std::io::Error::last_os_error()));
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-        if fd < 0 {
-            return Err(Error::Signals(std::io::Error::last_os_error()));
-        }
-        Ok(std::fs::File::from_raw_fd(fd))
-    }
+    sys::block_signals_to_signalfd(&[libc::SIGTERM, libc::SIGINT]).map_err(Error::Signals)
 }
 
 /// Waits for the VM's end: a vCPU or the API reporting one, or a stop signal.
 fn wait(control: &Control, signals: &std::fs::File) -> Exit {
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: control.exit_event.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
+        let Ok([_, signalled]) =
+            sys::poll_readable([control.exit_event.as_raw_fd(), signals.as_raw_fd()], -1)
+        else {
             continue;
-        }
-        if fds[1].revents & libc::POLLIN != 0 {
+        };
+        if signalled {
             if let Some(sig) = read_signal(signals) {
                 control.end(Exit::Signal(sig));
             }
@@ -377,35 +349,14 @@ fn wait(control: &Control, signals: &std::fs::File) -> Exit {
 
 /// A stop signal waiting on the signalfd, if there is one (does not block).
 pub fn pending_signal(signals: &std::fs::File) -> Option<i32> {
-    let mut fd = libc::pollfd {
-        fd: signals.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    if n == 1 && fd.revents & libc::POLLIN != 0 {
-        read_signal(signals)
-    } else {
-        None
+    match sys::poll_readable([signals.as_raw_fd()], 0) {
+        Ok([true]) => read_signal(signals),
+        _ => None,
     }
 }
 
 fn read_signal(signals: &std::fs::File) -> Option<i32> {
-    // SAFETY: signalfd_siginfo is plain data, read whole from the signalfd.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    // SAFETY: reads at most size_of::<signalfd_siginfo>() bytes into `info`.
-    let r = unsafe {
-        libc::read(
-            signals.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            std::mem::size_of::<libc::signalfd_siginfo>(),
-        )
-    };
-    if r <= 0 {
-        return None;
-    }
-    let sig = info.ssi_signo as i32;
+    let sig = sys::read_signal(signals).ok()?;
     tracing::info!(signal = sig, "stopping on signal");
     Some(sig)
 }
