@@ -12,7 +12,6 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -26,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{self, VmConfig};
-use crate::control::{Control, Exit, EXIT_KINDS};
+use crate::control::Control;
+use crate::exit::{Exit, ExitKind};
 use crate::threads::{self, ThreadKind};
 use crate::vm::MmioBus;
 
@@ -313,10 +313,9 @@ async fn kill(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn counters(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let r = running(&s)?;
-    let exits: serde_json::Map<String, serde_json::Value> = EXIT_KINDS
+    let exits: serde_json::Map<String, serde_json::Value> = ExitKind::ALL
         .iter()
-        .zip(r.control.exits.iter())
-        .map(|(k, v)| ((*k).to_string(), v.load(Ordering::Relaxed).into()))
+        .map(|k| (k.name().to_string(), r.control.exits(*k).into()))
         .collect();
     let disks: Vec<serde_json::Value> = r
         .mmio

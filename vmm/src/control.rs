@@ -1,5 +1,5 @@
-//! What the main thread, the vCPU threads and the API share: how the VM ends, pausing, and
-//! the exit counters.
+//! What the main thread, the vCPU threads and the API share: how the VM ended (the first
+//! [`Exit`] reported), pausing, and the vCPU exit counters (by [`ExitKind`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -7,51 +7,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::exit::{Exit, ExitKind};
 use crate::sys;
-
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// The guest reset the machine (i8042).
-    Reset,
-    /// The guest powered off (ACPI S5).
-    PowerOff,
-    /// The guest crashed (triple fault, or a crash it reported: KVM's crash system event) or
-    /// KVM could not run it.
-    Crash(String),
-    /// A signal (SIGTERM, SIGINT) stopped the VMM.
-    Signal(i32),
-    /// `POST /v1/vm/shutdown`.
-    ApiShutdown,
-    /// `POST /v1/vm/kill`.
-    ApiKill,
-}
-
-impl Exit {
-    /// The process exit code (documented in the README): 0 guest reset or shutdown, or a
-    /// shutdown through the API; 3 guest crash; 4 killed through the API; 128 + n for
-    /// signal n.
-    pub fn code(&self) -> i32 {
-        match self {
-            Exit::Reset | Exit::PowerOff | Exit::ApiShutdown => 0,
-            Exit::Crash(_) => 3,
-            Exit::ApiKill => 4,
-            Exit::Signal(n) => 128 + n,
-        }
-    }
-}
-
-/// vCPU exit kinds counted, in the order of [`Control::exits`].
-pub const EXIT_KINDS: [&str; 8] = [
-    "io_in",
-    "io_out",
-    "mmio_read",
-    "mmio_write",
-    "hlt",
-    "interrupted",
-    "shutdown",
-    "other",
-];
 
 /// Shared state of a running VM.
 pub struct Control {
@@ -63,7 +20,8 @@ pub struct Control {
     gate: Mutex<()>,
     resumed: Condvar,
     threads: Mutex<Vec<sys::Thread>>,
-    pub exits: [AtomicU64; EXIT_KINDS.len()],
+    /// vCPU exits counted, by [`ExitKind::index`].
+    exits: [AtomicU64; ExitKind::ALL.len()],
     pub vcpus: usize,
 }
 
@@ -172,7 +130,13 @@ impl Control {
         self.resumed.notify_all();
     }
 
-    pub fn count(&self, kind: usize) {
-        self.exits[kind].fetch_add(1, Ordering::Relaxed);
+    /// Counts a vCPU exit of `kind`.
+    pub fn count(&self, kind: ExitKind) {
+        self.exits[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The vCPU exits of `kind` so far.
+    pub fn exits(&self, kind: ExitKind) -> u64 {
+        self.exits[kind.index()].load(Ordering::Relaxed)
     }
 }

@@ -22,6 +22,7 @@ pub mod console;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod sys;

@@ -9,15 +9,11 @@ use std::sync::Arc;
 use clap::Parser;
 use vmm::api::{Command, Shared};
 use vmm::config::VmConfig;
+use vmm::exit::ProcessExit;
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
-///
-/// Exit codes: 0 the guest reset or shut down, or the API shut the VM down; 1 the VMM failed;
-/// 2 the configuration was refused before the guest started; 3 the guest crashed or KVM could
-/// not run it (triple fault, a crash it reported, a KVM internal error or unhandled exit);
-/// 4 killed through the API; 128+N stopped by signal N (SIGTERM: 143).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_long_help = ProcessExit::help())]
 struct Args {
     /// Kernel image: a bzImage or an ELF vmlinux. Without it, the VM is configured and started
     /// through the API (--api-sock): PUT /v1/vm/config, then POST /v1/vm/start.
@@ -69,7 +65,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vmm: {}", vmm::error_chain(&e));
-            return ExitCode::FAILURE;
+            return ProcessExit::Failed.into();
         }
     };
     let max_vcpus = kvm_ioctls::Kvm::new()
@@ -84,7 +80,7 @@ fn main() -> ExitCode {
                 Ok(api) => Some((api, shared)),
                 Err(e) => {
                     eprintln!("vmm: {}", vmm::error_chain(&e));
-                    return ExitCode::from(2);
+                    return ProcessExit::Refused.into();
                 }
             }
         }
@@ -120,18 +116,20 @@ fn run(
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(50)) {
                 Ok(Command::Start(cfg)) => break *cfg,
-                Ok(Command::Stop(exit)) => return ExitCode::from(exit.code() as u8),
+                Ok(Command::Stop(exit)) => return exit.process_exit().into(),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if let Some(sig) = vmm::vm::pending_signal(signals) {
-                        return ExitCode::from((128 + sig) as u8);
+                        return ProcessExit::Signal(sig).into();
                     }
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return ExitCode::FAILURE,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return ProcessExit::Failed.into()
+                }
             }
         }
     } else {
         let Some(kernel) = args.kernel.as_deref() else {
-            return ExitCode::from(2);
+            return ProcessExit::Refused.into();
         };
         let request = vmm::config::Args {
             kernel,
@@ -148,7 +146,7 @@ fn run(
             Ok(c) => c,
             Err(e) => {
                 eprintln!("vmm: {}", vmm::error_chain(&e));
-                return ExitCode::from(2);
+                return ProcessExit::Refused.into();
             }
         }
     };
@@ -160,15 +158,15 @@ fn run(
                 }
                 _ => tracing::info!(?exit, code = exit.code(), "VM ended"),
             }
-            ExitCode::from(exit.code() as u8)
+            exit.process_exit().into()
         }
         Err(e) => {
             eprintln!("vmm: {}", vmm::error_chain(&e));
             // A disk nobody serves is bad input, found before the guest starts.
             if e.before_guest() {
-                ExitCode::from(2)
+                ProcessExit::Refused.into()
             } else {
-                ExitCode::FAILURE
+                ProcessExit::Failed.into()
             }
         }
     }

@@ -15,6 +15,7 @@ use crate::config::{SerialOut, VmConfig};
 use crate::console::{self, Console, ConsoleBuffer, ConsoleWriter, RotatingFile};
 use crate::control::{self, Control};
 use crate::devices::{Action, PortBus, SERIAL_IRQ};
+use crate::exit::ExitKind;
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::threads::{self, ThreadKind};
 use crate::virtio_mmio::{self, BlkDevice};
@@ -54,7 +55,7 @@ impl Error {
     }
 }
 
-pub use crate::control::Exit;
+pub use crate::exit::Exit;
 
 /// Boots the VM and runs it until it ends. `started` is when the process started, for the
 /// time-to-first-instruction log line.
@@ -254,12 +255,12 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
         }
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                control.count(0);
+                control.count(ExitKind::IoIn);
                 port_bus().read(port, data);
                 continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                control.count(1);
+                control.count(ExitKind::IoOut);
                 match port_bus().write(port, data) {
                     Action::None => continue,
                     Action::Reset => Exit::Reset,
@@ -267,42 +268,42 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                control.count(2);
+                control.count(ExitKind::MmioRead);
                 mmio.read(addr, data);
                 continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                control.count(3);
+                control.count(ExitKind::MmioWrite);
                 mmio.write(addr, data);
                 continue;
             }
             Ok(VcpuExit::Hlt) => {
-                control.count(4);
+                control.count(ExitKind::Hlt);
                 continue;
             }
             Ok(VcpuExit::Shutdown) => {
-                control.count(6);
+                control.count(ExitKind::Shutdown);
                 Exit::Crash(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
             }
             // kvm_pvm reports a triple fault as an internal error.
             Ok(VcpuExit::InternalError) => {
-                control.count(7);
+                control.count(ExitKind::Other);
                 Exit::Crash(format!(
                     "vCPU {id}: KVM could not go on running the guest (KVM_EXIT_INTERNAL_ERROR)"
                 ))
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                control.count(7);
+                control.count(ExitKind::Other);
                 tracing::info!(vcpu = id, kind, "system event");
                 system_event_exit(id, kind)
             }
             Ok(other) => {
-                control.count(7);
+                control.count(ExitKind::Other);
                 Exit::Crash(format!("vCPU {id}: unexpected exit {other:?}"))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked (pause) or interrupted: look at the pause flag again.
-                control.count(5);
+                control.count(ExitKind::Interrupted);
                 if control.is_paused() {
                     if let Ok(regs) = vcpu.get_regs() {
                         tracing::debug!(
