@@ -1,15 +1,13 @@
-//! `vmm`: boots one microVM from the command line.
+//! `vmm`: boots one microVM from the command line. This file parses it; the library
+//! ([`vmm::launch::run`]) does the rest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use std::sync::Arc;
-
 use clap::Parser;
-use vmm::api::{Command, Shared};
-use vmm::config::VmConfig;
 use vmm::exit::ProcessExit;
+use vmm::launch::Options;
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
 #[derive(Parser, Debug)]
@@ -55,119 +53,17 @@ struct Args {
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // Before any thread exists, so SIGTERM and SIGINT only ever reach this signalfd.
-    let signals = match vmm::vm::block_stop_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vmm: {}", vmm::error_chain(&e));
-            return ProcessExit::Failed.into();
-        }
+    let opts = Options {
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+        cmdline: &args.cmdline,
+        vcpus: args.vcpus,
+        memory: &args.memory,
+        disks: &args.disks,
+        serial: &args.serial,
+        serial_log_max: args.serial_log_max.as_deref(),
+        api_sock: args.api_sock.as_deref(),
+        log: &args.log,
     };
-    let max_vcpus = kvm_ioctls::Kvm::new()
-        .map(|k| k.get_max_vcpus())
-        .unwrap_or(1);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waits_for_api = args.kernel.is_none();
-    let api = match &args.api_sock {
-        Some(path) => {
-            let shared = Arc::new(Shared::new(path, max_vcpus, waits_for_api.then_some(tx)));
-            match vmm::api::serve(path, shared.clone()) {
-                Ok(api) => Some((api, shared)),
-                Err(e) => {
-                    eprintln!("vmm: {}", vmm::error_chain(&e));
-                    return ProcessExit::Refused.into();
-                }
-            }
-        }
-        None => None,
-    };
-    let code = run(
-        &args,
-        max_vcpus,
-        started,
-        api.as_ref().map(|(_, s)| &**s),
-        waits_for_api,
-        &rx,
-        &signals,
-    );
-    // The API socket goes with the process.
-    if let Some((api, _)) = api {
-        api.close();
-    }
-    code
-}
-
-fn run(
-    args: &Args,
-    max_vcpus: usize,
-    started: Instant,
-    api: Option<&Shared>,
-    waits_for_api: bool,
-    rx: &std::sync::mpsc::Receiver<Command>,
-    signals: &std::fs::File,
-) -> ExitCode {
-    let cfg = if waits_for_api {
-        tracing::info!("waiting for PUT /v1/vm/config and POST /v1/vm/start");
-        loop {
-            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                Ok(Command::Start(cfg)) => break *cfg,
-                Ok(Command::Stop(exit)) => return exit.process_exit().into(),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(sig) = vmm::vm::pending_signal(signals) {
-                        return ProcessExit::Signal(sig).into();
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return ProcessExit::Failed.into()
-                }
-            }
-        }
-    } else {
-        let Some(kernel) = args.kernel.as_deref() else {
-            return ProcessExit::Refused.into();
-        };
-        let request = vmm::config::Args {
-            kernel,
-            initrd: args.initrd.as_deref(),
-            cmdline: &args.cmdline,
-            vcpus: args.vcpus,
-            memory: &args.memory,
-            serial: &args.serial,
-            serial_log_max: args.serial_log_max.as_deref(),
-            disks: &args.disks,
-            api_sock: args.api_sock.as_deref(),
-        };
-        match VmConfig::new(&request, max_vcpus) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("vmm: {}", vmm::error_chain(&e));
-                return ProcessExit::Refused.into();
-            }
-        }
-    };
-    match vmm::vm::run(&cfg, started, api, signals) {
-        Ok(exit) => {
-            match &exit {
-                vmm::vm::Exit::Crash(why) => {
-                    tracing::error!(code = exit.code(), "guest crashed: {why}")
-                }
-                _ => tracing::info!(?exit, code = exit.code(), "VM ended"),
-            }
-            exit.process_exit().into()
-        }
-        Err(e) => {
-            eprintln!("vmm: {}", vmm::error_chain(&e));
-            // A disk nobody serves is bad input, found before the guest starts.
-            if e.before_guest() {
-                ProcessExit::Refused.into()
-            } else {
-                ProcessExit::Failed.into()
-            }
-        }
-    }
+    vmm::launch::run(&opts, started).into()
 }

@@ -15,7 +15,7 @@ use crate::config::{SerialOut, VmConfig};
 use crate::console::{self, Console, ConsoleBuffer, ConsoleWriter, RotatingFile};
 use crate::control::{self, Control};
 use crate::devices::{Action, PortBus, SERIAL_IRQ};
-use crate::exit::ExitKind;
+use crate::exit::{Exit, ExitKind};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::threads::{self, ThreadKind};
 use crate::virtio_mmio::{self, BlkDevice};
@@ -54,8 +54,6 @@ impl Error {
         matches!(self, Error::Disk(vhost_user::Error::Connect(..)))
     }
 }
-
-pub use crate::exit::Exit;
 
 /// Boots the VM and runs it until it ends. `started` is when the process started, for the
 /// time-to-first-instruction log line.
