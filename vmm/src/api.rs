@@ -12,7 +12,6 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -26,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{self, VmConfig};
-use crate::control::{Control, Exit, EXIT_KINDS};
+use crate::control::Control;
+use crate::exit::{Exit, ExitKind};
+use crate::threads::{self, ThreadKind};
 use crate::vm::MmioBus;
 
 /// Errors starting the API.
@@ -312,10 +313,9 @@ async fn kill(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn counters(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let r = running(&s)?;
-    let exits: serde_json::Map<String, serde_json::Value> = EXIT_KINDS
+    let exits: serde_json::Map<String, serde_json::Value> = ExitKind::ALL
         .iter()
-        .zip(r.control.exits.iter())
-        .map(|(k, v)| ((*k).to_string(), v.load(Ordering::Relaxed).into()))
+        .map(|k| (k.name().to_string(), r.control.exits(*k).into()))
         .collect();
     let disks: Vec<serde_json::Value> = r
         .mmio
@@ -409,47 +409,44 @@ pub fn serve(path: &Path, state: Arc<Shared>) -> Result<Api, Error> {
         .set_nonblocking(true)
         .map_err(|e| Error::Bind(path.to_owned(), e))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let thread = std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("API runtime: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                match tokio::net::UnixListener::from_std(listener) {
-                    Ok(l) => {
-                        let mut graceful = stopped.clone();
-                        let mut hard = stopped;
-                        let serve =
-                            axum::serve(l, router(state)).with_graceful_shutdown(async move {
-                                let _ = graceful.wait_for(|s| *s).await;
-                            });
-                        // Once stopping, requests being answered get a second to finish.
-                        let deadline = async move {
-                            let _ = hard.wait_for(|s| *s).await;
-                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        };
-                        tokio::select! {
-                            r = serve => {
-                                if let Err(e) = r {
-                                    tracing::error!("API failed: {e}");
-                                }
+    let thread = threads::spawn(ThreadKind::Api, "api", move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("API runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            match tokio::net::UnixListener::from_std(listener) {
+                Ok(l) => {
+                    let mut graceful = stopped.clone();
+                    let mut hard = stopped;
+                    let serve = axum::serve(l, router(state)).with_graceful_shutdown(async move {
+                        let _ = graceful.wait_for(|s| *s).await;
+                    });
+                    // Once stopping, requests being answered get a second to finish.
+                    let deadline = async move {
+                        let _ = hard.wait_for(|s| *s).await;
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    };
+                    tokio::select! {
+                        r = serve => {
+                            if let Err(e) = r {
+                                tracing::error!("API failed: {e}");
                             }
-                            _ = deadline => {}
                         }
+                        _ = deadline => {}
                     }
-                    Err(e) => tracing::error!("API socket: {e}"),
                 }
-            });
-        })
-        .map_err(Error::Thread)?;
+                Err(e) => tracing::error!("API socket: {e}"),
+            }
+        });
+    })
+    .map_err(Error::Thread)?;
     tracing::info!(socket = %path.display(), "API listening");
     Ok(Api {
         path: path.to_owned(),

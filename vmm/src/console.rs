@@ -376,7 +376,10 @@ mod tests {
         sink: Box<dyn Write + Send>,
     ) -> std::thread::JoinHandle<()> {
         let writer = ConsoleWriter::new(buffer.clone(), sink);
-        std::thread::spawn(move || writer.run())
+        crate::threads::spawn(crate::threads::ThreadKind::Console, "console", move || {
+            writer.run()
+        })
+        .unwrap()
     }
 
     #[test]
@@ -423,14 +426,7 @@ mod tests {
     #[test]
     fn a_stalled_sink_blocks_neither_the_guest_nor_the_close_for_longer_than_the_stall() {
         // A pipe nobody reads: the writer blocks once its 4 KiB are full.
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two descriptors this test then owns; F_SETPIPE_SZ on one.
-        let (read_end, write_end) = unsafe {
-            assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
-            libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096);
-            use std::os::fd::FromRawFd;
-            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
-        };
+        let (read_end, write_end) = crate::sys::pipe_of_size(4096).unwrap();
         let buffer = ConsoleBuffer::new(64 << 10);
         let _t = start(&buffer, Box::new(write_end));
         let mut console = Console::new(buffer.clone());

@@ -1,5 +1,5 @@
-//! What the main thread, the vCPU threads and the API share: how the VM ends, pausing, and
-//! the exit counters.
+//! What the main thread, the vCPU threads and the API share: how the VM ended (the first
+//! [`Exit`] reported), pausing, and the vCPU exit counters (by [`ExitKind`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -7,49 +7,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// The guest reset the machine (i8042).
-    Reset,
-    /// The guest powered off (ACPI S5).
-    PowerOff,
-    /// The guest crashed (triple fault, or a crash it reported: KVM's crash system event) or
-    /// KVM could not run it.
-    Crash(String),
-    /// A signal (SIGTERM, SIGINT) stopped the VMM.
-    Signal(i32),
-    /// `POST /v1/vm/shutdown`.
-    ApiShutdown,
-    /// `POST /v1/vm/kill`.
-    ApiKill,
-}
-
-impl Exit {
-    /// The process exit code (documented in the README): 0 guest reset or shutdown, or a
-    /// shutdown through the API; 3 guest crash; 4 killed through the API; 128 + n for
-    /// signal n.
-    pub fn code(&self) -> i32 {
-        match self {
-            Exit::Reset | Exit::PowerOff | Exit::ApiShutdown => 0,
-            Exit::Crash(_) => 3,
-            Exit::ApiKill => 4,
-            Exit::Signal(n) => 128 + n,
-        }
-    }
-}
-
-/// vCPU exit kinds counted, in the order of [`Control::exits`].
-pub const EXIT_KINDS: [&str; 8] = [
-    "io_in",
-    "io_out",
-    "mmio_read",
-    "mmio_write",
-    "hlt",
-    "interrupted",
-    "shutdown",
-    "other",
-];
+use crate::exit::{Exit, ExitKind};
+use crate::sys;
 
 /// Shared state of a running VM.
 pub struct Control {
@@ -60,8 +19,9 @@ pub struct Control {
     parked: AtomicUsize,
     gate: Mutex<()>,
     resumed: Condvar,
-    threads: Mutex<Vec<libc::pthread_t>>,
-    pub exits: [AtomicU64; EXIT_KINDS.len()],
+    threads: Mutex<Vec<sys::Thread>>,
+    /// vCPU exits counted, by [`ExitKind::index`].
+    exits: [AtomicU64; ExitKind::ALL.len()],
     pub vcpus: usize,
 }
 
@@ -70,23 +30,10 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int) {}
-
-/// Installs the (empty) handler of [`kick_signal`], so it interrupts KVM_RUN instead of
-/// killing the process.
+/// Installs the (empty) handler of [`kick_signal`], so it interrupts KVM_RUN (no
+/// SA_RESTART: it returns EINTR) instead of killing the process.
 pub fn install_kick_handler() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction with a valid handler and no flags (no SA_RESTART: KVM_RUN
-    // must return EINTR); sigaction reads it.
-    let r = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_kick as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut())
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    sys::install_empty_handler(kick_signal())
 }
 
 impl Control {
@@ -119,8 +66,7 @@ impl Control {
 
     /// Called by each vCPU thread once, to be kicked on pause.
     pub fn register_vcpu_thread(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
+        let me = sys::current_thread();
         self.threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -171,7 +117,7 @@ impl Control {
                 // SAFETY: `t` is a vCPU thread of this process; they only return after the VM
                 // has ended, which was checked just above (a kick racing that end finds the
                 // thread still on its way out of its loop).
-                unsafe { libc::pthread_kill(*t, kick_signal()) };
+                let _ = unsafe { sys::signal_thread(*t, kick_signal()) };
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -184,7 +130,13 @@ impl Control {
         self.resumed.notify_all();
     }
 
-    pub fn count(&self, kind: usize) {
-        self.exits[kind].fetch_add(1, Ordering::Relaxed);
+    /// Counts a vCPU exit of `kind`.
+    pub fn count(&self, kind: ExitKind) {
+        self.exits[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The vCPU exits of `kind` so far.
+    pub fn exits(&self, kind: ExitKind) -> u64 {
+        self.exits[kind.index()].load(Ordering::Relaxed)
     }
 }

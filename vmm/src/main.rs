@@ -1,23 +1,17 @@
-//! `vmm`: boots one microVM from the command line.
+//! `vmm`: boots one microVM from the command line. This file parses it; the library
+//! ([`vmm::launch::run`]) does the rest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use std::sync::Arc;
-
 use clap::Parser;
-use vmm::api::{Command, Shared};
-use vmm::config::VmConfig;
+use vmm::exit::ProcessExit;
+use vmm::launch::Options;
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) in a KVM microVM.
-///
-/// Exit codes: 0 the guest reset or shut down, or the API shut the VM down; 1 the VMM failed;
-/// 2 the configuration was refused before the guest started; 3 the guest crashed or KVM could
-/// not run it (triple fault, a crash it reported, a KVM internal error or unhandled exit);
-/// 4 killed through the API; 128+N stopped by signal N (SIGTERM: 143).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_long_help = ProcessExit::help())]
 struct Args {
     /// Kernel image: a bzImage or an ELF vmlinux. Without it, the VM is configured and started
     /// through the API (--api-sock): PUT /v1/vm/config, then POST /v1/vm/start.
@@ -59,117 +53,17 @@ struct Args {
 fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // Before any thread exists, so SIGTERM and SIGINT only ever reach this signalfd.
-    let signals = match vmm::vm::block_stop_signals() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vmm: {}", vmm::error_chain(&e));
-            return ExitCode::FAILURE;
-        }
+    let opts = Options {
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+        cmdline: &args.cmdline,
+        vcpus: args.vcpus,
+        memory: &args.memory,
+        disks: &args.disks,
+        serial: &args.serial,
+        serial_log_max: args.serial_log_max.as_deref(),
+        api_sock: args.api_sock.as_deref(),
+        log: &args.log,
     };
-    let max_vcpus = kvm_ioctls::Kvm::new()
-        .map(|k| k.get_max_vcpus())
-        .unwrap_or(1);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waits_for_api = args.kernel.is_none();
-    let api = match &args.api_sock {
-        Some(path) => {
-            let shared = Arc::new(Shared::new(path, max_vcpus, waits_for_api.then_some(tx)));
-            match vmm::api::serve(path, shared.clone()) {
-                Ok(api) => Some((api, shared)),
-                Err(e) => {
-                    eprintln!("vmm: {}", vmm::error_chain(&e));
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        None => None,
-    };
-    let code = run(
-        &args,
-        max_vcpus,
-        started,
-        api.as_ref().map(|(_, s)| &**s),
-        waits_for_api,
-        &rx,
-        &signals,
-    );
-    // The API socket goes with the process.
-    if let Some((api, _)) = api {
-        api.close();
-    }
-    code
-}
-
-fn run(
-    args: &Args,
-    max_vcpus: usize,
-    started: Instant,
-    api: Option<&Shared>,
-    waits_for_api: bool,
-    rx: &std::sync::mpsc::Receiver<Command>,
-    signals: &std::fs::File,
-) -> ExitCode {
-    let cfg = if waits_for_api {
-        tracing::info!("waiting for PUT /v1/vm/config and POST /v1/vm/start");
-        loop {
-            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                Ok(Command::Start(cfg)) => break *cfg,
-                Ok(Command::Stop(exit)) => return ExitCode::from(exit.code() as u8),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(sig) = vmm::vm::pending_signal(signals) {
-                        return ExitCode::from((128 + sig) as u8);
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return ExitCode::FAILURE,
-            }
-        }
-    } else {
-        let Some(kernel) = args.kernel.as_deref() else {
-            return ExitCode::from(2);
-        };
-        let request = vmm::config::Args {
-            kernel,
-            initrd: args.initrd.as_deref(),
-            cmdline: &args.cmdline,
-            vcpus: args.vcpus,
-            memory: &args.memory,
-            serial: &args.serial,
-            serial_log_max: args.serial_log_max.as_deref(),
-            disks: &args.disks,
-            api_sock: args.api_sock.as_deref(),
-        };
-        match VmConfig::new(&request, max_vcpus) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("vmm: {}", vmm::error_chain(&e));
-                return ExitCode::from(2);
-            }
-        }
-    };
-    match vmm::vm::run(&cfg, started, api, signals) {
-        Ok(exit) => {
-            match &exit {
-                vmm::vm::Exit::Crash(why) => {
-                    tracing::error!(code = exit.code(), "guest crashed: {why}")
-                }
-                _ => tracing::info!(?exit, code = exit.code(), "VM ended"),
-            }
-            ExitCode::from(exit.code() as u8)
-        }
-        Err(e) => {
-            eprintln!("vmm: {}", vmm::error_chain(&e));
-            // A disk nobody serves is bad input, found before the guest starts.
-            if e.before_guest() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    vmm::launch::run(&opts, started).into()
 }

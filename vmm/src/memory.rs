@@ -11,11 +11,11 @@
 //! [`huge_pages_for_shared_memory`] says whether the host allows it.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::sys;
 
 /// Errors setting up guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -54,31 +54,16 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// Creates `size` bytes of guest memory in one memfd, mapped shared. The memfd is sealed at
 /// that size ([`SEALS`]).
 pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), Error> {
-    // SAFETY: the name is a NUL-terminated string; the result is checked.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"vmm-guest-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a new descriptor nobody else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = sys::memfd_create_sealable(c"vmm-guest-ram").map_err(Error::Memfd)?;
     file.set_len(size).map_err(|e| Error::Size(size, e))?;
-    // SAFETY: F_ADD_SEALS on a descriptor this function owns; the result is checked.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
-        return Err(Error::Seal(std::io::Error::last_os_error()));
-    }
+    sys::add_seals(&file, SEALS).map_err(Error::Seal)?;
     let mut regions = Vec::new();
     let mut offset = 0;
     for (addr, len) in ram_ranges(size) {
         let fo = FileOffset::new(file.try_clone().map_err(Error::Memfd)?, offset);
         let map = MmapRegion::from_file(fo, len as usize).map_err(|e| Error::Map(len, e))?;
-        // SAFETY: the range is the mapping just made, owned by `map`; MADV_HUGEPAGE changes
-        // how it is backed, not its contents. A kernel without THP refuses it: no harm.
-        unsafe { libc::madvise(map.as_ptr().cast(), map.size(), libc::MADV_HUGEPAGE) };
+        // A kernel without THP refuses it: no harm.
+        let _ = sys::advise_huge_pages(map.as_ptr(), map.size());
         regions.push(GuestRegionMmap::new(map, addr).ok_or(Error::Map(
             len,
             vm_memory::mmap::MmapRegionError::InvalidPointer,
@@ -119,9 +104,7 @@ mod tests {
         let e = file.set_len(size * 2).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
         assert_eq!(file.metadata().unwrap().len(), size);
-        // SAFETY: F_GET_SEALS on a descriptor the test owns.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        assert_eq!(seals, SEALS);
+        assert_eq!(sys::seals(&file).unwrap(), SEALS);
     }
 
     #[test]

@@ -1,24 +1,19 @@
 //! A virtio-blk device on the virtio-mmio transport (version 2) whose queues are served by a
-//! vhost-user-blk backend (storaged): the VMM only handles the transport registers; the
-//! backend reads the rings in the shared guest memory, is kicked through an ioeventfd and
-//! interrupts the guest through an irqfd, so I/O never passes through a VMM thread.
+//! vhost-user-blk backend (storaged). This file is the transport: the registers of each
+//! disk's 4 KiB window and the device status state machine (features, FEATURES_OK,
+//! DRIVER_OK, NEEDS_RESET, reset). What goes to the backend, and when, is
+//! [`crate::vhost_user`]: the backend reads the rings in the shared guest memory, is kicked
+//! through an ioeventfd and interrupts the guest through an irqfd, so I/O never passes
+//! through a VMM thread. A configuration change comes through [`crate::backend_req`].
 
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_ioctls::{IoEventAddress, VmFd};
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
-};
-use vhost::vhost_user::{
-    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
-    VhostUserVirtioFeatures,
-};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::vhost_user::{Error, Handshake, Ring, VhostUserBlk};
 
 /// First device's registers; each device has a 4 KiB window.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -34,6 +29,8 @@ const STATUS_FEATURES_OK: u32 = 8;
 const INT_VRING: u32 = 1;
 const INT_CONFIG: u32 = 2;
 const STATUS_NEEDS_RESET: u32 = 0x40;
+/// The QueueNotify register's offset in a device's window.
+const QUEUE_NOTIFY: u64 = 0x50;
 /// Largest queue offered (libblkio and Linux both use up to 256).
 const QUEUE_MAX: u16 = 256;
 /// Device features this transport passes on: VERSION_1, the ring features it handles
@@ -50,50 +47,10 @@ const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 /// write_zeroes_may_unmap).
 const CONFIG_LEN: u32 = 60;
 
-/// Errors attaching or activating a disk.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Disk {0}: nobody serves this vhost-user socket")]
-    Connect(PathBuf, #[source] vhost::Error),
-    #[error("Disk {0}: vhost-user {1} failed")]
-    Protocol(PathBuf, &'static str, #[source] vhost::Error),
-    #[error("Disk {0}: cannot set up eventfds")]
-    EventFd(PathBuf, #[source] std::io::Error),
-    #[error("Disk {0}: KVM {1}")]
-    Kvm(PathBuf, &'static str, #[source] kvm_ioctls::Error),
-    #[error("Disk {0}: queue {1} has a bad size or is not in guest memory")]
-    BadQueue(PathBuf, u32),
-}
-
-#[derive(Clone, Copy, Default)]
-struct Queue {
-    num: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-/// Receives the backend's configuration-change messages (a storaged volume grew): marks the
-/// configuration stale and interrupts the guest, which then reads it again.
-struct ConfigWatch {
-    changed: Arc<AtomicBool>,
-    irq: EventFd,
-}
-
-impl VhostUserFrontendReqHandler for ConfigWatch {
-    fn handle_config_change(&self) -> HandlerResult<u64> {
-        self.changed.store(true, Ordering::Release);
-        self.irq.write(1)?;
-        Ok(0)
-    }
-}
-
 /// One vhost-user-blk disk on virtio-mmio.
 pub struct BlkDevice {
-    socket: PathBuf,
+    backend: VhostUserBlk,
     read_only: bool,
-    frontend: Frontend,
     pub base: u64,
     pub irq: u32,
     device_features: u64,
@@ -101,15 +58,9 @@ pub struct BlkDevice {
     driver_features: u64,
     driver_features_sel: u32,
     queue_sel: u32,
-    queues: Vec<Queue>,
+    queues: Vec<Ring>,
     status: u32,
     config: Vec<u8>,
-    kicks: Vec<EventFd>,
-    call: EventFd,
-    /// The rings handed to the backend (their first vring message sent) and not stopped
-    /// since, by queue: what a failed activation or a reset stops, whether or not the
-    /// activation that started them got to the end.
-    started: Vec<bool>,
     active: bool,
     /// The backend said the configuration changed; it is fetched again at the guest's next
     /// look at it.
@@ -123,100 +74,22 @@ pub struct BlkDevice {
 }
 
 impl BlkDevice {
-    /// Connects to the backend and learns its features and configuration.
+    /// Connects to the backend and learns its features and configuration: disk `index` gets
+    /// the `index`th window and interrupt line.
     pub fn connect(socket: &Path, read_only: bool, index: u32) -> Result<BlkDevice, Error> {
-        let s = socket.to_owned();
-        let proto = |what| {
-            let s = s.clone();
-            move |e| Error::Protocol(s, what, e)
-        };
-        let mut frontend = Frontend::connect(socket, MAX_QUEUES as u64)
-            .map_err(|e| Error::Connect(s.clone(), e))?;
-        frontend.set_owner().map_err(proto("SET_OWNER"))?;
-        let mut device_features = frontend.get_features().map_err(proto("GET_FEATURES"))?;
-        device_features &= TRANSPORT_FEATURES;
+        let mut handshake = Handshake::connect(socket, MAX_QUEUES)?;
+        let mut device_features = handshake.features & TRANSPORT_FEATURES;
         if read_only {
             device_features |= VIRTIO_BLK_F_RO;
         }
         let mut config = vec![0u8; CONFIG_LEN as usize];
-        let supported = frontend
-            .get_protocol_features()
-            .map_err(proto("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
-        let negotiated = supported & wanted;
-        frontend
-            .set_protocol_features(negotiated)
-            .map_err(proto("SET_PROTOCOL_FEATURES"))?;
-        if negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // Every request waits for the backend's verdict, so a refused activation is seen.
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        if supported.contains(VhostUserProtocolFeatures::CONFIG) {
-            let (_, payload) = frontend
-                .get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
-                .map_err(proto("GET_CONFIG"))?;
-            let n = payload.len().min(config.len());
-            config[..n].copy_from_slice(&payload[..n]);
-        }
-        let ev = |e| Error::EventFd(s.clone(), e);
+        handshake.read_config(&mut config)?;
         let num_queues = queue_count(&mut config, device_features);
-        let kicks = (0..num_queues)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ev)?;
-        let call = EventFd::new(EFD_NONBLOCK).map_err(ev)?;
         let config_changed = Arc::new(AtomicBool::new(false));
-        if negotiated.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
-            let watch = ConfigWatch {
-                changed: config_changed.clone(),
-                irq: call.try_clone().map_err(ev)?,
-            };
-            let mut handler = FrontendReqHandler::new(Arc::new(watch)).map_err(|e| {
-                Error::Protocol(
-                    s.clone(),
-                    "backend request channel",
-                    vhost::Error::VhostUserProtocol(e),
-                )
-            })?;
-            handler.set_reply_ack_flag(negotiated.contains(VhostUserProtocolFeatures::REPLY_ACK));
-            frontend
-                .set_backend_request_fd(&handler.get_tx_raw_fd())
-                .map_err(proto("SET_BACKEND_REQ_FD"))?;
-            let name = s.display().to_string();
-            std::thread::Builder::new()
-                .name("disk-cfg".into())
-                .spawn(move || {
-                    // Ends when the backend closes the channel; a message it cannot handle
-                    // is logged and skipped.
-                    let mut failures = 0;
-                    loop {
-                        match handler.handle_request() {
-                            Ok(_) => failures = 0,
-                            Err(
-                                vhost::vhost_user::Error::Disconnected
-                                | vhost::vhost_user::Error::SocketBroken(_)
-                                | vhost::vhost_user::Error::PartialMessage,
-                            ) => break,
-                            Err(e) => {
-                                tracing::warn!(disk = %name, "backend request: {e}");
-                                failures += 1;
-                                if failures > 100 {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    tracing::debug!(disk = %name, "backend request channel closed");
-                })
-                .map_err(ev)?;
-        }
+        let backend = handshake.finish(num_queues, config_changed.clone())?;
         Ok(BlkDevice {
-            socket: s.clone(),
+            backend,
             read_only,
-            frontend,
             base: MMIO_BASE + u64::from(index) * MMIO_SIZE,
             irq: FIRST_IRQ + index,
             device_features,
@@ -224,12 +97,9 @@ impl BlkDevice {
             driver_features: 0,
             driver_features_sel: 0,
             queue_sel: 0,
-            queues: vec![Queue::default(); num_queues],
+            queues: vec![Ring::default(); num_queues],
             status: 0,
             config,
-            kicks,
-            call,
-            started: vec![false; num_queues],
             active: false,
             config_changed,
             config_pending: false,
@@ -238,18 +108,15 @@ impl BlkDevice {
         })
     }
 
-    /// Wires the queue notification register to an ioeventfd and the interrupt to an irqfd.
+    /// Wires the queue notification register to the queues' ioeventfds and the interrupt
+    /// line to the irqfd.
     pub fn register(&self, vm: &VmFd) -> Result<(), Error> {
-        for (i, kick) in self.kicks.iter().enumerate() {
-            vm.register_ioevent(kick, &IoEventAddress::Mmio(self.base + 0x50), i as u32)
-                .map_err(|e| Error::Kvm(self.socket.clone(), "ioeventfd", e))?;
-        }
-        vm.register_irqfd(&self.call, self.irq)
-            .map_err(|e| Error::Kvm(self.socket.clone(), "irqfd", e))
+        self.backend
+            .register(vm, self.base + QUEUE_NOTIFY, self.irq)
     }
 
     pub fn socket(&self) -> &Path {
-        &self.socket
+        self.backend.socket()
     }
 
     pub fn read_only(&self) -> bool {
@@ -281,20 +148,14 @@ impl BlkDevice {
         if !self.config_changed.swap(false, Ordering::AcqRel) {
             return;
         }
-        let buf = vec![0u8; CONFIG_LEN as usize];
-        match self
-            .frontend
-            .get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &buf)
-        {
-            Ok((_, payload)) => {
-                let n = payload.len().min(self.config.len());
-                self.config[..n].copy_from_slice(&payload[..n]);
+        match self.backend.read_config(&mut self.config) {
+            Ok(()) => {
                 queue_count(&mut self.config, self.device_features);
                 self.config_generation = self.config_generation.wrapping_add(1);
                 self.config_pending = true;
-                tracing::info!(disk = %self.socket.display(), "disk configuration changed");
+                tracing::info!(disk = %self.socket().display(), "disk configuration changed");
             }
-            Err(e) => tracing::warn!(disk = %self.socket.display(), "GET_CONFIG failed: {e}"),
+            Err(e) => tracing::warn!(disk = %self.socket().display(), "GET_CONFIG failed: {e}"),
         }
     }
 
@@ -367,11 +228,9 @@ impl BlkDevice {
                 }
             }
             // Normally caught by the ioeventfd; if not, passed on, so the queue does not stall.
-            0x050 => {
+            QUEUE_NOTIFY => {
                 self.notifies += 1;
-                if let Some(kick) = self.kicks.get(v as usize) {
-                    let _ = kick.write(1);
-                }
+                self.backend.kick(v as usize);
             }
             0x064 if v & INT_CONFIG != 0 => self.config_pending = false,
             0x070 => self.set_status(v, mem),
@@ -385,7 +244,7 @@ impl BlkDevice {
         }
     }
 
-    fn with_queue(&mut self, sel: usize, f: impl FnOnce(&mut Queue)) {
+    fn with_queue(&mut self, sel: usize, f: impl FnOnce(&mut Ring)) {
         if let Some(q) = self.queues.get_mut(sel) {
             f(q);
         }
@@ -413,13 +272,22 @@ impl BlkDevice {
         }
         self.status = v;
         if became_ready && !self.active {
-            match self.activate(mem) {
+            // RO is this transport's (a `readonly` disk), not the backend's: not passed on.
+            let features = if self.read_only {
+                self.driver_features & !VIRTIO_BLK_F_RO
+            } else {
+                self.driver_features
+            };
+            match self
+                .backend
+                .activate(features, mem, &self.queues, QUEUE_MAX)
+            {
                 Ok(()) => self.active = true,
                 Err(e) => {
                     tracing::error!("{}", crate::error_chain(&e));
                     // All or nothing: the rings started before the failure are stopped, so
                     // the backend does not go on serving a device the guest must reset.
-                    self.stop_rings();
+                    self.backend.stop_rings();
                     self.status |= STATUS_NEEDS_RESET;
                 }
             }
@@ -430,10 +298,10 @@ impl BlkDevice {
     /// is fetched and dropped), and everything the driver set is forgotten, so it can set the
     /// device up again.
     fn reset(&mut self) {
-        self.stop_rings();
+        self.backend.stop_rings();
         if self.active {
             self.active = false;
-            tracing::info!(disk = %self.socket.display(), "disk reset by the driver");
+            tracing::info!(disk = %self.socket().display(), "disk reset by the driver");
         }
         self.status = 0;
         self.driver_features = 0;
@@ -441,102 +309,7 @@ impl BlkDevice {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.config_pending = false;
-        self.queues = vec![Queue::default(); self.queues.len()];
-    }
-
-    /// Has the backend stop every ring it was given: disabled, then stopped (GET_VRING_BASE).
-    fn stop_rings(&mut self) {
-        for (i, started) in self.started.iter_mut().enumerate() {
-            if !std::mem::take(started) {
-                continue;
-            }
-            if let Err(e) = self.frontend.set_vring_enable(i, false) {
-                tracing::warn!(disk = %self.socket.display(), queue = i, "SET_VRING_ENABLE 0 failed: {e}");
-            }
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                tracing::warn!(disk = %self.socket.display(), queue = i, "GET_VRING_BASE failed: {e}");
-            }
-        }
-    }
-
-    /// DRIVER_OK: hands the memory table and the rings to the backend. On an error, the
-    /// rings handed over so far are in `started`.
-    fn activate(&mut self, mem: &GuestMemoryMmap) -> Result<(), Error> {
-        let s = self.socket.clone();
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.ready && (q.num == 0 || !q.num.is_power_of_two() || q.num > QUEUE_MAX) {
-                return Err(Error::BadQueue(s.clone(), i as u32));
-            }
-        }
-        let proto = |what| {
-            let s = s.clone();
-            move |e| Error::Protocol(s, what, e)
-        };
-        let features = self.driver_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let features = if self.read_only {
-            features & !VIRTIO_BLK_F_RO
-        } else {
-            features
-        };
-        self.frontend
-            .set_features(features)
-            .map_err(proto("SET_FEATURES"))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .iter()
-            .filter_map(|r| {
-                let fo = r.file_offset()?;
-                Some(VhostUserMemoryRegionInfo {
-                    guest_phys_addr: r.start_addr().0,
-                    memory_size: r.len(),
-                    userspace_addr: r.as_ptr() as u64,
-                    mmap_offset: fo.start(),
-                    mmap_handle: fo.file().as_raw_fd(),
-                })
-            })
-            .collect();
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(proto("SET_MEM_TABLE"))?;
-        for (i, q) in self.queues.clone().iter().enumerate() {
-            if !q.ready {
-                continue;
-            }
-            let host = |a: u64| {
-                mem.get_host_address(GuestAddress(a))
-                    .map(|p| p as u64)
-                    .map_err(|_| Error::BadQueue(s.clone(), i as u32))
-            };
-            let config = VringConfigData {
-                queue_max_size: QUEUE_MAX,
-                queue_size: q.num,
-                flags: 0,
-                desc_table_addr: host(q.desc)?,
-                used_ring_addr: host(q.used)?,
-                avail_ring_addr: host(q.avail)?,
-                log_addr: None,
-            };
-            self.started[i] = true;
-            self.frontend
-                .set_vring_num(i, q.num)
-                .map_err(proto("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_addr(i, &config)
-                .map_err(proto("SET_VRING_ADDR"))?;
-            self.frontend
-                .set_vring_base(i, 0)
-                .map_err(proto("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_call(i, &self.call)
-                .map_err(proto("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(i, &self.kicks[i])
-                .map_err(proto("SET_VRING_KICK"))?;
-            self.frontend
-                .set_vring_enable(i, true)
-                .map_err(proto("SET_VRING_ENABLE"))?;
-        }
-        tracing::info!(disk = %self.socket.display(), "disk activated");
-        Ok(())
+        self.queues = vec![Ring::default(); self.queues.len()];
     }
 }
 

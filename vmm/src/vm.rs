@@ -15,9 +15,11 @@ use crate::config::{SerialOut, VmConfig};
 use crate::console::{self, Console, ConsoleBuffer, ConsoleWriter, RotatingFile};
 use crate::control::{self, Control};
 use crate::devices::{Action, PortBus, SERIAL_IRQ};
+use crate::exit::{Exit, ExitKind};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
+use crate::threads::{self, ThreadKind};
 use crate::virtio_mmio::{self, BlkDevice};
-use crate::{acpi, api, boot, cpu, memory};
+use crate::{acpi, api, boot, cpu, memory, sys, vhost_user};
 
 /// Errors starting or running the VM (the configuration was already checked).
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +45,15 @@ pub enum Error {
     #[error("Cannot set up signal handling")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
-    Disk(#[from] virtio_mmio::Error),
+    Disk(#[from] vhost_user::Error),
 }
 
 impl Error {
     /// A configuration problem found while setting up, before the guest ran.
     pub fn before_guest(&self) -> bool {
-        matches!(self, Error::Disk(virtio_mmio::Error::Connect(..)))
+        matches!(self, Error::Disk(vhost_user::Error::Connect(..)))
     }
 }
-
-pub use crate::control::Exit;
 
 /// Boots the VM and runs it until it ends. `started` is when the process started, for the
 /// time-to-first-instruction log line.
@@ -174,22 +174,20 @@ pub fn run(
         api.set_running(cfg, control.clone(), mmio.clone());
     }
     let writer = ConsoleWriter::new(console.clone(), sink);
-    std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || writer.run())
+    threads::spawn(ThreadKind::Console, "console", move || writer.run())
         .map_err(|e| Error::Thread("console", e))?;
     // From here on, however this returns, what the guest wrote is written out first.
     let console_end = ConsoleEnd(console.clone());
-    let mut threads = Vec::new();
+    let mut vcpu_threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let control = control.clone();
         let mmio = mmio.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, id, &bus, &mmio, &control))
-            .map_err(|e| Error::Thread("vCPU", e))?;
-        threads.push(t);
+        let t = threads::spawn(ThreadKind::Vcpu, format!("vcpu{id}"), move || {
+            vcpu_loop(vcpu, id, &bus, &mmio, &control)
+        })
+        .map_err(|e| Error::Thread("vCPU", e))?;
+        vcpu_threads.push(t);
     }
 
     let exit = wait(&control, signals);
@@ -255,12 +253,12 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
         }
         let exit = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                control.count(0);
+                control.count(ExitKind::IoIn);
                 port_bus().read(port, data);
                 continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                control.count(1);
+                control.count(ExitKind::IoOut);
                 match port_bus().write(port, data) {
                     Action::None => continue,
                     Action::Reset => Exit::Reset,
@@ -268,42 +266,42 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                control.count(2);
+                control.count(ExitKind::MmioRead);
                 mmio.read(addr, data);
                 continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                control.count(3);
+                control.count(ExitKind::MmioWrite);
                 mmio.write(addr, data);
                 continue;
             }
             Ok(VcpuExit::Hlt) => {
-                control.count(4);
+                control.count(ExitKind::Hlt);
                 continue;
             }
             Ok(VcpuExit::Shutdown) => {
-                control.count(6);
+                control.count(ExitKind::Shutdown);
                 Exit::Crash(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
             }
             // kvm_pvm reports a triple fault as an internal error.
             Ok(VcpuExit::InternalError) => {
-                control.count(7);
+                control.count(ExitKind::Other);
                 Exit::Crash(format!(
                     "vCPU {id}: KVM could not go on running the guest (KVM_EXIT_INTERNAL_ERROR)"
                 ))
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                control.count(7);
+                control.count(ExitKind::Other);
                 tracing::info!(vcpu = id, kind, "system event");
                 system_event_exit(id, kind)
             }
             Ok(other) => {
-                control.count(7);
+                control.count(ExitKind::Other);
                 Exit::Crash(format!("vCPU {id}: unexpected exit {other:?}"))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked (pause) or interrupted: look at the pause flag again.
-                control.count(5);
+                control.count(ExitKind::Interrupted);
                 if control.is_paused() {
                     if let Ok(regs) = vcpu.get_regs() {
                         tracing::debug!(
@@ -326,46 +324,18 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, bus: &Mutex<PortBus>, mmio: &MmioBus, 
 /// from. Call before starting any thread: threads inherit the mask, so the signals reach only
 /// the signalfd.
 pub fn block_stop_signals() -> Result<std::fs::File, Error> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: sigset_t is plain data; the libc calls only fill it and change this thread's
-    // mask (inherited by the threads spawned afterwards).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(Error::Signals(std::io::Error::last_os_error()));
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-        if fd < 0 {
-            return Err(Error::Signals(std::io::Error::last_os_error()));
-        }
-        Ok(std::fs::File::from_raw_fd(fd))
-    }
+    sys::block_signals_to_signalfd(&[libc::SIGTERM, libc::SIGINT]).map_err(Error::Signals)
 }
 
 /// Waits for the VM's end: a vCPU or the API reporting one, or a stop signal.
 fn wait(control: &Control, signals: &std::fs::File) -> Exit {
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: control.exit_event.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
+        let Ok([_, signalled]) =
+            sys::poll_readable([control.exit_event.as_raw_fd(), signals.as_raw_fd()], -1)
+        else {
             continue;
-        }
-        if fds[1].revents & libc::POLLIN != 0 {
+        };
+        if signalled {
             if let Some(sig) = read_signal(signals) {
                 control.end(Exit::Signal(sig));
             }
@@ -378,35 +348,14 @@ fn wait(control: &Control, signals: &std::fs::File) -> Exit {
 
 /// A stop signal waiting on the signalfd, if there is one (does not block).
 pub fn pending_signal(signals: &std::fs::File) -> Option<i32> {
-    let mut fd = libc::pollfd {
-        fd: signals.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    if n == 1 && fd.revents & libc::POLLIN != 0 {
-        read_signal(signals)
-    } else {
-        None
+    match sys::poll_readable([signals.as_raw_fd()], 0) {
+        Ok([true]) => read_signal(signals),
+        _ => None,
     }
 }
 
 fn read_signal(signals: &std::fs::File) -> Option<i32> {
-    // SAFETY: signalfd_siginfo is plain data, read whole from the signalfd.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    // SAFETY: reads at most size_of::<signalfd_siginfo>() bytes into `info`.
-    let r = unsafe {
-        libc::read(
-            signals.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            std::mem::size_of::<libc::signalfd_siginfo>(),
-        )
-    };
-    if r <= 0 {
-        return None;
-    }
-    let sig = info.ssi_signo as i32;
+    let sig = sys::read_signal(signals).ok()?;
     tracing::info!(signal = sig, "stopping on signal");
     Some(sig)
 }
