@@ -39,7 +39,7 @@ use super::inflight::{
     ZEROES_REALLOCATED,
 };
 use super::request::{self, ChainDesc, Operation, Parsed, Request};
-use super::ring::{self, RingOp, RingQueue, Uring};
+use super::ring::{self, Ring, RingOp, RingQueue, Uring};
 use super::stage::limit::{Admit, Owed};
 use super::stage::transform::{copy_to_guest, Transform};
 use super::stage::Stages;
@@ -93,8 +93,8 @@ struct Throttled {
 }
 
 /// The io_uring and in-flight table of one virtqueue.
-pub struct QueueEngine {
-    ring: RingQueue<Uring>,
+pub struct QueueEngine<R: Ring = Uring> {
+    ring: RingQueue<R>,
     eventfd: EventFd,
     slots: InFlightTable,
     volume: Arc<VolumeIo>,
@@ -123,15 +123,20 @@ pub struct QueueEngine {
     timer: Arc<Timer>,
 }
 
-impl QueueEngine {
+impl QueueEngine<Uring> {
+    /// The queue of `volume` on an io_uring of `entries`.
     pub fn new(volume: Arc<VolumeIo>, entries: u32) -> Result<Self, Error> {
-        let max_window = volume.poll_window;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let ring = RingQueue::new(Uring::new(
-            entries,
-            volume.store.file.as_raw_fd(),
-            &eventfd,
-        )?);
+        let ring = Uring::new(entries, volume.store.file.as_raw_fd(), &eventfd)?;
+        Self::with_ring(volume, ring, eventfd)
+    }
+}
+
+impl<R: Ring> QueueEngine<R> {
+    /// The queue of `volume` on `ring`, whose completions are signalled on `eventfd`.
+    pub fn with_ring(volume: Arc<VolumeIo>, ring: R, eventfd: EventFd) -> Result<Self, Error> {
+        let max_window = volume.poll_window;
+        let ring = RingQueue::new(ring);
         let timer = Arc::new(Timer::new().map_err(Error::Timer)?);
         volume.qos.add_waker(&timer);
         let stages = Stages::new(&volume.qos);
@@ -1011,7 +1016,7 @@ impl QueueEngine {
     }
 }
 
-impl Drop for QueueEngine {
+impl<R: Ring> Drop for QueueEngine<R> {
     fn drop(&mut self) {
         // The kernel may still write into buffers owned by in-flight entries.
         self.drain(None);
@@ -1025,5 +1030,404 @@ fn published_behind(vring: &VringRwLock, mem: &GuestMem) -> u64 {
     match queue.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) => u64::from((idx - Wrapping(queue.next_avail())).0),
         Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The queue against a fake ring that does what disks do: short transfers, errors, a full
+    //! submission queue, no ZERO_RANGE, syncs that take their time.
+    #![allow(clippy::unwrap_used)]
+
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::backing::BackingStore;
+    use crate::config::IoConfig;
+    use crate::metrics::Metrics;
+    use crate::qos::{Limits, Overrides, QosConfig};
+    use crate::volume::{Backing, Tier, VolumeSpec};
+
+    const QUEUE: u16 = 16;
+    const DESC: u64 = 0x0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    const HDR: u64 = 0x4000;
+    const STATUS: u64 = 0x4100;
+    const DATA: u64 = 0x10000;
+    const DISK: usize = 1 << 20;
+
+    /// What the fake disk does with the next operation of a kind.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Answer {
+        /// Transfer at most this many bytes.
+        Short(usize),
+        /// Fail with this errno.
+        Fail(i32),
+        /// Complete only when the test releases it.
+        Hold,
+    }
+
+    /// The fake ring's state, shared with the test.
+    #[derive(Default)]
+    struct Disk {
+        data: Vec<u8>,
+        /// Operations queued, not yet submitted.
+        queued: Vec<(RingOp, u64)>,
+        /// Room in the submission queue.
+        room: usize,
+        /// Pushes to refuse before taking one (a full submission queue).
+        refuse: usize,
+        /// Every operation submitted, in order.
+        submitted: Vec<RingOp>,
+        /// Answers for the next operations, in order (else they succeed in full).
+        answers: VecDeque<Answer>,
+        held: Vec<(u64, i32)>,
+        done: Vec<(u64, i32)>,
+    }
+
+    impl Disk {
+        fn run(&mut self, op: &RingOp, ud: u64) {
+            let answer = self.answers.pop_front();
+            if answer == Some(Answer::Hold) {
+                let res = self.execute(op, usize::MAX);
+                self.held.push((ud, res));
+                return;
+            }
+            let res = match answer {
+                Some(Answer::Fail(errno)) => -errno,
+                Some(Answer::Short(n)) => self.execute(op, n),
+                _ => self.execute(op, usize::MAX),
+            };
+            self.done.push((ud, res));
+        }
+
+        /// Carries out a transfer of at most `limit` bytes, or a fallocate.
+        fn execute(&mut self, op: &RingOp, limit: usize) -> i32 {
+            match *op {
+                RingOp::Readv {
+                    iovecs,
+                    count,
+                    offset,
+                }
+                | RingOp::Writev {
+                    iovecs,
+                    count,
+                    offset,
+                } => {
+                    let write = matches!(op, RingOp::Writev { .. });
+                    // SAFETY: the queue keeps the iovec array and what it points to alive until
+                    // the completion is reaped (the Ring contract).
+                    let iovecs = unsafe { std::slice::from_raw_parts(iovecs, count as usize) };
+                    let mut at = offset as usize;
+                    let mut left = limit;
+                    for v in iovecs {
+                        let n = v.iov_len.min(left).min(DISK - at);
+                        // SAFETY: as above; the iovec is `iov_len` bytes of live memory.
+                        let buf = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast(), n) };
+                        if write {
+                            self.data[at..at + n].copy_from_slice(buf);
+                        } else {
+                            buf.copy_from_slice(&self.data[at..at + n]);
+                        }
+                        at += n;
+                        left -= n;
+                    }
+                    (at - offset as usize) as i32
+                }
+                RingOp::Fdatasync => 0,
+                RingOp::Fallocate { offset, len, .. } => {
+                    self.data[offset as usize..(offset + len) as usize].fill(0);
+                    0
+                }
+            }
+        }
+    }
+
+    struct FakeRing(Rc<RefCell<Disk>>);
+
+    impl Ring for FakeRing {
+        unsafe fn push(&mut self, op: &RingOp, user_data: u64) -> bool {
+            let mut d = self.0.borrow_mut();
+            if d.refuse > 0 {
+                d.refuse -= 1;
+                return false;
+            }
+            if d.queued.len() >= d.room {
+                return false;
+            }
+            d.queued.push((*op, user_data));
+            true
+        }
+        fn queued(&mut self) -> usize {
+            self.0.borrow_mut().queued.len()
+        }
+        fn submit(&mut self) -> std::io::Result<usize> {
+            let mut d = self.0.borrow_mut();
+            let ops = std::mem::take(&mut d.queued);
+            for (op, ud) in &ops {
+                d.submitted.push(*op);
+                d.run(op, *ud);
+            }
+            Ok(ops.len())
+        }
+        fn submit_and_wait(&mut self, _want: usize) -> std::io::Result<usize> {
+            self.submit()
+        }
+        fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
+            out.append(&mut self.0.borrow_mut().done);
+        }
+        fn has_completions(&mut self) -> bool {
+            !self.0.borrow_mut().done.is_empty()
+        }
+    }
+
+    /// A queue on the fake ring, its guest memory and virtqueue.
+    struct Harness {
+        engine: QueueEngine<FakeRing>,
+        disk: Rc<RefCell<Disk>>,
+        volume: Arc<VolumeIo>,
+        mem: GuestMemoryAtomic<GuestMem>,
+        vring: VringRwLock,
+        avail: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v.img");
+            crate::backing::create_file(&path, DISK as u64, false).unwrap();
+            let store = BackingStore::open(&path, DISK as u64, false, false).unwrap();
+            let spec = VolumeSpec {
+                name: "fake".parse().unwrap(),
+                id: "00000000-0000-0000-0000-000000000000".into(),
+                size_bytes: DISK as u64,
+                tier: Tier::Mass,
+                read_only: false,
+                num_queues: 1,
+                backing: Backing::File {
+                    path,
+                    preallocated: false,
+                },
+                created_at: 0,
+                iops_limit: None,
+                bandwidth_limit: None,
+                encryption: None,
+                owner: None,
+            };
+            let limits = Limits::compute(
+                &QosConfig::default(),
+                Tier::Mass,
+                DISK as u64,
+                Overrides::default(),
+            );
+            let io = IoConfig {
+                poll_us: 0,
+                ..IoConfig::default()
+            };
+            let volume = Arc::new(VolumeIo::new(
+                &spec,
+                store,
+                &io,
+                &limits,
+                None,
+                Metrics::new().unwrap().volume("fake"),
+                dir.path().join("failed.json"),
+            ));
+            let disk = Rc::new(RefCell::new(Disk {
+                data: vec![0; DISK],
+                room: 64,
+                ..Disk::default()
+            }));
+            let engine = QueueEngine::with_ring(
+                volume.clone(),
+                FakeRing(disk.clone()),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            )
+            .unwrap();
+            let mem = GuestMemoryAtomic::new(
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            );
+            let vring = VringRwLock::new(mem.clone(), QUEUE).unwrap();
+            vring.set_queue_size(QUEUE);
+            vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+            Harness {
+                engine,
+                disk,
+                volume,
+                mem,
+                vring,
+                avail: 0,
+                _dir: dir,
+            }
+        }
+
+        fn put<T: vm_memory::ByteValued>(&self, at: u64, v: T) {
+            self.mem.memory().write_obj(v, GuestAddress(at)).unwrap();
+        }
+
+        /// Publishes a request of `req_type` at `sector` with `data` bytes (device-writable
+        /// for reads) and kicks; returns its head.
+        fn request(&mut self, req_type: u32, sector: u64, data: u32, to_device: bool) -> u16 {
+            let head = (self.avail * 3) % QUEUE;
+            let hdr = HDR + u64::from(head) * 16;
+            let status = STATUS + u64::from(head);
+            self.put(hdr, req_type);
+            self.put(hdr + 8, sector);
+            self.put(status, 0xffu8);
+            let mut descs = vec![(hdr, 16u32, false)];
+            if data > 0 {
+                descs.push((DATA, data, !to_device));
+            }
+            descs.push((status, 1, true));
+            let n = descs.len() as u16;
+            for (i, (addr, len, writable)) in descs.into_iter().enumerate() {
+                let idx = head + i as u16;
+                let d = DESC + u64::from(idx) * 16;
+                let mut flags = if writable { 2u16 } else { 0 };
+                if i + 1 < n as usize {
+                    flags |= 1;
+                }
+                self.put(d, addr);
+                self.put(d + 8, len);
+                self.put(d + 12, flags);
+                self.put(d + 14, idx + 1);
+            }
+            self.put(AVAIL + 4 + u64::from(self.avail % QUEUE) * 2, head);
+            self.avail = self.avail.wrapping_add(1);
+            self.put(AVAIL + 2, self.avail);
+            self.engine.process_queue(&self.vring, &self.mem);
+            head
+        }
+
+        /// Processes the completions the fake ring has.
+        fn complete(&mut self) {
+            self.engine.process_completions(&self.vring);
+        }
+
+        fn status(&self, head: u16) -> u8 {
+            self.mem
+                .memory()
+                .read_obj(GuestAddress(STATUS + u64::from(head)))
+                .unwrap()
+        }
+
+        fn used(&self) -> u16 {
+            self.mem.memory().read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn ops(&self) -> Vec<RingOp> {
+            self.disk.borrow().submitted.clone()
+        }
+    }
+
+    const T_IN: u32 = 0;
+    const T_OUT: u32 = 1;
+    const T_FLUSH: u32 = 4;
+    const T_WRITE_ZEROES: u32 = 13;
+
+    #[test]
+    fn a_short_transfer_is_resubmitted_for_its_remainder() {
+        let mut h = Harness::new();
+        h.disk.borrow_mut().data[8192..8192 + 8192].fill(0x5a);
+        h.disk.borrow_mut().answers.push_back(Answer::Short(3000));
+        let head = h.request(T_IN, 16, 8192, false);
+        h.complete();
+        h.complete();
+        assert_eq!(h.status(head), 0);
+        let ops = h.ops();
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(matches!(ops[1], RingOp::Readv { offset, .. } if offset == 8192 + 3000));
+        let mut got = vec![0u8; 8192];
+        h.mem
+            .memory()
+            .read_slice(&mut got, GuestAddress(DATA))
+            .unwrap();
+        assert!(got.iter().all(|b| *b == 0x5a));
+    }
+
+    #[test]
+    fn an_io_error_is_answered_ioerr_and_counted() {
+        let mut h = Harness::new();
+        h.disk
+            .borrow_mut()
+            .answers
+            .push_back(Answer::Fail(libc::EIO));
+        let head = h.request(T_OUT, 0, 4096, true);
+        h.complete();
+        assert_eq!(h.status(head), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(h.volume.metrics.io_errors.get(), 1);
+        // A read after it is served: one failed request does not fail the volume.
+        let head = h.request(T_IN, 0, 4096, false);
+        h.complete();
+        assert_eq!(h.status(head), 0);
+    }
+
+    #[test]
+    fn a_full_submission_queue_is_emptied_and_the_push_retried() {
+        let mut h = Harness::new();
+        h.disk.borrow_mut().refuse = 3;
+        let head = h.request(T_OUT, 0, 4096, true);
+        h.complete();
+        assert_eq!(h.status(head), 0);
+        assert_eq!(h.ops().len(), 1);
+        assert_eq!(h.disk.borrow_mut().refuse, 0);
+    }
+
+    #[test]
+    fn write_zeroes_without_zero_range_falls_back_to_a_punched_hole() {
+        let mut h = Harness::new();
+        h.disk.borrow_mut().data[..4096].fill(0x77);
+        h.disk
+            .borrow_mut()
+            .answers
+            .push_back(Answer::Fail(libc::EOPNOTSUPP));
+        // One segment: sector 0, 8 sectors, no UNMAP.
+        let seg = DATA;
+        h.put(seg, 0u64);
+        h.put(seg + 8, 8u32);
+        h.put(seg + 12, 0u32);
+        let head = h.request(T_WRITE_ZEROES, 0, 16, true);
+        h.complete();
+        h.complete();
+        assert_eq!(h.status(head), 0);
+        let modes: Vec<i32> = h
+            .ops()
+            .iter()
+            .filter_map(|op| match op {
+                RingOp::Fallocate { mode, .. } => Some(*mode),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(modes, [crate::backing::FALLOC_ZERO, FALLOC_PUNCH]);
+        assert!(h.disk.borrow_mut().data[..4096].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn a_flush_is_answered_only_when_its_sync_has_completed_after_the_writes_before_it() {
+        let mut h = Harness::new();
+        let write = h.request(T_OUT, 0, 4096, true);
+        h.complete();
+        assert_eq!((h.status(write), h.used()), (0, 1));
+        h.disk.borrow_mut().answers.push_back(Answer::Hold);
+        let flush = h.request(T_FLUSH, 0, 0, true);
+        h.complete();
+        // The sync is with the disk: nothing is answered yet.
+        assert_eq!((h.status(flush), h.used()), (0xff, 1));
+        assert_eq!(h.ops().last(), Some(&RingOp::Fdatasync));
+        {
+            let mut d = h.disk.borrow_mut();
+            let held = std::mem::take(&mut d.held);
+            d.done.extend(held);
+        }
+        h.complete();
+        assert_eq!((h.status(flush), h.used()), (0, 2));
     }
 }
