@@ -18,7 +18,6 @@ pub mod metrics;
 pub mod notify;
 pub mod qos;
 pub mod service;
-pub mod size;
 pub mod volume;
 
 /// Locks a mutex, going on with the data if a thread panicked while holding it: every mutex

@@ -33,8 +33,8 @@ use crate::crypto::{self, Dek, Xts};
 use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
-use crate::size::ByteSize;
 use crate::volume::{self, Backing, Owner, Tier, VolumeName, VolumeSpec};
+use size::ByteSize;
 
 /// Errors of volume operations; each maps to an HTTP status in the API.
 #[derive(Debug, thiserror::Error)]

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::size::ByteSize;
 use crate::volume::Tier;
+use size::ByteSize;
 
 /// Bytes in the TB of the per-TB tier rates.
 pub const TB: u64 = 1_000_000_000_000;
