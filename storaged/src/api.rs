@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::json;
+
+use storaged_api::{CreateVolume, ErrorBody, Info, UpdateVolume};
 
 use crate::metrics::Metrics;
 use crate::service::{self, VolumeService};
@@ -33,7 +34,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -41,7 +42,9 @@ impl From<service::Error> for ApiError {
     fn from(e: service::Error) -> Self {
         use service::Error as E;
         let status = match &e {
-            E::Invalid(_) | E::BadRequest(_) | E::Shrink(..) | E::Qos(_) => StatusCode::BAD_REQUEST,
+            E::Invalid(_) | E::InvalidValue(_) | E::BadRequest(_) | E::Shrink(..) | E::Qos(_) => {
+                StatusCode::BAD_REQUEST
+            }
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::AlreadyExists(_)
             | E::Attached(_)
@@ -119,7 +122,7 @@ async fn list_volumes(State(s): State<ApiState>) -> ApiResult<impl IntoResponse>
 }
 
 async fn create_volume(State(s): State<ApiState>, body: Bytes) -> ApiResult<impl IntoResponse> {
-    let req: service::CreateVolume = parse_body(&body)?;
+    let req: CreateVolume = parse_body(&body)?;
     let v = with_service(&s, move |svc| svc.create(req)).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -137,7 +140,7 @@ async fn update_volume(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let req: service::UpdateVolume = parse_body(&body)?;
+    let req: UpdateVolume = parse_body(&body)?;
     let v = with_service(&s, move |svc| svc.update(&name, req)).await?;
     Ok(Json(v))
 }
@@ -175,15 +178,15 @@ async fn delete_volume(
 async fn info(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let url = s.metrics_url.clone();
     let v = with_service(&s, move |svc| {
-        Ok(json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "data_dir": svc.data_dir(),
-            "admin_socket": svc.paths().admin_socket,
-            "socket_dir": svc.paths().socket_dir,
-            "metrics_url": url,
-            "pool_capacity_bytes": svc.pool_capacity(),
-            "allocated_bytes": svc.allocated_bytes(),
-        }))
+        Ok(Info {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            data_dir: svc.data_dir().to_owned(),
+            admin_socket: svc.paths().admin_socket.clone(),
+            socket_dir: svc.paths().socket_dir.clone(),
+            metrics_url: url,
+            pool_capacity_bytes: svc.pool_capacity(),
+            allocated_bytes: svc.allocated_bytes(),
+        })
     })
     .await?;
     Ok(Json(v))

@@ -8,7 +8,6 @@ pub mod backing;
 pub mod blk;
 pub mod blockdev;
 pub mod catalog;
-pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
