@@ -76,6 +76,14 @@ impl DiskConfig {
     }
 }
 
+/// The disks of a VM: `--disk` options, or the API's typed values.
+#[derive(Clone, Copy, Debug)]
+pub enum DiskArgs<'a> {
+    /// `socket=PATH[,readonly]` each.
+    Options(&'a [String]),
+    Api(&'a [vmm_api::Disk]),
+}
+
 /// Most disks (virtio-mmio windows and interrupt lines 5..).
 pub const MAX_DISKS: usize = 16;
 
@@ -90,7 +98,7 @@ pub struct Args<'a> {
     pub serial: &'a str,
     /// Size of the serial log file before it is rotated ([`DEFAULT_LOG_MAX`] if not given).
     pub serial_log_max: Option<&'a str>,
-    pub disks: &'a [String],
+    pub disks: DiskArgs<'a>,
     pub api_sock: Option<&'a Path>,
 }
 
@@ -135,10 +143,19 @@ impl VmConfig {
             disks,
             api_sock,
         } = *args;
-        let disks = disks
-            .iter()
-            .map(|d| DiskConfig::parse(d))
-            .collect::<Result<Vec<_>, _>>()?;
+        let disks = match disks {
+            DiskArgs::Options(options) => options
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<Vec<_>, _>>()?,
+            DiskArgs::Api(disks) => disks
+                .iter()
+                .map(|d| DiskConfig {
+                    socket: d.socket.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+        };
         if disks.len() > MAX_DISKS {
             return Err(Error::Disk(format!(
                 "{} disks (at most {MAX_DISKS})",
@@ -251,7 +268,7 @@ mod tests {
             memory: "64MiB",
             serial,
             serial_log_max: max,
-            disks: &[],
+            disks: DiskArgs::Options(&[]),
             api_sock: None,
         };
         let file = log.to_str().unwrap();
