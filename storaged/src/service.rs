@@ -37,7 +37,8 @@ use storaged_api::{
     CreateVolume, Deleted, KeyStatus, Rotated, UpdateVolume, VolumeInfo, KEY_REMOVED,
 };
 
-/// Errors of volume operations; each maps to an HTTP status in the API.
+/// Errors of volume operations; [`Error::kind`] says which kind each is, and the API answers
+/// each kind with its HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -86,6 +87,63 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What kind of failure an [`Error`] is, for the client to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong: a bad name, size, tier, limit, owner or device; a shrink.
+    BadRequest,
+    /// No such volume.
+    NotFound,
+    /// The request contradicts the volume's state: it exists, it is attached, it has no
+    /// failure to clear, its device is in use.
+    Conflict,
+    /// Another operation is under way on the volume (or a key rotation): retry after it.
+    Busy,
+    /// The pool has not the room.
+    PoolFull,
+    /// The volume is not being served (its storage could not be opened).
+    NotServing,
+    /// The daemon could not do it: I/O on the catalog, the keys or the storage.
+    Internal,
+}
+
+impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        use backing::Error as B;
+        match self {
+            Error::Invalid(_)
+            | Error::InvalidValue(_)
+            | Error::BadRequest(_)
+            | Error::Shrink(..)
+            | Error::Qos(_)
+            | Error::Backing(B::DeviceTooSmall { .. } | B::NotBlockOrFile { .. }) => {
+                ErrorKind::BadRequest
+            }
+            // A device or file the request names that is not there.
+            Error::Backing(B::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                ErrorKind::BadRequest
+            }
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_)
+            | Error::Attached(_)
+            | Error::NotFailed(_)
+            | Error::Backing(B::DeviceBusy { .. }) => ErrorKind::Conflict,
+            Error::Busy(..) | Error::RotationUnderWay => ErrorKind::Busy,
+            Error::PoolFull { .. } => ErrorKind::PoolFull,
+            Error::NotServing(..) => ErrorKind::NotServing,
+            Error::Failure(_)
+            | Error::Keys(_)
+            | Error::Backing(_)
+            | Error::Catalog(_)
+            | Error::Export(_)
+            | Error::RemoveFile { .. } => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Volumes of this daemon (see the module doc for its two locks).
