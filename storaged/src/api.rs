@@ -15,10 +15,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::json;
+
+use storaged_api::{CreateVolume, ErrorBody, Info, UpdateVolume};
 
 use crate::metrics::Metrics;
-use crate::service::{self, VolumeService};
+use crate::service::{self, ErrorKind, VolumeService};
 
 /// Shared state of the API handlers.
 #[derive(Clone)]
@@ -33,33 +34,25 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+/// The HTTP status of each kind of service error: the one place they are mapped.
+fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict | ErrorKind::Busy => StatusCode::CONFLICT,
+        ErrorKind::PoolFull => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::NotServing => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 impl From<service::Error> for ApiError {
     fn from(e: service::Error) -> Self {
-        use service::Error as E;
-        let status = match &e {
-            E::Invalid(_) | E::BadRequest(_) | E::Shrink(..) | E::Qos(_) => StatusCode::BAD_REQUEST,
-            E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::AlreadyExists(_)
-            | E::Attached(_)
-            | E::Busy(..)
-            | E::RotationUnderWay
-            | E::NotFailed(_)
-            | E::Backing(crate::backing::Error::DeviceBusy { .. }) => StatusCode::CONFLICT,
-            E::PoolFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            E::NotServing(..) => StatusCode::SERVICE_UNAVAILABLE,
-            E::Backing(crate::backing::Error::DeviceTooSmall { .. })
-            | E::Backing(crate::backing::Error::NotBlockOrFile { .. }) => StatusCode::BAD_REQUEST,
-            E::Backing(crate::backing::Error::Open { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                StatusCode::BAD_REQUEST
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = status_of(e.kind());
         if status.is_server_error() {
             tracing::error!("API request failed: {}", crate::error_chain(&e));
         }
@@ -119,7 +112,7 @@ async fn list_volumes(State(s): State<ApiState>) -> ApiResult<impl IntoResponse>
 }
 
 async fn create_volume(State(s): State<ApiState>, body: Bytes) -> ApiResult<impl IntoResponse> {
-    let req: service::CreateVolume = parse_body(&body)?;
+    let req: CreateVolume = parse_body(&body)?;
     let v = with_service(&s, move |svc| svc.create(req)).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -137,7 +130,7 @@ async fn update_volume(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let req: service::UpdateVolume = parse_body(&body)?;
+    let req: UpdateVolume = parse_body(&body)?;
     let v = with_service(&s, move |svc| svc.update(&name, req)).await?;
     Ok(Json(v))
 }
@@ -175,15 +168,15 @@ async fn delete_volume(
 async fn info(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let url = s.metrics_url.clone();
     let v = with_service(&s, move |svc| {
-        Ok(json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "data_dir": svc.data_dir(),
-            "admin_socket": svc.paths().admin_socket,
-            "socket_dir": svc.paths().socket_dir,
-            "metrics_url": url,
-            "pool_capacity_bytes": svc.pool_capacity(),
-            "allocated_bytes": svc.allocated_bytes(),
-        }))
+        Ok(Info {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            data_dir: svc.data_dir().to_owned(),
+            admin_socket: svc.paths().admin_socket.clone(),
+            socket_dir: svc.paths().socket_dir.clone(),
+            metrics_url: url,
+            pool_capacity_bytes: svc.pool_capacity(),
+            allocated_bytes: svc.allocated_bytes(),
+        })
     })
     .await?;
     Ok(Json(v))
@@ -248,6 +241,52 @@ pub fn metrics_router(metrics: Metrics) -> Router {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_service_error_has_the_status_the_api_answered_before_kinds() {
+        use crate::backing::Error as B;
+        let not_there = || B::Open {
+            path: "/dev/nothing".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let denied = || B::Open {
+            path: "/dev/sda".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let cases = [
+            (service::Error::BadRequest("x".into()), 400),
+            (service::Error::Shrink("v".into(), 2, 1), 400),
+            (service::Error::Backing(not_there()), 400),
+            (service::Error::NotFound("v".into()), 404),
+            (service::Error::AlreadyExists("v".into()), 409),
+            (service::Error::Attached("v".into()), 409),
+            (service::Error::NotFailed("v".into()), 409),
+            (service::Error::Busy("v".into(), "delete"), 409),
+            (service::Error::RotationUnderWay, 409),
+            (
+                service::Error::Backing(B::DeviceBusy {
+                    path: "/dev/sdb".into(),
+                }),
+                409,
+            ),
+            (
+                service::Error::PoolFull {
+                    requested: 2,
+                    available: 1,
+                    capacity: 1,
+                },
+                507,
+            ),
+            (service::Error::NotServing("v".into(), "gone".into()), 503),
+            (service::Error::Backing(denied()), 500),
+        ];
+        for (e, status) in cases {
+            let msg = e.to_string();
+            assert_eq!(ApiError::from(e).0.as_u16(), status, "{msg}");
+        }
+    }
+
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
     const ROUTES: [&str; 7] = [
         "/v1/volumes",

@@ -17,12 +17,11 @@
 //! - `loop`: a loop device's backing file with its offset and size limit (`loop/...`);
 //! - `none`: nothing stable, for which a changed device cannot be detected (logged).
 
-use std::fmt;
 use std::fs::{self, File};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use storaged_api::{DeviceIdentity, IdSource, PartitionId};
 
 /// Errors examining a block device.
 #[derive(Debug, thiserror::Error)]
@@ -45,75 +44,6 @@ pub enum Error {
 
 /// A device number (`st_rdev` of a block device node).
 pub type DevNum = libc::dev_t;
-
-/// Where a [`DeviceIdentity`] comes from (see the module documentation).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdSource {
-    Wwid,
-    Serial,
-    DmUuid,
-    Loop,
-    None,
-}
-
-/// A partition's place on its disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PartitionId {
-    pub number: u32,
-    /// First sector (512 bytes) on the disk.
-    pub start_sector: u64,
-}
-
-/// What a device-backed volume records about its device at creation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceIdentity {
-    pub source: IdSource,
-    /// The disk's id as `source` gives it; empty for `none`.
-    pub id: String,
-    /// Set when the device is a partition of the disk `id` names.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partition: Option<PartitionId>,
-}
-
-impl DeviceIdentity {
-    /// Whether the identity can tell one device from another.
-    pub fn is_stable(&self) -> bool {
-        self.source != IdSource::None
-    }
-
-    /// Whether two identities name devices that share blocks: the same disk, or a disk and
-    /// one of its partitions (two partitions of one disk do not). Devices without a stable
-    /// identity are never said to.
-    pub fn overlaps(&self, other: &DeviceIdentity) -> bool {
-        self.is_stable()
-            && other.is_stable()
-            && self.source == other.source
-            && self.id == other.id
-            && match (&self.partition, &other.partition) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            }
-    }
-}
-
-impl fmt::Display for DeviceIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.source {
-            IdSource::Wwid => write!(f, "wwid {}", self.id)?,
-            IdSource::Serial => write!(f, "serial {}", self.id)?,
-            IdSource::DmUuid => write!(f, "dm uuid {}", self.id)?,
-            IdSource::Loop => write!(f, "loop over {}", self.id)?,
-            IdSource::None => f.write_str("a device without a stable id")?,
-        }
-        if let Some(p) = &self.partition {
-            write!(f, ", partition {} at sector {}", p.number, p.start_sector)?;
-        }
-        Ok(())
-    }
-}
 
 /// The device number of the block device at `path` (symbolic links followed).
 pub fn device_number(path: &Path) -> Result<DevNum, Error> {

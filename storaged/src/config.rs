@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::qos::QosConfig;
-use crate::size::ByteSize;
 use crate::volume::{self, Tier};
+use size::ByteSize;
 
 /// Longest path a Unix socket address can hold (`sun_path` less its terminating NUL).
 pub const MAX_SOCKET_PATH: usize = 107;

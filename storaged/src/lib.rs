@@ -8,7 +8,6 @@ pub mod backing;
 pub mod blk;
 pub mod blockdev;
 pub mod catalog;
-pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
@@ -18,7 +17,6 @@ pub mod metrics;
 pub mod notify;
 pub mod qos;
 pub mod service;
-pub mod size;
 pub mod volume;
 
 /// Locks a mutex, going on with the data if a thread panicked while holding it: every mutex

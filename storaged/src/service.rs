@@ -21,8 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Deserializer, Serialize};
-
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
 use crate::blk::{failure, VolumeIo};
@@ -33,14 +31,20 @@ use crate::crypto::{self, Dek, Xts};
 use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
-use crate::size::ByteSize;
-use crate::volume::{self, Backing, Owner, Tier, VolumeName, VolumeSpec};
+use crate::volume::{self, Backing, Owner, VolumeName, VolumeSpec};
+use size::ByteSize;
+use storaged_api::{
+    CreateVolume, Deleted, KeyStatus, Rotated, UpdateVolume, VolumeInfo, KEY_REMOVED,
+};
 
-/// Errors of volume operations; each maps to an HTTP status in the API.
+/// Errors of volume operations; [`Error::kind`] says which kind each is, and the API answers
+/// each kind with its HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Invalid(#[from] volume::Error),
+    #[error(transparent)]
+    InvalidValue(#[from] storaged_api::Error),
     #[error("{0}")]
     BadRequest(String),
     #[error("Volume '{0}' does not exist")]
@@ -85,141 +89,61 @@ pub enum Error {
     },
 }
 
-/// `POST /v1/volumes`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    pub name: String,
-    pub size: ByteSize,
-    #[serde(default)]
-    pub tier: Option<String>,
-    #[serde(default)]
-    pub read_only: bool,
-    #[serde(default)]
-    pub num_queues: Option<u16>,
-    #[serde(default)]
-    pub preallocate: Option<bool>,
-    /// Serve an existing block device instead of a file in the data dir.
-    #[serde(default)]
-    pub device: Option<PathBuf>,
-    /// IOPS limit replacing the tier's.
-    #[serde(default)]
-    pub iops_limit: Option<u64>,
-    /// Bandwidth limit, bytes/s (a number or a size such as "100MiB").
-    #[serde(default)]
-    pub bandwidth_limit: Option<ByteSize>,
-    /// "aes-xts-plain64" (the default) or "none".
-    #[serde(default)]
-    pub encryption: Option<String>,
-    /// The only uid served, and the VM the volume is assigned to.
-    #[serde(default)]
-    pub owner: Option<Owner>,
+/// What kind of failure an [`Error`] is, for the client to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong: a bad name, size, tier, limit, owner or device; a shrink.
+    BadRequest,
+    /// No such volume.
+    NotFound,
+    /// The request contradicts the volume's state: it exists, it is attached, it has no
+    /// failure to clear, its device is in use.
+    Conflict,
+    /// Another operation is under way on the volume (or a key rotation): retry after it.
+    Busy,
+    /// The pool has not the room.
+    PoolFull,
+    /// The volume is not being served (its storage could not be opened).
+    NotServing,
+    /// The daemon could not do it: I/O on the catalog, the keys or the storage.
+    Internal,
 }
 
-/// Tells a field left out (`None`) from a field set to null (`Some(None)`).
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
-
-/// `PATCH /v1/volumes/{name}`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateVolume {
-    #[serde(default)]
-    pub size: Option<ByteSize>,
-    #[serde(default)]
-    pub tier: Option<String>,
-    /// A new IOPS override; null removes it.
-    #[serde(default, deserialize_with = "present")]
-    pub iops_limit: Option<Option<u64>>,
-    /// A new bandwidth override (bytes/s); null removes it.
-    #[serde(default, deserialize_with = "present")]
-    pub bandwidth_limit: Option<Option<ByteSize>>,
-    /// A new owner; null removes it. A change drops the connected frontend.
-    #[serde(default, deserialize_with = "present")]
-    pub owner: Option<Option<Owner>>,
-}
-
-/// A volume as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VolumeInfo {
-    pub name: String,
-    pub id: String,
-    pub size_bytes: u64,
-    pub size: String,
-    pub tier: Tier,
-    pub read_only: bool,
-    pub num_queues: u16,
-    /// Absolute path of the vhost-user-blk socket.
-    pub socket: PathBuf,
-    pub attached: bool,
-    pub backing: Backing,
-    pub direct_io: bool,
-    /// Logical block size offered to the guest.
-    pub block_size: u32,
-    pub created_at: u64,
-    /// The volume's own IOPS limit, replacing its tier's (null: none).
-    pub iops_limit: Option<u64>,
-    /// The volume's own bandwidth limit in bytes/s (null: none).
-    pub bandwidth_limit: Option<u64>,
-    /// The limits in force and where each comes from.
-    pub limits: Limits,
-    /// Cipher of the data at rest: "aes-xts-plain64" or "none".
-    pub encryption: String,
-    /// Id of the KEK wrapping the volume's key.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kek_id: Option<String>,
-    /// The only uid served and the VM the volume is assigned to (null: any peer that can
-    /// open the socket).
-    pub owner: Option<Owner>,
-    /// "serving", or "failed": the backing storage could not be opened at start, or a FLUSH
-    /// failed (see [`crate::blk::failure`]).
-    pub state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// When a FLUSH failed the volume (Unix seconds).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failed_at: Option<u64>,
-}
-
-/// `DELETE` answer: what was done, and what that does not protect against.
-#[derive(Debug, Serialize)]
-pub struct Deleted {
-    pub name: String,
-    pub id: String,
-    pub deleted: bool,
-    /// What became of the volume's key: [`KEY_REMOVED`], or "none (not encrypted)".
-    pub key: &'static str,
-    /// What became of the data: "backing file removed" or "left on the device".
-    pub data: &'static str,
-    /// The backing file was removed (false for a device).
-    pub data_removed: bool,
-    /// What this delete does not protect against.
-    pub not_protected_against: Vec<String>,
-}
-
-/// What a delete does with an encrypted volume's key: the catalog held its only wrapped copy
-/// (the KEK is kept: it may wrap other volumes).
-pub const KEY_REMOVED: &str = "wrapped key removed from the catalog";
-
-/// `POST /v1/keys/rotate` answer.
-#[derive(Debug, Serialize)]
-pub struct Rotated {
-    pub current_kek: String,
-    /// Volumes whose key was re-wrapped with the current KEK.
-    pub rewrapped: Vec<String>,
-    /// Encrypted volumes already wrapped by it.
-    pub already_current: usize,
-}
-
-/// `GET /v1/keys` answer.
-#[derive(Debug, Serialize)]
-pub struct KeyStatus {
-    pub current_kek: String,
-    /// Encrypted volumes per KEK id: a KEK with none can be removed.
-    pub volumes_by_kek: BTreeMap<String, usize>,
+impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        use backing::Error as B;
+        match self {
+            Error::Invalid(_)
+            | Error::InvalidValue(_)
+            | Error::BadRequest(_)
+            | Error::Shrink(..)
+            | Error::Qos(_)
+            | Error::Backing(B::DeviceTooSmall { .. } | B::NotBlockOrFile { .. }) => {
+                ErrorKind::BadRequest
+            }
+            // A device or file the request names that is not there.
+            Error::Backing(B::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                ErrorKind::BadRequest
+            }
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_)
+            | Error::Attached(_)
+            | Error::NotFailed(_)
+            | Error::Backing(B::DeviceBusy { .. }) => ErrorKind::Conflict,
+            Error::Busy(..) | Error::RotationUnderWay => ErrorKind::Busy,
+            Error::PoolFull { .. } => ErrorKind::PoolFull,
+            Error::NotServing(..) => ErrorKind::NotServing,
+            Error::Failure(_)
+            | Error::Keys(_)
+            | Error::Backing(_)
+            | Error::Catalog(_)
+            | Error::Export(_)
+            | Error::RemoveFile { .. } => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Volumes of this daemon (see the module doc for its two locks).
@@ -446,7 +370,7 @@ impl VolumeService {
             created_at: spec.created_at,
             iops_limit: spec.iops_limit,
             bandwidth_limit: spec.bandwidth_limit,
-            limits: self.limits(spec),
+            limits: self.limits(spec).into(),
             encryption: match &spec.encryption {
                 Some(w) => w.cipher.clone(),
                 None => "none".into(),
@@ -980,12 +904,14 @@ impl VolumeService {
                 KEY_REMOVED
             } else {
                 "none (not encrypted)"
-            },
+            }
+            .to_string(),
             data: if data_removed {
                 "backing file removed"
             } else {
                 "left on the device"
-            },
+            }
+            .to_string(),
             not_protected_against: self.delete_caveats(&spec),
             id: spec.id,
             deleted: true,

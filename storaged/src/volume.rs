@@ -1,20 +1,17 @@
-//! What a volume is: its validated name, its performance tier, its owner and the record the
-//! catalog keeps.
+//! What a volume is: its validated name and the record the catalog keeps. Its tier, owner and
+//! backing are the admin API's types (`storaged-api`), shown as the catalog holds them.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+pub use storaged_api::{Backing, Owner, Tier, MAX_VM_ID_LEN};
 
 /// Longest volume name accepted: it becomes part of a socket path, and `sun_path` is 108 bytes.
 pub const MAX_NAME_LEN: usize = 63;
 
 /// Volume sizes are a multiple of this.
 pub const SIZE_ALIGNMENT: u64 = 4096;
-
-/// Longest VM id of an owner.
-pub const MAX_VM_ID_LEN: usize = 128;
 
 /// Errors validating what a client says about a volume.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,20 +22,10 @@ pub enum Error {
     NameTooLong(String),
     #[error("Volume name '{0}' may contain only ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit")]
     InvalidName(String),
-    #[error(
-        "Unknown tier '{0}': expected one of essential, standard, premium, enterprise, ultra, mass"
-    )]
-    UnknownTier(String),
     #[error("Volume size must be greater than zero")]
     ZeroSize,
     #[error("Volume size {0} bytes is not a multiple of {SIZE_ALIGNMENT} bytes")]
     UnalignedSize(u64),
-    #[error("Owner uid {0} is not a uid (-1 means \"no change\" to chown)")]
-    InvalidOwnerUid(u32),
-    #[error(
-        "Owner vm_id must be 1 to {MAX_VM_ID_LEN} ASCII letters, digits, '-', '_', '.' or ':'"
-    )]
-    InvalidVmId,
 }
 
 /// A validated volume name: safe as a file name and a socket name.
@@ -93,71 +80,6 @@ impl fmt::Display for VolumeName {
     }
 }
 
-/// Performance tier a volume is sold in. The IOPS it implies are applied by the QoS stage.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", try_from = "String", into = "&'static str")]
-pub enum Tier {
-    Essential,
-    #[default]
-    Standard,
-    Premium,
-    Enterprise,
-    Ultra,
-    /// Archival: no IOPS commitment.
-    Mass,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 6] = [
-        Tier::Essential,
-        Tier::Standard,
-        Tier::Premium,
-        Tier::Enterprise,
-        Tier::Ultra,
-        Tier::Mass,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Essential => "essential",
-            Tier::Standard => "standard",
-            Tier::Premium => "premium",
-            Tier::Enterprise => "enterprise",
-            Tier::Ultra => "ultra",
-            Tier::Mass => "mass",
-        }
-    }
-}
-
-impl From<Tier> for &'static str {
-    fn from(t: Tier) -> &'static str {
-        t.as_str()
-    }
-}
-
-impl TryFrom<String> for Tier {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self, Error> {
-        s.parse()
-    }
-}
-
-impl FromStr for Tier {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        Tier::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| Error::UnknownTier(s.to_string()))
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Checks a volume size: non-zero and a multiple of [`SIZE_ALIGNMENT`].
 pub fn validate_size(size: u64) -> Result<(), Error> {
     if size == 0 {
@@ -167,70 +89,6 @@ pub fn validate_size(size: u64) -> Result<(), Error> {
         return Err(Error::UnalignedSize(size));
     }
     Ok(())
-}
-
-/// Where a volume's blocks live.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Backing {
-    /// A sparse (or preallocated) file in the data dir's `volumes/` folder, named after the id.
-    File { path: PathBuf, preallocated: bool },
-    /// An existing block device, given by path; never created, resized or removed by us.
-    Device {
-        path: PathBuf,
-        /// The device's identity at creation: a device at `path` that shows another is not
-        /// served. None in records written before identities were recorded.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        identity: Option<crate::blockdev::DeviceIdentity>,
-    },
-}
-
-impl Backing {
-    pub fn path(&self) -> &std::path::Path {
-        match self {
-            Backing::File { path, .. } | Backing::Device { path, .. } => path,
-        }
-    }
-}
-
-/// Who may attach a volume. storaged serves its socket only to frontends whose peer uid
-/// (`SO_PEERCRED`, as it was when they connected) is `uid`, root included, and gives the
-/// socket file to that uid (mode 0600).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Owner {
-    pub uid: u32,
-    /// The VM the volume is assigned to, for the agent that assigned it. storaged only keeps
-    /// and shows it: it can check a peer's uid, not which VM the peer runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm_id: Option<String>,
-}
-
-impl Owner {
-    pub fn validate(&self) -> Result<(), Error> {
-        if self.uid == u32::MAX {
-            return Err(Error::InvalidOwnerUid(self.uid));
-        }
-        if let Some(id) = &self.vm_id {
-            let ok = id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
-            if id.is_empty() || id.len() > MAX_VM_ID_LEN || !ok {
-                return Err(Error::InvalidVmId);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for Owner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "uid {}", self.uid)?;
-        if let Some(id) = &self.vm_id {
-            write!(f, " (VM {id})")?;
-        }
-        Ok(())
-    }
 }
 
 /// The catalog's record of one volume.
@@ -296,43 +154,6 @@ mod tests {
             "x".repeat(MAX_NAME_LEN + 1).parse::<VolumeName>(),
             Err(Error::NameTooLong(_))
         ));
-    }
-
-    #[test]
-    fn tiers_round_trip_and_unknown_is_refused() {
-        for t in Tier::ALL {
-            assert_eq!(t.as_str().parse::<Tier>(), Ok(t));
-            let j = serde_json::to_string(&t).unwrap();
-            assert_eq!(serde_json::from_str::<Tier>(&j).unwrap(), t);
-        }
-        assert_eq!(
-            "gold".parse::<Tier>(),
-            Err(Error::UnknownTier("gold".into()))
-        );
-    }
-
-    #[test]
-    fn owners_need_a_real_uid_and_a_plain_vm_id() {
-        let owner = |uid, vm_id: Option<&str>| Owner {
-            uid,
-            vm_id: vm_id.map(str::to_string),
-        };
-        assert!(owner(0, None).validate().is_ok());
-        assert!(owner(1234, Some("vm-7f3a:0.1_x")).validate().is_ok());
-        assert!(owner(7, Some(&"v".repeat(MAX_VM_ID_LEN)))
-            .validate()
-            .is_ok());
-        assert_eq!(
-            owner(u32::MAX, None).validate(),
-            Err(Error::InvalidOwnerUid(u32::MAX))
-        );
-        for id in ["", "a b", "vm\n", "é", &"v".repeat(MAX_VM_ID_LEN + 1)] {
-            assert_eq!(
-                owner(7, Some(id)).validate(),
-                Err(Error::InvalidVmId),
-                "{id:?}"
-            );
-        }
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use ::storaged::client::{AdminClient, Response};
+pub use storaged_api::client::{AdminClient, Response};
+use storaged_api::CreateVolume;
 
 use crate::bin;
 
@@ -139,25 +140,31 @@ impl Storaged {
         }
     }
 
-    /// Creates a volume; panics unless the API answers 201. Returns the volume JSON.
+    /// Creates a volume from a JSON body (read as the API's [`CreateVolume`]); panics unless
+    /// the API creates it. Returns the volume as JSON.
     pub fn create_volume(&self, body: &str) -> serde_json::Value {
-        let r = self
+        let req: CreateVolume = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("create {body}: not a CreateVolume: {e}"));
+        let v = self
             .admin()
-            .request("POST", "/v1/volumes", Some(body))
-            .unwrap();
-        assert_eq!(r.status, 201, "create {body}: {}", r.body);
-        r.json()
+            .create_volume(&req)
+            .unwrap_or_else(|e| panic!("create {body}: {e}"));
+        serde_json::to_value(v).expect("a VolumeInfo is JSON")
     }
 
     pub fn socket_of(&self, name: &str) -> PathBuf {
-        let r = self.admin().get(&format!("/v1/volumes/{name}")).unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
-        PathBuf::from(r.json()["socket"].as_str().unwrap())
+        self.admin()
+            .volume(name)
+            .unwrap_or_else(|e| panic!("volume {name}: {e}"))
+            .socket
     }
 
     pub fn metrics_url(&self) -> String {
-        let r = self.admin().get("/v1/info").unwrap();
-        r.json()["metrics_url"].as_str().unwrap().to_string()
+        self.admin()
+            .info()
+            .expect("GET /v1/info")
+            .metrics_url
+            .expect("storaged serves metrics")
     }
 
     pub fn pid(&self) -> u32 {

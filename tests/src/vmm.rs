@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm_api::{Counters, VmStatus};
+
 use crate::{bin, wait_until, AdminClient};
 
 /// How long [`Vmm::wait`] waits for vmm to exit.
@@ -104,6 +106,22 @@ impl Vmm {
     /// A client of vmm's API.
     pub fn api(&self) -> AdminClient {
         AdminClient::new(self.api_socket())
+    }
+
+    /// `GET /v1/vm`, typed.
+    pub fn status(&self) -> VmStatus {
+        self.get_typed("/v1/vm")
+    }
+
+    /// `GET /v1/vm/counters`, typed.
+    pub fn counters(&self) -> Counters {
+        self.get_typed("/v1/vm/counters")
+    }
+
+    fn get_typed<T: serde::de::DeserializeOwned>(&self, target: &str) -> T {
+        let r = self.api().get(target).expect("vmm's API answers");
+        assert_eq!(r.status, 200, "GET {target}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("GET {target}: {e}: {}", r.body))
     }
 
     /// Everything vmm wrote on its stdout so far: the serial console, unless `--serial` sent

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use storaged_tests::emulated_host::{images_dir, run_scenario, Runner};
 use storaged_tests::scripted_backend::{self, GET_VRING_BASE, SET_VRING_ENABLE, SET_VRING_KICK};
 use storaged_tests::{bin, guest, wait_for_console, wait_until, Vmm};
+use vmm_api::{ExitKind, VmState};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -429,14 +430,15 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
         0o600
     );
     let c = vmm.api();
-    let vm = c.get("/v1/vm").unwrap().json();
-    assert_eq!(vm["state"], "running");
-    assert_eq!(vm["config"]["vcpus"], 2);
-    assert_eq!(vm["config"]["memory_bytes"], 64 << 20);
+    let vm = vmm.status();
+    assert_eq!(vm.state, VmState::Running);
+    let config = vm.config.expect("a running VM shows its configuration");
+    assert_eq!(config.vcpus, 2);
+    assert_eq!(config.memory_bytes, 64 << 20);
 
     let r = c.request("POST", "/v1/vm/pause", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(c.get("/v1/vm").unwrap().json()["state"], "paused");
+    assert_eq!(vmm.status().state, VmState::Paused);
     let r = c.request("POST", "/v1/vm/pause", None).unwrap();
     assert_eq!(r.status, 409);
     assert!(r.json()["error"]
@@ -462,9 +464,9 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
         409
     );
 
-    let counters = c.get("/v1/vm/counters").unwrap().json();
-    assert!(counters["vcpu_exits"]["io_out"].as_u64().unwrap() >= len);
-    assert!(counters["vcpu_exits"]["interrupted"].as_u64().unwrap() >= 1);
+    let exits = vmm.counters().vcpu_exits;
+    assert!(exits[&ExitKind::IoOut] >= len);
+    assert!(exits[&ExitKind::Interrupted] >= 1);
 
     // Misuse: JSON errors, no crash.
     let r = c.request("GET", "/v1/nothing", None).unwrap();
@@ -558,9 +560,9 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
     // Only an API socket: vmm waits to be configured there.
     let mut vmm = Vmm::start_with_api(&api, &[]);
     let c = vmm.api();
-    let vm = c.get("/v1/vm").unwrap().json();
-    assert_eq!(vm["state"], "not_started");
-    assert_eq!(vm["config"], serde_json::Value::Null);
+    let vm = vmm.status();
+    assert_eq!(vm.state, VmState::NotStarted);
+    assert_eq!(vm.config, None);
     // Nothing to start or pause yet.
     assert_eq!(c.request("POST", "/v1/vm/start", None).unwrap().status, 409);
     assert_eq!(c.request("POST", "/v1/vm/pause", None).unwrap().status, 409);

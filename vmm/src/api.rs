@@ -21,8 +21,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use vmm_api::{Counters, Disk, DiskCounters, ErrorBody, Transition, VmInfo, VmState, VmStatus};
 
 use crate::config::{self, VmConfig};
 use crate::control::Control;
@@ -42,39 +41,21 @@ pub enum Error {
 }
 
 /// The configuration as `GET /v1/vm` shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmInfo {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub vcpus: u8,
-    pub memory_bytes: u64,
-    pub disks: Vec<DiskInfo>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct DiskInfo {
-    pub socket: PathBuf,
-    pub read_only: bool,
-}
-
-impl VmInfo {
-    pub fn new(cfg: &VmConfig) -> VmInfo {
-        VmInfo {
-            kernel: cfg.kernel.clone(),
-            initrd: cfg.initrd.clone(),
-            cmdline: cfg.cmdline.clone(),
-            vcpus: cfg.vcpus,
-            memory_bytes: cfg.memory,
-            disks: cfg
-                .disks
-                .iter()
-                .map(|d| DiskInfo {
-                    socket: d.socket.clone(),
-                    read_only: d.read_only,
-                })
-                .collect(),
-        }
+fn vm_info_of(cfg: &VmConfig) -> VmInfo {
+    VmInfo {
+        kernel: cfg.kernel.clone(),
+        initrd: cfg.initrd.clone(),
+        cmdline: cfg.cmdline.clone(),
+        vcpus: cfg.vcpus,
+        memory_bytes: cfg.memory,
+        disks: cfg
+            .disks
+            .iter()
+            .map(|d| Disk {
+                socket: d.socket.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
     }
 }
 
@@ -116,7 +97,7 @@ impl Shared {
     /// Called by the VMM once the devices exist and the vCPUs are about to run.
     pub fn set_running(&self, cfg: &VmConfig, control: Arc<Control>, mmio: Arc<MmioBus>) {
         let _ = self.running.set(Running {
-            info: VmInfo::new(cfg),
+            info: vm_info_of(cfg),
             control,
             mmio,
         });
@@ -135,42 +116,6 @@ impl Shared {
     }
 }
 
-/// `PUT /v1/vm/config`: the command line's options, as JSON.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigBody {
-    kernel: PathBuf,
-    #[serde(default)]
-    initrd: Option<PathBuf>,
-    #[serde(default = "default_cmdline")]
-    cmdline: String,
-    #[serde(default = "default_vcpus")]
-    vcpus: u32,
-    #[serde(default = "default_memory")]
-    memory: String,
-    #[serde(default = "default_serial")]
-    serial: String,
-    /// As `--serial-log-max`.
-    #[serde(default)]
-    serial_log_max: Option<String>,
-    /// `socket=PATH[,readonly]`, as for `--disk`.
-    #[serde(default)]
-    disks: Vec<String>,
-}
-
-fn default_cmdline() -> String {
-    "console=ttyS0 reboot=k panic=1".into()
-}
-fn default_vcpus() -> u32 {
-    1
-}
-fn default_memory() -> String {
-    "512MiB".into()
-}
-fn default_serial() -> String {
-    "stdout".into()
-}
-
 type ApiState = Arc<Shared>;
 
 fn not_started() -> ApiError {
@@ -185,24 +130,38 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
-fn state_name(c: &Control) -> &'static str {
+fn state_of(c: &Control) -> VmState {
     if c.is_paused() {
-        "paused"
+        VmState::Paused
     } else {
-        "running"
+        VmState::Running
     }
+}
+
+/// A state change's answer.
+fn to(state: VmState) -> Json<Transition> {
+    Json(Transition {
+        state,
+        exit_code: None,
+    })
 }
 
 async fn vm_info(State(s): State<ApiState>) -> impl IntoResponse {
     match s.running.get() {
-        Some(r) => Json(json!({ "state": state_name(&r.control), "config": r.info })),
+        Some(r) => Json(VmStatus {
+            state: state_of(&r.control),
+            config: Some(r.info.clone()),
+        }),
         None => {
             let pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
-            Json(json!({ "state": "not_started", "config": pending.as_ref().map(VmInfo::new) }))
+            Json(VmStatus {
+                state: VmState::NotStarted,
+                config: pending.as_ref().map(vm_info_of),
+            })
         }
     }
 }
@@ -215,23 +174,28 @@ async fn put_config(State(s): State<ApiState>, body: Bytes) -> Result<impl IntoR
         ));
     }
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
-    let b: ConfigBody =
+    let b: vmm_api::VmConfig =
         serde_json::from_slice(&body).map_err(|e| bad(format!("Invalid request body: {e}")))?;
+    let memory = b.memory.bytes().to_string();
+    let serial_log_max = b.serial_log_max.map(|m| m.bytes().to_string());
     let args = config::Args {
         kernel: &b.kernel,
         initrd: b.initrd.as_deref(),
         cmdline: &b.cmdline,
         vcpus: b.vcpus,
-        memory: &b.memory,
+        memory: &memory,
         serial: &b.serial,
-        serial_log_max: b.serial_log_max.as_deref(),
-        disks: &b.disks,
+        serial_log_max: serial_log_max.as_deref(),
+        disks: config::DiskArgs::Api(&b.disks),
         api_sock: Some(&s.api_sock),
     };
     let cfg = VmConfig::new(&args, s.max_vcpus).map_err(|e| bad(crate::error_chain(&e)))?;
-    let info = VmInfo::new(&cfg);
+    let info = vm_info_of(&cfg);
     *s.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
-    Ok(Json(json!({ "state": "not_started", "config": info })))
+    Ok(Json(VmStatus {
+        state: VmState::NotStarted,
+        config: Some(info),
+    }))
 }
 
 async fn start(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
@@ -253,7 +217,7 @@ async fn start(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError>
             "The VM was configured on the command line".into(),
         ));
     }
-    Ok(Json(json!({ "state": "starting" })))
+    Ok(to(VmState::Starting))
 }
 
 async fn pause(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
@@ -275,7 +239,7 @@ async fn pause(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError>
         ));
     }
     tracing::info!("VM paused");
-    Ok(Json(json!({ "state": "paused" })))
+    Ok(to(VmState::Paused))
 }
 
 async fn resume(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
@@ -288,11 +252,11 @@ async fn resume(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError
     }
     r.control.resume();
     tracing::info!("VM resumed");
-    Ok(Json(json!({ "state": "running" })))
+    Ok(to(VmState::Running))
 }
 
 /// Ends the VM, or main's wait for one.
-fn stop(s: &Shared, e: Exit) -> Json<serde_json::Value> {
+fn stop(s: &Shared, e: Exit) -> Json<Transition> {
     let code = e.code();
     match s.running.get() {
         Some(r) => r.control.end(e),
@@ -300,7 +264,10 @@ fn stop(s: &Shared, e: Exit) -> Json<serde_json::Value> {
             let _ = s.command(Command::Stop(e));
         }
     }
-    Json(json!({ "state": "stopping", "exit_code": code }))
+    Json(Transition {
+        state: VmState::Stopping,
+        exit_code: Some(code),
+    })
 }
 
 async fn shutdown(State(s): State<ApiState>) -> impl IntoResponse {
@@ -313,25 +280,25 @@ async fn kill(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn counters(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let r = running(&s)?;
-    let exits: serde_json::Map<String, serde_json::Value> = ExitKind::ALL
+    let vcpu_exits = ExitKind::ALL
         .iter()
-        .map(|k| (k.name().to_string(), r.control.exits(*k).into()))
+        .map(|k| (*k, r.control.exits(*k)))
         .collect();
-    let disks: Vec<serde_json::Value> = r
+    let disks = r
         .mmio
         .disks
         .iter()
         .map(|d| {
             let d = d.lock().unwrap_or_else(|p| p.into_inner());
-            json!({
-                "socket": d.socket(),
-                "active": d.is_active(),
-                "completed_requests_mod_65536": d.completed(&r.mmio.mem),
-                "notifications_through_vmm": d.notifies,
-            })
+            DiskCounters {
+                socket: d.socket().to_owned(),
+                active: d.is_active(),
+                completed_requests_mod_65536: d.completed(&r.mmio.mem),
+                notifications_through_vmm: d.notifies,
+            }
         })
         .collect();
-    Ok(Json(json!({ "vcpu_exits": exits, "disks": disks })))
+    Ok(Json(Counters { vcpu_exits, disks }))
 }
 
 async fn not_found() -> ApiError {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::boot;
 use crate::console::{DEFAULT_LOG_MAX, MIN_LOG_MAX};
 use crate::layout::CMDLINE_MAX;
+use size::ByteSize;
 
 /// Most vCPUs: APIC ids are 8 bits here.
 pub const MAX_VCPUS: u8 = 254;
@@ -75,6 +76,14 @@ impl DiskConfig {
     }
 }
 
+/// The disks of a VM: `--disk` options, or the API's typed values.
+#[derive(Clone, Copy, Debug)]
+pub enum DiskArgs<'a> {
+    /// `socket=PATH[,readonly]` each.
+    Options(&'a [String]),
+    Api(&'a [vmm_api::Disk]),
+}
+
 /// Most disks (virtio-mmio windows and interrupt lines 5..).
 pub const MAX_DISKS: usize = 16;
 
@@ -89,7 +98,7 @@ pub struct Args<'a> {
     pub serial: &'a str,
     /// Size of the serial log file before it is rotated ([`DEFAULT_LOG_MAX`] if not given).
     pub serial_log_max: Option<&'a str>,
-    pub disks: &'a [String],
+    pub disks: DiskArgs<'a>,
     pub api_sock: Option<&'a Path>,
 }
 
@@ -106,20 +115,10 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
 }
 
-/// Parses "512MiB", "2G", "1073741824": binary units (K, M, G with or without "iB").
+/// Parses a size as every daemon here reads one (see the `size` crate): "512MiB", "2G" and "2GiB"
+/// are powers of two, "2GB" is 2 * 10^9 bytes, "1073741824" is bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().ok()?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" | "kb" => 10,
-        "m" | "mib" | "mb" => 20,
-        "g" | "gib" | "gb" => 30,
-        _ => return None,
-    };
-    n.checked_mul(1 << shift)
+    s.parse::<ByteSize>().ok().map(ByteSize::bytes)
 }
 
 /// Bytes of memory the host can give now (MemAvailable).
@@ -144,10 +143,19 @@ impl VmConfig {
             disks,
             api_sock,
         } = *args;
-        let disks = disks
-            .iter()
-            .map(|d| DiskConfig::parse(d))
-            .collect::<Result<Vec<_>, _>>()?;
+        let disks = match disks {
+            DiskArgs::Options(options) => options
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<Vec<_>, _>>()?,
+            DiskArgs::Api(disks) => disks
+                .iter()
+                .map(|d| DiskConfig {
+                    socket: d.socket.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+        };
         if disks.len() > MAX_DISKS {
             return Err(Error::Disk(format!(
                 "{} disks (at most {MAX_DISKS})",
@@ -232,11 +240,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_in_binary_units() {
+    fn sizes_parse_with_binary_and_decimal_units() {
         assert_eq!(parse_size("512MiB"), Some(512 << 20));
         assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("2GB"), Some(2_000_000_000));
         assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("1.5G"), None);
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("1.3B"), None);
         assert_eq!(parse_size("lots"), None);
     }
 
@@ -257,7 +268,7 @@ mod tests {
             memory: "64MiB",
             serial,
             serial_log_max: max,
-            disks: &[],
+            disks: DiskArgs::Options(&[]),
             api_sock: None,
         };
         let file = log.to_str().unwrap();

@@ -106,7 +106,7 @@ fn configure_and_run(
                 memory: opts.memory,
                 serial: opts.serial,
                 serial_log_max: opts.serial_log_max,
-                disks: opts.disks,
+                disks: config::DiskArgs::Options(opts.disks),
                 api_sock: opts.api_sock,
             };
             match VmConfig::new(&request, max_vcpus) {

@@ -26,7 +26,7 @@ struct Args {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Guest memory, e.g. 512MiB or 2GiB (a multiple of 2 MiB).
+    /// Guest memory, e.g. 512MiB or 2GiB (a multiple of 2 MiB; GB is 10^9 bytes, GiB 2^30).
     #[arg(long, default_value = "512MiB")]
     memory: String,
     /// A vhost-user-blk disk (virtio-mmio): socket=PATH[,readonly]. Repeat for more disks;

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde_json::json;
-use storaged::client::AdminClient;
+use serde::Serialize;
+use storaged_api::client::{AdminClient, Error};
+use storaged_api::{ByteSize, CreateVolume, Owner, UpdateVolume};
 
 /// Manage the volumes of a running storaged through its admin socket.
 #[derive(Parser, Debug)]
@@ -27,9 +28,9 @@ enum Command {
     /// Create a volume: `storagectl create db1 --size 2TiB --tier premium`.
     Create {
         name: String,
-        /// Size, e.g. 500GiB, 2TiB, 1TB (a multiple of 4096 bytes).
+        /// Size, e.g. 500GiB, 2TiB, 1TB (a multiple of 4096 bytes; TB is 10^12 bytes, TiB 2^40).
         #[arg(long)]
-        size: String,
+        size: ByteSize,
         /// essential, standard, premium, enterprise, ultra or mass [default: from config].
         #[arg(long)]
         tier: Option<String>,
@@ -50,7 +51,7 @@ enum Command {
         iops_limit: Option<u64>,
         /// Bandwidth limit in bytes/s, e.g. 200MiB [default: none].
         #[arg(long)]
-        bandwidth_limit: Option<String>,
+        bandwidth_limit: Option<ByteSize>,
         /// aes-xts-plain64 or none [default: aes-xts-plain64].
         #[arg(long)]
         encryption: Option<String>,
@@ -66,7 +67,7 @@ enum Command {
     /// Show one volume.
     Get { name: String },
     /// Grow a volume online: `storagectl resize db1 3TiB`.
-    Resize { name: String, size: String },
+    Resize { name: String, size: ByteSize },
     /// Change a volume's tier.
     SetTier { name: String, tier: String },
     /// Set or remove a volume's own limits, online:
@@ -75,11 +76,11 @@ enum Command {
     SetLimits {
         name: String,
         /// IOPS limit, or "none".
-        #[arg(long)]
-        iops: Option<String>,
+        #[arg(long, value_parser = limit::<u64>)]
+        iops: Option<Limit<u64>>,
         /// Bandwidth limit in bytes/s (e.g. 200MiB), or "none".
-        #[arg(long)]
-        bandwidth: Option<String>,
+        #[arg(long, value_parser = limit::<ByteSize>)]
+        bandwidth: Option<Limit<ByteSize>>,
     },
     /// Assign a volume to a uid (and VM), or make it anyone's again with --none:
     /// `storagectl set-owner db1 --uid 1234 --vm-id vm-7`. A change drops the connected
@@ -115,17 +116,34 @@ enum Command {
     RotateKeys,
 }
 
-fn owner_json(uid: u32, vm_id: Option<&str>) -> serde_json::Value {
-    match vm_id {
-        Some(id) => json!({ "uid": uid, "vm_id": id }),
-        None => json!({ "uid": uid }),
+/// A limit on the command line: a value, or "none" (`Limit(None)`) to remove it.
+#[derive(Clone, Debug)]
+struct Limit<T>(Option<T>);
+
+fn limit<T: std::str::FromStr>(s: &str) -> Result<Limit<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    match s {
+        "none" => Ok(Limit(None)),
+        _ => s
+            .parse::<T>()
+            .map(|v| Limit(Some(v)))
+            .map_err(|e| e.to_string()),
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let client = AdminClient::new(&args.socket);
-    let (method, target, body) = match &args.command {
+/// Prints an answer as indented JSON.
+fn print(v: &impl Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("storagectl: cannot print the answer: {e}"),
+    }
+}
+
+/// Sends the command's request and prints the answer.
+fn run(client: &AdminClient, command: Command) -> Result<(), Error> {
+    match command {
         Command::Create {
             name,
             size,
@@ -139,118 +157,82 @@ fn main() -> ExitCode {
             encryption,
             owner_uid,
             vm_id,
-        } => {
-            let mut b = json!({ "name": name, "size": size, "read_only": read_only });
-            if let Some(t) = tier {
-                b["tier"] = json!(t);
-            }
-            if let Some(q) = queues {
-                b["num_queues"] = json!(q);
-            }
-            if *preallocate {
-                b["preallocate"] = json!(true);
-            }
-            if let Some(d) = device {
-                b["device"] = json!(d);
-            }
-            if let Some(i) = iops_limit {
-                b["iops_limit"] = json!(i);
-            }
-            if let Some(bw) = bandwidth_limit {
-                b["bandwidth_limit"] = json!(bw);
-            }
-            if let Some(e) = encryption {
-                b["encryption"] = json!(e);
-            }
-            if let Some(uid) = owner_uid {
-                b["owner"] = owner_json(*uid, vm_id.as_deref());
-            }
-            ("POST", "/v1/volumes".to_string(), Some(b))
-        }
-        Command::List => ("GET", "/v1/volumes".into(), None),
-        Command::Get { name } => ("GET", format!("/v1/volumes/{name}"), None),
-        Command::Resize { name, size } => (
-            "PATCH",
-            format!("/v1/volumes/{name}"),
-            Some(json!({ "size": size })),
-        ),
-        Command::SetTier { name, tier } => (
-            "PATCH",
-            format!("/v1/volumes/{name}"),
-            Some(json!({ "tier": tier })),
-        ),
+        } => print(&client.create_volume(&CreateVolume {
+            name,
+            size,
+            tier,
+            read_only,
+            num_queues: queues,
+            preallocate: preallocate.then_some(true),
+            device,
+            iops_limit,
+            bandwidth_limit,
+            encryption,
+            owner: owner_uid.map(|uid| Owner { uid, vm_id }),
+        })?),
+        Command::List => print(&client.list_volumes()?),
+        Command::Get { name } => print(&client.volume(&name)?),
+        Command::Resize { name, size } => print(&client.update_volume(
+            &name,
+            &UpdateVolume {
+                size: Some(size),
+                ..UpdateVolume::default()
+            },
+        )?),
+        Command::SetTier { name, tier } => print(&client.update_volume(
+            &name,
+            &UpdateVolume {
+                tier: Some(tier),
+                ..UpdateVolume::default()
+            },
+        )?),
         Command::SetLimits {
             name,
             iops,
             bandwidth,
-        } => {
-            if iops.is_none() && bandwidth.is_none() {
-                eprintln!("storagectl: set-limits needs --iops and/or --bandwidth");
-                return ExitCode::from(2);
-            }
-            let mut b = json!({});
-            if let Some(i) = iops {
-                b["iops_limit"] = match i.as_str() {
-                    "none" => serde_json::Value::Null,
-                    // Numbers go as numbers; anything else is passed on for the daemon to
-                    // refuse with its own message.
-                    _ => i.parse::<u64>().map_or_else(|_| json!(i), |n| json!(n)),
-                };
-            }
-            if let Some(bw) = bandwidth {
-                b["bandwidth_limit"] = match bw.as_str() {
-                    "none" => serde_json::Value::Null,
-                    _ => bw.parse::<u64>().map_or_else(|_| json!(bw), |n| json!(n)),
-                };
-            }
-            ("PATCH", format!("/v1/volumes/{name}"), Some(b))
-        }
+        } => print(&client.update_volume(
+            &name,
+            &UpdateVolume {
+                iops_limit: iops.map(|l| l.0),
+                bandwidth_limit: bandwidth.map(|l| l.0),
+                ..UpdateVolume::default()
+            },
+        )?),
         Command::SetOwner {
             name,
             uid,
             vm_id,
             none,
-        } => {
-            let owner = match uid {
-                Some(uid) if !*none => owner_json(*uid, vm_id.as_deref()),
-                _ => serde_json::Value::Null,
-            };
-            (
-                "PATCH",
-                format!("/v1/volumes/{name}"),
-                Some(json!({ "owner": owner })),
-            )
-        }
-        Command::Delete { name, force } => (
-            "DELETE",
-            format!(
-                "/v1/volumes/{name}{}",
-                if *force { "?force=true" } else { "" }
-            ),
-            None,
-        ),
-        Command::ClearFailure { name } => {
-            ("POST", format!("/v1/volumes/{name}/clear-failure"), None)
-        }
-        Command::Info => ("GET", "/v1/info".into(), None),
-        Command::Keys => ("GET", "/v1/keys".into(), None),
-        Command::RotateKeys => ("POST", "/v1/keys/rotate".into(), None),
-    };
-    let body = body.map(|b| b.to_string());
-    match client.request(method, &target, body.as_deref()) {
-        Ok(resp) if resp.is_success() => {
-            let v = resp.json();
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or(resp.body));
-            ExitCode::SUCCESS
-        }
-        Ok(resp) => {
-            let msg = resp.json()["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or(resp.body);
-            eprintln!("storagectl: {} (HTTP {})", msg, resp.status);
-            ExitCode::FAILURE
-        }
+        } => print(&client.update_volume(
+            &name,
+            &UpdateVolume {
+                owner: Some(uid.filter(|_| !none).map(|uid| Owner { uid, vm_id })),
+                ..UpdateVolume::default()
+            },
+        )?),
+        Command::Delete { name, force } => print(&client.delete_volume(&name, force)?),
+        Command::ClearFailure { name } => print(&client.clear_failure(&name)?),
+        Command::Info => print(&client.info()?),
+        Command::Keys => print(&client.key_status()?),
+        Command::RotateKeys => print(&client.rotate_keys()?),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Command::SetLimits {
+        iops: None,
+        bandwidth: None,
+        ..
+    } = args.command
+    {
+        eprintln!("storagectl: set-limits needs --iops and/or --bandwidth");
+        return ExitCode::from(2);
+    }
+    let client = AdminClient::new(&args.socket);
+    match run(&client, args.command) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("storagectl: {}", storaged::error_chain(&e));
             ExitCode::FAILURE

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::size::ByteSize;
 use crate::volume::Tier;
+use size::ByteSize;
 
 /// Bytes in the TB of the per-TB tier rates.
 pub const TB: u64 = 1_000_000_000_000;
@@ -174,19 +174,8 @@ impl Overrides {
     }
 }
 
-/// Where an effective limit comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// The tier's rate times the volume's size.
-    Tier,
-    /// The configured floor (the tier's computation gave less).
-    Floor,
-    /// The volume's own override.
-    Override,
-    /// No limit.
-    Unlimited,
-}
+/// Where an effective limit comes from (the API's type: the data path applies what it shows).
+pub use storaged_api::LimitSource as Source;
 
 /// A volume's effective limits, as the data path applies them and the API shows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +232,20 @@ impl Limits {
 
     pub fn is_unlimited(&self) -> bool {
         self.iops.is_none() && self.bandwidth_bytes_per_second.is_none()
+    }
+}
+
+impl From<Limits> for storaged_api::Limits {
+    fn from(l: Limits) -> Self {
+        storaged_api::Limits {
+            iops: l.iops,
+            iops_source: l.iops_source,
+            iops_burst: l.iops_burst,
+            bandwidth_bytes_per_second: l.bandwidth_bytes_per_second,
+            bandwidth_source: l.bandwidth_source,
+            bandwidth_burst_bytes: l.bandwidth_burst_bytes,
+            io_size: l.io_size,
+        }
     }
 }
 

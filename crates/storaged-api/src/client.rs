@@ -1,10 +1,21 @@
-//! A small blocking client for the admin API on its Unix socket, used by `storagectl` and the
-//! tests. One request per connection (`Connection: close`).
+//! A small blocking client for the admin API on its Unix socket, used by `storagectl`, the
+//! tests and the node agent: std's `UnixStream`, no async runtime. One request per connection
+//! (`Connection: close`).
+//!
+//! The typed calls ([`AdminClient::create_volume`], [`AdminClient::volume`], ...) send and
+//! return the types of this crate; an answer other than 2xx is [`Error::Api`] with its status
+//! and the daemon's message. [`AdminClient::request`] sends any request and returns the raw
+//! [`Response`], for callers that check statuses and bodies themselves.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{CreateVolume, Deleted, ErrorBody, Info, KeyStatus, Rotated, UpdateVolume, VolumeInfo};
 
 /// Errors talking to the admin socket.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +30,28 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("Malformed HTTP response: {0}")]
     Malformed(String),
+    /// The daemon answered with an error status; `message` is its `"error"`.
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("Cannot encode the request body")]
+    Encode(#[source] serde_json::Error),
+    #[error("Unexpected answer to {target} (HTTP {status})")]
+    Decode {
+        target: String,
+        status: u16,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// The HTTP status of an error answer; `None` for errors that got no answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 /// An HTTP response: status and body.
@@ -83,6 +116,84 @@ impl AdminClient {
 
     pub fn get(&self, target: &str) -> Result<Response, Error> {
         self.request("GET", target, None)
+    }
+
+    /// Sends one request with a typed body and decodes a 2xx answer as `R`.
+    fn call<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<R, Error> {
+        let body = body
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(Error::Encode)?;
+        let resp = self.request(method, target, body.as_deref())?;
+        if !resp.is_success() {
+            let message = serde_json::from_str::<ErrorBody>(&resp.body)
+                .map(|b| b.error)
+                .unwrap_or(resp.body);
+            return Err(Error::Api {
+                status: resp.status,
+                message,
+            });
+        }
+        serde_json::from_str(&resp.body).map_err(|source| Error::Decode {
+            target: target.to_string(),
+            status: resp.status,
+            source,
+        })
+    }
+
+    /// `GET /v1/volumes`.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, Error> {
+        self.call("GET", "/v1/volumes", None::<&()>)
+    }
+
+    /// `POST /v1/volumes`.
+    pub fn create_volume(&self, req: &CreateVolume) -> Result<VolumeInfo, Error> {
+        self.call("POST", "/v1/volumes", Some(req))
+    }
+
+    /// `GET /v1/volumes/{name}`.
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo, Error> {
+        self.call("GET", &format!("/v1/volumes/{name}"), None::<&()>)
+    }
+
+    /// `PATCH /v1/volumes/{name}`.
+    pub fn update_volume(&self, name: &str, req: &UpdateVolume) -> Result<VolumeInfo, Error> {
+        self.call("PATCH", &format!("/v1/volumes/{name}"), Some(req))
+    }
+
+    /// `DELETE /v1/volumes/{name}`, with `?force=true` to disconnect an attached frontend.
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<Deleted, Error> {
+        let query = if force { "?force=true" } else { "" };
+        self.call("DELETE", &format!("/v1/volumes/{name}{query}"), None::<&()>)
+    }
+
+    /// `POST /v1/volumes/{name}/clear-failure`.
+    pub fn clear_failure(&self, name: &str) -> Result<VolumeInfo, Error> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{name}/clear-failure"),
+            None::<&()>,
+        )
+    }
+
+    /// `GET /v1/info`.
+    pub fn info(&self) -> Result<Info, Error> {
+        self.call("GET", "/v1/info", None::<&()>)
+    }
+
+    /// `GET /v1/keys`.
+    pub fn key_status(&self) -> Result<KeyStatus, Error> {
+        self.call("GET", "/v1/keys", None::<&()>)
+    }
+
+    /// `POST /v1/keys/rotate`.
+    pub fn rotate_keys(&self) -> Result<Rotated, Error> {
+        self.call("POST", "/v1/keys/rotate", None::<&()>)
     }
 }
 

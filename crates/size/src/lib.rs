@@ -1,8 +1,16 @@
-//! Human-readable byte sizes: `"500GiB"`, `"2TiB"`, `"4096"`, `"1.5TB"`.
+//! Human-readable byte sizes: `"500GiB"`, `"2TiB"`, `"4096"`, `"1.5TB"`, with one meaning for
+//! every daemon of the workspace (storaged's volume sizes, limits and pool capacity; vmm's
+//! `--memory` and `--serial-log-max`).
 //!
-//! Binary suffixes (KiB, MiB, GiB, TiB, PiB) are powers of 1024, decimal ones (kB, MB, GB, TB, PB)
-//! powers of 1000, as operators read them on a datasheet. A bare number is bytes. In JSON and TOML a
-//! size may be given as a string or as an integer number of bytes.
+//! - Binary suffixes are powers of 1024: `KiB`, `MiB`, `GiB`, `TiB`, `PiB`, and the bare letters
+//!   `K`, `M`, `G`, `T`, `P` (as `dd` and QEMU read them).
+//! - Decimal suffixes are powers of 1000, as a datasheet reads them: `kB`, `MB`, `GB`, `TB`, `PB`.
+//! - A bare number, or one with `B`, is bytes: `"4096"` is 4096 bytes.
+//!
+//! Units are case-insensitive, a space may separate number and unit, `_` may group digits, and a
+//! fraction is accepted when it makes a whole number of bytes (`"1.5GiB"`, not `"1.3B"`). In JSON
+//! and TOML a size may be a string or an integer number of bytes; it is written as the largest
+//! binary unit that divides it exactly (`"4KiB"`, `"1000B"`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +37,7 @@ pub enum Error {
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
+    /// The size in bytes.
     pub const fn bytes(self) -> u64 {
         self.0
     }
@@ -169,6 +178,18 @@ mod tests {
         assert_eq!("0.5TB".parse(), Ok(ByteSize(500_000_000_000)));
         assert_eq!("1.5GiB".parse(), Ok(ByteSize(3 << 29)));
         assert_eq!("64m".parse(), Ok(ByteSize(64 << 20)));
+    }
+
+    #[test]
+    fn gb_and_tb_are_powers_of_ten_gib_tib_and_letters_powers_of_two() {
+        assert_eq!("1GB".parse(), Ok(ByteSize(1_000_000_000)));
+        assert_eq!("1gb".parse(), Ok(ByteSize(1_000_000_000)));
+        assert_eq!("1GiB".parse(), Ok(ByteSize(1 << 30)));
+        assert_eq!("1G".parse(), Ok(ByteSize(1 << 30)));
+        assert_eq!("1TB".parse(), Ok(ByteSize(1_000_000_000_000)));
+        assert_eq!("1TiB".parse(), Ok(ByteSize(1 << 40)));
+        assert_eq!("4096".parse(), Ok(ByteSize(4096)));
+        assert_eq!("4096B".parse(), Ok(ByteSize(4096)));
     }
 
     #[test]
