@@ -122,6 +122,19 @@ impl Storaged {
         AdminClient::new(self.admin_socket())
     }
 
+    /// The names `GET /v1/volumes` lists, in its order.
+    pub fn volume_names(&self) -> Vec<String> {
+        self.admin()
+            .get("/v1/volumes")
+            .expect("GET /v1/volumes")
+            .json()
+            .as_array()
+            .expect("a list of volumes")
+            .iter()
+            .map(|v| v["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
     /// Everything storaged logged so far.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")

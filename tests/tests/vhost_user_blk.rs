@@ -383,17 +383,7 @@ fn a_device_is_refused_under_a_second_path_and_as_its_own_partition() {
         r.body
     );
     assert!(r.body.contains("volume 'part'"), "{}", r.body);
-    let names: Vec<String> = s
-        .admin()
-        .get("/v1/volumes")
-        .unwrap()
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(names, ["one", "part"]);
+    assert_eq!(s.volume_names(), ["one", "part"]);
 }
 
 #[test]
