@@ -42,9 +42,10 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def blkbench(sock, rw, bs, qd, runtime):
+def blkbench(sock, rw, bs, qd, runtime, prefix=()):
+    """One blkbench run against `sock`; `prefix` goes before the command (e.g. taskset)."""
     out = subprocess.run(
-        [os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
+        [*prefix, os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
          "--iodepth", str(qd), "--runtime", str(runtime)],
         check=True, capture_output=True, text=True)
     return json.loads(out.stdout)

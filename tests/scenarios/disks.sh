@@ -12,19 +12,16 @@ data_id="$(volume data id)"
 ro_id="$(volume ro id)"
 echo "scenario: booting Linux with two disks"
 follow_guest_console
-vmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initramfs.cpio.gz" \
+start_vmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initramfs.cpio.gz" \
     --cmdline "console=ttyS0 reboot=k panic=1 vmm.test=disks" --vcpus 2 --memory 512MiB \
     --disk "socket=$(volume data socket)" --disk "socket=$(volume ro socket),readonly" \
-    --serial "$WORK/console" 2>"$WORK/vmm.log" &
-VMM_PID=$!
+    --serial "$WORK/console"
 wait_console "vmm-test: waiting for vda to grow" 300
 storagectl resize data 2GiB >/dev/null || fail "cannot grow data"
 echo "scenario: grew data to 2 GiB while the guest runs"
-wait "$VMM_PID"
-code=$?
-VMM_PID=""
+wait_vmm 300
 stop_following
-[ "$code" = 0 ] || fail "vmm exited with $code, not 0 (the guest's power-off)"
+[ "$VMM_CODE" = 0 ] || vmm_ended_early "instead of its power-off (exit 0)"
 guest_said "vmm-test: FAIL" && fail "the guest reported a failure"
 # The virtio serial (GET_ID) is the volume id, truncated to the 20 bytes virtio-blk has.
 data_serial="$(echo "$data_id" | cut -c1-20)"

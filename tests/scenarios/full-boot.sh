@@ -11,12 +11,12 @@ storagectl create root --size 1GiB >/dev/null || fail "cannot create the volume"
 socket="$(volume root socket)"
 echo "scenario: booting Linux on an encrypted storaged volume"
 follow_guest_console
-vmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initramfs.cpio.gz" \
+start_vmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initramfs.cpio.gz" \
     --cmdline "console=ttyS0 reboot=k panic=1 vmm.test=fio" --vcpus 2 --memory 512MiB \
-    --disk "socket=$socket" --serial "$WORK/console" 2>"$WORK/vmm.log"
-code=$?
+    --disk "socket=$socket" --serial "$WORK/console"
+wait_vmm 300
 stop_following
-[ "$code" = 0 ] || fail "vmm exited with $code, not 0 (the guest's power-off)"
+[ "$VMM_CODE" = 0 ] || vmm_ended_early "instead of its power-off (exit 0)"
 guest_said "vmm-test: FAIL" && fail "the guest reported a failure"
 guest_said "vmm-test: pattern written and verified" || fail "the guest did not write the pattern"
 guest_said "vmm-test: fio done" || fail "fio did not complete in the guest"

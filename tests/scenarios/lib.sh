@@ -8,6 +8,7 @@ set -u
 # What the scenario started is stopped when it ends, however it ends.
 STORAGED_PID=""
 VMM_PID=""
+VMM_CODE=""
 FOLLOW_PID=""
 stop_all() {
     for pid in $VMM_PID $STORAGED_PID $FOLLOW_PID; do kill -9 "$pid" 2>/dev/null; done
@@ -75,10 +76,77 @@ guest_said() {
     tr -d '\r' <"$WORK/console" 2>/dev/null | grep -q "$1"
 }
 
-# wait_console TEXT SECONDS: waits until the guest's console has a line containing TEXT.
+# vmm_gone: whether the vmm started by start_vmm has exited (its exit code is then in
+# VMM_CODE).
+vmm_gone() {
+    [ -n "$VMM_PID" ] || return 0
+    [ -s "$WORK/vmm.code" ] || return 1
+    VMM_CODE=$(cat "$WORK/vmm.code")
+    VMM_PID=""
+    return 0
+}
+
+# vmm_ended_early WHAT: fails saying that vmm ended (and how) before WHAT. A guest kernel
+# that never reached its init says so apart ("before its init ran"): in an emulated host
+# that is a fault of the emulation the harness may run the scenario again for.
+vmm_ended_early() {
+    how="vmm exited with $VMM_CODE"
+    [ "$VMM_CODE" = 3 ] && how="the guest crashed (vmm exited with 3)"
+    guest_said "vmm-test: init started" || fail "$how before its init ran, $1"
+    fail "$how $1"
+}
+
+# start_vmm ARGS...: vmm in the background (stderr to $WORK/vmm.log), its pid in VMM_PID. A
+# subshell waits for it and writes its exit code to $WORK/vmm.code (a shell's own check of a
+# child, kill -0, cannot tell an exited child that is not reaped yet).
+start_vmm() {
+    rm -f "$WORK/vmm.pid" "$WORK/vmm.code"
+    VMM_CODE=""
+    (
+        vmm "$@" 2>"$WORK/vmm.log" &
+        echo $! >"$WORK/vmm.pid"
+        wait $!
+        echo $? >"$WORK/vmm.code"
+    ) &
+    until [ -s "$WORK/vmm.pid" ]; do sleep 0.1; done
+    VMM_PID=$(cat "$WORK/vmm.pid")
+}
+
+# wait_vmm SILENCE: waits for vmm's end, its exit code then in VMM_CODE. A guest whose
+# console stays silent for SILENCE seconds is stalled: vmm is killed and the scenario fails,
+# saying whether the guest's kernel had reached its init.
+wait_vmm() {
+    last=-1
+    quiet=0
+    until vmm_gone; do
+        size=$(wc -c <"$WORK/console")
+        if [ "$size" = "$last" ]; then
+            quiet=$((quiet + 1))
+        else
+            quiet=0
+            last=$size
+        fi
+        if [ $quiet -ge "$1" ]; then
+            kill -9 "$VMM_PID" 2>/dev/null
+            VMM_PID=""
+            stop_following
+            guest_said "vmm-test: init started" ||
+                fail "the guest stalled before its init ran: its console was silent for $1 s"
+            fail "the guest stalled: its console was silent for $1 s"
+        fi
+        sleep 1
+    done
+}
+
+# wait_console TEXT SECONDS: waits until the guest's console has a line containing TEXT;
+# fails at once if vmm ends first.
 wait_console() {
     i=0
     until guest_said "$1"; do
+        if vmm_gone; then
+            stop_following
+            vmm_ended_early "without '$1' on the guest's console"
+        fi
         [ $i -lt $(($2 * 10)) ] || fail "no '$1' on the guest's console within $2 s"
         sleep 0.1
         i=$((i + 1))

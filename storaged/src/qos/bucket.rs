@@ -116,6 +116,7 @@ mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
+    use crate::qos::test_util::admitted_within;
 
     /// An operations bucket (unit 1) of `rate` a second holding `rate`, as a limit with the
     /// default one-second burst has.
@@ -123,32 +124,14 @@ mod tests {
         Bucket::new(rate, rate, 1, clock.clone())
     }
 
-    /// Drives a closed loop of `cost`-token draws for `span` of fake time, each waiting as the
-    /// bucket says; returns how many were complete.
+    /// How many `cost`-token draws the bucket admits in `span` of fake time.
     fn taken_within(
         b: &Bucket<FakeRelativeClock>,
         clock: &FakeRelativeClock,
         cost: u64,
         span: Duration,
     ) -> u64 {
-        let mut elapsed = Duration::ZERO;
-        let mut count = 0;
-        let mut left = cost;
-        loop {
-            match b.take(&mut left) {
-                Ok(()) => {
-                    count += 1;
-                    left = cost;
-                }
-                Err(wait) => {
-                    if elapsed + wait > span {
-                        return count;
-                    }
-                    clock.advance(wait);
-                    elapsed += wait;
-                }
-            }
-        }
+        admitted_within(clock, cost, span, |left| b.take(left))
     }
 
     #[test]

@@ -225,7 +225,7 @@ mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
-    use crate::qos::{Overrides, QosConfig, TB};
+    use crate::qos::{test_util, Overrides, QosConfig, TB};
     use crate::volume::Tier;
 
     const KIB: u64 = 1024;
@@ -246,32 +246,14 @@ mod tests {
         Limiter::new(l, clock.clone(), None).expect("limited")
     }
 
-    /// Drives a closed loop of `cost`-sized requests for `span` of fake time, each waiting as
-    /// the limiter says; returns how many were admitted.
+    /// How many `cost`-sized requests of queue 0 the limiter admits in `span` of fake time.
     fn admitted_within(
         l: &Limiter<FakeRelativeClock>,
         clock: &FakeRelativeClock,
         cost: Cost,
         span: Duration,
     ) -> u64 {
-        let mut elapsed = Duration::ZERO;
-        let mut count = 0;
-        let mut left = cost;
-        loop {
-            match l.admit(0, &mut left) {
-                Ok(()) => {
-                    count += 1;
-                    left = cost;
-                }
-                Err(wait) => {
-                    if elapsed + wait > span {
-                        return count;
-                    }
-                    clock.advance(wait);
-                    elapsed += wait;
-                }
-            }
-        }
+        test_util::admitted_within(clock, cost, span, |left| l.admit(0, left))
     }
 
     #[test]

@@ -83,6 +83,8 @@
 mod bucket;
 mod limiter;
 mod policy;
+#[cfg(test)]
+mod test_util;
 
 pub use limiter::{Cost, Limiter, QosSlot, QueueWaker, MAX_BATCH_WAIT};
 pub use policy::{
