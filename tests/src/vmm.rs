@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_api::{Counters, VmStatus};
+use vmm_api::{Counters, VmStatus, VmmClient};
 
-use crate::{bin, wait_until, AdminClient};
+use crate::{bin, wait_until};
 
 /// How long [`Vmm::wait`] waits for vmm to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,24 +104,18 @@ impl Vmm {
     }
 
     /// A client of vmm's API.
-    pub fn api(&self) -> AdminClient {
-        AdminClient::new(self.api_socket())
+    pub fn api(&self) -> VmmClient {
+        VmmClient::new(self.api_socket())
     }
 
-    /// `GET /v1/vm`, typed.
+    /// `GET /v1/vm`.
     pub fn status(&self) -> VmStatus {
-        self.get_typed("/v1/vm")
+        self.api().status().expect("GET /v1/vm")
     }
 
-    /// `GET /v1/vm/counters`, typed.
+    /// `GET /v1/vm/counters`.
     pub fn counters(&self) -> Counters {
-        self.get_typed("/v1/vm/counters")
-    }
-
-    fn get_typed<T: serde::de::DeserializeOwned>(&self, target: &str) -> T {
-        let r = self.api().get(target).expect("vmm's API answers");
-        assert_eq!(r.status, 200, "GET {target}: {}", r.body);
-        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("GET {target}: {e}: {}", r.body))
+        self.api().counters().expect("GET /v1/vm/counters")
     }
 
     /// Everything vmm wrote on its stdout so far: the serial console, unless `--serial` sent

@@ -436,15 +436,11 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
     assert_eq!(config.vcpus, 2);
     assert_eq!(config.memory_bytes, 64 << 20);
 
-    let r = c.request("POST", "/v1/vm/pause", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.pause().unwrap().state, VmState::Paused);
     assert_eq!(vmm.status().state, VmState::Paused);
-    let r = c.request("POST", "/v1/vm/pause", None).unwrap();
-    assert_eq!(r.status, 409);
-    assert!(r.json()["error"]
-        .as_str()
-        .unwrap()
-        .contains("already paused"));
+    let e = c.pause().unwrap_err();
+    assert_eq!(e.status(), Some(409));
+    assert!(e.to_string().contains("already paused"), "{e}");
     // Paused: the guest writes nothing more. (What it wrote before reaches the file within
     // the console writer's few milliseconds.)
     std::thread::sleep(Duration::from_millis(100));
@@ -452,17 +448,13 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(std::fs::metadata(&console).unwrap().len(), len);
 
-    let r = c.request("POST", "/v1/vm/resume", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.resume().unwrap().state, VmState::Running);
     wait_until(
         "the guest did not run again",
         Duration::from_secs(10),
         || std::fs::metadata(&console).unwrap().len() != len,
     );
-    assert_eq!(
-        c.request("POST", "/v1/vm/resume", None).unwrap().status,
-        409
-    );
+    assert_eq!(c.resume().unwrap_err().status(), Some(409));
 
     let exits = vmm.counters().vcpu_exits;
     assert!(exits[&ExitKind::IoOut] >= len);
@@ -478,8 +470,7 @@ fn the_api_pauses_and_resumes_the_vm_and_counts_exits() {
     let r = c.request("GET", "/v1/vm/pause", None).unwrap();
     assert_eq!(r.status, 405);
 
-    let r = c.request("POST", "/v1/vm/kill", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.kill().unwrap().exit_code, Some(4));
     assert_eq!(vmm.wait().code(), Some(4));
     assert!(!api.exists(), "API socket left behind");
 }
@@ -499,8 +490,7 @@ fn an_api_shutdown_ends_the_vmm_with_0_and_a_busy_api_socket_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("another process serves it"));
     let c = vmm.api();
-    let r = c.request("POST", "/v1/vm/shutdown", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.shutdown().unwrap().exit_code, Some(0));
     assert_eq!(vmm.wait().code(), Some(0));
     assert!(!api.exists());
 }
@@ -564,8 +554,8 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
     assert_eq!(vm.state, VmState::NotStarted);
     assert_eq!(vm.config, None);
     // Nothing to start or pause yet.
-    assert_eq!(c.request("POST", "/v1/vm/start", None).unwrap().status, 409);
-    assert_eq!(c.request("POST", "/v1/vm/pause", None).unwrap().status, 409);
+    assert_eq!(c.start().unwrap_err().status(), Some(409));
+    assert_eq!(c.pause().unwrap_err().status(), Some(409));
     // The command line's checks, as 400s that say what is wrong.
     let k = guest("hello");
     let bad = format!(r#"{{"kernel":"{}","vcpus":0}}"#, k.display());
@@ -595,11 +585,12 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
         k.display(),
         console.display()
     );
+    // The JSON as a client in any language writes it.
     let r = c.request("PUT", "/v1/vm/config", Some(&good)).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(c.get("/v1/vm").unwrap().json()["config"]["vcpus"], 2);
-    let r = c.request("POST", "/v1/vm/start", None).unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
+    let config = vmm.status().config.expect("configured");
+    assert_eq!((config.vcpus, config.memory_bytes), (2, 64 << 20));
+    c.start().unwrap();
     // The hello guest prints and resets: the VMM ends with 0.
     assert_eq!(vmm.wait().code(), Some(0));
     assert_eq!(
@@ -607,6 +598,34 @@ fn a_vm_can_be_configured_and_started_through_the_api() {
         "hello from the test guest\n"
     );
     assert!(!api.exists());
+}
+
+#[test]
+fn a_configuration_sent_as_the_api_crates_types_boots_the_vm_it_describes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let console = tmp.path().join("console.log");
+    let mut vmm = Vmm::start_with_api(&tmp.path().join("api.sock"), &[]);
+    let c = vmm.api();
+    let config = vmm_api::VmConfig {
+        kernel: guest("hello"),
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        vcpus: 1,
+        memory: vmm_api::ByteSize(64 << 20),
+        serial: console.to_str().unwrap().into(),
+        serial_log_max: None,
+        disks: vec![],
+    };
+    let status = c.configure(&config).unwrap();
+    assert_eq!(status.state, VmState::NotStarted);
+    let info = status.config.expect("the configuration is shown");
+    assert_eq!((info.vcpus, info.memory_bytes), (1, 64 << 20));
+    assert_eq!(c.start().unwrap().state, VmState::Starting);
+    assert_eq!(vmm.wait().code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "hello from the test guest\n"
+    );
 }
 
 #[test]

@@ -2,13 +2,18 @@
 //! values), what `GET /v1/vm` shows ([`VmStatus`]), the answers of the state changes
 //! ([`Transition`]), `GET /v1/vm/counters` ([`Counters`], vCPU exits by [`ExitKind`]) and the
 //! exit codes of the process ([`ProcessExit`]). vmm parses into and answers with these; the
-//! tests and the node agent read them. `vmm/openapi.yaml` describes the same API.
+//! tests and the node agent read them, through [`VmmClient`] on the API socket.
+//! `vmm/openapi.yaml` describes the same API.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 pub use size::ByteSize;
+
+pub mod client;
+
+pub use client::VmmClient;
 
 /// A vhost-user-blk disk: `{"socket": "/run/storaged/db1.sock", "read_only": false}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,243 @@
+//! A small blocking client for an HTTP/1.1 + JSON API on a Unix socket: std's `UnixStream`, no
+//! async runtime, one request per connection (`Connection: close`). storaged's admin API
+//! (`storaged-api`) and vmm's API (`vmm-api`) are both reached through it.
+//!
+//! [`Client::call`] sends a typed body and decodes a 2xx answer; any other answer is
+//! [`Error::Api`] with its status and the `"error"` of the body, which both daemons send on
+//! every error. [`Client::request`] sends any request and returns the raw [`Response`], for
+//! callers that check statuses and bodies themselves.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// How long an answer may take: storaged's longest call (a create that fills a preallocated
+/// volume, a key rotation) stays well inside it.
+const READ_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Errors of a call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot connect to {path} (is {daemon} running?)")]
+    Connect {
+        path: PathBuf,
+        daemon: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error on the API socket")]
+    Io(#[from] std::io::Error),
+    #[error("Malformed HTTP response: {0}")]
+    Malformed(String),
+    /// The daemon answered with an error status; `message` is its `"error"`.
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("Cannot encode the request body")]
+    Encode(#[source] serde_json::Error),
+    #[error("Unexpected answer to {target} (HTTP {status})")]
+    Decode {
+        target: String,
+        status: u16,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// The HTTP status of an error answer; `None` for errors that got no answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// An HTTP response: status and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Response {
+    /// The body as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// The body of an error answer.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// Client of one API socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    path: PathBuf,
+    /// Who serves the socket ("storaged", "vmm"): the `Host` header, and named when the
+    /// socket cannot be reached.
+    daemon: &'static str,
+}
+
+impl Client {
+    pub fn new(path: impl AsRef<Path>, daemon: &'static str) -> Self {
+        Client {
+            path: path.as_ref().to_owned(),
+            daemon,
+        }
+    }
+
+    /// The socket this client talks to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends one request; `body` is sent as JSON if given.
+    pub fn request(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&str>,
+    ) -> Result<Response, Error> {
+        let mut stream = UnixStream::connect(&self.path).map_err(|source| Error::Connect {
+            path: self.path.clone(),
+            daemon: self.daemon,
+            source,
+        })?;
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        let body = body.unwrap_or("");
+        let mut req = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.daemon
+        );
+        if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        stream.write_all(req.as_bytes())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        parse_response(&raw)
+    }
+
+    pub fn get(&self, target: &str) -> Result<Response, Error> {
+        self.request("GET", target, None)
+    }
+
+    /// Sends one request with a typed body (none: `None::<&()>`) and decodes a 2xx answer
+    /// as `R`.
+    pub fn call<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<R, Error> {
+        let body = body
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(Error::Encode)?;
+        let resp = self.request(method, target, body.as_deref())?;
+        if !resp.is_success() {
+            let message = serde_json::from_str::<ErrorBody>(&resp.body)
+                .map(|b| b.error)
+                .unwrap_or(resp.body);
+            return Err(Error::Api {
+                status: resp.status,
+                message,
+            });
+        }
+        serde_json::from_str(&resp.body).map_err(|source| Error::Decode {
+            target: target.to_string(),
+            status: resp.status,
+            source,
+        })
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response, Error> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::Malformed("no end of headers".into()))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Malformed(format!("status line '{status_line}'")))?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut s: &str) -> Result<String, Error> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s
+            .split_once("\r\n")
+            .ok_or_else(|| Error::Malformed("truncated chunk".into()))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| Error::Malformed(format!("chunk size '{size}'")))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest
+            .get(..size)
+            .ok_or_else(|| Error::Malformed("short chunk".into()))?;
+        out.push_str(chunk);
+        s = rest.get(size + 2..).unwrap_or("");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let r = parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (201, "{}"));
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.body, "abcde");
+        assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn an_unreachable_socket_names_the_daemon_expected_there() {
+        let e = Client::new("/nonexistent/api.sock", "vmm")
+            .get("/v1/vm")
+            .unwrap_err();
+        assert!(matches!(e, Error::Connect { .. }));
+        assert_eq!(
+            e.to_string(),
+            "Cannot connect to /nonexistent/api.sock (is vmm running?)"
+        );
+        assert_eq!(e.status(), None);
+    }
+}

@@ -1,0 +1,84 @@
+//! A blocking client for vmm's API on its Unix socket (`--api-sock`), for the node agent and
+//! the tests, over `unix-http`. Each call sends and returns the types of this crate; an
+//! answer other than 2xx is [`Error::Api`] with its status and vmm's message (409 for a
+//! transition the VM's state does not allow, 400 for a configuration the command line would
+//! refuse too).
+
+use std::path::Path;
+
+pub use unix_http::{Error, Response};
+
+use crate::{Counters, Transition, VmConfig, VmStatus};
+
+/// Client of one vmm's API socket.
+#[derive(Debug, Clone)]
+pub struct VmmClient {
+    http: unix_http::Client,
+}
+
+impl VmmClient {
+    pub fn new(api_socket: impl AsRef<Path>) -> Self {
+        VmmClient {
+            http: unix_http::Client::new(api_socket, "vmm"),
+        }
+    }
+
+    /// Sends one request; `body` is sent as JSON if given.
+    pub fn request(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&str>,
+    ) -> Result<Response, Error> {
+        self.http.request(method, target, body)
+    }
+
+    pub fn get(&self, target: &str) -> Result<Response, Error> {
+        self.http.get(target)
+    }
+
+    /// `GET /v1/vm`: the VM's state and configuration.
+    pub fn status(&self) -> Result<VmStatus, Error> {
+        self.http.call("GET", "/v1/vm", None::<&()>)
+    }
+
+    /// `PUT /v1/vm/config`: configures a vmm started with only an API socket.
+    pub fn configure(&self, config: &VmConfig) -> Result<VmStatus, Error> {
+        self.http.call("PUT", "/v1/vm/config", Some(config))
+    }
+
+    /// `POST /v1/vm/start`.
+    pub fn start(&self) -> Result<Transition, Error> {
+        self.transition("start")
+    }
+
+    /// `POST /v1/vm/pause`.
+    pub fn pause(&self) -> Result<Transition, Error> {
+        self.transition("pause")
+    }
+
+    /// `POST /v1/vm/resume`.
+    pub fn resume(&self) -> Result<Transition, Error> {
+        self.transition("resume")
+    }
+
+    /// `POST /v1/vm/shutdown`: the VM ends and vmm exits with 0.
+    pub fn shutdown(&self) -> Result<Transition, Error> {
+        self.transition("shutdown")
+    }
+
+    /// `POST /v1/vm/kill`: vmm exits with 4.
+    pub fn kill(&self) -> Result<Transition, Error> {
+        self.transition("kill")
+    }
+
+    /// `GET /v1/vm/counters`.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        self.http.call("GET", "/v1/vm/counters", None::<&()>)
+    }
+
+    fn transition(&self, name: &str) -> Result<Transition, Error> {
+        self.http
+            .call("POST", &format!("/v1/vm/{name}"), None::<&()>)
+    }
+}
