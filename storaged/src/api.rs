@@ -27,6 +27,8 @@ pub struct ApiState {
     pub service: Arc<VolumeService>,
     pub metrics: Metrics,
     pub metrics_url: Option<String>,
+    /// The replication listener's bound address, if it listens.
+    pub replication_listen: Option<String>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -167,6 +169,7 @@ async fn delete_volume(
 
 async fn info(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let url = s.metrics_url.clone();
+    let replication_listen = s.replication_listen.clone();
     let v = with_service(&s, move |svc| {
         Ok(Info {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -174,6 +177,7 @@ async fn info(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
             admin_socket: svc.paths().admin_socket.clone(),
             socket_dir: svc.paths().socket_dir.clone(),
             metrics_url: url,
+            replication_listen,
             pool_capacity_bytes: svc.pool_capacity(),
             allocated_bytes: svc.allocated_bytes(),
         })

@@ -70,6 +70,34 @@ pub struct Config {
     pub qos: QosConfig,
     /// Encryption at rest.
     pub encryption: EncryptionConfig,
+    /// Replication of volumes to a peer storaged.
+    pub replication: ReplicationConfig,
+}
+
+/// Replication to and from peer storaged daemons (see [`crate::replication`]). Every
+/// replication connection is TCP with mutual TLS: this daemon presents `cert` (with `key`) and
+/// accepts only peers whose certificate `ca` signed. Off unless set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Address peers connect to, `IP:PORT`. Default: none (this daemon accepts no peer; it can
+    /// still replicate its volumes to others when `cert`, `key` and `ca` are set).
+    pub listen: Option<String>,
+    /// This daemon's certificate chain (PEM), presented to peers both ways.
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// The CA certificates (PEM) a peer's certificate must be signed by.
+    pub ca: Option<PathBuf>,
+}
+
+/// Replication's resolved settings: the TLS files, and the address to listen on if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationResolved {
+    pub listen: Option<SocketAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// Encryption at rest (see [`crate::crypto`] and [`crate::keys`]).
@@ -150,6 +178,8 @@ pub struct Resolved {
     pub admin_socket: PathBuf,
     pub socket_dir: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
+    /// None when replication is not configured.
+    pub replication: Option<ReplicationResolved>,
 }
 
 impl Config {
@@ -250,12 +280,62 @@ impl Config {
         if let Some(cap) = self.pool_capacity {
             volume::validate_size(cap.0).map_err(|e| invalid("pool_capacity", e.to_string()))?;
         }
+        let replication = self.replication.resolve()?;
         Ok(Resolved {
             data_dir,
             admin_socket,
             socket_dir,
             metrics_addr,
+            replication,
         })
+    }
+}
+
+impl ReplicationConfig {
+    /// The resolved settings: None when nothing is set; the TLS files all three or none; a
+    /// listen address only with them.
+    fn resolve(&self) -> Result<Option<ReplicationResolved>, Error> {
+        let invalid = |key, reason: String| Error::Invalid { key, reason };
+        let listen = match self.listen.as_deref() {
+            None | Some("off") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "replication.listen",
+                    format!("'{a}' is not an IP:port address ({e})"),
+                )
+            })?),
+        };
+        match (&self.cert, &self.key, &self.ca) {
+            (None, None, None) if listen.is_none() => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(ReplicationResolved {
+                listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })),
+            _ => {
+                let missing: Vec<&str> = [
+                    ("replication.cert", self.cert.is_none()),
+                    ("replication.key", self.key.is_none()),
+                    ("replication.ca", self.ca.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(k, m)| m.then_some(k))
+                .collect();
+                Err(invalid(
+                    missing[0],
+                    format!(
+                        "replication is mutual TLS: set {} too (cert, key and ca go together{})",
+                        missing.join(", "),
+                        if listen.is_some() {
+                            ", and listen needs them"
+                        } else {
+                            ""
+                        }
+                    ),
+                ))
+            }
+        }
     }
 }
 
@@ -311,6 +391,61 @@ mod tests {
         assert_eq!(c.volume_defaults.num_queues, d.volume_defaults.num_queues);
         assert_eq!(c.volume_defaults.tier, d.volume_defaults.tier);
         assert_eq!(c.qos, d.qos);
+        assert_eq!(c.validate().unwrap().replication, None);
+    }
+
+    #[test]
+    fn replication_needs_its_three_tls_files_and_an_ip_port_to_listen_on() {
+        let with = |toml: &str| {
+            let mut c = Config::from_toml(toml).unwrap();
+            c.data_dir = Some("/d".into());
+            c.validate()
+        };
+        assert_eq!(with("").unwrap().replication, None);
+        assert_eq!(
+            with("[replication]\nlisten = \"off\"").unwrap().replication,
+            None
+        );
+        let tls = "cert = \"/c.pem\"\nkey = \"/k.pem\"\nca = \"/ca.pem\"\n";
+        let r = with(&format!("[replication]\nlisten = \"10.0.0.1:7420\"\n{tls}"))
+            .unwrap()
+            .replication
+            .unwrap();
+        assert_eq!(r.listen, Some("10.0.0.1:7420".parse().unwrap()));
+        assert_eq!(r.ca, PathBuf::from("/ca.pem"));
+        // TLS alone: replicates to peers, accepts none.
+        let r = with(&format!("[replication]\n{tls}"))
+            .unwrap()
+            .replication
+            .unwrap();
+        assert_eq!(r.listen, None);
+
+        let e = with("[replication]\nlisten = \"10.0.0.1:7420\"").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Invalid {
+                key: "replication.cert",
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("listen needs them"), "{e}");
+        let e = with("[replication]\ncert = \"/c.pem\"\nkey = \"/k.pem\"").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Invalid {
+                key: "replication.ca",
+                ..
+            }
+        ));
+        let e = with(&format!("[replication]\nlisten = \"somewhere\"\n{tls}")).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Invalid {
+                key: "replication.listen",
+                ..
+            }
+        ));
+        assert!(Config::from_toml("[replication]\nport = 1").is_err());
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub enum Error {
     },
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("Cannot set up replication's TLS")]
+    ReplicationTls(#[from] crate::replication::tls::Error),
+    #[error(transparent)]
+    ReplicationListen(#[from] crate::replication::listener::Error),
 }
 
 fn create_dir(path: &Path, mode: u32) -> Result<(), Error> {
@@ -95,6 +99,12 @@ pub fn run(config: Config) -> Result<(), Error> {
     let keys = open_keys(&config, &paths.data_dir)?;
     warn_if_keys_beside_volumes(keys.as_ref(), &paths.data_dir.join("volumes"));
 
+    let replication_tls = paths
+        .replication
+        .as_ref()
+        .map(crate::replication::tls::Tls::load)
+        .transpose()?;
+
     let metrics = Metrics::new()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,6 +133,15 @@ pub fn run(config: Config) -> Result<(), Error> {
             Some(l) => l.local_addr().ok().map(|a| format!("http://{a}/metrics")),
             None => None,
         };
+        // Bound before the admin API answers, so that /v1/info can tell its address.
+        let replication_listener = match paths.replication.as_ref().and_then(|r| r.listen) {
+            Some(addr) => Some(crate::replication::listener::bind(addr).await?),
+            None => None,
+        };
+        let replication_listen = replication_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string());
         let _ = fs::remove_file(&paths.admin_socket);
         let admin = UnixListener::bind(&paths.admin_socket).map_err(|source| Error::Listen {
             what: "admin socket",
@@ -140,6 +159,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             service: service.clone(),
             metrics: metrics.clone(),
             metrics_url: metrics_url.clone(),
+            replication_listen: replication_listen.clone(),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut admin_rx = stop_rx.clone();
@@ -165,10 +185,22 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
         });
 
+        if let (Some(listener), Some(tls)) = (replication_listener, replication_tls.clone()) {
+            tokio::spawn(crate::replication::listener::serve(
+                listener,
+                tls,
+                stop_rx.clone(),
+                |_stream, peer| async move {
+                    tracing::info!(%peer, "replication peer closed: no session is served yet");
+                },
+            ));
+        }
+
         let volumes = service.list().len();
         tracing::info!(
             admin_socket = %paths.admin_socket.display(),
             metrics_url = metrics_url.as_deref().unwrap_or("off"),
+            replication_listen = replication_listen.as_deref().unwrap_or("off"),
             data_dir = %paths.data_dir.display(),
             volumes,
             "storaged ready"

@@ -6,7 +6,8 @@
 //!   its API answers, log, restart, kill, tear down on drop) and [`AdminClient`] for its API.
 //! - `vmm.rs`: [`Vmm`], the microVM monitor booting a test guest ([`guest`]) in the same shape
 //!   (run to its end, or start and wait for its API socket; output captured; signal, wait for
-//!   the exit code, kill on drop). Its API is reached with the same [`AdminClient`].
+//!   the exit code, kill on drop). Its API is reached with `vmm-api`'s `VmmClient`.
+//! - [`pki`]: a CA and the node certificates it signs, for replication's mutual TLS.
 //! - `blk_client.rs`: [`BlkClient`], a vhost-user-blk client on the `blkio` crate (libblkio's
 //!   virtio-blk-vhost-user driver, written by the QEMU authors) for storaged's volumes.
 //! - [`raw_frontend`]: a vhost-user frontend written by hand, for requests and rings no
@@ -28,6 +29,7 @@
 mod blk_client;
 pub mod devices;
 pub mod emulated_host;
+pub mod pki;
 pub mod raw_frontend;
 pub mod scripted_backend;
 // The two harnesses are re-exported here, their modules not public: a public module named

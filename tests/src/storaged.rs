@@ -180,6 +180,17 @@ impl Storaged {
             .expect("storaged serves metrics")
     }
 
+    /// The address the replication listener is bound to (`GET /v1/info`).
+    pub fn replication_addr(&self) -> std::net::SocketAddr {
+        self.admin()
+            .info()
+            .expect("GET /v1/info")
+            .replication_listen
+            .expect("storaged listens for replication peers")
+            .parse()
+            .expect("an IP:port")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

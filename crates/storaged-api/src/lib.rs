@@ -424,6 +424,9 @@ pub struct Info {
     pub socket_dir: PathBuf,
     /// Where `/metrics` is served on TCP (null: off).
     pub metrics_url: Option<String>,
+    /// The address replication peers connect to, `IP:PORT` (null: none are accepted).
+    #[serde(default)]
+    pub replication_listen: Option<String>,
     /// The pool's capacity (null: unbounded).
     pub pool_capacity_bytes: Option<u64>,
     /// Sum of the volumes' sizes and of what operations under way have reserved.
