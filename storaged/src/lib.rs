@@ -16,6 +16,7 @@ pub mod log_writer;
 pub mod metrics;
 pub mod notify;
 pub mod qos;
+pub mod replication;
 pub mod service;
 pub mod volume;
 

@@ -1,0 +1,3 @@
+//! Replication of a volume to a peer storaged over TCP and mutual TLS.
+
+pub mod wire;
