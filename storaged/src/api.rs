@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use storaged_api::{CreateVolume, ErrorBody, Info, UpdateVolume};
+use storaged_api::{CreateVolume, ErrorBody, Info, StartReplication, UpdateVolume};
 
 use crate::metrics::Metrics;
 use crate::service::{self, ErrorKind, VolumeService};
@@ -29,6 +29,8 @@ pub struct ApiState {
     pub metrics_url: Option<String>,
     /// The replication listener's bound address, if it listens.
     pub replication_listen: Option<String>,
+    /// The replication link's TLS, when `[replication]` is configured.
+    pub replication_tls: Option<crate::replication::tls::Tls>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -137,6 +139,84 @@ async fn update_volume(
     Ok(Json(v))
 }
 
+/// `POST /v1/volumes/{name}/replication`: asks the peer to create the secondary, then records
+/// the relationship here. The peer's refusal is answered with the status it gave (409: it has
+/// a volume of that name; 507: its pool is full); a peer that cannot be reached or
+/// authenticated with 502, one that does not answer with 504.
+async fn start_replication(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    use crate::replication::session::{self, Error as PeerError};
+    use crate::replication::wire::{DekBytes, Message, VolumeSpec};
+    use crate::replication::{Relationship, ReplicationRole};
+
+    let req: StartReplication = parse_body(&body)?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let Some(tls) = s.replication_tls.clone() else {
+        return Err(bad(
+            "replication is not configured here: set [replication] cert, key and ca".into(),
+        ));
+    };
+    if req.rpo_seconds == 0 {
+        return Err(bad("rpo_seconds must be at least 1".into()));
+    }
+    let source_name = name.clone();
+    let (spec, dek) = with_service(&s, move |svc| svc.replication_source(&source_name)).await?;
+    let block_size = with_service(&s, {
+        let name = name.clone();
+        move |svc| svc.get(&name).map(|v| v.block_size)
+    })
+    .await?;
+    let relationship = uuid::Uuid::new_v4();
+    let create = Message::Create {
+        relationship: *relationship.as_bytes(),
+        volume: VolumeSpec {
+            name: spec.name.to_string(),
+            id: spec.id.clone(),
+            size: spec.size_bytes,
+            block_size,
+            tier: spec.tier.to_string(),
+            encrypted: spec.encryption.is_some(),
+            num_queues: spec.num_queues,
+        },
+        dek: dek.map(|k| DekBytes::new(k.as_bytes().to_vec())),
+    };
+    session::create_on_peer(&tls, &req.peer, &create)
+        .await
+        .map_err(|e| {
+            let status = match &e {
+                PeerError::BadPeer(_) | PeerError::ServerName(_) => StatusCode::BAD_REQUEST,
+                PeerError::Refused { status, .. } => {
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+                }
+                PeerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            tracing::warn!(volume = %name, peer = %req.peer, "replication not started: {}", crate::error_chain(&e));
+            ApiError(status, crate::error_chain(&e))
+        })?;
+    let rel = Relationship {
+        id: relationship.to_string(),
+        role: ReplicationRole::Primary,
+        peer: req.peer.clone(),
+        mode: req.mode,
+        rpo_seconds: req.rpo_seconds,
+        generation: 0,
+    };
+    let v = with_service(&s, move |svc| svc.set_relationship(&name, rel)).await?;
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn get_replication(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, move |svc| svc.replication_info(&name)).await?;
+    Ok(Json(v))
+}
+
 async fn clear_failure(
     State(s): State<ApiState>,
     Path(name): Path<String>,
@@ -226,6 +306,10 @@ pub fn router(state: ApiState) -> Router {
             get(get_volume).patch(update_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/clear-failure", post(clear_failure))
+        .route(
+            "/v1/volumes/{name}/replication",
+            get(get_replication).post(start_replication),
+        )
         .route("/v1/info", get(info))
         .route("/v1/keys", get(key_status))
         .route("/v1/keys/rotate", post(rotate_keys))
@@ -292,10 +376,11 @@ mod tests {
     }
 
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 7] = [
+    const ROUTES: [&str; 8] = [
         "/v1/volumes",
         "/v1/volumes/{name}",
         "/v1/volumes/{name}/clear-failure",
+        "/v1/volumes/{name}/replication",
         "/v1/info",
         "/v1/keys",
         "/v1/keys/rotate",

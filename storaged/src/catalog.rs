@@ -212,6 +212,7 @@ mod tests {
             bandwidth_limit: None,
             encryption: None,
             owner: None,
+            replication: None,
         }
     }
 

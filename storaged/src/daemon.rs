@@ -160,6 +160,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             metrics: metrics.clone(),
             metrics_url: metrics_url.clone(),
             replication_listen: replication_listen.clone(),
+            replication_tls: replication_tls.clone(),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut admin_rx = stop_rx.clone();
@@ -190,8 +191,11 @@ pub fn run(config: Config) -> Result<(), Error> {
                 listener,
                 tls,
                 stop_rx.clone(),
-                |_stream, peer| async move {
-                    tracing::info!(%peer, "replication peer closed: no session is served yet");
+                {
+                    let service = service.clone();
+                    move |stream, peer| {
+                        crate::replication::session::serve(stream, peer, service.clone())
+                    }
                 },
             ));
         }

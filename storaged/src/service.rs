@@ -31,10 +31,12 @@ use crate::crypto::{self, Dek, Xts};
 use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
+use crate::replication::{Relationship, ReplicationRole};
 use crate::volume::{self, Backing, Owner, VolumeName, VolumeSpec};
 use size::ByteSize;
 use storaged_api::{
-    CreateVolume, Deleted, KeyStatus, Rotated, UpdateVolume, VolumeInfo, KEY_REMOVED,
+    CreateVolume, Deleted, KeyStatus, ReplicationInfo, Rotated, UpdateVolume, VolumeInfo,
+    KEY_REMOVED,
 };
 
 /// Errors of volume operations; [`Error::kind`] says which kind each is, and the API answers
@@ -69,6 +71,12 @@ pub enum Error {
     NotServing(String, String),
     #[error("Volume '{0}' has no recorded I/O failure to clear")]
     NotFailed(String),
+    /// The request contradicts the volume's replication (it is a secondary, it is already
+    /// replicated).
+    #[error("{0}")]
+    Replication(String),
+    #[error("Volume '{0}' is not replicated")]
+    NotReplicated(String),
     #[error(transparent)]
     Failure(#[from] failure::Error),
     #[error(transparent)]
@@ -128,10 +136,11 @@ impl Error {
             {
                 ErrorKind::BadRequest
             }
-            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::NotFound(_) | Error::NotReplicated(_) => ErrorKind::NotFound,
             Error::AlreadyExists(_)
             | Error::Attached(_)
             | Error::NotFailed(_)
+            | Error::Replication(_)
             | Error::Backing(B::DeviceBusy { .. }) => ErrorKind::Conflict,
             Error::Busy(..) | Error::RotationUnderWay => ErrorKind::Busy,
             Error::PoolFull { .. } => ErrorKind::PoolFull,
@@ -144,6 +153,17 @@ impl Error {
             | Error::RemoveFile { .. } => ErrorKind::Internal,
         }
     }
+}
+
+/// What a peer's primary gives the secondary it asks this daemon to create, beyond an
+/// ordinary create's fields.
+pub struct SecondaryOrigin {
+    /// The primary volume's id, kept (the guest's serial).
+    pub id: String,
+    /// The primary's data key, for an encrypted volume: wrapped here under this daemon's KEK.
+    pub dek: Option<Dek>,
+    /// The relationship, this side's role secondary.
+    pub relationship: Relationship,
 }
 
 /// Volumes of this daemon (see the module doc for its two locks).
@@ -393,6 +413,7 @@ impl VolumeService {
                 })
             }),
             failed_at: io_failure.map(|f| f.at),
+            replication_role: spec.replication.as_ref().map(|r| r.role),
         }
     }
 
@@ -495,6 +516,49 @@ impl VolumeService {
     }
 
     pub fn create(&self, req: CreateVolume) -> Result<VolumeInfo, Error> {
+        self.create_volume(req, None)
+    }
+
+    /// Creates the secondary of a relationship a peer's primary asked for: `req` as the
+    /// primary's volume is (name, size, tier, queues, encryption), with its id and key, served
+    /// read-only to frontends.
+    pub fn create_secondary(
+        &self,
+        req: CreateVolume,
+        origin: SecondaryOrigin,
+        block_size: u32,
+    ) -> Result<VolumeInfo, Error> {
+        if uuid::Uuid::parse_str(&origin.id).is_err() {
+            return Err(Error::BadRequest(format!(
+                "volume id '{}' is not a UUID",
+                origin.id
+            )));
+        }
+        if req.device.is_some() {
+            return Err(Error::BadRequest(
+                "a secondary is created on a file of this daemon's pool".into(),
+            ));
+        }
+        let name = req.name.clone();
+        let info = self.create_volume(req, Some(origin))?;
+        // The guest's file system is laid out in the primary's blocks: a secondary whose
+        // storage takes only larger ones could not serve it after a failover.
+        if info.block_size != block_size {
+            let _ = self.delete_volume(&name, true, true);
+            return Err(Error::Replication(format!(
+                "the volume's blocks are {block_size} bytes, but this daemon's storage offers \
+                 {} for it",
+                info.block_size
+            )));
+        }
+        Ok(info)
+    }
+
+    fn create_volume(
+        &self,
+        req: CreateVolume,
+        origin: Option<SecondaryOrigin>,
+    ) -> Result<VolumeInfo, Error> {
         let name: VolumeName = req.name.parse()?;
         let size = req.size.0;
         volume::validate_size(size)?;
@@ -555,10 +619,25 @@ impl VolumeService {
             }
             identity
         });
+        if let Some(o) = &origin {
+            if encrypted != o.dek.is_some() {
+                return Err(Error::BadRequest(
+                    "the volume's encryption and the key sent with it disagree".into(),
+                ));
+            }
+        }
         let _held = {
             let mut st = self.state();
             if st.volumes.contains_key(&name) {
                 return Err(Error::AlreadyExists(name.to_string()));
+            }
+            if let Some(o) = &origin {
+                if let Some(v) = st.volumes.values().find(|v| v.id == o.id) {
+                    return Err(Error::Replication(format!(
+                        "volume id {} is already volume '{}' here",
+                        o.id, v.name
+                    )));
+                }
             }
             if let Some(c) = st.busy.get(&name) {
                 return Err(Error::Busy(name.to_string(), c.op));
@@ -616,10 +695,17 @@ impl VolumeService {
             }
         };
 
-        let id = uuid::Uuid::new_v4().to_string();
+        let (id, given_dek, replication) = match origin {
+            Some(o) => (o.id, o.dek, Some(o.relationship)),
+            None => (uuid::Uuid::new_v4().to_string(), None, None),
+        };
         let encryption = if encrypted {
-            let dek = Dek::generate()
-                .map_err(|e| Error::BadRequest(format!("cannot draw a key: {e}")))?;
+            // A secondary's key is its primary's, wrapped here under this daemon's KEK.
+            let dek = match given_dek {
+                Some(d) => d,
+                None => Dek::generate()
+                    .map_err(|e| Error::BadRequest(format!("cannot draw a key: {e}")))?,
+            };
             Some(keys::wrap(self.keys.as_ref(), &id, &dek)?)
         } else {
             None
@@ -655,6 +741,7 @@ impl VolumeService {
             bandwidth_limit: overrides.bandwidth_limit,
             encryption,
             owner: req.owner,
+            replication,
         };
         let undo_file = |spec: &VolumeSpec| {
             if let Backing::File { path, .. } = &spec.backing {
@@ -713,13 +800,112 @@ impl VolumeService {
             kek = spec.encryption.as_ref().map_or("", |w| w.kek_id.as_str()),
             owner = %spec.owner.as_ref().map_or("none".to_string(), Owner::to_string),
             socket = %export.socket_path().display(),
+            role = spec.replication.as_ref().map_or("none", |r| match r.role {
+                ReplicationRole::Primary => "primary",
+                ReplicationRole::Secondary => "secondary",
+            }),
             "volume created"
         );
         Ok(self.info_of(&spec))
     }
 
+    /// What a primary tells its peer of the volume `name` it starts replicating: its spec and
+    /// its key. Refused for a volume that is already part of a relationship.
+    pub fn replication_source(&self, name: &str) -> Result<(VolumeSpec, Option<Dek>), Error> {
+        let n: VolumeName = name.parse()?;
+        let spec = {
+            let st = self.state();
+            let spec = st
+                .volumes
+                .get(&n)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(name.to_string()))?;
+            if let Some(c) = st.busy.get(&n) {
+                return Err(Error::Busy(name.to_string(), c.op));
+            }
+            spec
+        };
+        Self::not_replicated(&spec)?;
+        let dek = match &spec.encryption {
+            Some(w) => Some(keys::unwrap(self.keys.as_ref(), &spec.id, w)?),
+            None => None,
+        };
+        Ok((spec, dek))
+    }
+
+    fn not_replicated(spec: &VolumeSpec) -> Result<(), Error> {
+        match &spec.replication {
+            None => Ok(()),
+            Some(r) if r.role == ReplicationRole::Secondary => Err(Error::Replication(format!(
+                "volume '{}' is the secondary of a relationship with {}: it cannot be replicated \
+                 itself",
+                spec.name, r.peer
+            ))),
+            Some(r) => Err(Error::Replication(format!(
+                "volume '{}' is already replicated to {}",
+                spec.name, r.peer
+            ))),
+        }
+    }
+
+    /// Records the relationship of the primary volume `name` (whose peer accepted it).
+    pub fn set_relationship(
+        &self,
+        name: &str,
+        rel: Relationship,
+    ) -> Result<ReplicationInfo, Error> {
+        let (_held, spec, _export) = self.claim(name, "replication")?;
+        Self::not_replicated(&spec)?;
+        let mut new = spec.clone();
+        new.replication = Some(rel);
+        {
+            let mut catalog = crate::lock(&self.catalog);
+            catalog.put(new.clone())?;
+            self.state().volumes.insert(new.name.clone(), new.clone());
+        }
+        tracing::info!(volume = %new.name, peer = %new.replication.as_ref().map_or("", |r| r.peer.as_str()), "replication started: this volume is the primary");
+        self.replication_info(name)
+    }
+
+    /// `GET /v1/volumes/{name}/replication`.
+    pub fn replication_info(&self, name: &str) -> Result<ReplicationInfo, Error> {
+        let spec = self.spec(name)?;
+        let r = spec
+            .replication
+            .ok_or_else(|| Error::NotReplicated(name.to_string()))?;
+        // No data is shipped yet: every relationship is at the start of its initial sync,
+        // and the secondary holds no consistent image.
+        Ok(ReplicationInfo {
+            relationship: r.id,
+            role: r.role,
+            peer: r.peer,
+            mode: r.mode,
+            rpo_seconds: r.rpo_seconds,
+            state: "initial_sync".into(),
+            percent_done: Some(0.0),
+            consistent: false,
+            consistent_at: None,
+            lag_seconds: None,
+            rpo_exceeded: false,
+        })
+    }
+
+    fn spec(&self, name: &str) -> Result<VolumeSpec, Error> {
+        let n: VolumeName = name.parse()?;
+        self.state()
+            .volumes
+            .get(&n)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(name.to_string()))
+    }
+
     pub fn update(&self, name: &str, req: UpdateVolume) -> Result<VolumeInfo, Error> {
         let (_held, spec, export) = self.claim(name, "change")?;
+        if spec.is_secondary() && req.size.is_some_and(|s| s.0 != spec.size_bytes) {
+            return Err(Error::Replication(format!(
+                "volume '{name}' is a replication secondary: it grows with its primary"
+            )));
+        }
         let name = spec.name.clone();
         let mut new = spec.clone();
         let old_limits = self.limits(&spec);
@@ -831,7 +1017,17 @@ impl VolumeService {
     }
 
     pub fn delete(&self, name: &str, force: bool) -> Result<Deleted, Error> {
+        self.delete_volume(name, force, false)
+    }
+
+    fn delete_volume(&self, name: &str, force: bool, secondary_ok: bool) -> Result<Deleted, Error> {
         let (_held, spec, export) = self.claim(name, "delete")?;
+        if spec.is_secondary() && !secondary_ok {
+            return Err(Error::Replication(format!(
+                "volume '{name}' is a replication secondary: end the relationship (unreplicate) \
+                 or promote it first"
+            )));
+        }
         let name = spec.name.clone();
         if let Some(export) = &export {
             if export.is_attached() && !force {

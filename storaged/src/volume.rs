@@ -117,9 +117,19 @@ pub struct VolumeSpec {
     /// before owners existed have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// The volume's replication relationship, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::replication::Relationship>,
 }
 
 impl VolumeSpec {
+    /// Whether the volume is the secondary of a relationship: its frontends may only read.
+    pub fn is_secondary(&self) -> bool {
+        self.replication
+            .as_ref()
+            .is_some_and(|r| r.role == crate::replication::ReplicationRole::Secondary)
+    }
+
     pub fn overrides(&self) -> crate::qos::Overrides {
         crate::qos::Overrides {
             iops_limit: self.iops_limit,

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use storaged_api::{ReplicationMode, ReplicationRole, StartReplication};
 use storaged_tests::pki::{self, Ca, NodeFiles};
-use storaged_tests::{bin, Storaged};
+use storaged_tests::{bin, connect_retry, pattern, BlkClient, Storaged};
 
 /// A config file with `[replication]` listening on a loopback port of the kernel's choice.
 fn listening_config(dir: &Path, node: &NodeFiles) -> std::path::PathBuf {
@@ -98,4 +99,246 @@ fn replication_settings_that_cannot_work_stop_storaged_at_start_naming_what_is_w
         a.ca.display()
     ));
     assert!(err.contains("does the key match the certificate"), "{err}");
+}
+
+/// Two daemons of one CA, each listening on a loopback port: (primary, peer).
+fn two_daemons(dir: &Path) -> (Storaged, Storaged) {
+    let ca = Ca::new("zone CA");
+    let start = |name: &str| {
+        let node_dir = dir.join(name);
+        std::fs::create_dir(&node_dir).unwrap();
+        let node = ca.issue(&node_dir, name, &["127.0.0.1"]);
+        let config = listening_config(&node_dir, &node);
+        Storaged::start_with(&["--config", config.to_str().unwrap()])
+    };
+    (start("zone-a"), start("zone-b"))
+}
+
+fn start(peer: &Storaged) -> StartReplication {
+    StartReplication {
+        peer: peer.replication_addr().to_string(),
+        mode: ReplicationMode::Async,
+        rpo_seconds: 5,
+    }
+}
+
+#[test]
+fn starting_a_replication_creates_the_volume_on_the_peer_as_its_read_only_secondary_with_the_same_key(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_daemons(tmp.path());
+    a.create_volume(r#"{"name":"db","size":"64MiB","tier":"premium","num_queues":2}"#);
+    // Something on the primary before the relationship starts.
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    let data = pattern(1 << 20, 0, 7);
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+
+    let r = a.admin().start_replication("db", &start(&b)).unwrap();
+    assert_eq!(r.role, ReplicationRole::Primary);
+    assert_eq!(r.peer, b.replication_addr().to_string());
+    assert!(!r.consistent, "nothing is shipped yet: {r:?}");
+    a.wait_for_log("replication started: this volume is the primary");
+
+    let primary = a.admin().volume("db").unwrap();
+    let secondary = b.admin().volume("db").unwrap();
+    assert_eq!(primary.replication_role, Some(ReplicationRole::Primary));
+    assert_eq!(secondary.replication_role, Some(ReplicationRole::Secondary));
+    assert_eq!(
+        secondary.id, primary.id,
+        "the guest's serial survives a failover"
+    );
+    assert_eq!(secondary.size_bytes, primary.size_bytes);
+    assert_eq!(secondary.tier, primary.tier);
+    assert_eq!(secondary.num_queues, primary.num_queues);
+    assert_eq!(secondary.block_size, primary.block_size);
+    assert_eq!(secondary.encryption, "aes-xts-plain64");
+    // The key is the primary's, stored wrapped under the peer's own KEK.
+    assert_ne!(secondary.kek_id, primary.kek_id);
+    let rb = b.admin().replication("db").unwrap();
+    assert_eq!(rb.role, ReplicationRole::Secondary);
+    assert_eq!(rb.relationship, r.relationship);
+    let listed = b.admin().list_volumes().unwrap();
+    assert_eq!(listed[0].replication_role, Some(ReplicationRole::Secondary));
+
+    // The same key: the primary's ciphertext, put in the secondary's file, reads back as
+    // what was written.
+    let ciphertext = {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(primary.backing.path()).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    };
+    assert_ne!(ciphertext, data, "stored encrypted");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(secondary.backing.path())
+            .unwrap();
+        f.write_all_at(&ciphertext, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    // Frontends may only read a secondary: libblkio will not open it read-write.
+    assert!(BlkClient::connect(&b.socket_of("db"), 1).is_err());
+    let mut ro = BlkClient::connect_read_only(&b.socket_of("db")).unwrap();
+    assert_eq!(ro.read(0, 0, 1 << 20).unwrap(), data);
+    drop(ro);
+
+    // A secondary is changed only through its relationship.
+    let e = b.admin().delete_volume("db", true).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("secondary"), "{e}");
+    let r = b
+        .admin()
+        .request("PATCH", "/v1/volumes/db", Some(r#"{"size":"128MiB"}"#))
+        .unwrap();
+    assert_eq!(r.status, 409, "{}", r.body);
+    // Neither side can be replicated again, nor can the secondary be replicated onwards.
+    let e = a.admin().start_replication("db", &start(&b)).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("already replicated"), "{e}");
+    let e = b.admin().start_replication("db", &start(&a)).unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+}
+
+#[test]
+fn a_peer_that_cannot_take_the_volume_refuses_with_its_reason_and_nothing_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_daemons(tmp.path());
+    a.create_volume(r#"{"name":"taken","size":"16MiB","encryption":"none"}"#);
+    b.create_volume(r#"{"name":"taken","size":"32MiB"}"#);
+    let e = a
+        .admin()
+        .start_replication("taken", &start(&b))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("already exists"), "{e}");
+    // The peer's volume is untouched, and the primary has no relationship.
+    assert_eq!(b.admin().volume("taken").unwrap().size_bytes, 32 << 20);
+    assert_eq!(b.admin().volume("taken").unwrap().replication_role, None);
+    assert_eq!(
+        a.admin().replication("taken").unwrap_err().status(),
+        Some(404)
+    );
+    b.wait_for_log("refused to create a secondary");
+
+    // Bad requests: no such volume, a peer that is not HOST:PORT, nobody listening there,
+    // an RPO of zero.
+    let mut req = start(&b);
+    assert_eq!(
+        a.admin()
+            .start_replication("none", &req)
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+    req.peer = "nowhere".into();
+    assert_eq!(
+        a.admin()
+            .start_replication("taken", &req)
+            .unwrap_err()
+            .status(),
+        Some(400)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    req.peer = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let e = a.admin().start_replication("taken", &req).unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    req = start(&b);
+    req.rpo_seconds = 0;
+    assert_eq!(
+        a.admin()
+            .start_replication("taken", &req)
+            .unwrap_err()
+            .status(),
+        Some(400)
+    );
+    let r = a
+        .admin()
+        .request(
+            "POST",
+            "/v1/volumes/taken/replication",
+            Some(r#"{"peer":"127.0.0.1:1","mode":"eventually"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("mode"), "{}", r.body);
+}
+
+#[test]
+fn replication_without_tls_settings_is_refused_saying_what_to_configure() {
+    let s = Storaged::start();
+    s.create_volume(r#"{"name":"v","size":"16MiB"}"#);
+    let e = s
+        .admin()
+        .start_replication(
+            "v",
+            &StartReplication {
+                peer: "127.0.0.1:7420".into(),
+                mode: ReplicationMode::Async,
+                rpo_seconds: 5,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(
+        e.to_string().contains("[replication] cert, key and ca"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_or_unexpected_frames_from_an_authenticated_peer_close_the_connection_with_a_log_line()
+{
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("zone CA");
+    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
+    let config = listening_config(tmp.path(), &node);
+    let s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    let addr = s.replication_addr();
+    let peer = ca.issue(tmp.path(), "node-b", &["127.0.0.1"]);
+
+    // Not a frame: the header's magic is wrong.
+    let mut t = pki::connect(addr, "127.0.0.1", Some(&peer), &peer.ca).unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = t.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "no answer to garbage");
+    s.wait_for_log("replication peer closed: malformed frame from the peer: ");
+
+    // A frame whose checksum does not hold.
+    let mut frame = Vec::new();
+    storaged::replication::wire::encode(
+        &storaged::replication::wire::Message::Ping { time_unix_ns: 1 },
+        &mut frame,
+    )
+    .unwrap();
+    let mut bad = frame.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let mut t = pki::connect(addr, "127.0.0.1", Some(&peer), &peer.ca).unwrap();
+    t.write_all(&bad).unwrap();
+    let _ = t.read_to_end(&mut rest);
+    s.wait_for_log("Checksum mismatch");
+
+    // A well-formed frame a session does not start with: answered Goodbye, then closed.
+    let mut t = pki::connect(addr, "127.0.0.1", Some(&peer), &peer.ca).unwrap();
+    t.write_all(&frame).unwrap();
+    let mut answer = Vec::new();
+    let _ = t.read_to_end(&mut answer);
+    let (msg, _) = storaged::replication::wire::decode(&answer)
+        .unwrap()
+        .expect("one whole frame");
+    assert!(
+        matches!(msg, storaged::replication::wire::Message::Goodbye { .. }),
+        "{msg:?}"
+    );
+    s.wait_for_log("its first message is not one a session starts with");
+    // The daemon is still serving.
+    s.admin().info().unwrap();
 }

@@ -10,7 +10,10 @@ use std::path::Path;
 
 pub use unix_http::{Error, Response};
 
-use crate::{CreateVolume, Deleted, Info, KeyStatus, Rotated, UpdateVolume, VolumeInfo};
+use crate::{
+    CreateVolume, Deleted, Info, KeyStatus, ReplicationInfo, Rotated, StartReplication,
+    UpdateVolume, VolumeInfo,
+};
 
 /// Client of one admin socket.
 #[derive(Debug, Clone)]
@@ -79,6 +82,28 @@ impl AdminClient {
         self.call(
             "POST",
             &format!("/v1/volumes/{name}/clear-failure"),
+            None::<&()>,
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/replication`.
+    pub fn start_replication(
+        &self,
+        name: &str,
+        req: &StartReplication,
+    ) -> Result<ReplicationInfo, Error> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{name}/replication"),
+            Some(req),
+        )
+    }
+
+    /// `GET /v1/volumes/{name}/replication`.
+    pub fn replication(&self, name: &str) -> Result<ReplicationInfo, Error> {
+        self.call(
+            "GET",
+            &format!("/v1/volumes/{name}/replication"),
             None::<&()>,
         )
     }

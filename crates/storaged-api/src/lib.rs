@@ -375,6 +375,72 @@ pub struct VolumeInfo {
     /// When a FLUSH failed the volume (Unix seconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_at: Option<u64>,
+    /// The volume's side of a replication (absent: not replicated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_role: Option<ReplicationRole>,
+}
+
+/// Which side of a replication a volume is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationRole {
+    /// Written by its frontend; its writes are shipped to the peer.
+    Primary,
+    /// The peer's copy: read-only to frontends until promoted.
+    Secondary,
+}
+
+/// How a primary's write waits for the peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationMode {
+    /// Answered after the local write; the peer follows.
+    #[default]
+    Async,
+    /// Answered once the peer has it too.
+    Sync,
+}
+
+/// `POST /v1/volumes/{name}/replication`: start replicating the volume to `peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartReplication {
+    /// The peer storaged's replication address, `HOST:PORT`; its certificate must name HOST.
+    pub peer: String,
+    #[serde(default)]
+    pub mode: ReplicationMode,
+    /// How far behind the secondary may fall before `rpo_exceeded` [default: 5].
+    #[serde(default = "default_rpo_seconds")]
+    pub rpo_seconds: u32,
+}
+
+fn default_rpo_seconds() -> u32 {
+    5
+}
+
+/// `GET /v1/volumes/{name}/replication`: the relationship as this side sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationInfo {
+    /// The relationship's id, the same on both sides.
+    pub relationship: String,
+    pub role: ReplicationRole,
+    /// The other side (the primary's replication address, or the peer that created this
+    /// secondary).
+    pub peer: String,
+    pub mode: ReplicationMode,
+    pub rpo_seconds: u32,
+    /// `initial_sync`, `replicating`, `disconnected`, `resync` or `split_brain`.
+    pub state: String,
+    /// Initial sync: how much is done, 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent_done: Option<f64>,
+    /// Whether the secondary's image is a consistent point.
+    pub consistent: bool,
+    /// The primary's time (Unix seconds) the secondary's image corresponds to.
+    pub consistent_at: Option<f64>,
+    /// How far the secondary is behind, in seconds (null: not known yet).
+    pub lag_seconds: Option<f64>,
+    pub rpo_exceeded: bool,
 }
 
 /// `DELETE` answer: what was done, and what that does not protect against.

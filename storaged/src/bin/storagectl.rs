@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use storaged_api::client::{AdminClient, Error};
-use storaged_api::{ByteSize, CreateVolume, Owner, UpdateVolume};
+use storaged_api::{
+    ByteSize, CreateVolume, Owner, ReplicationMode, StartReplication, UpdateVolume,
+};
 
 /// Manage the volumes of a running storaged through its admin socket.
 #[derive(Parser, Debug)]
@@ -108,6 +110,24 @@ enum Command {
     /// Clear the failure a failed FLUSH left on a volume, once the storage and the guest's data
     /// have been dealt with: FLUSH and writes are served again.
     ClearFailure { name: String },
+    /// Start replicating a volume to a peer storaged: the peer creates the secondary (same
+    /// name, id, size, tier, block size, encryption and key) and this volume becomes its
+    /// primary.
+    Replicate {
+        name: String,
+        /// The peer's replication address, HOST:PORT (its `[replication] listen`); its
+        /// certificate must name HOST.
+        #[arg(long)]
+        peer: String,
+        /// async: a write is answered after the local write; sync: once the peer has it too.
+        #[arg(long, default_value = "async", value_parser = ["async", "sync"])]
+        mode: String,
+        /// How far behind the secondary may fall before the relationship says rpo_exceeded.
+        #[arg(long, default_value_t = 5)]
+        rpo_seconds: u32,
+    },
+    /// A volume's replication as this side sees it: role, peer, state, consistency, lag.
+    Replication { name: String },
     /// Daemon facts: version, data dir, metrics URL, pool usage.
     Info,
     /// The current key-encryption key and how many volume keys each KEK wraps.
@@ -212,6 +232,24 @@ fn run(client: &AdminClient, command: Command) -> Result<(), Error> {
         )?),
         Command::Delete { name, force } => print(&client.delete_volume(&name, force)?),
         Command::ClearFailure { name } => print(&client.clear_failure(&name)?),
+        Command::Replicate {
+            name,
+            peer,
+            mode,
+            rpo_seconds,
+        } => print(&client.start_replication(
+            &name,
+            &StartReplication {
+                peer,
+                mode: if mode == "sync" {
+                    ReplicationMode::Sync
+                } else {
+                    ReplicationMode::Async
+                },
+                rpo_seconds,
+            },
+        )?),
+        Command::Replication { name } => print(&client.replication(&name)?),
         Command::Info => print(&client.info()?),
         Command::Keys => print(&client.key_status()?),
         Command::RotateKeys => print(&client.rotate_keys()?),

@@ -104,7 +104,8 @@ impl VolumeIo {
             serial,
             store,
             capacity: AtomicU64::new(spec.size_bytes),
-            read_only: spec.read_only,
+            // A secondary's data comes from its primary, never from its frontend.
+            read_only: spec.read_only || spec.is_secondary(),
             preallocated: matches!(
                 spec.backing,
                 Backing::File {

@@ -1219,6 +1219,7 @@ mod tests {
                 bandwidth_limit: None,
                 encryption: None,
                 owner: None,
+                replication: None,
             };
             let limits = Limits::compute(
                 &QosConfig::default(),

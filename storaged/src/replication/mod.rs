@@ -3,7 +3,16 @@
 //! - `tls.rs`: the link's mutual TLS (one identity and one CA set per daemon).
 //! - `listener.rs`: accepting peers on `[replication] listen`.
 //! - `wire.rs`: the link's frames (versioned, length-delimited, CRC32C-checked) and messages.
+//! - `link.rs`: messages on a stream, whole frames each way.
+//! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
+//!   the secondary).
+//! - `relationship.rs`: a volume's relationship as the catalog keeps it.
 
+pub mod link;
 pub mod listener;
+pub mod relationship;
+pub mod session;
 pub mod tls;
 pub mod wire;
+
+pub use relationship::{Relationship, ReplicationMode, ReplicationRole};

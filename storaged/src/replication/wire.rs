@@ -28,8 +28,8 @@
 //!
 //! Field encodings: `u8`..`u64` fixed-width; `bool` one byte, 0 or 1; `id` 16 raw bytes (a
 //! UUID); `string` u16 length then UTF-8, at most [`MAX_STRING`] bytes; `data` u32 length then
-//! bytes, at most [`MAX_DATA`] bytes; `spec` a [`VolumeSpec`]: string name, u64 size, u32
-//! block_size, string tier, bool encrypted. A payload must end exactly after its last field.
+//! bytes, at most [`MAX_DATA`] bytes; `spec` a [`VolumeSpec`]: string name, string id, u64
+//! size, u32 block_size, string tier, bool encrypted, u16 num_queues. A payload must end exactly after its last field.
 //!
 //! # Messages
 //!
@@ -74,7 +74,7 @@ pub const MAX_STRING: usize = 1024;
 pub const MAX_KEY: usize = 256;
 
 const ID_LEN: usize = 16;
-const SPEC_MAX: usize = 2 + MAX_STRING + 8 + 4 + 2 + MAX_STRING + 1;
+const SPEC_MAX: usize = 2 + MAX_STRING + 2 + MAX_STRING + 8 + 4 + 2 + MAX_STRING + 1 + 2;
 // Every message whose fields are within their limits fits in a frame.
 const _: () = assert!(8 + 8 + 4 + MAX_DATA <= MAX_PAYLOAD as usize);
 const _: () = assert!(ID_LEN + 1 + 8 + 8 + 1 + SPEC_MAX <= MAX_PAYLOAD as usize);
@@ -188,11 +188,15 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
     pub name: String,
+    /// The volume's id (a UUID's text), kept by the secondary: the guest's serial stays the
+    /// same across a failover.
+    pub id: String,
     /// Bytes.
     pub size: u64,
     pub block_size: u32,
     pub tier: String,
     pub encrypted: bool,
+    pub num_queues: u16,
 }
 
 /// A volume's raw data-encryption key as a `Create` carries it. Zeroed when dropped; its
@@ -335,7 +339,7 @@ impl Message {
 /// checks).
 pub fn encoded_len(msg: &Message) -> usize {
     fn spec(v: &VolumeSpec) -> usize {
-        2 + v.name.len() + 8 + 4 + 2 + v.tier.len() + 1
+        2 + v.name.len() + 2 + v.id.len() + 8 + 4 + 2 + v.tier.len() + 1 + 2
     }
     let payload = match msg {
         Message::Hello { volume, .. } => ID_LEN + 1 + 8 + 8 + 1 + spec(volume),
@@ -690,10 +694,12 @@ impl Writer<'_> {
 
     fn spec(&mut self, v: &VolumeSpec) -> Result<(), Error> {
         self.string("volume.name", &v.name)?;
+        self.string("volume.id", &v.id)?;
         self.u64(v.size);
         self.u32(v.block_size);
         self.string("volume.tier", &v.tier)?;
         self.bool(v.encrypted);
+        self.u16(v.num_queues);
         Ok(())
     }
 }
@@ -791,10 +797,12 @@ impl<'a> Reader<'a> {
     fn spec(&mut self) -> Result<VolumeSpec, Error> {
         Ok(VolumeSpec {
             name: self.string("volume.name")?,
+            id: self.string("volume.id")?,
             size: self.u64("volume.size")?,
             block_size: self.u32("volume.block_size")?,
             tier: self.string("volume.tier")?,
             encrypted: self.bool("volume.encrypted")?,
+            num_queues: self.u16("volume.num_queues")?,
         })
     }
 
@@ -816,10 +824,12 @@ mod tests {
     fn spec() -> VolumeSpec {
         VolumeSpec {
             name: "db-01".into(),
+            id: "6f1c2a9e-0d4b-4c1e-9a57-2b8e5d7c3f10".into(),
             size: 64 << 30,
             block_size: 4096,
             tier: "fast".into(),
             encrypted: true,
+            num_queues: 4,
         }
     }
 

@@ -1,0 +1,243 @@
+//! What runs on an authenticated replication connection.
+//!
+//! - [`serve`], on the side that accepted it: the first message says what the peer wants. A
+//!   `Create` asks this daemon to create the secondary of a relationship (the primary's name,
+//!   id, size, tier, queues and encryption, with its key); the answer is `Accepted`, or
+//!   `Refused` with the HTTP status and reason the primary's API passes on (409: a volume of
+//!   that name exists here; 507: the pool has not the room; 400: what this daemon cannot
+//!   take).
+//! - [`create_on_peer`], on the primary: connects to the peer, sends its `Create` and reads
+//!   the answer.
+//!
+//! Anything else first, a malformed frame, or nothing within [`FIRST_MESSAGE_TIMEOUT`]
+//! closes the connection with a log line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::link::{self, Link};
+use super::tls::{self, Tls};
+use super::wire::{DekBytes, Message, VolumeSpec};
+use super::{Relationship, ReplicationMode, ReplicationRole};
+use crate::crypto::{self, Dek};
+use crate::service::{self, ErrorKind, SecondaryOrigin, VolumeService};
+use size::ByteSize;
+use storaged_api::CreateVolume;
+
+/// Time a peer has to send its first message once the handshake is done.
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time a primary gives the peer to connect, authenticate and answer a `Create` (which
+/// creates a file, and may preallocate nothing: a secondary is sparse until data arrives).
+pub const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of a primary's request to its peer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("'{0}' is not HOST:PORT")]
+    BadPeer(String),
+    #[error("cannot connect to the peer {peer}")]
+    Connect {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    ServerName(#[from] tls::Error),
+    #[error("TLS handshake with the peer {peer} failed")]
+    Handshake {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Link(#[from] link::Error),
+    #[error("the peer {0} did not answer in time")]
+    Timeout(String),
+    #[error("the peer {0} closed the connection without an answer")]
+    NoAnswer(String),
+    #[error("the peer {peer} refused: {reason}")]
+    Refused {
+        peer: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("the peer {0} answered with an unexpected message")]
+    Unexpected(String),
+}
+
+/// Serves one authenticated peer connection.
+pub async fn serve<S>(stream: S, peer: SocketAddr, service: Arc<VolumeService>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut link = Link::new(stream);
+    let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, link.recv()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, "replication peer closed: {}", crate::error_chain(&e));
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                %peer,
+                "replication peer closed: nothing sent within {} s",
+                FIRST_MESSAGE_TIMEOUT.as_secs()
+            );
+            return;
+        }
+    };
+    let answer = match first {
+        Message::Create {
+            relationship,
+            volume,
+            dek,
+        } => {
+            let service = service.clone();
+            tokio::task::spawn_blocking(move || {
+                create_secondary(&service, peer, relationship, volume, dek)
+            })
+            .await
+            .unwrap_or_else(|e| Message::Refused {
+                status: 500,
+                reason: format!("the create failed: {e}"),
+            })
+        }
+        other => {
+            tracing::warn!(%peer, message = ?other.message_type(), "replication peer closed: its first message is not one a session starts with");
+            Message::Goodbye {
+                reason: "expected Create first".into(),
+            }
+        }
+    };
+    if let Err(e) = link.send(&answer).await {
+        tracing::warn!(%peer, "replication peer: cannot send the answer: {}", crate::error_chain(&e));
+    }
+    link.shutdown().await;
+}
+
+/// Creates the secondary a peer's `Create` describes; the answer to send back.
+fn create_secondary(
+    service: &VolumeService,
+    peer: SocketAddr,
+    relationship: [u8; 16],
+    volume: VolumeSpec,
+    dek: Option<DekBytes>,
+) -> Message {
+    let refused = |status: u16, reason: String| {
+        tracing::warn!(%peer, volume = %volume.name, "replication: refused to create a secondary: {reason}");
+        Message::Refused { status, reason }
+    };
+    let dek = match dek.as_ref().map(|k| Dek::from_bytes(k.as_bytes())) {
+        None => None,
+        Some(Some(k)) => Some(k),
+        Some(None) => {
+            return refused(
+                400,
+                format!(
+                    "the volume's key is not the {} bytes of XTS-AES-256",
+                    crypto::DEK_LEN
+                ),
+            )
+        }
+    };
+    let req = CreateVolume {
+        name: volume.name.clone(),
+        size: ByteSize(volume.size),
+        tier: Some(volume.tier.clone()),
+        num_queues: Some(volume.num_queues),
+        encryption: Some(
+            if volume.encrypted {
+                crypto::CIPHER
+            } else {
+                "none"
+            }
+            .into(),
+        ),
+        read_only: false,
+        preallocate: None,
+        device: None,
+        iops_limit: None,
+        bandwidth_limit: None,
+        owner: None,
+    };
+    let origin = SecondaryOrigin {
+        id: volume.id.clone(),
+        dek,
+        relationship: Relationship {
+            id: uuid::Uuid::from_bytes(relationship).to_string(),
+            role: ReplicationRole::Secondary,
+            peer: peer.to_string(),
+            mode: ReplicationMode::Async,
+            rpo_seconds: 0,
+            generation: 0,
+        },
+    };
+    match service.create_secondary(req, origin, volume.block_size) {
+        Ok(_) => {
+            tracing::info!(%peer, volume = %volume.name, "replication: created the secondary of a peer's volume");
+            Message::Accepted { relationship }
+        }
+        Err(e) => refused(status_of(&e), e.to_string()),
+    }
+}
+
+/// The HTTP status a refusal carries, for the primary's API to answer with.
+fn status_of(e: &service::Error) -> u16 {
+    match e.kind() {
+        ErrorKind::BadRequest => 400,
+        ErrorKind::NotFound => 404,
+        ErrorKind::Conflict => 409,
+        ErrorKind::Busy => 409,
+        ErrorKind::PoolFull => 507,
+        ErrorKind::NotServing | ErrorKind::Internal => 500,
+    }
+}
+
+/// The primary's side of a `Create`: connects to `peer` (`HOST:PORT`), authenticates, sends
+/// the message and returns the peer's `Accepted`, or why not.
+pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(), Error> {
+    let (host, _port) = peer
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        .ok_or_else(|| Error::BadPeer(peer.to_string()))?;
+    let name = Tls::server_name(host)?;
+    let exchange = async {
+        let tcp = TcpStream::connect(peer)
+            .await
+            .map_err(|source| Error::Connect {
+                peer: peer.to_string(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let stream =
+            tls.connector()
+                .connect(name, tcp)
+                .await
+                .map_err(|source| Error::Handshake {
+                    peer: peer.to_string(),
+                    source,
+                })?;
+        let mut link = Link::new(stream);
+        link.send(create).await?;
+        let answer = link.recv().await?;
+        link.shutdown().await;
+        answer.ok_or_else(|| Error::NoAnswer(peer.to_string()))
+    };
+    match tokio::time::timeout(CREATE_TIMEOUT, exchange).await {
+        Err(_) => Err(Error::Timeout(peer.to_string())),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Message::Accepted { .. })) => Ok(()),
+        Ok(Ok(Message::Refused { status, reason })) => Err(Error::Refused {
+            peer: peer.to_string(),
+            status,
+            reason,
+        }),
+        Ok(Ok(_)) => Err(Error::Unexpected(peer.to_string())),
+    }
+}
