@@ -31,7 +31,8 @@ use crate::crypto::{self, Dek, Xts};
 use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
-use crate::replication::{Relationship, ReplicationRole};
+use crate::replication::log::ReplicationLog;
+use crate::replication::{self, Relationship, ReplicationRole};
 use crate::volume::{self, Backing, Owner, VolumeName, VolumeSpec};
 use size::ByteSize;
 use storaged_api::{
@@ -355,6 +356,7 @@ impl VolumeService {
             self.metrics.volume(spec.name.as_str()),
             failure::record_path(&self.paths.data_dir, &spec.id),
         ));
+        Self::attach_log(&io, spec);
         Ok(Export::start(
             io,
             &self.socket_path(&spec.name),
@@ -833,6 +835,19 @@ impl VolumeService {
         Ok((spec, dek))
     }
 
+    /// Gives a primary volume's data path its replication log: from now on what completes is
+    /// recorded. (What completed before is in the initial sync, which reads the volume.)
+    fn attach_log(io: &VolumeIo, spec: &VolumeSpec) {
+        let primary = spec
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.role == ReplicationRole::Primary);
+        if primary {
+            let log = ReplicationLog::new(spec.size_bytes, replication::log::DEFAULT_CAPACITY);
+            let _ = io.replication.set(Arc::new(log));
+        }
+    }
+
     fn not_replicated(spec: &VolumeSpec) -> Result<(), Error> {
         match &spec.replication {
             None => Ok(()),
@@ -854,7 +869,7 @@ impl VolumeService {
         name: &str,
         rel: Relationship,
     ) -> Result<ReplicationInfo, Error> {
-        let (_held, spec, _export) = self.claim(name, "replication")?;
+        let (_held, spec, export) = self.claim(name, "replication")?;
         Self::not_replicated(&spec)?;
         let mut new = spec.clone();
         new.replication = Some(rel);
@@ -862,6 +877,9 @@ impl VolumeService {
             let mut catalog = crate::lock(&self.catalog);
             catalog.put(new.clone())?;
             self.state().volumes.insert(new.name.clone(), new.clone());
+        }
+        if let Some(export) = &export {
+            Self::attach_log(export.volume(), &new);
         }
         tracing::info!(volume = %new.name, peer = %new.replication.as_ref().map_or("", |r| r.peer.as_str()), "replication started: this volume is the primary");
         self.replication_info(name)

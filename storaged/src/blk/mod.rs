@@ -80,6 +80,9 @@ pub struct VolumeIo {
     pub log_limit: log_limit::LogLimit,
     /// Set when a FLUSH failed; refuses FLUSH and writes until cleared.
     pub failure: failure::FailureState,
+    /// The replication log, once the volume is the primary of a relationship: the replicate
+    /// stage appends what completes to it.
+    pub replication: std::sync::OnceLock<std::sync::Arc<crate::replication::log::ReplicationLog>>,
 }
 
 impl VolumeIo {
@@ -122,6 +125,7 @@ impl VolumeIo {
             metrics,
             log_limit: log_limit::LogLimit::default(),
             failure,
+            replication: std::sync::OnceLock::new(),
         };
         volume.set_limits(limits);
         volume

@@ -858,6 +858,10 @@ impl<R: Ring> QueueEngine<R> {
                 }
             }
         }
+        if code == VIRTIO_BLK_S_OK as u8 {
+            // Replicate stage: what reached the storage is shipped, answered or not.
+            self.stages.replicate(&self.volume).completed(&inflight);
+        }
         match vring {
             Some(vring) => self.finish(vring, inflight, code, used),
             None => drop(inflight),
@@ -1199,6 +1203,11 @@ mod tests {
 
     impl Harness {
         fn new() -> Self {
+            Self::with_crypt(None)
+        }
+
+        /// A harness whose volume is encrypted with `crypt`, if given.
+        fn with_crypt(crypt: Option<crate::crypto::Xts>) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("v.img");
             crate::backing::create_file(&path, DISK as u64, false).unwrap();
@@ -1236,7 +1245,7 @@ mod tests {
                 store,
                 &io,
                 &limits,
-                None,
+                crypt,
                 Metrics::new().unwrap().volume("fake"),
                 dir.path().join("failed.json"),
             ));
@@ -1409,6 +1418,70 @@ mod tests {
             .collect();
         assert_eq!(modes, [crate::backing::FALLOC_ZERO, FALLOC_PUNCH]);
         assert!(h.disk.borrow_mut().data[..4096].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn a_primarys_writes_are_recorded_as_they_complete_with_their_data_and_flushes_end_epochs() {
+        use crate::replication::log::{Record, ReplicationLog};
+        let mut h = Harness::new();
+        let log = Arc::new(ReplicationLog::new(DISK as u64, 1 << 20));
+        assert!(h.volume.replication.set(log.clone()).is_ok());
+        h.mem
+            .memory()
+            .write_slice(&[0xc3; 4096], GuestAddress(DATA))
+            .unwrap();
+        // A write that fails is not recorded: it did not change the volume.
+        h.disk
+            .borrow_mut()
+            .answers
+            .push_back(Answer::Fail(libc::EIO));
+        let failed = h.request(T_OUT, 0, 4096, true);
+        h.complete();
+        assert_eq!(h.status(failed), VIRTIO_BLK_S_IOERR as u8);
+        let write = h.request(T_OUT, 8, 4096, true);
+        h.complete();
+        assert_eq!(h.status(write), 0);
+        // A read changes nothing; a flush ends the epoch.
+        h.request(T_IN, 8, 4096, false);
+        h.complete();
+        let flush = h.request(T_FLUSH, 0, 0, true);
+        h.complete();
+        assert_eq!(h.status(flush), 0);
+        let records = log.drain();
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert!(
+            matches!(&records[0], Record::Write { seq: 1, offset: 4096, data } if data.len() == 4096 && data.iter().all(|b| *b == 0xc3)),
+            "{records:?}"
+        );
+        assert!(
+            matches!(records[1], Record::Cut { seq: 1, .. }),
+            "{records:?}"
+        );
+        assert_eq!(log.take_dirty(), vec![(0, crate::replication::log::REGION)]);
+    }
+
+    #[test]
+    fn an_encrypted_primarys_writes_are_recorded_as_the_ciphertext_the_disk_holds() {
+        use crate::replication::log::{Record, ReplicationLog};
+        let dek = crate::crypto::Dek::from_bytes(&[7u8; crate::crypto::DEK_LEN]).unwrap();
+        let mut h = Harness::with_crypt(Some(crate::crypto::Xts::new(&dek)));
+        let log = Arc::new(ReplicationLog::new(DISK as u64, 1 << 20));
+        assert!(h.volume.replication.set(log.clone()).is_ok());
+        h.mem
+            .memory()
+            .write_slice(&[0x11; 4096], GuestAddress(DATA))
+            .unwrap();
+        let write = h.request(T_OUT, 8, 4096, true);
+        h.complete();
+        assert_eq!(h.status(write), 0);
+        let on_disk = h.disk.borrow().data[4096..8192].to_vec();
+        assert_ne!(on_disk, vec![0x11; 4096], "the disk holds ciphertext");
+        match &log.drain()[..] {
+            [Record::Write {
+                offset: 4096, data, ..
+            }] => assert_eq!(*data, on_disk),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

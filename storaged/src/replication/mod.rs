@@ -3,6 +3,7 @@
 //! - `tls.rs`: the link's mutual TLS (one identity and one CA set per daemon).
 //! - `listener.rs`: accepting peers on `[replication] listen`.
 //! - `wire.rs`: the link's frames (versioned, length-delimited, CRC32C-checked) and messages.
+//! - `log.rs`: a primary volume's records of completed writes, and its dirty map.
 //! - `link.rs`: messages on a stream, whole frames each way.
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
@@ -10,6 +11,7 @@
 
 pub mod link;
 pub mod listener;
+pub mod log;
 pub mod relationship;
 pub mod session;
 pub mod tls;

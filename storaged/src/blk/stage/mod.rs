@@ -3,12 +3,15 @@
 //!
 //! - [`limit`]: it draws its cost from the volume's IOPS and bandwidth buckets, or waits;
 //! - [`transform`]: an encrypted volume's data is encrypted into the bounce buffer on the way
-//!   out and decrypted on the way back.
+//!   out and decrypted on the way back;
+//! - [`replicate`]: a primary volume's completed writes, discards, write-zeroes and flushes
+//!   are appended to its replication log before the guest is answered.
 //!
 //! The queue holds them as one [`Stages`] value, called directly (no dynamic dispatch on the
 //! data path).
 
 pub mod limit;
+pub mod replicate;
 pub mod transform;
 
 use crate::blk::VolumeIo;
@@ -29,5 +32,10 @@ impl Stages {
     /// The transform of `volume` (it keeps no state of its own).
     pub fn transform<'a>(&self, volume: &'a VolumeIo) -> transform::Transform<'a> {
         transform::Transform::of(volume)
+    }
+
+    /// The replicate stage of `volume` (its state is the volume's log).
+    pub fn replicate<'a>(&self, volume: &'a VolumeIo) -> replicate::Replicate<'a> {
+        replicate::Replicate::of(volume)
     }
 }

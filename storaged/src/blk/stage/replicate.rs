@@ -1,0 +1,56 @@
+//! The replicate stage: a primary volume's requests that change its data are appended, as
+//! they complete and before the guest is answered, to its replication log
+//! ([`crate::replication::log`]), which the link ships to the secondary. A write is recorded
+//! with its data as stored: the ciphertext of an encrypted volume (its bounce buffer), the
+//! guest's data otherwise (its bounce copy, or read again from guest memory, which the guest
+//! may not change before it has the answer). A discard or write-zeroes is recorded as its
+//! ranges, a successful FLUSH as the end of an epoch. A volume that is not a primary has no
+//! log, and the stage does nothing.
+
+use crate::blk::inflight::InFlight;
+use crate::blk::request::{self, Operation};
+use crate::blk::VolumeIo;
+use crate::replication::log::ReplicationLog;
+
+/// The replicate stage of one volume: its log, if it is a primary.
+pub struct Replicate<'a> {
+    log: Option<&'a ReplicationLog>,
+}
+
+impl<'a> Replicate<'a> {
+    pub fn of(volume: &'a VolumeIo) -> Self {
+        Replicate {
+            log: volume.replication.get().map(|l| l.as_ref()),
+        }
+    }
+
+    /// Records a request that completed successfully.
+    pub fn completed(&self, inflight: &InFlight) {
+        let Some(log) = self.log else {
+            return;
+        };
+        match &inflight.op {
+            Operation::Write { offset, len } => {
+                let len = *len as usize;
+                log.write(*offset, len, |dst| match &inflight.bounce {
+                    Some(b) => match b.as_slice().get(..len) {
+                        Some(stored) => {
+                            dst.copy_from_slice(stored);
+                            true
+                        }
+                        None => false,
+                    },
+                    None => request::gather(inflight.mem.as_ref(), &inflight.data, dst).is_ok(),
+                });
+            }
+            Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
+                let discard = matches!(inflight.op, Operation::Discard(_));
+                for r in ranges {
+                    log.zero(r.offset, r.len, discard);
+                }
+            }
+            Operation::Flush => log.cut(),
+            Operation::Read { .. } | Operation::GetId { .. } => {}
+        }
+    }
+}

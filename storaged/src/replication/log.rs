@@ -1,0 +1,311 @@
+//! A primary volume's replication log: the records its queues append as writes complete, in
+//! completion order, for the link to ship; and the dirty map of the regions the secondary may
+//! lack.
+//!
+//! Every write, discard and write-zeroes that completes is given the next sequence number
+//! (one counter per volume, under the log's lock, so the order is the one the guest saw its
+//! answers in) and appended: a write with a copy of its data as stored (the ciphertext of an
+//! encrypted volume), a zeroed range as its range only. A successful FLUSH appends a cut, the
+//! end of an epoch. The records hold at most the log's capacity of data; a write that would
+//! pass it drops every record instead (the link has fallen behind): the log is then
+//! *overflowed* until the link takes the dirty map for a resync ([`ReplicationLog::take_dirty`])
+//! and starts it again. Every record's regions are also marked in the dirty map, so dropped
+//! records lose nothing the resync will not send.
+//!
+//! Memory: per record about 64 bytes plus its data; at most `capacity` bytes of data (default
+//! [`DEFAULT_CAPACITY`]); the dirty map is one bit per [`REGION`] of the volume (128 bytes per
+//! GiB).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Bytes of one region of the dirty map.
+pub const REGION: u64 = 1 << 20;
+
+/// Default bytes of data the log holds before it overflows.
+pub const DEFAULT_CAPACITY: usize = 64 << 20;
+
+/// One record of the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A completed write, its data as stored.
+    Write {
+        seq: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A completed discard (`discard`) or write-zeroes of a range.
+    Zero {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        discard: bool,
+    },
+    /// The end of an epoch: every record up to `seq` is in it. `time_unix_ns` is the wall
+    /// clock at the cut, the `consistent_at` of the image the epoch ends in.
+    Cut { seq: u64, time_unix_ns: u64 },
+}
+
+/// The replication log of one primary volume, shared by its queues and its link.
+pub struct ReplicationLog {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+struct Inner {
+    /// The sequence number the next record gets (the first is 1).
+    next_seq: u64,
+    records: VecDeque<Record>,
+    /// Bytes of data in `records`.
+    bytes: usize,
+    overflowed: bool,
+    /// One bit per region.
+    dirty: Vec<u64>,
+}
+
+impl ReplicationLog {
+    /// The log of a volume of `size` bytes holding at most `capacity` bytes of data.
+    pub fn new(size: u64, capacity: usize) -> Self {
+        let regions = size.div_ceil(REGION);
+        ReplicationLog {
+            inner: Mutex::new(Inner {
+                next_seq: 1,
+                records: VecDeque::new(),
+                bytes: 0,
+                overflowed: false,
+                dirty: vec![0; regions.div_ceil(64) as usize],
+            }),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a completed write of `len` bytes at `offset`; `fill` copies its data as stored
+    /// into the buffer it is given (false: the data could not be read, and only the dirty map
+    /// records the write). Returns the record's sequence number.
+    pub fn write(&self, offset: u64, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> u64 {
+        // The copy is made outside the lock; its place in the order is taken under it.
+        let data = if self.would_keep(len) {
+            let mut data = vec![0u8; len];
+            fill(&mut data).then_some(data)
+        } else {
+            None
+        };
+        let mut inner = self.lock();
+        let seq = inner.take_seq();
+        inner.mark(offset, len as u64);
+        match data {
+            Some(data) if !inner.overflowed && inner.bytes + data.len() <= self.capacity => {
+                inner.bytes += data.len();
+                inner.records.push_back(Record::Write { seq, offset, data });
+            }
+            _ => inner.overflow(),
+        }
+        seq
+    }
+
+    /// Appends a completed discard or write-zeroes of `len` bytes at `offset`.
+    pub fn zero(&self, offset: u64, len: u64, discard: bool) -> u64 {
+        let mut inner = self.lock();
+        let seq = inner.take_seq();
+        inner.mark(offset, len);
+        if !inner.overflowed {
+            inner.records.push_back(Record::Zero {
+                seq,
+                offset,
+                len,
+                discard,
+            });
+        }
+        seq
+    }
+
+    /// Appends a cut after the records so far (a FLUSH completed, or an epoch's time is up).
+    pub fn cut(&self) {
+        let time_unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut inner = self.lock();
+        let seq = inner.next_seq - 1;
+        if inner.overflowed {
+            return;
+        }
+        if let Some(Record::Cut { seq: last, .. }) = inner.records.back() {
+            if *last == seq {
+                return;
+            }
+        }
+        inner.records.push_back(Record::Cut { seq, time_unix_ns });
+    }
+
+    /// Whether records were dropped since the last [`take_dirty`](Self::take_dirty).
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// Takes the records so far, oldest first.
+    pub fn drain(&self) -> Vec<Record> {
+        let mut inner = self.lock();
+        inner.bytes = 0;
+        inner.records.drain(..).collect()
+    }
+
+    /// Bytes of data the records hold.
+    pub fn pending_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// The regions marked dirty, as byte ranges `(offset, len)`, and a fresh start: the map
+    /// cleared, the log emptied and no longer overflowed. For a resync, which sends these
+    /// regions and then the records appended from now on.
+    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+        let mut inner = self.lock();
+        let mut ranges = Vec::new();
+        for (w, word) in inner.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let region = w as u64 * 64 + b;
+                ranges.push((region * REGION, REGION));
+            }
+        }
+        inner.records.clear();
+        inner.bytes = 0;
+        inner.overflowed = false;
+        ranges
+    }
+
+    /// Whether a write of `len` bytes would be kept (not dropped by an overflow).
+    fn would_keep(&self, len: usize) -> bool {
+        let inner = self.lock();
+        !inner.overflowed && inner.bytes + len <= self.capacity
+    }
+}
+
+impl Inner {
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / REGION;
+        let last = (offset + len - 1) / REGION;
+        for r in first..=last {
+            // A volume that grew has more regions than the map was made for.
+            let w = (r / 64) as usize;
+            if w >= self.dirty.len() {
+                self.dirty.resize(w + 1, 0);
+            }
+            self.dirty[w] |= 1 << (r % 64);
+        }
+    }
+
+    fn overflow(&mut self) {
+        self.overflowed = true;
+        self.records.clear();
+        self.bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_numbered_in_completion_order_and_cut_at_flushes() {
+        let log = ReplicationLog::new(16 << 20, 1 << 20);
+        assert_eq!(
+            log.write(4096, 4, |b| {
+                b.copy_from_slice(b"abcd");
+                true
+            }),
+            1
+        );
+        assert_eq!(log.zero(8192, 4096, true), 2);
+        log.cut();
+        log.cut(); // nothing since: no empty epoch
+        assert_eq!(
+            log.write(0, 2, |b| {
+                b.copy_from_slice(b"xy");
+                true
+            }),
+            3
+        );
+        let records = log.drain();
+        assert!(
+            matches!(records[0], Record::Write { seq: 1, offset: 4096, ref data } if data == b"abcd")
+        );
+        assert_eq!(
+            records[1],
+            Record::Zero {
+                seq: 2,
+                offset: 8192,
+                len: 4096,
+                discard: true
+            }
+        );
+        assert!(matches!(records[2], Record::Cut { seq: 2, time_unix_ns } if time_unix_ns > 0));
+        assert!(matches!(records[3], Record::Write { seq: 3, .. }));
+        assert_eq!(records.len(), 4);
+        assert_eq!(log.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_full_log_drops_its_records_but_the_dirty_map_keeps_every_region_written() {
+        let log = ReplicationLog::new(64 << 20, 8192);
+        log.write(0, 4096, |_| true);
+        log.write(3 * REGION - 2048, 4096, |_| true); // across regions 2 and 3
+        assert!(!log.overflowed());
+        // The third write does not fit: everything is dropped, nothing more is kept.
+        log.write(10 * REGION, 4096, |_| true);
+        assert!(log.overflowed());
+        log.zero(20 * REGION, 2 * REGION, false);
+        log.cut();
+        assert!(log.drain().is_empty());
+        assert_eq!(
+            log.take_dirty(),
+            vec![
+                (0, REGION),
+                (2 * REGION, REGION),
+                (3 * REGION, REGION),
+                (10 * REGION, REGION),
+                (20 * REGION, REGION),
+                (21 * REGION, REGION),
+            ]
+        );
+        // A fresh start: records are kept again, the map is clear.
+        assert!(!log.overflowed());
+        let seq = log.write(0, 4096, |_| true);
+        assert_eq!(seq, 5, "numbering goes on across a resync");
+        assert_eq!(log.drain().len(), 1);
+        assert_eq!(log.take_dirty(), vec![(0, REGION)]);
+    }
+
+    #[test]
+    fn regions_past_the_size_the_log_was_made_for_are_tracked_after_a_grow() {
+        let log = ReplicationLog::new(REGION, 1 << 20);
+        log.zero(200 * REGION, 4096, false);
+        assert_eq!(log.take_dirty(), vec![(200 * REGION, REGION)]);
+    }
+
+    #[test]
+    fn a_write_whose_data_cannot_be_read_is_kept_only_in_the_dirty_map() {
+        let log = ReplicationLog::new(4 << 20, 1 << 20);
+        log.write(REGION, 4096, |_| false);
+        assert!(
+            log.overflowed(),
+            "the stream has a gap: only a resync can fill it"
+        );
+        assert_eq!(log.take_dirty(), vec![(REGION, REGION)]);
+    }
+}
