@@ -31,6 +31,7 @@ use crate::crypto::{self, Dek, Xts};
 use crate::keys::{self, KeyProvider};
 use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
+use crate::replication::dirty::DirtyMap;
 use crate::replication::log::ReplicationLog;
 use crate::replication::{self, Relationship, ReplicationRole};
 use crate::volume::{self, Backing, Owner, VolumeName, VolumeSpec};
@@ -356,7 +357,7 @@ impl VolumeService {
             self.metrics.volume(spec.name.as_str()),
             failure::record_path(&self.paths.data_dir, &spec.id),
         ));
-        Self::attach_log(&io, spec);
+        self.attach_log(&io, spec)?;
         Ok(Export::start(
             io,
             &self.socket_path(&spec.name),
@@ -837,15 +838,29 @@ impl VolumeService {
 
     /// Gives a primary volume's data path its replication log: from now on what completes is
     /// recorded. (What completed before is in the initial sync, which reads the volume.)
-    fn attach_log(io: &VolumeIo, spec: &VolumeSpec) {
+    fn attach_log(&self, io: &VolumeIo, spec: &VolumeSpec) -> Result<(), Error> {
         let primary = spec
             .replication
             .as_ref()
             .is_some_and(|r| r.role == ReplicationRole::Primary);
         if primary {
-            let log = ReplicationLog::new(spec.size_bytes, replication::log::DEFAULT_CAPACITY);
+            let dir = self.paths.data_dir.join("replication");
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .recursive(true)
+                    .create(&dir)
+                    .map_err(|e| {
+                        Error::Replication(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+            }
+            let map = DirtyMap::open(&dir.join(format!("{}.dirty", spec.id)))
+                .map_err(|e| Error::Replication(crate::error_chain(&e)))?;
+            let log = ReplicationLog::new(replication::log::DEFAULT_CAPACITY, map);
             let _ = io.replication.set(Arc::new(log));
         }
+        Ok(())
     }
 
     fn not_replicated(spec: &VolumeSpec) -> Result<(), Error> {
@@ -873,13 +888,14 @@ impl VolumeService {
         Self::not_replicated(&spec)?;
         let mut new = spec.clone();
         new.replication = Some(rel);
+        // Tracking first: from the moment the catalog says primary, every write is tracked.
+        if let Some(export) = &export {
+            self.attach_log(export.volume(), &new)?;
+        }
         {
             let mut catalog = crate::lock(&self.catalog);
             catalog.put(new.clone())?;
             self.state().volumes.insert(new.name.clone(), new.clone());
-        }
-        if let Some(export) = &export {
-            Self::attach_log(export.volume(), &new);
         }
         tracing::info!(volume = %new.name, peer = %new.replication.as_ref().map_or("", |r| r.peer.as_str()), "replication started: this volume is the primary");
         self.replication_info(name)

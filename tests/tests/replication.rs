@@ -342,3 +342,42 @@ fn malformed_or_unexpected_frames_from_an_authenticated_peer_close_the_connectio
     // The daemon is still serving.
     s.admin().info().unwrap();
 }
+
+/// The regions marked in a primary's dirty map file (one bit per MiB, little-endian words).
+fn dirty_regions(s: &Storaged, id: &str) -> Vec<u64> {
+    let bytes = std::fs::read(s.data_dir.join("replication").join(format!("{id}.dirty"))).unwrap();
+    let mut regions = Vec::new();
+    for (w, word) in bytes.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(word.try_into().unwrap());
+        for b in 0..64 {
+            if word & (1 << b) != 0 {
+                regions.push(w as u64 * 64 + b);
+            }
+        }
+    }
+    regions
+}
+
+#[test]
+fn every_region_a_primary_writes_is_in_its_dirty_map_on_disk_before_the_write_is_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = two_daemons(tmp.path());
+    a.create_volume(r#"{"name":"db","size":"128MiB"}"#);
+    let id = a.admin().volume("db").unwrap().id;
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    let block = pattern(8192, 0, 3);
+    for offset in [0u64, (5 << 20) - 4096, 100 << 20] {
+        assert_eq!(c.write(0, offset, &block), 0);
+    }
+    assert_eq!(c.discard(0, 64 << 20, 4096), 0);
+    // Answered: the map on disk has them, with no flush asked for. A kill -9 now keeps them.
+    assert_eq!(dirty_regions(&a, &id), vec![0, 4, 5, 64, 100]);
+    drop(c);
+    a.kill_and_restart();
+    assert_eq!(dirty_regions(&a, &id), vec![0, 4, 5, 64, 100]);
+    // After the restart the volume is tracked again from its map.
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    assert_eq!(c.write(0, 10 << 20, &block), 0);
+    assert_eq!(dirty_regions(&a, &id), vec![0, 4, 5, 10, 64, 100]);
+}

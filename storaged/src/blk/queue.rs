@@ -602,6 +602,20 @@ impl<R: Ring> QueueEngine<R> {
 
     /// Puts a built request in the in-flight table and pushes its SQEs.
     fn queue(&mut self, inflight: InFlight, vring: &VringRwLock) {
+        // Replicate stage: a primary's change is tracked on disk before it is made. Without
+        // the tracking a crash could leave the secondary behind unknown: not submitted.
+        if let Err(e) = self.stages.replicate(&self.volume).before_submit(&inflight) {
+            crate::volume_log!(
+                error,
+                &self.volume,
+                "{} answered IOERR: {}",
+                inflight.op.label(),
+                crate::error_chain(&e)
+            );
+            self.volume.metrics.io_errors.inc();
+            self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+            return;
+        }
         let slot = self.slots.insert(inflight);
         self.volume.metrics.inflight.inc();
         self.push_ops(slot);
@@ -1424,7 +1438,9 @@ mod tests {
     fn a_primarys_writes_are_recorded_as_they_complete_with_their_data_and_flushes_end_epochs() {
         use crate::replication::log::{Record, ReplicationLog};
         let mut h = Harness::new();
-        let log = Arc::new(ReplicationLog::new(DISK as u64, 1 << 20));
+        let map =
+            crate::replication::dirty::DirtyMap::open(&h._dir.path().join("v.dirty")).unwrap();
+        let log = Arc::new(ReplicationLog::new(1 << 20, map));
         assert!(h.volume.replication.set(log.clone()).is_ok());
         h.mem
             .memory()
@@ -1457,7 +1473,12 @@ mod tests {
             matches!(records[1], Record::Cut { seq: 1, .. }),
             "{records:?}"
         );
-        assert_eq!(log.take_dirty(), vec![(0, crate::replication::log::REGION)]);
+        // Both writes were marked before submission, the failed one too: it may have reached
+        // part of the disk.
+        assert_eq!(
+            log.start_resync(),
+            vec![(0, crate::replication::log::REGION)]
+        );
     }
 
     #[test]
@@ -1465,7 +1486,9 @@ mod tests {
         use crate::replication::log::{Record, ReplicationLog};
         let dek = crate::crypto::Dek::from_bytes(&[7u8; crate::crypto::DEK_LEN]).unwrap();
         let mut h = Harness::with_crypt(Some(crate::crypto::Xts::new(&dek)));
-        let log = Arc::new(ReplicationLog::new(DISK as u64, 1 << 20));
+        let map =
+            crate::replication::dirty::DirtyMap::open(&h._dir.path().join("v.dirty")).unwrap();
+        let log = Arc::new(ReplicationLog::new(1 << 20, map));
         assert!(h.volume.replication.set(log.clone()).is_ok());
         h.mem
             .memory()

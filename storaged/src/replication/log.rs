@@ -1,6 +1,6 @@
 //! A primary volume's replication log: the records its queues append as writes complete, in
-//! completion order, for the link to ship; and the dirty map of the regions the secondary may
-//! lack.
+//! completion order, for the link to ship; with the volume's dirty map ([`super::dirty`]) of
+//! the regions the secondary may lack, marked before each write is submitted.
 //!
 //! Every write, discard and write-zeroes that completes is given the next sequence number
 //! (one counter per volume, under the log's lock, so the order is the one the guest saw its
@@ -8,9 +8,10 @@
 //! encrypted volume), a zeroed range as its range only. A successful FLUSH appends a cut, the
 //! end of an epoch. The records hold at most the log's capacity of data; a write that would
 //! pass it drops every record instead (the link has fallen behind): the log is then
-//! *overflowed* until the link takes the dirty map for a resync ([`ReplicationLog::take_dirty`])
-//! and starts it again. Every record's regions are also marked in the dirty map, so dropped
-//! records lose nothing the resync will not send.
+//! *overflowed* until the link starts a resync ([`ReplicationLog::start_resync`]) from the
+//! dirty map and the log again. Every record's regions were marked in the dirty map before its
+//! write was submitted ([`ReplicationLog::before_submit`]), so dropped records lose nothing the
+//! resync will not send.
 //!
 //! Memory: per record about 64 bytes plus its data; at most `capacity` bytes of data (default
 //! [`DEFAULT_CAPACITY`]); the dirty map is one bit per [`REGION`] of the volume (128 bytes per
@@ -19,6 +20,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::dirty::{self, DirtyMap};
 
 /// Bytes of one region of the dirty map.
 pub const REGION: u64 = 1 << 20;
@@ -51,6 +54,7 @@ pub enum Record {
 pub struct ReplicationLog {
     inner: Mutex<Inner>,
     capacity: usize,
+    dirty: DirtyMap,
 }
 
 struct Inner {
@@ -60,24 +64,27 @@ struct Inner {
     /// Bytes of data in `records`.
     bytes: usize,
     overflowed: bool,
-    /// One bit per region.
-    dirty: Vec<u64>,
 }
 
 impl ReplicationLog {
-    /// The log of a volume of `size` bytes holding at most `capacity` bytes of data.
-    pub fn new(size: u64, capacity: usize) -> Self {
-        let regions = size.div_ceil(REGION);
+    /// The log of a volume holding at most `capacity` bytes of data, over its dirty map.
+    pub fn new(capacity: usize, dirty: DirtyMap) -> Self {
         ReplicationLog {
             inner: Mutex::new(Inner {
                 next_seq: 1,
                 records: VecDeque::new(),
                 bytes: 0,
                 overflowed: false,
-                dirty: vec![0; regions.div_ceil(64) as usize],
             }),
             capacity,
+            dirty,
         }
+    }
+
+    /// Marks the regions a write, discard or write-zeroes of `len` bytes at `offset` is about
+    /// to change, durably, before it is submitted.
+    pub fn before_submit(&self, offset: u64, len: u64) -> Result<(), dirty::Error> {
+        self.dirty.mark(offset, len)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -97,7 +104,6 @@ impl ReplicationLog {
         };
         let mut inner = self.lock();
         let seq = inner.take_seq();
-        inner.mark(offset, len as u64);
         match data {
             Some(data) if !inner.overflowed && inner.bytes + data.len() <= self.capacity => {
                 inner.bytes += data.len();
@@ -112,7 +118,6 @@ impl ReplicationLog {
     pub fn zero(&self, offset: u64, len: u64, discard: bool) -> u64 {
         let mut inner = self.lock();
         let seq = inner.take_seq();
-        inner.mark(offset, len);
         if !inner.overflowed {
             inner.records.push_back(Record::Zero {
                 seq,
@@ -142,7 +147,7 @@ impl ReplicationLog {
         inner.records.push_back(Record::Cut { seq, time_unix_ns });
     }
 
-    /// Whether records were dropped since the last [`take_dirty`](Self::take_dirty).
+    /// Whether records were dropped since the last [`start_resync`](Self::start_resync).
     pub fn overflowed(&self) -> bool {
         self.lock().overflowed
     }
@@ -159,25 +164,20 @@ impl ReplicationLog {
         self.lock().bytes
     }
 
-    /// The regions marked dirty, as byte ranges `(offset, len)`, and a fresh start: the map
-    /// cleared, the log emptied and no longer overflowed. For a resync, which sends these
-    /// regions and then the records appended from now on.
-    pub fn take_dirty(&self) -> Vec<(u64, u64)> {
+    /// The start of a resync: the regions it sends (the dirty ones, as byte ranges), and a
+    /// fresh log: emptied and no longer overflowed, so that the records from now on follow
+    /// the regions. The regions stay dirty until the secondary has committed the resync.
+    pub fn start_resync(&self) -> Vec<(u64, u64)> {
         let mut inner = self.lock();
-        let mut ranges = Vec::new();
-        for (w, word) in inner.dirty.iter_mut().enumerate() {
-            let mut bits = std::mem::take(word);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let region = w as u64 * 64 + b;
-                ranges.push((region * REGION, REGION));
-            }
-        }
         inner.records.clear();
         inner.bytes = 0;
         inner.overflowed = false;
-        ranges
+        self.dirty.dirty_ranges()
+    }
+
+    /// The volume's dirty map.
+    pub fn dirty(&self) -> &DirtyMap {
+        &self.dirty
     }
 
     /// Whether a write of `len` bytes would be kept (not dropped by an overflow).
@@ -194,22 +194,6 @@ impl Inner {
         seq
     }
 
-    fn mark(&mut self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = offset / REGION;
-        let last = (offset + len - 1) / REGION;
-        for r in first..=last {
-            // A volume that grew has more regions than the map was made for.
-            let w = (r / 64) as usize;
-            if w >= self.dirty.len() {
-                self.dirty.resize(w + 1, 0);
-            }
-            self.dirty[w] |= 1 << (r % 64);
-        }
-    }
-
     fn overflow(&mut self) {
         self.overflowed = true;
         self.records.clear();
@@ -221,9 +205,22 @@ impl Inner {
 mod tests {
     use super::*;
 
+    /// A log of `capacity` bytes over a dirty map in a temporary directory.
+    fn log(capacity: usize) -> (ReplicationLog, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let map = DirtyMap::open(&dir.path().join("v.dirty")).unwrap();
+        (ReplicationLog::new(capacity, map), dir)
+    }
+
+    /// A write as the queue does it: its regions marked, then recorded once complete.
+    fn write(log: &ReplicationLog, offset: u64, len: usize) -> u64 {
+        log.before_submit(offset, len as u64).unwrap();
+        log.write(offset, len, |_| true)
+    }
+
     #[test]
     fn records_are_numbered_in_completion_order_and_cut_at_flushes() {
-        let log = ReplicationLog::new(16 << 20, 1 << 20);
+        let (log, _dir) = log(1 << 20);
         assert_eq!(
             log.write(4096, 4, |b| {
                 b.copy_from_slice(b"abcd");
@@ -262,18 +259,19 @@ mod tests {
 
     #[test]
     fn a_full_log_drops_its_records_but_the_dirty_map_keeps_every_region_written() {
-        let log = ReplicationLog::new(64 << 20, 8192);
-        log.write(0, 4096, |_| true);
-        log.write(3 * REGION - 2048, 4096, |_| true); // across regions 2 and 3
+        let (log, _dir) = log(8192);
+        write(&log, 0, 4096);
+        write(&log, 3 * REGION - 2048, 4096); // across regions 2 and 3
         assert!(!log.overflowed());
         // The third write does not fit: everything is dropped, nothing more is kept.
-        log.write(10 * REGION, 4096, |_| true);
+        write(&log, 10 * REGION, 4096);
         assert!(log.overflowed());
+        log.before_submit(20 * REGION, 2 * REGION).unwrap();
         log.zero(20 * REGION, 2 * REGION, false);
         log.cut();
         assert!(log.drain().is_empty());
         assert_eq!(
-            log.take_dirty(),
+            log.start_resync(),
             vec![
                 (0, REGION),
                 (2 * REGION, REGION),
@@ -283,29 +281,22 @@ mod tests {
                 (21 * REGION, REGION),
             ]
         );
-        // A fresh start: records are kept again, the map is clear.
+        // A fresh log: records are kept again; the regions stay dirty until committed.
         assert!(!log.overflowed());
-        let seq = log.write(0, 4096, |_| true);
-        assert_eq!(seq, 5, "numbering goes on across a resync");
+        assert_eq!(write(&log, 0, 4096), 5, "numbering goes on across a resync");
         assert_eq!(log.drain().len(), 1);
-        assert_eq!(log.take_dirty(), vec![(0, REGION)]);
-    }
-
-    #[test]
-    fn regions_past_the_size_the_log_was_made_for_are_tracked_after_a_grow() {
-        let log = ReplicationLog::new(REGION, 1 << 20);
-        log.zero(200 * REGION, 4096, false);
-        assert_eq!(log.take_dirty(), vec![(200 * REGION, REGION)]);
+        assert_eq!(log.start_resync().len(), 6);
     }
 
     #[test]
     fn a_write_whose_data_cannot_be_read_is_kept_only_in_the_dirty_map() {
-        let log = ReplicationLog::new(4 << 20, 1 << 20);
+        let (log, _dir) = log(1 << 20);
+        log.before_submit(REGION, 4096).unwrap();
         log.write(REGION, 4096, |_| false);
         assert!(
             log.overflowed(),
             "the stream has a gap: only a resync can fill it"
         );
-        assert_eq!(log.take_dirty(), vec![(REGION, REGION)]);
+        assert_eq!(log.start_resync(), vec![(REGION, REGION)]);
     }
 }

@@ -3,12 +3,14 @@
 //! - `tls.rs`: the link's mutual TLS (one identity and one CA set per daemon).
 //! - `listener.rs`: accepting peers on `[replication] listen`.
 //! - `wire.rs`: the link's frames (versioned, length-delimited, CRC32C-checked) and messages.
-//! - `log.rs`: a primary volume's records of completed writes, and its dirty map.
+//! - `log.rs`: a primary volume's records of completed writes, over
+//! - `dirty.rs`: its dirty map on disk, marked before each write is submitted.
 //! - `link.rs`: messages on a stream, whole frames each way.
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
 //! - `relationship.rs`: a volume's relationship as the catalog keeps it.
 
+pub mod dirty;
 pub mod link;
 pub mod listener;
 pub mod log;

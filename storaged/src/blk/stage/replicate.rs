@@ -4,8 +4,10 @@
 //! with its data as stored: the ciphertext of an encrypted volume (its bounce buffer), the
 //! guest's data otherwise (its bounce copy, or read again from guest memory, which the guest
 //! may not change before it has the answer). A discard or write-zeroes is recorded as its
-//! ranges, a successful FLUSH as the end of an epoch. A volume that is not a primary has no
-//! log, and the stage does nothing.
+//! ranges, a successful FLUSH as the end of an epoch. Before any of them is submitted, the
+//! regions it changes are marked in the volume's dirty map on disk
+//! ([`Replicate::before_submit`]). A volume that is not a primary has no log, and the stage
+//! does nothing.
 
 use crate::blk::inflight::InFlight;
 use crate::blk::request::{self, Operation};
@@ -21,6 +23,24 @@ impl<'a> Replicate<'a> {
     pub fn of(volume: &'a VolumeIo) -> Self {
         Replicate {
             log: volume.replication.get().map(|l| l.as_ref()),
+        }
+    }
+
+    /// Marks the regions `inflight` is about to change in the dirty map, durably (a write
+    /// waits here only the first time its region is written since the secondary had it).
+    pub fn before_submit(
+        &self,
+        inflight: &InFlight,
+    ) -> Result<(), crate::replication::dirty::Error> {
+        let Some(log) = self.log else {
+            return Ok(());
+        };
+        match &inflight.op {
+            Operation::Write { offset, len } => log.before_submit(*offset, *len),
+            Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => ranges
+                .iter()
+                .try_for_each(|r| log.before_submit(r.offset, r.len)),
+            Operation::Read { .. } | Operation::Flush | Operation::GetId { .. } => Ok(()),
         }
     }
 
