@@ -4,11 +4,14 @@
 //! - `listener.rs`: accepting peers on `[replication] listen`.
 //! - `wire.rs`: the link's frames (versioned, length-delimited, CRC32C-checked) and messages.
 //! - `log.rs`: a primary volume's records of completed writes, and its dirty map.
+//! - `apply.rs`: a secondary volume's staging log (redo log) and the apply of each committed
+//!   epoch, with the recovery that makes the image always the last committed epoch's.
 //! - `link.rs`: messages on a stream, whole frames each way.
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
 //! - `relationship.rs`: a volume's relationship as the catalog keeps it.
 
+pub mod apply;
 pub mod link;
 pub mod listener;
 pub mod log;
