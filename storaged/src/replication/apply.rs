@@ -794,6 +794,12 @@ mod tests {
         fs::read(volume_path(dir)).unwrap()
     }
 
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
     fn write(seq: u64, offset: u64, data: Vec<u8>) -> Message {
         Message::Write { seq, offset, data }
     }
@@ -817,6 +823,26 @@ mod tests {
             Message::Zero { offset, len, .. } => {
                 image[*offset as usize..(*offset + *len) as usize].fill(0);
             }
+            other => panic!("not a record: {other:?}"),
+        }
+    }
+
+    /// The first half of what `record` changes: a write torn by a crash.
+    fn first_half(record: &Message) -> Message {
+        match record {
+            Message::Write { seq, offset, data } => {
+                write(*seq, *offset, data[..data.len() / 2].to_vec())
+            }
+            Message::Region { offset, data } => Message::Region {
+                offset: *offset,
+                data: data[..data.len() / 2].to_vec(),
+            },
+            Message::Zero {
+                seq,
+                offset,
+                len,
+                discard,
+            } => zero(*seq, *offset, len / 2, *discard),
             other => panic!("not a record: {other:?}"),
         }
     }
@@ -1166,5 +1192,153 @@ mod tests {
         // The committed epoch is kept for a volume that can take it.
         assert_eq!(fs::read(log_path(dir.path())).unwrap(), log);
         assert_eq!(fs::metadata(volume_path(dir.path())).unwrap().len(), SIZE);
+    }
+
+    /// The files a crash left: the log, the volume, the applied state, maybe the state's
+    /// temporary file.
+    struct Crash<'a> {
+        log: &'a [u8],
+        volume: &'a [u8],
+        state: &'a [u8],
+        tmp_state: bool,
+    }
+
+    /// Lays out `crash` in `dir`, opens it, and returns the image, the recovery and the state.
+    fn recover(dir: &Path, crash: &Crash<'_>) -> (Vec<u8>, Recovery, Applied) {
+        fs::write(log_path(dir), crash.log).unwrap();
+        fs::write(volume_path(dir), crash.volume).unwrap();
+        fs::write(state_path(dir), crash.state).unwrap();
+        let tmp = dir.join("vol.applied.tmp");
+        if crash.tmp_state {
+            fs::write(&tmp, b"{\"epo").unwrap();
+        } else {
+            let _ = fs::remove_file(&tmp);
+        }
+        let (a, recovery) = open(dir);
+        assert_eq!(a.staged_bytes(), 0);
+        assert_eq!(fs::metadata(log_path(dir)).unwrap().len(), 0);
+        let applied = a.applied().clone();
+        drop(a);
+        (image(dir), recovery, applied)
+    }
+
+    #[test]
+    fn a_crash_at_any_point_of_an_epoch_leaves_the_previous_or_the_new_image() {
+        // Epoch 1: the whole volume, a pattern, so that zeroed ranges show.
+        let base = volume_dir(&[0; SIZE as usize]);
+        let (mut a, _) = open(base.path());
+        a.stage(&write(1, 0, pattern(SIZE as usize, 0x5a))).unwrap();
+        let applied1 = a.commit(1, 1, 100).unwrap();
+        let v1 = image(base.path());
+        let state1 = fs::read(state_path(base.path())).unwrap();
+
+        // Epoch 2: small records of each kind, two of them overlapping.
+        let records = [
+            write(2, 0, pattern(1024, 1)),
+            write(3, 512, pattern(512, 2)),
+            zero(4, 4096, 1024, true),
+            zero(5, 8192, 512, false),
+            Message::Region {
+                offset: 12288,
+                data: pattern(512, 3),
+            },
+        ];
+        for r in &records {
+            a.stage(r).unwrap();
+        }
+        let staged = fs::read(log_path(base.path())).unwrap();
+        let cut = frame(&Message::Cut {
+            epoch: 2,
+            seq: 5,
+            time_unix_ns: 200,
+        });
+        let applied2 = a.commit(2, 5, 200).unwrap();
+        let v2 = image(base.path());
+        let state2 = fs::read(state_path(base.path())).unwrap();
+        let mut model = v1.clone();
+        records.iter().for_each(|r| apply_model(&mut model, r));
+        assert_eq!(v2, model);
+        assert_ne!(v1, v2);
+
+        // Offsets in the log where each record's frame ends.
+        let ends: Vec<usize> = records
+            .iter()
+            .scan(0, |end, r| {
+                *end += wire::encoded_len(r);
+                Some(*end)
+            })
+            .collect();
+        assert_eq!(ends.last(), Some(&staged.len()));
+        let mut committed = staged.clone();
+        committed.extend_from_slice(&cut);
+
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let mut cases = 0;
+        let mut check = |crash: Crash<'_>, want_image: &[u8], want: Recovery, applied: &Applied| {
+            let (img, recovery, got) = recover(dir, &crash);
+            let at = (crash.log.len(), crash.tmp_state);
+            assert!(img == v1 || img == v2, "a mixed image at {at:?}");
+            assert!(img == want_image, "the wrong image at {at:?}");
+            assert_eq!(recovery, want, "at {at:?}");
+            assert_eq!(&got, applied, "at {at:?}");
+            cases += 1;
+        };
+
+        // Killed while staging, or while appending the commit frame: the epoch is dropped.
+        for len in 0..committed.len() {
+            let records = ends.iter().filter(|&&end| end <= len).count();
+            let want = match len {
+                0 => Recovery::Clean,
+                _ => Recovery::DroppedUncommitted { records },
+            };
+            let crash = Crash {
+                log: &committed[..len],
+                volume: &v1,
+                state: &state1,
+                tmp_state: false,
+            };
+            check(crash, &v1, want, &applied1);
+        }
+
+        // Killed after the commit was durable, before, while or after applying each record,
+        // or while writing the state: the epoch is applied again.
+        let mut volumes = Vec::new();
+        let mut partial = v1.clone();
+        for r in &records {
+            volumes.push(partial.clone());
+            let mut torn = partial.clone();
+            apply_model(&mut torn, &first_half(r));
+            volumes.push(torn);
+            apply_model(&mut partial, r);
+        }
+        volumes.push(partial);
+        for volume in &volumes {
+            for tmp_state in [false, true] {
+                let crash = Crash {
+                    log: &committed,
+                    volume,
+                    state: &state1,
+                    tmp_state,
+                };
+                let replayed = Recovery::Replayed {
+                    epoch: 2,
+                    records: records.len(),
+                };
+                check(crash, &v2, replayed, &applied2);
+            }
+        }
+
+        // Killed after the state was written, before or after the log was emptied.
+        for log in [&committed[..], &[]] {
+            let crash = Crash {
+                log,
+                volume: &v2,
+                state: &state2,
+                tmp_state: false,
+            };
+            check(crash, &v2, Recovery::Clean, &applied2);
+        }
+        assert_eq!(cases, committed.len() + 2 * volumes.len() + 2);
     }
 }
