@@ -5,11 +5,14 @@
 //! - `wire.rs`: the link's frames (versioned, length-delimited, CRC32C-checked) and messages.
 //! - `log.rs`: a primary volume's records of completed writes, over
 //! - `dirty.rs`: its dirty map on disk, marked before each write is submitted.
+//! - `apply.rs`: a secondary volume's staging log (redo log) and the apply of each committed
+//!   epoch, with the recovery that makes the image always the last committed epoch's.
 //! - `link.rs`: messages on a stream, whole frames each way.
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
 //! - `relationship.rs`: a volume's relationship as the catalog keeps it.
 
+pub mod apply;
 pub mod dirty;
 pub mod link;
 pub mod listener;
