@@ -162,6 +162,12 @@ async fn start_replication(
     if req.rpo_seconds == 0 {
         return Err(bad("rpo_seconds must be at least 1".into()));
     }
+    if req.mode == storaged_api::ReplicationMode::Sync {
+        return Err(ApiError(
+            StatusCode::NOT_IMPLEMENTED,
+            "mode \"sync\" is not built yet: use \"async\"".into(),
+        ));
+    }
     let source_name = name.clone();
     let (spec, dek) = with_service(&s, move |svc| svc.replication_source(&source_name)).await?;
     let block_size = with_service(&s, {
@@ -188,7 +194,9 @@ async fn start_replication(
         .map_err(|e| {
             let status = match &e {
                 PeerError::BadPeer(_) | PeerError::ServerName(_) => StatusCode::BAD_REQUEST,
-                PeerError::Refused { status, .. } => {
+                // The peer's word for what is wrong with the request; anything else it says
+                // is its own failure.
+                PeerError::Refused { status, .. } if (400..500).contains(status) || *status == 507 => {
                     StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
                 }
                 PeerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -383,7 +383,7 @@ impl VolumeService {
             size_bytes: spec.size_bytes,
             size: ByteSize(spec.size_bytes).to_string(),
             tier: spec.tier,
-            read_only: spec.read_only,
+            read_only: spec.read_only || spec.is_secondary(),
             num_queues: spec.num_queues,
             socket: self.socket_path(&spec.name),
             attached: export.is_some_and(|e| e.is_attached()),
@@ -531,9 +531,14 @@ impl VolumeService {
         origin: SecondaryOrigin,
         block_size: u32,
     ) -> Result<VolumeInfo, Error> {
-        if uuid::Uuid::parse_str(&origin.id).is_err() {
+        if uuid::Uuid::parse_str(&origin.id)
+            .map(|u| u.hyphenated().to_string())
+            .ok()
+            .as_deref()
+            != Some(origin.id.as_str())
+        {
             return Err(Error::BadRequest(format!(
-                "volume id '{}' is not a UUID",
+                "volume id '{}' is not a UUID in its lowercase hyphenated form",
                 origin.id
             )));
         }
@@ -847,16 +852,26 @@ impl VolumeService {
             let dir = self.paths.data_dir.join("replication");
             {
                 use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .mode(0o700)
-                    .recursive(true)
-                    .create(&dir)
-                    .map_err(|e| {
-                        Error::Replication(format!("cannot create {}: {e}", dir.display()))
-                    })?;
+                if !dir.exists() {
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .recursive(true)
+                        .create(&dir)
+                        .and_then(|()| std::fs::File::open(&self.paths.data_dir)?.sync_all())
+                        .map_err(|e| {
+                            Error::Replication(format!("cannot create {}: {e}", dir.display()))
+                        })?;
+                }
             }
-            let map = DirtyMap::open(&dir.join(format!("{}.dirty", spec.id)))
+            let (map, created) = DirtyMap::open_or_create(&dir.join(format!("{}.dirty", spec.id)))
                 .map_err(|e| Error::Replication(crate::error_chain(&e)))?;
+            if created {
+                // A new relationship (or a primary whose map is gone): nothing says what the
+                // secondary has, so every region is to be sent. Writes in flight while the
+                // relationship starts are covered too.
+                map.mark(0, spec.size_bytes)
+                    .map_err(|e| Error::Replication(crate::error_chain(&e)))?;
+            }
             let log = ReplicationLog::new(replication::log::DEFAULT_CAPACITY, map);
             let _ = io.replication.set(Arc::new(log));
         }
@@ -938,6 +953,12 @@ impl VolumeService {
         if spec.is_secondary() && req.size.is_some_and(|s| s.0 != spec.size_bytes) {
             return Err(Error::Replication(format!(
                 "volume '{name}' is a replication secondary: it grows with its primary"
+            )));
+        }
+        if spec.replication.is_some() && req.size.is_some_and(|s| s.0 != spec.size_bytes) {
+            return Err(Error::Replication(format!(
+                "volume '{name}' is replicated: growing it together with its secondary is not \
+                 built yet"
             )));
         }
         let name = spec.name.clone();
@@ -1056,11 +1077,15 @@ impl VolumeService {
 
     fn delete_volume(&self, name: &str, force: bool, secondary_ok: bool) -> Result<Deleted, Error> {
         let (_held, spec, export) = self.claim(name, "delete")?;
-        if spec.is_secondary() && !secondary_ok {
+        if spec.is_secondary() && !secondary_ok && !force {
             return Err(Error::Replication(format!(
                 "volume '{name}' is a replication secondary: end the relationship (unreplicate) \
-                 or promote it first"
+                 or promote it first, or delete it with force=true (its primary is then \
+                 replicated nowhere)"
             )));
+        }
+        if spec.is_secondary() && force && !secondary_ok {
+            tracing::warn!(volume = %name, "deleting a replication secondary by force: its primary loses its copy");
         }
         let name = spec.name.clone();
         if let Some(export) = &export {
@@ -1107,6 +1132,18 @@ impl VolumeService {
         if let Err(e) = std::fs::remove_file(&record) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(volume = %name, path = %record.display(), "cannot remove the failure record: {e}");
+            }
+        }
+        if spec.replication.is_some() {
+            let map = self
+                .paths
+                .data_dir
+                .join("replication")
+                .join(format!("{}.dirty", spec.id));
+            if let Err(e) = std::fs::remove_file(&map) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(volume = %name, path = %map.display(), "cannot remove the dirty map: {e}");
+                }
             }
         }
         // The catalog (rewritten whole, fsynced, renamed, the replaced file zeroed) no longer

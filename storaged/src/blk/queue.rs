@@ -613,6 +613,9 @@ impl<R: Ring> QueueEngine<R> {
                 crate::error_chain(&e)
             );
             self.volume.metrics.io_errors.inc();
+            // Its bounce buffer was charged when it was built: give the budget back.
+            self.bounce
+                .discharge(inflight.bounce.as_ref().map_or(0, AlignedBuf::len));
             self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
             return;
         }
@@ -1479,6 +1482,38 @@ mod tests {
             log.start_resync(),
             vec![(0, crate::replication::log::REGION)]
         );
+    }
+
+    #[test]
+    fn a_write_whose_region_cannot_be_tracked_is_refused_unsubmitted_and_gives_its_bounce_budget_back(
+    ) {
+        use crate::replication::log::ReplicationLog;
+        let dek = crate::crypto::Dek::from_bytes(&[7u8; crate::crypto::DEK_LEN]).unwrap();
+        let mut h = Harness::with_crypt(Some(crate::crypto::Xts::new(&dek)));
+        // A dirty map whose every write fails (ENOSPC).
+        let map =
+            crate::replication::dirty::DirtyMap::open(std::path::Path::new("/dev/full")).unwrap();
+        let log = Arc::new(ReplicationLog::new(1 << 20, map));
+        assert!(h.volume.replication.set(log.clone()).is_ok());
+        for _ in 0..3 {
+            let write = h.request(T_OUT, 8, 4096, true);
+            assert_eq!(h.status(write), VIRTIO_BLK_S_IOERR as u8);
+        }
+        assert!(
+            h.ops().is_empty(),
+            "nothing reached the disk: {:?}",
+            h.ops()
+        );
+        assert_eq!(
+            h.engine.bounce.held(),
+            0,
+            "the bounce budget is whole again"
+        );
+        assert!(log.drain().is_empty());
+        // Reads go on.
+        let read = h.request(T_IN, 8, 4096, false);
+        h.complete();
+        assert_eq!(h.status(read), 0);
     }
 
     #[test]

@@ -55,12 +55,20 @@ struct Words {
 }
 
 impl DirtyMap {
-    /// Opens (or creates, all clean) the map at `path`.
+    /// Opens the map at `path`, or creates it all clean (see [`DirtyMap::open_or_create`]).
     pub fn open(path: &Path) -> Result<DirtyMap, Error> {
+        Self::open_or_create(path).map(|(map, _)| map)
+    }
+
+    /// Opens the map at `path`, or creates it all clean and made durable in its directory;
+    /// says whether it was created. A primary whose map is new has nothing recorded: its
+    /// caller marks the whole volume.
+    pub fn open_or_create(path: &Path) -> Result<(DirtyMap, bool), Error> {
         let open_err = |source| Error::Open {
             path: path.to_owned(),
             source,
         };
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -68,6 +76,13 @@ impl DirtyMap {
             .truncate(false)
             .open(path)
             .map_err(open_err)?;
+        if !existed {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(open_err)?;
+            }
+        }
         let len = file.metadata().map_err(open_err)?.len() as usize;
         let mut bytes = vec![0u8; len - len % 8];
         file.read_exact_at(&mut bytes, 0).map_err(open_err)?;
@@ -75,14 +90,15 @@ impl DirtyMap {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
-        Ok(DirtyMap {
+        let map = DirtyMap {
             path: path.to_owned(),
             file,
             words: Mutex::new(Words {
                 now: words.clone(),
                 disk: words,
             }),
-        })
+        };
+        Ok((map, !existed))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Words> {
@@ -145,9 +161,11 @@ impl DirtyMap {
             return Ok(());
         }
         let words = w.now.clone();
-        self.write_words(0, &words)?;
+        let written = self.write_words(0, &words);
+        // Whether or not all of it reached the file, the file holds at least these bits: a
+        // later mark of a cleared region writes it again.
         w.disk = words;
-        Ok(())
+        written
     }
 
     /// The dirty regions, as byte ranges `(offset, REGION)`, in order.

@@ -1,8 +1,8 @@
 //! The link's messages on a byte stream (a TLS connection): [`Link::send`] encodes and
 //! writes a frame, [`Link::recv`] reads until a whole frame is there and decodes it. What the
 //! peer sends is checked by [`super::wire::decode`]; the read buffer grows at most to one
-//! frame ([`wire::MAX_PAYLOAD`] and its header), since a header is judged before its payload
-//! is waited for.
+//! frame ([`wire::MAX_PAYLOAD`] and its header) and one read's chunk, since a header is judged
+//! before its payload is waited for.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -13,9 +13,10 @@
 //! write was submitted ([`ReplicationLog::before_submit`]), so dropped records lose nothing the
 //! resync will not send.
 //!
-//! Memory: per record about 64 bytes plus its data; at most `capacity` bytes of data (default
-//! [`DEFAULT_CAPACITY`]); the dirty map is one bit per [`REGION`] of the volume (128 bytes per
-//! GiB).
+//! Memory: each record is charged its data plus [`RECORD_OVERHEAD`] against the log's
+//! capacity (default [`DEFAULT_CAPACITY`]), a zeroed range and a cut too, so a guest sending
+//! only discards and flushes is bounded as well; the dirty map is one bit per [`REGION`] of the
+//! volume (128 bytes per GiB).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -28,6 +29,9 @@ pub const REGION: u64 = 1 << 20;
 
 /// Default bytes of data the log holds before it overflows.
 pub const DEFAULT_CAPACITY: usize = 64 << 20;
+
+/// What a record is charged beyond its data: its place in the queue and its fields.
+pub const RECORD_OVERHEAD: usize = 64;
 
 /// One record of the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +68,8 @@ struct Inner {
     /// Bytes of data in `records`.
     bytes: usize,
     overflowed: bool,
+    /// Raised by every [`ReplicationLog::start_resync`].
+    generation: u64,
 }
 
 impl ReplicationLog {
@@ -75,6 +81,7 @@ impl ReplicationLog {
                 records: VecDeque::new(),
                 bytes: 0,
                 overflowed: false,
+                generation: 0,
             }),
             capacity,
             dirty,
@@ -95,20 +102,28 @@ impl ReplicationLog {
     /// into the buffer it is given (false: the data could not be read, and only the dirty map
     /// records the write). Returns the record's sequence number.
     pub fn write(&self, offset: u64, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> u64 {
-        // The copy is made outside the lock; its place in the order is taken under it.
-        let data = if self.would_keep(len) {
-            let mut data = vec![0u8; len];
-            fill(&mut data).then_some(data)
-        } else {
-            None
+        let cost = len + RECORD_OVERHEAD;
+        // Whether the data is kept is decided under the lock, the copy made outside it.
+        let (generation, keep) = {
+            let inner = self.lock();
+            (inner.generation, inner.fits(cost, self.capacity))
         };
+        let data = keep
+            .then(|| vec![0u8; len])
+            .and_then(|mut d| fill(&mut d).then_some(d));
         let mut inner = self.lock();
         let seq = inner.take_seq();
+        let fits = inner.fits(cost, self.capacity);
         match data {
-            Some(data) if !inner.overflowed && inner.bytes + data.len() <= self.capacity => {
-                inner.bytes += data.len();
+            Some(data) if fits => {
+                inner.bytes += cost;
                 inner.records.push_back(Record::Write { seq, offset, data });
             }
+            // A resync started since this write reached the storage: it reads the write's
+            // region (marked before the write was submitted) after that, so the record would
+            // only repeat what the resync sends. No gap.
+            None if keep && inner.generation == generation => inner.overflow(),
+            None if inner.generation != generation => {}
             _ => inner.overflow(),
         }
         seq
@@ -118,7 +133,10 @@ impl ReplicationLog {
     pub fn zero(&self, offset: u64, len: u64, discard: bool) -> u64 {
         let mut inner = self.lock();
         let seq = inner.take_seq();
-        if !inner.overflowed {
+        if !inner.fits(RECORD_OVERHEAD, self.capacity) {
+            inner.overflow();
+        } else {
+            inner.bytes += RECORD_OVERHEAD;
             inner.records.push_back(Record::Zero {
                 seq,
                 offset,
@@ -144,6 +162,11 @@ impl ReplicationLog {
                 return;
             }
         }
+        if !inner.fits(RECORD_OVERHEAD, self.capacity) {
+            inner.overflow();
+            return;
+        }
+        inner.bytes += RECORD_OVERHEAD;
         inner.records.push_back(Record::Cut { seq, time_unix_ns });
     }
 
@@ -159,7 +182,7 @@ impl ReplicationLog {
         inner.records.drain(..).collect()
     }
 
-    /// Bytes of data the records hold.
+    /// Bytes the records are charged: their data and [`RECORD_OVERHEAD`] each.
     pub fn pending_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -172,6 +195,7 @@ impl ReplicationLog {
         inner.records.clear();
         inner.bytes = 0;
         inner.overflowed = false;
+        inner.generation += 1;
         self.dirty.dirty_ranges()
     }
 
@@ -179,15 +203,14 @@ impl ReplicationLog {
     pub fn dirty(&self) -> &DirtyMap {
         &self.dirty
     }
-
-    /// Whether a write of `len` bytes would be kept (not dropped by an overflow).
-    fn would_keep(&self, len: usize) -> bool {
-        let inner = self.lock();
-        !inner.overflowed && inner.bytes + len <= self.capacity
-    }
 }
 
 impl Inner {
+    /// Whether a record charged `cost` is kept.
+    fn fits(&self, cost: usize, capacity: usize) -> bool {
+        !self.overflowed && self.bytes + cost <= capacity
+    }
+
     fn take_seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -259,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_full_log_drops_its_records_but_the_dirty_map_keeps_every_region_written() {
-        let (log, _dir) = log(8192);
+        let (log, _dir) = log(2 * (4096 + RECORD_OVERHEAD));
         write(&log, 0, 4096);
         write(&log, 3 * REGION - 2048, 4096); // across regions 2 and 3
         assert!(!log.overflowed());
@@ -286,6 +309,21 @@ mod tests {
         assert_eq!(write(&log, 0, 4096), 5, "numbering goes on across a resync");
         assert_eq!(log.drain().len(), 1);
         assert_eq!(log.start_resync().len(), 6);
+    }
+
+    #[test]
+    fn discards_and_flushes_alone_fill_the_log_too() {
+        let (log, _dir) = log(10 * RECORD_OVERHEAD);
+        for i in 0..5 {
+            log.zero(i * 4096, 4096, true);
+            log.cut();
+        }
+        assert!(!log.overflowed());
+        log.zero(0, 4096, true);
+        assert!(
+            log.overflowed(),
+            "a guest of discards cannot grow the log without bound"
+        );
     }
 
     #[test]

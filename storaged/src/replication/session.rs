@@ -32,7 +32,7 @@ use storaged_api::CreateVolume;
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Time a primary gives the peer to connect, authenticate and answer a `Create` (which
-/// creates a file, and may preallocate nothing: a secondary is sparse until data arrives).
+/// creates a sparse file: a secondary takes room as data arrives).
 pub const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of a primary's request to its peer.
@@ -160,7 +160,8 @@ fn create_secondary(
             .into(),
         ),
         read_only: false,
-        preallocate: None,
+        // Sparse: the secondary takes room only as data arrives.
+        preallocate: Some(false),
         device: None,
         iops_limit: None,
         bandwidth_limit: None,
@@ -232,12 +233,22 @@ pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(
     match tokio::time::timeout(CREATE_TIMEOUT, exchange).await {
         Err(_) => Err(Error::Timeout(peer.to_string())),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(Message::Accepted { .. })) => Ok(()),
+        Ok(Ok(Message::Accepted { relationship })) if Some(&relationship) == sent_id(create) => {
+            Ok(())
+        }
         Ok(Ok(Message::Refused { status, reason })) => Err(Error::Refused {
             peer: peer.to_string(),
             status,
             reason,
         }),
         Ok(Ok(_)) => Err(Error::Unexpected(peer.to_string())),
+    }
+}
+
+/// The relationship id of a `Create`.
+fn sent_id(create: &Message) -> Option<&[u8; 16]> {
+    match create {
+        Message::Create { relationship, .. } => Some(relationship),
+        _ => None,
     }
 }
