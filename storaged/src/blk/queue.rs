@@ -875,9 +875,12 @@ impl<R: Ring> QueueEngine<R> {
                 }
             }
         }
+        // Replicate stage: what reached the storage is shipped, answered or not; what may
+        // have reached it in part is left to a resync.
         if code == VIRTIO_BLK_S_OK as u8 {
-            // Replicate stage: what reached the storage is shipped, answered or not.
             self.stages.replicate(&self.volume).completed(&inflight);
+        } else {
+            self.stages.replicate(&self.volume).failed(&inflight);
         }
         match vring {
             Some(vring) => self.finish(vring, inflight, code, used),
@@ -1449,7 +1452,8 @@ mod tests {
             .memory()
             .write_slice(&[0xc3; 4096], GuestAddress(DATA))
             .unwrap();
-        // A write that fails is not recorded: it did not change the volume.
+        // A write that fails may have reached part of the disk, unrecorded: a gap in the
+        // stream, left to a resync of its region.
         h.disk
             .borrow_mut()
             .answers
@@ -1457,6 +1461,11 @@ mod tests {
         let failed = h.request(T_OUT, 0, 4096, true);
         h.complete();
         assert_eq!(h.status(failed), VIRTIO_BLK_S_IOERR as u8);
+        assert!(log.overflowed());
+        assert_eq!(
+            log.start_resync(),
+            vec![(0, crate::replication::log::REGION)]
+        );
         let write = h.request(T_OUT, 8, 4096, true);
         h.complete();
         assert_eq!(h.status(write), 0);
@@ -1476,8 +1485,7 @@ mod tests {
             matches!(records[1], Record::Cut { seq: 1, .. }),
             "{records:?}"
         );
-        // Both writes were marked before submission, the failed one too: it may have reached
-        // part of the disk.
+        assert!(!log.overflowed());
         assert_eq!(
             log.start_resync(),
             vec![(0, crate::replication::log::REGION)]

@@ -74,6 +74,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         }
     }
 
+    /// Zeroes what the link's buffers held (a `Create` carries a volume's key).
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        self.buf.zeroize();
+        self.out.zeroize();
+    }
+
     /// Closes the sending side (TLS close_notify, then the TCP FIN).
     pub async fn shutdown(&mut self) {
         let _ = self.stream.shutdown().await;

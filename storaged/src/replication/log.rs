@@ -170,6 +170,13 @@ impl ReplicationLog {
         inner.records.push_back(Record::Cut { seq, time_unix_ns });
     }
 
+    /// A change that may have reached the storage without a record (a write that failed part
+    /// way, answered IOERR): the stream has a gap only a resync of the dirty map can fill, so
+    /// the records are dropped as for an overflow.
+    pub fn gap(&self) {
+        self.lock().overflow();
+    }
+
     /// Whether records were dropped since the last [`start_resync`](Self::start_resync).
     pub fn overflowed(&self) -> bool {
         self.lock().overflowed

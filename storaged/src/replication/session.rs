@@ -118,6 +118,7 @@ where
     if let Err(e) = link.send(&answer).await {
         tracing::warn!(%peer, "replication peer: cannot send the answer: {}", crate::error_chain(&e));
     }
+    link.wipe();
     link.shutdown().await;
 }
 
@@ -225,7 +226,9 @@ pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(
                     source,
                 })?;
         let mut link = Link::new(stream);
-        link.send(create).await?;
+        let sent = link.send(create).await;
+        link.wipe();
+        sent?;
         let answer = link.recv().await?;
         link.shutdown().await;
         answer.ok_or_else(|| Error::NoAnswer(peer.to_string()))

@@ -44,6 +44,19 @@ impl<'a> Replicate<'a> {
         }
     }
 
+    /// A request that was submitted and failed: if it changes data it may have changed part
+    /// of it, unrecorded; the log says so (a gap, filled by a resync of its marked regions).
+    pub fn failed(&self, inflight: &InFlight) {
+        if let Some(log) = self.log {
+            if matches!(
+                inflight.op,
+                Operation::Write { .. } | Operation::Discard(_) | Operation::WriteZeroes(_)
+            ) {
+                log.gap();
+            }
+        }
+    }
+
     /// Records a request that completed successfully.
     pub fn completed(&self, inflight: &InFlight) {
         let Some(log) = self.log else {
