@@ -186,19 +186,18 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
         });
 
-        if let (Some(listener), Some(tls)) = (replication_listener, replication_tls.clone()) {
-            tokio::spawn(crate::replication::listener::serve(
-                listener,
-                tls,
-                stop_rx.clone(),
-                {
-                    let service = service.clone();
-                    move |stream, peer| {
-                        crate::replication::session::serve(stream, peer, service.clone())
-                    }
-                },
-            ));
-        }
+        let replication_task =
+            match (replication_listener, replication_tls.clone()) {
+                (Some(listener), Some(tls)) => Some(tokio::spawn(
+                    crate::replication::listener::serve(listener, tls, stop_rx.clone(), {
+                        let service = service.clone();
+                        move |stream, peer, stop| {
+                            crate::replication::session::serve(stream, peer, service.clone(), stop)
+                        }
+                    }),
+                )),
+                _ => None,
+            };
 
         let volumes = service.list().len();
         tracing::info!(
@@ -216,6 +215,10 @@ pub fn run(config: Config) -> Result<(), Error> {
         sd_notify("STOPPING=1");
         let _ = stop_tx.send(true);
         let _ = admin_task.await;
+        // Replication sessions end before the volumes they work on are shut down.
+        if let Some(t) = replication_task {
+            let _ = t.await;
+        }
         if let Some(t) = metrics_task {
             let _ = t.await;
         }

@@ -426,3 +426,23 @@ fn a_new_primary_marks_every_region_on_disk_and_a_lost_map_is_marked_again_after
     let mut c = connect_retry(&a.socket_of("db"), 1);
     assert_eq!(c.write(0, 0, &pattern(4096, 0, 1)), 0);
 }
+
+#[test]
+fn a_stopping_daemon_does_not_wait_for_a_peer_that_sends_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("zone CA");
+    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
+    let config = listening_config(tmp.path(), &node);
+    let mut s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    let peer = ca.issue(tmp.path(), "node-b", &["127.0.0.1"]);
+    let _idle = pki::connect(s.replication_addr(), "127.0.0.1", Some(&peer), &peer.ca).unwrap();
+    s.wait_for_log("replication peer authenticated");
+    let status = s.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let log = s.log_text();
+    assert!(log.contains("stopped"), "{log}");
+    // Neither the session's own wait nor the listener's drain ran out: the session ended
+    // with the stop.
+    assert!(!log.contains("nothing sent within"), "{log}");
+    assert!(!log.contains("still under way"), "{log}");
+}

@@ -70,13 +70,22 @@ pub enum Error {
     Unexpected(String),
 }
 
-/// Serves one authenticated peer connection.
-pub async fn serve<S>(stream: S, peer: SocketAddr, service: Arc<VolumeService>)
-where
+/// Serves one authenticated peer connection. A daemon that stops (`stop` true) stops waiting
+/// for the peer; a create under way is finished.
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    service: Arc<VolumeService>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut link = Link::new(stream);
-    let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, link.recv()).await {
+    let first = tokio::select! {
+        r = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, link.recv()) => r,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    let first = match first {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
