@@ -31,6 +31,8 @@ pub struct ApiState {
     pub replication_listen: Option<String>,
     /// The replication link's TLS, when `[replication]` is configured.
     pub replication_tls: Option<crate::replication::tls::Tls>,
+    /// Turns true when the daemon stops (for the tasks the API starts).
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -149,7 +151,7 @@ async fn start_replication(
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
     use crate::replication::session::{self, Error as PeerError};
-    use crate::replication::wire::{DekBytes, Message, VolumeSpec};
+    use crate::replication::wire::{DekBytes, Message};
     use crate::replication::{Relationship, ReplicationRole};
 
     let req: StartReplication = parse_body(&body)?;
@@ -178,15 +180,7 @@ async fn start_replication(
     let relationship = uuid::Uuid::new_v4();
     let create = Message::Create {
         relationship: *relationship.as_bytes(),
-        volume: VolumeSpec {
-            name: spec.name.to_string(),
-            id: spec.id.clone(),
-            size: spec.size_bytes,
-            block_size,
-            tier: spec.tier.to_string(),
-            encrypted: spec.encryption.is_some(),
-            num_queues: spec.num_queues,
-        },
+        volume: session::wire_spec(&spec, block_size),
         dek: dek.map(|k| DekBytes::new(k.as_bytes().to_vec())),
     };
     session::create_on_peer(&tls, &req.peer, &create)
@@ -213,7 +207,9 @@ async fn start_replication(
         rpo_seconds: req.rpo_seconds,
         generation: 0,
     };
+    let started = name.clone();
     let v = with_service(&s, move |svc| svc.set_relationship(&name, rel)).await?;
+    crate::replication::sender::start(s.service.clone(), tls, started, s.stop.clone());
     Ok((StatusCode::CREATED, Json(v)))
 }
 

@@ -155,14 +155,15 @@ pub fn run(config: Config) -> Result<(), Error> {
                 source,
             },
         )?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let state = ApiState {
             service: service.clone(),
             metrics: metrics.clone(),
             metrics_url: metrics_url.clone(),
             replication_listen: replication_listen.clone(),
             replication_tls: replication_tls.clone(),
+            stop: stop_rx.clone(),
         };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut admin_rx = stop_rx.clone();
         let admin_task = tokio::spawn(async move {
             let serve = axum::serve(admin, api::router(state)).with_graceful_shutdown(async move {
@@ -198,6 +199,18 @@ pub fn run(config: Config) -> Result<(), Error> {
                 )),
                 _ => None,
             };
+
+        // Every primary's sender: it resyncs its secondary and ships its writes.
+        if let Some(tls) = &replication_tls {
+            for name in service.primaries() {
+                crate::replication::sender::start(
+                    service.clone(),
+                    tls.clone(),
+                    name,
+                    stop_rx.clone(),
+                );
+            }
+        }
 
         let volumes = service.list().len();
         tracing::info!(

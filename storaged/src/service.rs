@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::qos::{self, Limits, Overrides};
 use crate::replication::dirty::DirtyMap;
 use crate::replication::log::ReplicationLog;
-use crate::replication::{self, Relationship, ReplicationRole};
+use crate::replication::{self, LinkStatus, Relationship, ReplicationRole};
 use crate::volume::{self, Backing, Owner, VolumeName, VolumeSpec};
 use size::ByteSize;
 use storaged_api::{
@@ -176,6 +176,8 @@ pub struct VolumeService {
     keys: Arc<dyn KeyProvider>,
     catalog: Mutex<VolumeCatalog>,
     state: Mutex<State>,
+    /// The replication links' view of each replicated volume, by name.
+    link_status: Mutex<BTreeMap<String, LinkStatus>>,
 }
 
 /// What the API shows and what operations hold; changed only in memory.
@@ -242,6 +244,12 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+fn now_seconds_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn pool_check(st: &State, capacity: Option<ByteSize>, more: u64) -> Result<(), Error> {
     if let Some(cap) = capacity {
         let available = cap.0.saturating_sub(st.allocated_bytes());
@@ -274,6 +282,7 @@ impl VolumeService {
             keys,
             catalog: Mutex::new(catalog),
             state: Mutex::new(State::default()),
+            link_status: Mutex::new(BTreeMap::new()),
         };
         let mut st = State::default();
         for spec in specs {
@@ -922,21 +931,93 @@ impl VolumeService {
         let r = spec
             .replication
             .ok_or_else(|| Error::NotReplicated(name.to_string()))?;
-        // No data is shipped yet: every relationship is at the start of its initial sync,
-        // and the secondary holds no consistent image.
+        let st = crate::lock(&self.link_status)
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| LinkStatus {
+                state: "disconnected",
+                ..LinkStatus::default()
+            });
+        let consistent_at = st.consistent_at_ns.map(|ns| ns as f64 / 1e9);
+        let lag_seconds = match (st.behind, consistent_at) {
+            (false, Some(_)) => Some(0.0),
+            (true, Some(at)) => Some((now_seconds_f64() - at).max(0.0)),
+            _ => None,
+        };
+        let rpo_exceeded = r.role == ReplicationRole::Primary
+            && lag_seconds.is_none_or(|l| l > f64::from(r.rpo_seconds));
         Ok(ReplicationInfo {
             relationship: r.id,
             role: r.role,
             peer: r.peer,
             mode: r.mode,
             rpo_seconds: r.rpo_seconds,
-            state: "initial_sync".into(),
-            percent_done: Some(0.0),
-            consistent: false,
-            consistent_at: None,
-            lag_seconds: None,
-            rpo_exceeded: false,
+            state: st.state.into(),
+            percent_done: st.percent_done,
+            consistent: st.consistent,
+            consistent_at,
+            lag_seconds,
+            rpo_exceeded,
         })
+    }
+
+    /// Records what the link knows of the relationship of volume `name`.
+    pub fn set_link_status(&self, name: &str, status: LinkStatus) {
+        crate::lock(&self.link_status).insert(name.to_string(), status);
+    }
+
+    /// What a primary's sender needs of volume `name`: its relationship, its log, its backing
+    /// file and size; `None` when it is not (or no longer) a served primary.
+    pub fn primary_link(
+        &self,
+        name: &str,
+    ) -> Option<(Relationship, Arc<ReplicationLog>, PathBuf, u64, VolumeSpec)> {
+        let n: VolumeName = name.parse().ok()?;
+        let st = self.state();
+        let spec = st.volumes.get(&n)?;
+        let rel = spec.replication.clone()?;
+        if rel.role != ReplicationRole::Primary {
+            return None;
+        }
+        let export = st.exports.get(&n)?;
+        let log = export.volume().replication.get()?.clone();
+        Some((
+            rel,
+            log,
+            spec.backing.path().to_owned(),
+            export.volume().capacity(),
+            spec.clone(),
+        ))
+    }
+
+    /// The primaries this daemon serves, by name.
+    pub fn primaries(&self) -> Vec<String> {
+        self.state()
+            .volumes
+            .values()
+            .filter(|v| {
+                v.replication
+                    .as_ref()
+                    .is_some_and(|r| r.role == ReplicationRole::Primary)
+            })
+            .map(|v| v.name.to_string())
+            .collect()
+    }
+
+    /// The secondary of relationship `id` here: its name, id, backing file and size.
+    pub fn secondary_of(&self, id: &str) -> Option<(String, String, PathBuf, u64)> {
+        let st = self.state();
+        st.volumes
+            .values()
+            .find(|v| v.is_secondary() && v.replication.as_ref().is_some_and(|r| r.id == id))
+            .map(|v| {
+                (
+                    v.name.to_string(),
+                    v.id.clone(),
+                    v.backing.path().to_owned(),
+                    v.size_bytes,
+                )
+            })
     }
 
     fn spec(&self, name: &str) -> Result<VolumeSpec, Error> {

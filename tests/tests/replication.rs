@@ -10,13 +10,31 @@ use storaged_tests::{bin, connect_retry, pattern, BlkClient, Storaged};
 
 /// A config file with `[replication]` listening on a loopback port of the kernel's choice.
 fn listening_config(dir: &Path, node: &NodeFiles) -> std::path::PathBuf {
+    listening_config_on(dir, node, 0)
+}
+
+/// A config file with `[replication]` listening on loopback port `port`.
+fn listening_config_on(dir: &Path, node: &NodeFiles, port: u16) -> std::path::PathBuf {
     let path = dir.join("storaged.toml");
     std::fs::write(
         &path,
-        format!("[replication]\nlisten = \"127.0.0.1:0\"\n{}", node.toml()),
+        format!(
+            "[replication]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            node.toml()
+        ),
     )
     .unwrap();
     path
+}
+
+/// A loopback port nothing listens on now, for a daemon that must keep its address across a
+/// restart.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -137,7 +155,7 @@ fn two_daemons(dir: &Path) -> (Storaged, Storaged) {
         let node_dir = dir.join(name);
         std::fs::create_dir(&node_dir).unwrap();
         let node = ca.issue(&node_dir, name, &["127.0.0.1"]);
-        let config = listening_config(&node_dir, &node);
+        let config = listening_config_on(&node_dir, &node, free_port());
         Storaged::start_with(&["--config", config.to_str().unwrap()])
     };
     (start("zone-a"), start("zone-b"))
@@ -445,4 +463,150 @@ fn a_stopping_daemon_does_not_wait_for_a_peer_that_sends_nothing() {
     // with the stop.
     assert!(!log.contains("nothing sent within"), "{log}");
     assert!(!log.contains("still under way"), "{log}");
+}
+
+/// Waits until the volume's relationship on `s` says `cond`.
+fn wait_replication(
+    s: &Storaged,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&storaged_api::ReplicationInfo) -> bool,
+) -> storaged_api::ReplicationInfo {
+    let mut last = None;
+    storaged_tests::wait_until(what, std::time::Duration::from_secs(60), || {
+        let r = s.admin().replication(name).unwrap();
+        let ok = cond(&r);
+        last = Some(r);
+        ok
+    });
+    last.unwrap()
+}
+
+#[test]
+fn a_primarys_data_reaches_its_secondary_through_the_initial_sync_and_then_the_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_daemons(tmp.path());
+    for (name, encryption) in [("plain", "none"), ("sealed", "aes-xts-plain64")] {
+        a.create_volume(&format!(
+            r#"{{"name":"{name}","size":"64MiB","encryption":"{encryption}"}}"#
+        ));
+        // Data before the relationship: the initial sync's to carry.
+        let mut c = connect_retry(&a.socket_of(name), 1);
+        let before = pattern(3 << 20, 0, 1);
+        assert_eq!(c.write(0, 10 << 20, &before), 0);
+        assert_eq!(c.flush(0), 0);
+
+        a.admin().start_replication(name, &start(&b)).unwrap();
+        let r = wait_replication(&b, name, "the secondary becomes consistent", |r| {
+            r.consistent
+        });
+        assert_eq!(r.state, "replicating", "{r:?}");
+
+        // Data after it: the stream's, up to a flush.
+        let after = pattern(1 << 20, 0, 2);
+        assert_eq!(c.write(0, 40 << 20, &after), 0);
+        assert_eq!(c.write(0, 10 << 20, &after[..4096]), 0); // over the initial sync's data
+        assert_eq!(c.flush(0), 0);
+        let flushed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let r = wait_replication(&b, name, "the secondary passes the flush", |r| {
+            r.consistent_at.is_some_and(|t| t >= flushed)
+        });
+        assert!(r.consistent, "{r:?}");
+        let p = wait_replication(&a, name, "the primary sees its secondary caught up", |r| {
+            r.lag_seconds == Some(0.0)
+        });
+        assert_eq!(p.state, "replicating", "{p:?}");
+        assert!(!p.rpo_exceeded, "{p:?}");
+        drop(c);
+
+        let mut ro = BlkClient::connect_read_only(&b.socket_of(name)).unwrap();
+        let mut expect = before.clone();
+        expect[..4096].copy_from_slice(&after[..4096]);
+        assert_eq!(
+            ro.read(0, 10 << 20, 3 << 20).unwrap(),
+            expect,
+            "{name}: initial sync"
+        );
+        assert_eq!(
+            ro.read(0, 40 << 20, 1 << 20).unwrap(),
+            after,
+            "{name}: stream"
+        );
+        assert_eq!(
+            ro.read(0, 0, 4096).unwrap(),
+            vec![0u8; 4096],
+            "{name}: a hole stays zeros"
+        );
+        drop(ro);
+        // The peer stores what the primary stores: for an encrypted volume, the ciphertext.
+        let file = |s: &Storaged| {
+            let v = s.admin().volume(name).unwrap();
+            let f = std::fs::File::open(v.backing.path()).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 40 << 20).unwrap();
+            buf
+        };
+        assert_eq!(file(&a), file(&b), "{name}: the same bytes at rest");
+        if encryption != "none" {
+            assert_ne!(file(&b), after, "{name}: the peer holds ciphertext");
+        }
+    }
+}
+
+#[test]
+fn after_a_kill_9_of_either_side_the_link_comes_back_resyncs_and_the_secondary_is_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = two_daemons(tmp.path());
+    a.create_volume(r#"{"name":"db","size":"32MiB"}"#);
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    wait_replication(&b, "db", "the initial sync ends", |r| r.consistent);
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    // The secondary is killed while the primary writes.
+    for i in 0..8u64 {
+        assert_eq!(c.write(0, i << 20, &pattern(1 << 20, i, 4)), 0);
+        if i == 3 {
+            b.kill_and_restart();
+        }
+    }
+    assert_eq!(c.flush(0), 0);
+    let flushed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let r = wait_replication(
+        &b,
+        "db",
+        "the secondary catches up after its restart",
+        |r| r.consistent && r.consistent_at.is_some_and(|t| t >= flushed),
+    );
+    assert_eq!(r.state, "replicating", "{r:?}");
+    a.wait_for_log("replication link down");
+    // The primary is killed; the secondary keeps its consistent image and says so.
+    drop(c);
+    a.kill_and_restart();
+    let r = b.admin().replication("db").unwrap();
+    assert!(r.consistent, "{r:?}");
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    assert_eq!(c.write(0, 20 << 20, &pattern(4096, 20, 5)), 0);
+    assert_eq!(c.flush(0), 0);
+    let flushed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    wait_replication(
+        &b,
+        "db",
+        "the secondary follows the restarted primary",
+        |r| r.consistent && r.consistent_at.is_some_and(|t| t >= flushed),
+    );
+    drop(c);
+    let mut ro = BlkClient::connect_read_only(&b.socket_of("db")).unwrap();
+    for i in 0..8u64 {
+        let got = ro.read(0, i << 20, 1 << 20).unwrap();
+        assert_eq!(got, pattern(1 << 20, i, 4), "MiB {i}");
+    }
+    assert_eq!(ro.read(0, 20 << 20, 4096).unwrap(), pattern(4096, 20, 5));
 }

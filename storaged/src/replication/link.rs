@@ -27,17 +27,33 @@ pub struct Link<S> {
     stream: S,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// What one read fills, before it joins `buf`: a `recv` dropped while it waits (in a
+    /// `select!`) loses nothing and leaves `buf` whole.
+    chunk: Vec<u8>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
+impl<S> Link<S> {
+    /// A link on `stream`: both ways, or one half of a split stream (`tokio::io::split`), its
+    /// reading half only receiving and its writing half only sending.
     pub fn new(stream: S) -> Self {
         Link {
             stream,
             buf: Vec::new(),
             out: Vec::new(),
+            chunk: Vec::new(),
         }
     }
 
+    /// Zeroes what the link's buffers held (a `Create` carries a volume's key).
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        self.buf.zeroize();
+        self.out.zeroize();
+        self.chunk.zeroize();
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Link<S> {
     /// Sends one message.
     pub async fn send(&mut self, msg: &Message) -> Result<(), Error> {
         self.out.clear();
@@ -47,6 +63,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         Ok(())
     }
 
+    /// Closes the sending side (TLS close_notify, then the TCP FIN).
+    pub async fn shutdown(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+impl<S: AsyncRead + Unpin> Link<S> {
     /// The next message; `None` when the peer closed the link between frames.
     pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
         loop {
@@ -54,16 +77,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
                 self.buf.drain(..used);
                 return Ok(Some(msg));
             }
-            let len = self.buf.len();
-            self.buf.resize(len + READ_CHUNK, 0);
-            let n = match self.stream.read(&mut self.buf[len..]).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return Err(e.into());
-                }
-            };
-            self.buf.truncate(len + n);
+            self.chunk.resize(READ_CHUNK, 0);
+            let n = self.stream.read(&mut self.chunk).await?;
+            self.buf.extend_from_slice(&self.chunk[..n]);
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -72,18 +88,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
                 };
             }
         }
-    }
-
-    /// Zeroes what the link's buffers held (a `Create` carries a volume's key).
-    pub fn wipe(&mut self) {
-        use zeroize::Zeroize;
-        self.buf.zeroize();
-        self.out.zeroize();
-    }
-
-    /// Closes the sending side (TLS close_notify, then the TCP FIN).
-    pub async fn shutdown(&mut self) {
-        let _ = self.stream.shutdown().await;
     }
 }
 

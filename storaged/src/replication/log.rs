@@ -189,6 +189,16 @@ impl ReplicationLog {
         inner.records.drain(..).collect()
     }
 
+    /// The sequence number of the last record taken (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// Whether records are waiting to be taken.
+    pub fn has_records(&self) -> bool {
+        !self.lock().records.is_empty()
+    }
+
     /// Bytes the records are charged: their data and [`RECORD_OVERHEAD`] each.
     pub fn pending_bytes(&self) -> usize {
         self.lock().bytes

@@ -10,6 +10,8 @@
 //! - `link.rs`: messages on a stream, whole frames each way.
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
+//! - `sender.rs`: the primary's side of the stream (resync, then records and cuts);
+//! - `receiver.rs`: the secondary's side (staging and committing through `apply.rs`).
 //! - `relationship.rs`: a volume's relationship as the catalog keeps it.
 
 pub mod apply;
@@ -17,9 +19,11 @@ pub mod dirty;
 pub mod link;
 pub mod listener;
 pub mod log;
+pub mod receiver;
 pub mod relationship;
+pub mod sender;
 pub mod session;
 pub mod tls;
 pub mod wire;
 
-pub use relationship::{Relationship, ReplicationMode, ReplicationRole};
+pub use relationship::{LinkStatus, Relationship, ReplicationMode, ReplicationRole};

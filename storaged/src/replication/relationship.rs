@@ -17,3 +17,19 @@ pub struct Relationship {
     /// Raised by every promote; the side with the higher one is the current primary.
     pub generation: u64,
 }
+
+/// What the link knows of a relationship now, kept by the daemon for the API: the stream's
+/// side updates it as it goes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinkStatus {
+    /// `initial_sync`, `replicating`, `disconnected` or `resync`.
+    pub state: &'static str,
+    /// Initial sync or resync: how much is done, 0 to 100.
+    pub percent_done: Option<f64>,
+    /// Whether the secondary's image is a consistent point.
+    pub consistent: bool,
+    /// The primary's time (Unix ns) the secondary's image corresponds to.
+    pub consistent_at_ns: Option<u64>,
+    /// Whether the primary has records the secondary has not committed.
+    pub behind: bool,
+}

@@ -102,6 +102,15 @@ pub async fn serve<S>(
         }
     };
     let answer = match first {
+        Message::Hello {
+            relationship,
+            role: super::wire::Role::Primary,
+            volume,
+            ..
+        } => {
+            super::receiver::serve(link, peer, relationship, volume, service, stop).await;
+            return;
+        }
         Message::Create {
             relationship,
             volume,
@@ -210,30 +219,38 @@ fn status_of(e: &service::Error) -> u16 {
     }
 }
 
-/// The primary's side of a `Create`: connects to `peer` (`HOST:PORT`), authenticates, sends
-/// the message and returns the peer's `Accepted`, or why not.
-pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(), Error> {
+/// Connects to `peer` (`HOST:PORT`) and authenticates both ways: the peer's certificate must
+/// chain to the CA and name HOST.
+pub async fn connect(
+    tls: &Tls,
+    peer: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
     let (host, _port) = peer
         .rsplit_once(':')
         .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
         .ok_or_else(|| Error::BadPeer(peer.to_string()))?;
     let name = Tls::server_name(host)?;
+    let tcp = TcpStream::connect(peer)
+        .await
+        .map_err(|source| Error::Connect {
+            peer: peer.to_string(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    tls.connector()
+        .connect(name, tcp)
+        .await
+        .map_err(|source| Error::Handshake {
+            peer: peer.to_string(),
+            source,
+        })
+}
+
+/// The primary's side of a `Create`: connects to `peer` (`HOST:PORT`), authenticates, sends
+/// the message and returns the peer's `Accepted`, or why not.
+pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(), Error> {
     let exchange = async {
-        let tcp = TcpStream::connect(peer)
-            .await
-            .map_err(|source| Error::Connect {
-                peer: peer.to_string(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let stream =
-            tls.connector()
-                .connect(name, tcp)
-                .await
-                .map_err(|source| Error::Handshake {
-                    peer: peer.to_string(),
-                    source,
-                })?;
+        let stream = connect(tls, peer).await?;
         let mut link = Link::new(stream);
         let sent = link.send(create).await;
         link.wipe();
@@ -254,6 +271,19 @@ pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(
             reason,
         }),
         Ok(Ok(_)) => Err(Error::Unexpected(peer.to_string())),
+    }
+}
+
+/// A volume as the link describes it.
+pub fn wire_spec(spec: &crate::volume::VolumeSpec, block_size: u32) -> VolumeSpec {
+    VolumeSpec {
+        name: spec.name.to_string(),
+        id: spec.id.clone(),
+        size: spec.size_bytes,
+        block_size,
+        tier: spec.tier.to_string(),
+        encrypted: spec.encryption.is_some(),
+        num_queues: spec.num_queues,
     }
 }
 

@@ -35,7 +35,7 @@
 //!
 //! | type | message       | payload                                                                   |
 //! |------|---------------|---------------------------------------------------------------------------|
-//! | 1    | `Hello`       | id relationship, u8 role (1 primary, 2 secondary), u64 generation, u64 shared_seq, bool wrote_since_shared, spec volume |
+//! | 1    | `Hello`       | id relationship, u8 role (1 primary, 2 secondary), u64 generation, u64 shared_seq, bool wrote_since_shared, u64 epoch, bool consistent, spec volume |
 //! | 2    | `Create`      | id relationship, spec volume, u8 dek present (0, 1), data dek if present (at most [`MAX_KEY`]) |
 //! | 3    | `Accepted`    | id relationship                                                           |
 //! | 4    | `Refused`     | u16 status, string reason                                                 |
@@ -77,7 +77,7 @@ const ID_LEN: usize = 16;
 const SPEC_MAX: usize = 2 + MAX_STRING + 2 + MAX_STRING + 8 + 4 + 2 + MAX_STRING + 1 + 2;
 // Every message whose fields are within their limits fits in a frame.
 const _: () = assert!(8 + 8 + 4 + MAX_DATA <= MAX_PAYLOAD as usize);
-const _: () = assert!(ID_LEN + 1 + 8 + 8 + 1 + SPEC_MAX <= MAX_PAYLOAD as usize);
+const _: () = assert!(ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + SPEC_MAX <= MAX_PAYLOAD as usize);
 const _: () = assert!(ID_LEN + SPEC_MAX + 1 + 4 + MAX_KEY <= MAX_PAYLOAD as usize);
 
 /// What was wrong with a frame, received or about to be sent.
@@ -233,6 +233,10 @@ pub enum Message {
         shared_seq: u64,
         /// Whether this side changed the volume after `shared_seq`.
         wrote_since_shared: bool,
+        /// The last epoch this side's image is at (a secondary's last commit).
+        epoch: u64,
+        /// Whether that image is consistent (false before an initial sync has ended).
+        consistent: bool,
         volume: VolumeSpec,
     },
     /// Primary → peer: create the secondary volume; `dek` is its raw key if it is encrypted.
@@ -342,7 +346,7 @@ pub fn encoded_len(msg: &Message) -> usize {
         2 + v.name.len() + 2 + v.id.len() + 8 + 4 + 2 + v.tier.len() + 1 + 2
     }
     let payload = match msg {
-        Message::Hello { volume, .. } => ID_LEN + 1 + 8 + 8 + 1 + spec(volume),
+        Message::Hello { volume, .. } => ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + spec(volume),
         Message::Create { volume, dek, .. } => {
             ID_LEN + spec(volume) + 1 + dek.as_ref().map_or(0, |k| 4 + k.0.len())
         }
@@ -451,6 +455,8 @@ fn write_payload(w: &mut Writer<'_>, msg: &Message) -> Result<(), Error> {
             generation,
             shared_seq,
             wrote_since_shared,
+            epoch,
+            consistent,
             volume,
         } => {
             w.bytes(relationship);
@@ -458,6 +464,8 @@ fn write_payload(w: &mut Writer<'_>, msg: &Message) -> Result<(), Error> {
             w.u64(*generation);
             w.u64(*shared_seq);
             w.bool(*wrote_since_shared);
+            w.u64(*epoch);
+            w.bool(*consistent);
             w.spec(volume)?;
         }
         Message::Create {
@@ -546,6 +554,8 @@ fn read_payload(r: &mut Reader<'_>) -> Result<Message, Error> {
             generation: r.u64("generation")?,
             shared_seq: r.u64("shared_seq")?,
             wrote_since_shared: r.bool("wrote_since_shared")?,
+            epoch: r.u64("epoch")?,
+            consistent: r.bool("consistent")?,
             volume: r.spec()?,
         },
         MessageType::Create => Message::Create {
@@ -843,6 +853,8 @@ mod tests {
                 generation: 3,
                 shared_seq: 1 << 40,
                 wrote_since_shared: true,
+                epoch: 9,
+                consistent: true,
                 volume: spec(),
             },
             Message::Hello {
@@ -851,6 +863,8 @@ mod tests {
                 generation: u64::MAX,
                 shared_seq: 0,
                 wrote_since_shared: false,
+                epoch: 0,
+                consistent: false,
                 volume: VolumeSpec {
                     name: "ünïcødé".into(),
                     tier: String::new(),
@@ -962,6 +976,8 @@ mod tests {
             generation: 1,
             shared_seq: 2,
             wrote_since_shared: true,
+            epoch: 4,
+            consistent: true,
             volume: spec(),
         }
     }
@@ -1309,6 +1325,8 @@ mod tests {
                     generation: 0,
                     shared_seq: 0,
                     wrote_since_shared: false,
+                    epoch: 0,
+                    consistent: false,
                     volume: VolumeSpec {
                         tier: "t".repeat(MAX_STRING + 1),
                         ..spec()

@@ -1,0 +1,199 @@
+//! The secondary's side of the stream: a connection whose first message is a `Hello` from
+//! the primary of one of this daemon's secondaries. The volume's [`Applier`] is opened (its
+//! recovery run), this side answers with its own `Hello` (the epoch its image is at, and
+//! whether it is consistent), then takes what the primary sends:
+//!
+//! - `ResyncBegin`: a (re)sync starts; an image that was never consistent is written in place
+//!   from here on (`mark_inconsistent`), any other is staged;
+//! - `Region`: in place during an initial sync, staged otherwise; `Write`, `Zero`: staged;
+//! - `Cut`, `ResyncEnd`: the epoch is committed (the image moves to it, atomically) and
+//!   `Committed` answered;
+//! - `Ping`: `Pong`.
+//!
+//! Anything else, a malformed frame, or a record outside the volume ends the connection with
+//! a log line; what was staged and not committed is dropped (the primary sends it again). The
+//! applier's file I/O runs on the runtime's blocking side (`block_in_place`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::apply::{self, Applier};
+use super::link::{self, Link};
+use super::wire::{Message, MessageType, Role, VolumeSpec};
+use super::LinkStatus;
+use crate::service::VolumeService;
+
+/// Errors of a secondary's connection.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Link(#[from] link::Error),
+    #[error(transparent)]
+    Apply(#[from] apply::Error),
+    #[error("unexpected {0:?} from the primary")]
+    Unexpected(MessageType),
+}
+
+/// Serves the primary of relationship `relationship` on `link`, its `Hello` read.
+pub async fn serve<S>(
+    mut link: Link<S>,
+    peer: SocketAddr,
+    relationship: [u8; 16],
+    spec: VolumeSpec,
+    service: Arc<VolumeService>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let id = uuid::Uuid::from_bytes(relationship).to_string();
+    let Some((name, volume_id, path, size)) = service.secondary_of(&id) else {
+        tracing::warn!(%peer, relationship = %id, "replication: refused a stream for a relationship this daemon has no secondary of");
+        let _ = link
+            .send(&Message::Refused {
+                status: 404,
+                reason: format!("no secondary of relationship {id} here"),
+            })
+            .await;
+        return;
+    };
+    if spec.size != size {
+        let _ = link
+            .send(&Message::Refused {
+                status: 409,
+                reason: format!("the secondary is {size} bytes, the primary {}", spec.size),
+            })
+            .await;
+        return;
+    }
+    let dir = service.data_dir().join("replication");
+    let opened = tokio::task::block_in_place(|| {
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        Applier::open(&dir, &volume_id, &path, size).map_err(|e| crate::error_chain(&e))
+    });
+    let (mut app, recovery) = match opened {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(volume = %name, "replication: cannot open the secondary's staging log: {e}");
+            let _ = link
+                .send(&Message::Refused {
+                    status: 500,
+                    reason: format!("cannot open the secondary's staging log: {e}"),
+                })
+                .await;
+            return;
+        }
+    };
+    tracing::info!(volume = %name, %peer, ?recovery, "replication stream from the primary");
+    let applied = app.applied().clone();
+    let mut status = LinkStatus {
+        state: "replicating",
+        consistent: applied.consistent,
+        consistent_at_ns: applied.consistent.then_some(applied.time_unix_ns),
+        ..LinkStatus::default()
+    };
+    service.set_link_status(&name, status.clone());
+    let hello = Message::Hello {
+        relationship,
+        role: Role::Secondary,
+        generation: 0,
+        shared_seq: applied.seq,
+        wrote_since_shared: false,
+        epoch: applied.epoch,
+        consistent: applied.consistent,
+        volume: VolumeSpec { size, ..spec },
+    };
+    let outcome = async {
+        link.send(&hello).await?;
+        receive(&mut link, &mut app, &service, &name, &mut status, &mut stop).await
+    }
+    .await;
+    if let Err(e) = outcome {
+        tracing::warn!(volume = %name, %peer, "replication stream ended: {}", crate::error_chain(&e));
+    }
+    let _ = tokio::task::block_in_place(|| app.discard_staged());
+    status.state = "disconnected";
+    status.percent_done = None;
+    service.set_link_status(&name, status);
+}
+
+async fn receive<S>(
+    link: &mut Link<S>,
+    app: &mut Applier,
+    service: &VolumeService,
+    name: &str,
+    status: &mut LinkStatus,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut in_place = false;
+    let mut resync_bytes = 0u64;
+    let mut resync_done = 0u64;
+    loop {
+        let msg = tokio::select! {
+            m = link.recv() => m?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let Some(msg) = msg else {
+            return Ok(());
+        };
+        match msg {
+            Message::ResyncBegin { bytes, .. } => {
+                in_place = !app.applied().consistent;
+                if in_place {
+                    tokio::task::block_in_place(|| app.mark_inconsistent())?;
+                }
+                resync_bytes = bytes;
+                resync_done = 0;
+                status.state = if in_place { "initial_sync" } else { "resync" };
+                status.percent_done = Some(0.0);
+                service.set_link_status(name, status.clone());
+            }
+            Message::Region { offset, ref data } => {
+                let len = data.len() as u64;
+                if in_place {
+                    tokio::task::block_in_place(|| app.write_in_place(offset, data))?;
+                } else {
+                    tokio::task::block_in_place(|| app.stage(&msg))?;
+                }
+                resync_done += len;
+                status.percent_done = Some(100.0 * resync_done as f64 / resync_bytes.max(1) as f64);
+                service.set_link_status(name, status.clone());
+            }
+            Message::Zero { len, .. } if status.percent_done.is_some() => {
+                tokio::task::block_in_place(|| app.stage(&msg))?;
+                resync_done += len;
+            }
+            Message::Write { .. } | Message::Zero { .. } => {
+                tokio::task::block_in_place(|| app.stage(&msg))?;
+            }
+            Message::Cut {
+                epoch,
+                seq,
+                time_unix_ns,
+            }
+            | Message::ResyncEnd {
+                epoch,
+                seq,
+                time_unix_ns,
+            } => {
+                let applied = tokio::task::block_in_place(|| app.commit(epoch, seq, time_unix_ns))?;
+                link.send(&Message::Committed { epoch }).await?;
+                in_place = false;
+                status.state = "replicating";
+                status.percent_done = None;
+                status.consistent = applied.consistent;
+                status.consistent_at_ns = Some(applied.time_unix_ns);
+                service.set_link_status(name, status.clone());
+            }
+            Message::Ping { time_unix_ns } => {
+                link.send(&Message::Pong { time_unix_ns }).await?;
+            }
+            other => return Err(Error::Unexpected(other.message_type())),
+        }
+    }
+}

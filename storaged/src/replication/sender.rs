@@ -1,0 +1,336 @@
+//! The primary's side of the stream: one task per primary volume ([`start`]) that keeps a
+//! connection to the secondary's storaged and ships the volume's replication log over it.
+//!
+//! Each connection (see docs/ARCHITECTURE.md, "The stream's conversation"):
+//!
+//! 1. `Hello` both ways: the secondary says the epoch its image is at and whether it is
+//!    consistent.
+//! 2. A (re)sync, every time the connection is made and whenever the log overflowed: the
+//!    dirty regions, read from the backing file as stored (a region that is a hole there is
+//!    sent as a discard of it), then the records appended since the resync began, then
+//!    `ResyncEnd`, the epoch's cut. The secondary commits it whole (in place the first time,
+//!    when it has no consistent image to keep) and answers `Committed`.
+//! 3. The stream: every [`EPOCH_INTERVAL`] the log is cut and its records sent, each cut as a
+//!    `Cut` with the next epoch; each `Committed` moves the secondary's consistent point
+//!    (`consistent_at`, the primary's time of that cut).
+//!
+//! A broken connection is made again after a backoff of 1 s doubling to 10 s. Dirty bits are
+//! not cleared yet: every resync sends every region written since the relationship began.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::link::{self, Link};
+use super::log::{Record, ReplicationLog};
+use super::session::{self, wire_spec};
+use super::tls::Tls;
+use super::wire::{Message, Role};
+use super::LinkStatus;
+use crate::service::VolumeService;
+
+/// How often the stream cuts an epoch while records come.
+pub const EPOCH_INTERVAL: Duration = Duration::from_millis(100);
+
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Errors of one connection.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Session(#[from] session::Error),
+    #[error(transparent)]
+    Link(#[from] link::Error),
+    #[error("the secondary closed the connection")]
+    Closed,
+    #[error("the secondary refused: {0}")]
+    Refused(String),
+    #[error("the secondary sent an unexpected {0:?}")]
+    Unexpected(super::wire::MessageType),
+    #[error("cannot read the volume's backing file")]
+    Read(#[source] std::io::Error),
+    #[error("the volume is no longer a served primary")]
+    Gone,
+}
+
+/// Starts the sender of primary volume `name`; it ends when the volume stops being a served
+/// primary or `stop` turns true.
+pub fn start(
+    service: Arc<VolumeService>,
+    tls: Tls,
+    name: String,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(service, tls, name, stop))
+}
+
+async fn run(service: Arc<VolumeService>, tls: Tls, name: String, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut known = LinkStatus {
+        state: "disconnected",
+        ..LinkStatus::default()
+    };
+    loop {
+        let Some((rel, ..)) = service.primary_link(&name) else {
+            return;
+        };
+        let outcome = tokio::select! {
+            r = connection(&service, &tls, &name, &mut known) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match outcome {
+            Err(Error::Gone) => return,
+            Err(e) => {
+                tracing::warn!(volume = %name, peer = %rel.peer, "replication link down: {}", crate::error_chain(&e));
+            }
+            Ok(()) => {}
+        }
+        known.state = "disconnected";
+        known.percent_done = None;
+        service.set_link_status(&name, known.clone());
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One connection: Hello, a resync, then the stream until the link breaks.
+async fn connection(
+    service: &Arc<VolumeService>,
+    tls: &Tls,
+    name: &str,
+    known: &mut LinkStatus,
+) -> Result<(), Error> {
+    let (rel, log, path, size, spec) = service.primary_link(name).ok_or(Error::Gone)?;
+    let relationship = *uuid::Uuid::parse_str(&rel.id)
+        .map_err(|_| Error::Gone)?
+        .as_bytes();
+    let block_size = service
+        .get(name)
+        .map(|v| v.block_size)
+        .map_err(|_| Error::Gone)?;
+    let stream = session::connect(tls, &rel.peer).await?;
+    let (rd, wr) = tokio::io::split(stream);
+    let (mut rx, mut tx) = (Link::new(rd), Link::new(wr));
+    tx.send(&Message::Hello {
+        relationship,
+        role: Role::Primary,
+        generation: rel.generation,
+        shared_seq: 0,
+        wrote_since_shared: false,
+        epoch: 0,
+        consistent: true,
+        volume: wire_spec(&spec, block_size),
+    })
+    .await?;
+    let (mut epoch, consistent) = match rx.recv().await?.ok_or(Error::Closed)? {
+        Message::Hello {
+            epoch, consistent, ..
+        } => (epoch, consistent),
+        Message::Refused { reason, .. } => return Err(Error::Refused(reason)),
+        other => return Err(Error::Unexpected(other.message_type())),
+    };
+    tracing::info!(volume = %name, peer = %rel.peer, epoch, consistent, "replication link up");
+    known.consistent = consistent;
+    let file = File::open(&path).map_err(Error::Read)?;
+    loop {
+        epoch += 1;
+        resync(service, name, &log, &file, size, epoch, &mut tx, known).await?;
+        // The resync's commit.
+        match rx.recv().await?.ok_or(Error::Closed)? {
+            Message::Committed { epoch: e } if e == epoch => {}
+            other => return Err(Error::Unexpected(other.message_type())),
+        }
+        known.consistent = true;
+        known.consistent_at_ns = Some(now_ns());
+        known.state = "replicating";
+        known.percent_done = None;
+        known.behind = log.has_records();
+        service.set_link_status(name, known.clone());
+        ship(service, name, &log, &mut rx, &mut tx, &mut epoch, known).await?;
+    }
+}
+
+/// Sends a resync as epoch `epoch`: the dirty regions, then the records since it began, then
+/// its end.
+#[allow(clippy::too_many_arguments)]
+async fn resync<W: AsyncWrite + Unpin>(
+    service: &VolumeService,
+    name: &str,
+    log: &ReplicationLog,
+    file: &File,
+    size: u64,
+    epoch: u64,
+    tx: &mut Link<W>,
+    known: &mut LinkStatus,
+) -> Result<(), Error> {
+    let ranges: Vec<(u64, u64)> = log
+        .start_resync()
+        .into_iter()
+        .filter(|(off, _)| *off < size)
+        .map(|(off, len)| (off, len.min(size - off)))
+        .collect();
+    let bytes: u64 = ranges.iter().map(|(_, l)| l).sum();
+    known.state = if known.consistent {
+        "resync"
+    } else {
+        "initial_sync"
+    };
+    known.percent_done = Some(0.0);
+    service.set_link_status(name, known.clone());
+    tx.send(&Message::ResyncBegin {
+        epoch,
+        regions: ranges.len() as u64,
+        bytes,
+    })
+    .await?;
+    let mut done = 0u64;
+    for (offset, len) in ranges {
+        let msg =
+            tokio::task::block_in_place(|| read_region(file, offset, len)).map_err(Error::Read)?;
+        tx.send(&msg).await?;
+        done += len;
+        known.percent_done = Some(100.0 * done as f64 / bytes.max(1) as f64);
+        service.set_link_status(name, known.clone());
+    }
+    // What completed while the regions were read; cuts inside a resync are not epochs.
+    for record in log.drain() {
+        if let Some(msg) = record_message(record, None) {
+            tx.send(&msg).await?;
+        }
+    }
+    tx.send(&Message::ResyncEnd {
+        epoch,
+        seq: log.last_seq(),
+        time_unix_ns: now_ns(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// A region as the backing file holds it: its bytes, or a discard where the file has a hole.
+fn read_region(file: &File, offset: u64, len: u64) -> std::io::Result<Message> {
+    if is_hole(file, offset, len) {
+        return Ok(Message::Zero {
+            seq: 0,
+            offset,
+            len,
+            discard: true,
+        });
+    }
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, offset)?;
+    Ok(Message::Region { offset, data })
+}
+
+/// Whether `len` bytes at `offset` of `file` are a hole (SEEK_DATA finds no data in them).
+fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    // SAFETY: lseek on a descriptor `file` owns; it moves only this descriptor's offset,
+    // which nothing here uses (reads are positioned).
+    let next = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after offset. Anything else: read it to be sure.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= offset + len
+}
+
+/// The wire message of a log record; a cut becomes the next epoch's `Cut` when `epoch` is
+/// given, and nothing inside a resync.
+fn record_message(record: Record, epoch: Option<&mut u64>) -> Option<Message> {
+    Some(match record {
+        Record::Write { seq, offset, data } => Message::Write { seq, offset, data },
+        Record::Zero {
+            seq,
+            offset,
+            len,
+            discard,
+        } => Message::Zero {
+            seq,
+            offset,
+            len,
+            discard,
+        },
+        Record::Cut { seq, time_unix_ns } => {
+            let epoch = epoch?;
+            *epoch += 1;
+            Message::Cut {
+                epoch: *epoch,
+                seq,
+                time_unix_ns,
+            }
+        }
+    })
+}
+
+/// The stream, until the log overflows (a resync follows) or the link breaks.
+async fn ship<R, W>(
+    service: &VolumeService,
+    name: &str,
+    log: &ReplicationLog,
+    rx: &mut Link<R>,
+    tx: &mut Link<W>,
+    epoch: &mut u64,
+    known: &mut LinkStatus,
+) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut tick = tokio::time::interval(EPOCH_INTERVAL);
+    // Epochs sent and not yet committed: (epoch, time of its cut).
+    let mut sent: std::collections::VecDeque<(u64, u64)> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                log.cut();
+                let records = log.drain();
+                if log.overflowed() {
+                    return Ok(());
+                }
+                for record in records {
+                    let cut = matches!(record, Record::Cut { .. });
+                    let time = match &record {
+                        Record::Cut { time_unix_ns, .. } => *time_unix_ns,
+                        _ => 0,
+                    };
+                    if let Some(msg) = record_message(record, Some(epoch)) {
+                        tx.send(&msg).await?;
+                    }
+                    if cut {
+                        sent.push_back((*epoch, time));
+                    }
+                }
+            }
+            m = rx.recv() => match m?.ok_or(Error::Closed)? {
+                Message::Committed { epoch: e } => {
+                    while let Some(&(first, time)) = sent.front() {
+                        if first > e {
+                            break;
+                        }
+                        sent.pop_front();
+                        known.consistent_at_ns = Some(time);
+                    }
+                }
+                Message::Pong { .. } => {}
+                other => return Err(Error::Unexpected(other.message_type())),
+            },
+        }
+        known.behind = !sent.is_empty() || log.has_records();
+        service.set_link_status(name, known.clone());
+    }
+}
