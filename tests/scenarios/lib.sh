@@ -17,6 +17,8 @@ trap stop_all EXIT
 
 # fail MESSAGE: says what failed, shows the daemons' logs, exits 1.
 fail() {
+    # On a line of its own, whatever the guest's console left unfinished.
+    echo
     echo "scenario: FAIL $*"
     for log in "$WORK"/*.log; do
         [ -f "$log" ] || continue

@@ -348,9 +348,11 @@ fn emulation_fault(console: &str) -> Option<&'static str> {
             && l.split_once("] ")
                 .is_some_and(|(_, msg)| msg.starts_with("BUG: ") || msg.starts_with("Kernel panic"))
     });
-    let guest_failed_early = console
-        .lines()
-        .any(|l| l.starts_with("scenario: FAIL ") && l.contains("before its init ran"));
+    // The scenario's line may follow a guest line cut short by the crash on the same line.
+    let guest_failed_early = console.lines().any(|l| {
+        l.split_once("scenario: FAIL ")
+            .is_some_and(|(_, why)| why.contains("before its init ran"))
+    });
     if host_crashed {
         Some("the emulated host's kernel crashed")
     } else if guest_failed_early {
@@ -755,6 +757,12 @@ mod tests {
         .is_some());
         assert!(emulation_fault(
             "scenario: FAIL the guest stalled before its init ran: its console was silent for 300 s"
+        )
+        .is_some());
+        // After a guest line the crash cut short.
+        assert!(emulation_fault(
+            "guest| [    2.8] x2apic enabled\nguest| [ scenario: FAIL the guest crashed (vmm \
+             exited with 3) before its init ran, without 'vmm-test: waiting' on the console"
         )
         .is_some());
         assert_eq!(
