@@ -420,49 +420,105 @@ fn dirty_regions(s: &Storaged, id: &str) -> Vec<u64> {
     regions
 }
 
-#[test]
-fn a_new_primary_marks_every_region_on_disk_and_a_lost_map_is_marked_again_after_a_kill_9() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut a, b) = two_daemons(tmp.path());
-    a.create_volume(r#"{"name":"db","size":"128MiB"}"#);
-    let id = a.admin().volume("db").unwrap().id;
-    let all: Vec<u64> = (0..128).collect();
-    // Nothing says what the secondary has: every region is to be sent, and that is on disk
-    // before the relationship is.
-    a.admin().start_replication("db", &start(&b)).unwrap();
-    assert_eq!(dirty_regions(&a, &id), all);
-    let mut c = connect_retry(&a.socket_of("db"), 1);
-    assert_eq!(c.write(0, 5 << 20, &pattern(8192, 0, 3)), 0);
-    drop(c);
-    a.kill_and_restart();
-    assert_eq!(dirty_regions(&a, &id), all, "kept across a kill -9");
-    // A map that is gone is not taken for a clean one.
-    let map = a.data_dir.join("replication").join(format!("{id}.dirty"));
-    std::fs::remove_file(&map).unwrap();
-    a.kill_and_restart();
-    assert_eq!(dirty_regions(&a, &id), all);
-    let mut c = connect_retry(&a.socket_of("db"), 1);
-    assert_eq!(c.write(0, 0, &pattern(4096, 0, 1)), 0);
+/// How many "replication: resync" lines `s` has logged.
+fn resyncs(s: &Storaged) -> usize {
+    s.log_text()
+        .lines()
+        .filter(|l| l.contains("replication: resync"))
+        .count()
+}
+
+/// The `regions=` and `bytes=` of the resync line of `s`'s log after the first `skip`.
+fn resync_regions(s: &Storaged, skip: usize) -> Option<(u64, u64)> {
+    let log = s.log_text();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("replication: resync"))
+        .nth(skip)?;
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("regions=")?, field("bytes=")?))
 }
 
 #[test]
-fn a_stopping_daemon_does_not_wait_for_a_peer_that_sends_nothing() {
+fn the_primarys_dirty_map_survives_its_kill_9_and_a_resync_sends_only_the_changed_regions() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("zone CA");
-    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
-    let config = listening_config(tmp.path(), &node);
-    let mut s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
-    let peer = ca.issue(tmp.path(), "node-b", &["127.0.0.1"]);
-    let _idle = pki::connect(s.replication_addr(), "127.0.0.1", Some(&peer), &peer.ca).unwrap();
-    s.wait_for_log("replication peer authenticated");
-    let status = s.signal_and_wait(libc::SIGTERM);
-    assert!(status.success(), "{status}");
-    let log = s.log_text();
-    assert!(log.contains("stopped"), "{log}");
-    // Neither the session's own wait nor the listener's drain ran out: the session ended
-    // with the stop.
-    assert!(!log.contains("nothing sent within"), "{log}");
-    assert!(!log.contains("still under way"), "{log}");
+    let (mut a, b) = two_daemons(tmp.path());
+    a.create_volume(r#"{"name":"db","size":"32MiB"}"#);
+    let id = a.admin().volume("db").unwrap().id;
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    // A new relationship knows nothing of the secondary: the first resync sends every region.
+    storaged_tests::wait_until(
+        "the initial sync",
+        std::time::Duration::from_secs(30),
+        || resync_regions(&a, 0).is_some(),
+    );
+    assert_eq!(resync_regions(&a, 0), Some((32, 32 << 20)));
+    wait_replication(&b, "db", "the initial sync ends", |r| r.consistent);
+    // Its commit cleans the map.
+    storaged_tests::wait_until("a clean map", std::time::Duration::from_secs(30), || {
+        dirty_regions(&a, &id).is_empty()
+    });
+
+    // The secondary frozen (no commit can come), the primary writes three regions: they are
+    // on disk in the map by the time the writes are answered, and stay there across a kill -9.
+    // SAFETY: SIGSTOP to the secondary's process, which this test started.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGSTOP) };
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    for (i, offset) in [1u64 << 20, 9 << 20, (20 << 20) + 4096]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(c.write(0, offset, &pattern(8192, offset, i as u8)), 0);
+    }
+    assert_eq!(dirty_regions(&a, &id), vec![1, 9, 20]);
+    drop(c);
+    let before = resyncs(&a);
+    a.kill_and_restart();
+    assert_eq!(dirty_regions(&a, &id), vec![1, 9, 20]);
+    // SAFETY: SIGCONT to the same process.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGCONT) };
+
+    // The restarted primary's resync sends those three regions, not the volume.
+    storaged_tests::wait_until("the resync", std::time::Duration::from_secs(60), || {
+        resync_regions(&a, before).is_some()
+    });
+    assert_eq!(resync_regions(&a, before), Some((3, 3 << 20)));
+    let r = wait_replication(&b, "db", "the secondary has the resync", |r| {
+        r.consistent && r.state == "replicating" && r.consistent_at.is_some()
+    });
+    assert!(r.consistent);
+    storaged_tests::wait_until(
+        "the resync's commit",
+        std::time::Duration::from_secs(30),
+        || dirty_regions(&a, &id).is_empty(),
+    );
+    let mut ro = BlkClient::connect_read_only(&b.socket_of("db")).unwrap();
+    for (i, offset) in [1u64 << 20, 9 << 20, (20 << 20) + 4096]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            ro.read(0, offset, 8192).unwrap(),
+            pattern(8192, offset, i as u8)
+        );
+    }
+    drop(ro);
+
+    // A map that is gone is not taken for a clean one: everything is sent again.
+    let map = a.data_dir.join("replication").join(format!("{id}.dirty"));
+    std::fs::remove_file(&map).unwrap();
+    let before = resyncs(&a);
+    a.kill_and_restart();
+    storaged_tests::wait_until(
+        "the full resync",
+        std::time::Duration::from_secs(60),
+        || resync_regions(&a, before).is_some(),
+    );
+    assert_eq!(resync_regions(&a, before), Some((32, 32 << 20)));
 }
 
 /// Waits until the volume's relationship on `s` says `cond`.

@@ -8,9 +8,11 @@
 //! in its simplest form. A region already marked costs a lookup; under a steady workload the
 //! marked set stops changing and the file is not written at all.
 //!
-//! Bits are cleared once the secondary has committed every write to their regions
-//! ([`DirtyMap::clear`]); clearing is written out lazily ([`DirtyMap::flush_clears`]): a bit
-//! that stays set on disk only costs its region in the next resync.
+//! Bits are cleared once the secondary has committed every write to their regions and none
+//! is in flight ([`DirtyMap::clear_idle`]; each [`DirtyMap::mark_all`] counts its regions in
+//! flight until its [`DirtyMap::done`]); clearing is written out lazily
+//! ([`DirtyMap::flush_clears`]): a bit that stays set on disk only costs its region in the
+//! next resync.
 //!
 //! The file is the bitmap itself, little-endian 64-bit words, `ceil(regions / 64) * 8` bytes
 //! (128 bytes per GiB of volume); a volume that grows gets more words.
@@ -52,6 +54,8 @@ struct Words {
     /// before it is set on disk; cleared in `now` first, on disk lazily.
     now: Vec<u64>,
     disk: Vec<u64>,
+    /// Requests in flight per region (marked, not yet done); absent: none.
+    in_flight: std::collections::HashMap<u64, u32>,
 }
 
 impl DirtyMap {
@@ -96,6 +100,7 @@ impl DirtyMap {
             words: Mutex::new(Words {
                 now: words.clone(),
                 disk: words,
+                in_flight: Default::default(),
             }),
         };
         Ok((map, !existed))
@@ -108,14 +113,57 @@ impl DirtyMap {
     /// Marks the regions of `len` bytes at `offset`, durably: returns once the map on disk
     /// has them (at once if it had them already).
     pub fn mark(&self, offset: u64, len: u64) -> Result<(), Error> {
-        if len == 0 {
-            return Ok(());
-        }
-        let first = offset / REGION;
-        let last = (offset + len - 1) / REGION;
         let mut w = self.lock();
+        self.mark_locked(&mut w, &[(offset, len)])
+    }
+
+    /// Marks the regions of a request's `ranges` durably, as [`mark`](Self::mark), and counts
+    /// them in flight until [`done`](Self::done) with the same ranges; on an error nothing is
+    /// counted.
+    pub fn mark_all(&self, ranges: &[(u64, u64)]) -> Result<(), Error> {
+        let mut w = self.lock();
+        self.mark_locked(&mut w, ranges)?;
+        for r in regions(ranges) {
+            *w.in_flight.entry(r).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// The request of [`mark_all`](Self::mark_all) with these `ranges` is no longer in flight.
+    pub fn done(&self, ranges: &[(u64, u64)]) {
+        let mut w = self.lock();
+        for r in regions(ranges) {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = w.in_flight.entry(r) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    /// Clears those of `regions` (region numbers) that no request has in flight; returns how
+    /// many were cleared. On disk at the next [`flush_clears`](Self::flush_clears).
+    pub fn clear_idle(&self, regions: impl IntoIterator<Item = u64>) -> usize {
+        let mut w = self.lock();
+        let mut cleared = 0;
+        for r in regions {
+            if w.in_flight.contains_key(&r) {
+                continue;
+            }
+            if let Some(word) = w.now.get_mut((r / 64) as usize) {
+                if *word & (1 << (r % 64)) != 0 {
+                    *word &= !(1u64 << (r % 64));
+                    cleared += 1;
+                }
+            }
+        }
+        cleared
+    }
+
+    fn mark_locked(&self, w: &mut Words, ranges: &[(u64, u64)]) -> Result<(), Error> {
         let mut changed: Option<(usize, usize)> = None;
-        for r in first..=last {
+        for r in regions(ranges) {
             let i = (r / 64) as usize;
             let bit = 1u64 << (r % 64);
             if i >= w.now.len() {
@@ -136,22 +184,6 @@ impl DirtyMap {
         self.write_words(a, &words)?;
         w.disk[a..=b].copy_from_slice(&words);
         Ok(())
-    }
-
-    /// Clears the regions `(offset, len)` the secondary has committed and that were written no
-    /// more since (the caller's knowledge); on disk at the next [`flush_clears`](Self::flush_clears).
-    pub fn clear(&self, ranges: &[(u64, u64)]) {
-        let mut w = self.lock();
-        for &(offset, len) in ranges {
-            if len == 0 {
-                continue;
-            }
-            for r in offset / REGION..=(offset + len - 1) / REGION {
-                if let Some(word) = w.now.get_mut((r / 64) as usize) {
-                    *word &= !(1u64 << (r % 64));
-                }
-            }
-        }
     }
 
     /// Writes the clears made since the last call to disk.
@@ -196,6 +228,14 @@ impl DirtyMap {
     }
 }
 
+/// The region numbers `ranges` touch (a region may repeat).
+fn regions(ranges: &[(u64, u64)]) -> impl Iterator<Item = u64> + '_ {
+    ranges
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .flat_map(|&(offset, len)| offset / REGION..=(offset + len - 1) / REGION)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +263,18 @@ mod tests {
     }
 
     #[test]
+    fn a_region_with_a_request_in_flight_is_never_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = DirtyMap::open(&dir.path().join("v.dirty")).unwrap();
+        map.mark_all(&[(0, 4096), (3 * REGION, REGION + 1)])
+            .unwrap();
+        assert_eq!(map.clear_idle([0, 3, 4]), 0, "all three are in flight");
+        map.done(&[(0, 4096), (3 * REGION, REGION + 1)]);
+        assert_eq!(map.clear_idle([0, 3]), 2);
+        assert_eq!(map.dirty_ranges(), vec![(4 * REGION, REGION)]);
+    }
+
+    #[test]
     fn a_region_already_marked_is_not_written_again_and_clears_reach_disk_lazily() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.dirty");
@@ -234,7 +286,7 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), [0u8; 8]);
         std::fs::write(&path, 3u64.to_le_bytes()).unwrap();
 
-        map.clear(&[(0, REGION)]);
+        assert_eq!(map.clear_idle([0]), 1);
         assert_eq!(map.dirty_ranges(), vec![(REGION, REGION)]);
         assert_eq!(
             DirtyMap::open(&path).unwrap().dirty_ranges().len(),

@@ -70,6 +70,10 @@ struct Inner {
     overflowed: bool,
     /// Raised by every [`ReplicationLog::start_resync`].
     generation: u64,
+    /// Per region, the seq of the last record that touched it (kept or dropped), or of the
+    /// resync that sends it: a region is clean once an epoch up to that seq is committed.
+    /// `u64::MAX`: untouched since this daemon started.
+    region_seq: Vec<u64>,
 }
 
 impl ReplicationLog {
@@ -82,16 +86,40 @@ impl ReplicationLog {
                 bytes: 0,
                 overflowed: false,
                 generation: 0,
+                region_seq: Vec::new(),
             }),
             capacity,
             dirty,
         }
     }
 
-    /// Marks the regions a write, discard or write-zeroes of `len` bytes at `offset` is about
-    /// to change, durably, before it is submitted.
-    pub fn before_submit(&self, offset: u64, len: u64) -> Result<(), dirty::Error> {
-        self.dirty.mark(offset, len)
+    /// Marks the regions a write, discard or write-zeroes (its byte ranges) is about to
+    /// change, durably, before it is submitted; they count as in flight until
+    /// [`done`](Self::done).
+    pub fn before_submit(&self, ranges: &[(u64, u64)]) -> Result<(), dirty::Error> {
+        self.dirty.mark_all(ranges)
+    }
+
+    /// The request marked with these `ranges` has completed (its record, if any, appended).
+    pub fn done(&self, ranges: &[(u64, u64)]) {
+        self.dirty.done(ranges);
+    }
+
+    /// The secondary committed an epoch whose cut is at `seq`: every region whose last record
+    /// is at or before it, and that no request has in flight, is clean. Returns how many
+    /// regions were cleared; the map on disk follows at the next
+    /// [`DirtyMap::flush_clears`].
+    pub fn committed(&self, seq: u64) -> usize {
+        let inner = self.lock();
+        let clean: Vec<u64> = inner
+            .region_seq
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s <= seq)
+            .map(|(r, _)| r as u64)
+            .collect();
+        // Under the log's lock: no record can be appended between the check and the clear.
+        self.dirty.clear_idle(clean)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -113,6 +141,7 @@ impl ReplicationLog {
             .and_then(|mut d| fill(&mut d).then_some(d));
         let mut inner = self.lock();
         let seq = inner.take_seq();
+        inner.touch(offset, len as u64, seq);
         let fits = inner.fits(cost, self.capacity);
         match data {
             Some(data) if fits => {
@@ -133,6 +162,7 @@ impl ReplicationLog {
     pub fn zero(&self, offset: u64, len: u64, discard: bool) -> u64 {
         let mut inner = self.lock();
         let seq = inner.take_seq();
+        inner.touch(offset, len, seq);
         if !inner.fits(RECORD_OVERHEAD, self.capacity) {
             inner.overflow();
         } else {
@@ -213,7 +243,13 @@ impl ReplicationLog {
         inner.bytes = 0;
         inner.overflowed = false;
         inner.generation += 1;
-        self.dirty.dirty_ranges()
+        let ranges = self.dirty.dirty_ranges();
+        // The resync's cut comes after every record taken so far.
+        let at = inner.next_seq - 1;
+        for &(offset, len) in &ranges {
+            inner.touch(offset, len, at);
+        }
+        ranges
     }
 
     /// The volume's dirty map.
@@ -223,6 +259,22 @@ impl ReplicationLog {
 }
 
 impl Inner {
+    /// Records that `seq` touched the regions of `len` bytes at `offset`.
+    fn touch(&mut self, offset: u64, len: u64, seq: u64) {
+        if len == 0 {
+            return;
+        }
+        for r in offset / REGION..=(offset + len - 1) / REGION {
+            let r = r as usize;
+            if r >= self.region_seq.len() {
+                // Regions no record or resync has touched: never taken for clean.
+                self.region_seq.resize(r + 1, u64::MAX);
+            }
+            let s = &mut self.region_seq[r];
+            *s = if *s == u64::MAX { seq } else { (*s).max(seq) };
+        }
+    }
+
     /// Whether a record charged `cost` is kept.
     fn fits(&self, cost: usize, capacity: usize) -> bool {
         !self.overflowed && self.bytes + cost <= capacity
@@ -254,7 +306,7 @@ mod tests {
 
     /// A write as the queue does it: its regions marked, then recorded once complete.
     fn write(log: &ReplicationLog, offset: u64, len: usize) -> u64 {
-        log.before_submit(offset, len as u64).unwrap();
+        log.before_submit(&[(offset, len as u64)]).unwrap();
         log.write(offset, len, |_| true)
     }
 
@@ -306,7 +358,7 @@ mod tests {
         // The third write does not fit: everything is dropped, nothing more is kept.
         write(&log, 10 * REGION, 4096);
         assert!(log.overflowed());
-        log.before_submit(20 * REGION, 2 * REGION).unwrap();
+        log.before_submit(&[(20 * REGION, 2 * REGION)]).unwrap();
         log.zero(20 * REGION, 2 * REGION, false);
         log.cut();
         assert!(log.drain().is_empty());
@@ -346,7 +398,7 @@ mod tests {
     #[test]
     fn a_write_whose_data_cannot_be_read_is_kept_only_in_the_dirty_map() {
         let (log, _dir) = log(1 << 20);
-        log.before_submit(REGION, 4096).unwrap();
+        log.before_submit(&[(REGION, 4096)]).unwrap();
         log.write(REGION, 4096, |_| false);
         assert!(
             log.overflowed(),

@@ -14,8 +14,10 @@
 //!    `Cut` with the next epoch; each `Committed` moves the secondary's consistent point
 //!    (`consistent_at`, the primary's time of that cut).
 //!
-//! A broken connection is made again after a backoff of 1 s doubling to 10 s. Dirty bits are
-//! not cleared yet: every resync sends every region written since the relationship began.
+//! Each `Committed` also cleans the dirty map: a region whose last record is in a committed
+//! epoch, and that no request has in flight, is cleared (on disk lazily), so a resync sends
+//! only the regions changed since the secondary last had them. A broken connection is made
+//! again after a backoff of 1 s doubling to 10 s.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -149,10 +151,10 @@ async fn connection(
     let file = File::open(&path).map_err(Error::Read)?;
     loop {
         epoch += 1;
-        resync(service, name, &log, &file, size, epoch, &mut tx, known).await?;
+        let cut = resync(service, name, &log, &file, size, epoch, &mut tx, known).await?;
         // The resync's commit.
         match rx.recv().await?.ok_or(Error::Closed)? {
-            Message::Committed { epoch: e } if e == epoch => {}
+            Message::Committed { epoch: e } if e == epoch => clean(&log, cut),
             other => return Err(Error::Unexpected(other.message_type())),
         }
         known.consistent = true;
@@ -165,8 +167,20 @@ async fn connection(
     }
 }
 
+/// The secondary committed everything up to `seq`: regions written no later are clean.
+fn clean(log: &ReplicationLog, seq: u64) {
+    if log.committed(seq) > 0 {
+        if let Err(e) = tokio::task::block_in_place(|| log.dirty().flush_clears()) {
+            tracing::warn!(
+                "replication: cannot write the dirty map's clears: {}",
+                crate::error_chain(&e)
+            );
+        }
+    }
+}
+
 /// Sends a resync as epoch `epoch`: the dirty regions, then the records since it began, then
-/// its end.
+/// its end, whose seq it returns.
 #[allow(clippy::too_many_arguments)]
 async fn resync<W: AsyncWrite + Unpin>(
     service: &VolumeService,
@@ -177,7 +191,7 @@ async fn resync<W: AsyncWrite + Unpin>(
     epoch: u64,
     tx: &mut Link<W>,
     known: &mut LinkStatus,
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     let ranges: Vec<(u64, u64)> = log
         .start_resync()
         .into_iter()
@@ -185,6 +199,7 @@ async fn resync<W: AsyncWrite + Unpin>(
         .map(|(off, len)| (off, len.min(size - off)))
         .collect();
     let bytes: u64 = ranges.iter().map(|(_, l)| l).sum();
+    tracing::info!(volume = %name, epoch, regions = ranges.len(), bytes, "replication: resync");
     known.state = if known.consistent {
         "resync"
     } else {
@@ -213,13 +228,14 @@ async fn resync<W: AsyncWrite + Unpin>(
             tx.send(&msg).await?;
         }
     }
+    let seq = log.last_seq();
     tx.send(&Message::ResyncEnd {
         epoch,
-        seq: log.last_seq(),
+        seq,
         time_unix_ns: now_ns(),
     })
     .await?;
-    Ok(())
+    Ok(seq)
 }
 
 /// A region as the backing file holds it: its bytes, or a discard where the file has a hole.
@@ -292,8 +308,8 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut tick = tokio::time::interval(EPOCH_INTERVAL);
-    // Epochs sent and not yet committed: (epoch, time of its cut).
-    let mut sent: std::collections::VecDeque<(u64, u64)> = Default::default();
+    // Epochs sent and not yet committed: (epoch, seq and time of its cut).
+    let mut sent: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -303,27 +319,31 @@ where
                     return Ok(());
                 }
                 for record in records {
-                    let cut = matches!(record, Record::Cut { .. });
-                    let time = match &record {
-                        Record::Cut { time_unix_ns, .. } => *time_unix_ns,
-                        _ => 0,
+                    let cut = match &record {
+                        Record::Cut { seq, time_unix_ns } => Some((*seq, *time_unix_ns)),
+                        _ => None,
                     };
                     if let Some(msg) = record_message(record, Some(epoch)) {
                         tx.send(&msg).await?;
                     }
-                    if cut {
-                        sent.push_back((*epoch, time));
+                    if let Some((seq, time)) = cut {
+                        sent.push_back((*epoch, seq, time));
                     }
                 }
             }
             m = rx.recv() => match m?.ok_or(Error::Closed)? {
                 Message::Committed { epoch: e } => {
-                    while let Some(&(first, time)) = sent.front() {
+                    let mut upto = None;
+                    while let Some(&(first, seq, time)) = sent.front() {
                         if first > e {
                             break;
                         }
                         sent.pop_front();
                         known.consistent_at_ns = Some(time);
+                        upto = Some(seq);
+                    }
+                    if let Some(seq) = upto {
+                        clean(log, seq);
                     }
                 }
                 Message::Pong { .. } => {}

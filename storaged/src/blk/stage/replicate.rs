@@ -27,33 +27,24 @@ impl<'a> Replicate<'a> {
     }
 
     /// Marks the regions `inflight` is about to change in the dirty map, durably (a write
-    /// waits here only the first time its region is written since the secondary had it).
+    /// waits here only the first time its region is written since the secondary had it); they
+    /// count as in flight until the request completes.
     pub fn before_submit(
         &self,
         inflight: &InFlight,
     ) -> Result<(), crate::replication::dirty::Error> {
-        let Some(log) = self.log else {
-            return Ok(());
-        };
-        match &inflight.op {
-            Operation::Write { offset, len } => log.before_submit(*offset, *len),
-            Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => ranges
-                .iter()
-                .try_for_each(|r| log.before_submit(r.offset, r.len)),
-            Operation::Read { .. } | Operation::Flush | Operation::GetId { .. } => Ok(()),
+        match (self.log, changed_ranges(&inflight.op)) {
+            (Some(log), Some(ranges)) => log.before_submit(&ranges),
+            _ => Ok(()),
         }
     }
 
     /// A request that was submitted and failed: if it changes data it may have changed part
     /// of it, unrecorded; the log says so (a gap, filled by a resync of its marked regions).
     pub fn failed(&self, inflight: &InFlight) {
-        if let Some(log) = self.log {
-            if matches!(
-                inflight.op,
-                Operation::Write { .. } | Operation::Discard(_) | Operation::WriteZeroes(_)
-            ) {
-                log.gap();
-            }
+        if let (Some(log), Some(ranges)) = (self.log, changed_ranges(&inflight.op)) {
+            log.gap();
+            log.done(&ranges);
         }
     }
 
@@ -85,5 +76,19 @@ impl<'a> Replicate<'a> {
             Operation::Flush => log.cut(),
             Operation::Read { .. } | Operation::GetId { .. } => {}
         }
+        if let Some(ranges) = changed_ranges(&inflight.op) {
+            log.done(&ranges);
+        }
+    }
+}
+
+/// The byte ranges a request changes: `None` for one that changes nothing.
+fn changed_ranges(op: &Operation) -> Option<Vec<(u64, u64)>> {
+    match op {
+        Operation::Write { offset, len } => Some(vec![(*offset, *len)]),
+        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
+            Some(ranges.iter().map(|r| (r.offset, r.len)).collect())
+        }
+        Operation::Read { .. } | Operation::Flush | Operation::GetId { .. } => None,
     }
 }
