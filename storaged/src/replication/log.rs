@@ -214,9 +214,16 @@ impl ReplicationLog {
 
     /// Takes the records so far, oldest first.
     pub fn drain(&self) -> Vec<Record> {
+        self.drain_to().0
+    }
+
+    /// Takes the records so far, oldest first, and the last seq taken at that instant: every
+    /// record up to it is among them (or was dropped, and is left to a resync).
+    pub fn drain_to(&self) -> (Vec<Record>, u64) {
         let mut inner = self.lock();
         inner.bytes = 0;
-        inner.records.drain(..).collect()
+        let seq = inner.next_seq - 1;
+        (inner.records.drain(..).collect(), seq)
     }
 
     /// The sequence number of the last record taken (0 before the first).

@@ -222,13 +222,14 @@ async fn resync<W: AsyncWrite + Unpin>(
         known.percent_done = Some(100.0 * done as f64 / bytes.max(1) as f64);
         service.set_link_status(name, known.clone());
     }
-    // What completed while the regions were read; cuts inside a resync are not epochs.
-    for record in log.drain() {
+    // What completed while the regions were read; cuts inside a resync are not epochs. The
+    // resync's cut is the last record taken with them: what comes after goes to the stream.
+    let (records, seq) = log.drain_to();
+    for record in records {
         if let Some(msg) = record_message(record, None) {
             tx.send(&msg).await?;
         }
     }
-    let seq = log.last_seq();
     tx.send(&Message::ResyncEnd {
         epoch,
         seq,
