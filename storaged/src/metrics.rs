@@ -4,8 +4,8 @@
 //! lookups. Deleting a volume removes its series.
 
 use prometheus::{
-    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::blk::request::Operation;
@@ -54,6 +54,44 @@ pub struct Metrics {
     throttled_seconds: CounterVec,
     throttle_wait: HistogramVec,
     failed: IntGaugeVec,
+    replication: ReplicationFamilies,
+}
+
+/// The states a relationship's `storaged_volume_replication_state` can be in.
+pub const REPLICATION_STATES: [&str; 5] = [
+    "initial_sync",
+    "replicating",
+    "disconnected",
+    "resync",
+    "split_brain",
+];
+
+/// A replicated volume's series, as the link updates them.
+#[derive(Clone)]
+struct ReplicationFamilies {
+    role: IntGaugeVec,
+    state: IntGaugeVec,
+    consistent: IntGaugeVec,
+    lag: GaugeVec,
+    rpo_exceeded: IntGaugeVec,
+    pending: IntGaugeVec,
+    resync: IntGaugeVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    reconnects: IntCounterVec,
+}
+
+/// What a replicated volume's gauges show.
+pub struct ReplicationGauges<'a> {
+    pub role: &'a str,
+    pub state: &'a str,
+    pub consistent: bool,
+    pub lag_seconds: Option<f64>,
+    pub rpo_exceeded: bool,
+    /// Bytes the primary's log holds, not yet sent.
+    pub pending_bytes: u64,
+    /// Bytes the dirty map names: what a resync would send.
+    pub resync_bytes: u64,
 }
 
 /// One volume's resolved series.
@@ -191,9 +229,74 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for c in [&requests, &bytes, &errors, &throttled] {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        let counter =
+            |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["volume"]);
+        let replication = ReplicationFamilies {
+            role: gauge(
+                "storaged_volume_replication_role",
+                "1 for the volume's side of its replication (primary, secondary)",
+                &["volume", "role"],
+            )?,
+            state: gauge(
+                "storaged_volume_replication_state",
+                "1 for the relationship's state (initial_sync, replicating, disconnected, resync, split_brain)",
+                &["volume", "state"],
+            )?,
+            consistent: gauge(
+                "storaged_volume_replication_consistent",
+                "1 while the secondary's image is a consistent point",
+                &["volume"],
+            )?,
+            lag: GaugeVec::new(
+                Opts::new(
+                    "storaged_volume_replication_lag_seconds",
+                    "How far the secondary's consistent point is behind the primary (NaN: not known)",
+                ),
+                &["volume"],
+            )?,
+            rpo_exceeded: gauge(
+                "storaged_volume_replication_rpo_exceeded",
+                "1 while the lag is beyond the relationship's rpo_seconds (or not known)",
+                &["volume"],
+            )?,
+            pending: gauge(
+                "storaged_volume_replication_pending_bytes",
+                "Bytes of completed writes the primary holds for the link, not yet sent",
+                &["volume"],
+            )?,
+            resync: gauge(
+                "storaged_volume_replication_resync_bytes",
+                "Bytes of the regions the dirty map names: what a resync sends",
+                &["volume"],
+            )?,
+            sent: counter(
+                "storaged_volume_replication_sent_bytes_total",
+                "Bytes of frames sent on the volume's replication link",
+            )?,
+            received: counter(
+                "storaged_volume_replication_received_bytes_total",
+                "Bytes of frames received on the volume's replication link",
+            )?,
+            reconnects: counter(
+                "storaged_volume_replication_reconnects_total",
+                "Times the primary's link to its secondary was made again after a break",
+            )?,
+        };
+        for c in [
+            &requests,
+            &bytes,
+            &errors,
+            &throttled,
+            &replication.sent,
+            &replication.received,
+            &replication.reconnects,
+        ] {
             registry.register(Box::new(c.clone()))?;
         }
+        registry.register(Box::new(replication.lag.clone()))?;
         registry.register(Box::new(throttled_seconds.clone()))?;
         for h in [&latency, &throttle_wait] {
             registry.register(Box::new(h.clone()))?;
@@ -206,6 +309,12 @@ impl Metrics {
             &bandwidth_limit,
             &failed,
             &build_info,
+            &replication.role,
+            &replication.state,
+            &replication.consistent,
+            &replication.rpo_exceeded,
+            &replication.pending,
+            &replication.resync,
         ] {
             registry.register(Box::new(g.clone()))?;
         }
@@ -224,7 +333,53 @@ impl Metrics {
             throttled_seconds,
             throttle_wait,
             failed,
+            replication,
         })
+    }
+
+    /// Sets a replicated volume's gauges.
+    pub fn set_replication(&self, volume: &str, g: &ReplicationGauges<'_>) {
+        let r = &self.replication;
+        for role in ["primary", "secondary"] {
+            r.role
+                .with_label_values(&[volume, role])
+                .set(i64::from(role == g.role));
+        }
+        for state in REPLICATION_STATES {
+            r.state
+                .with_label_values(&[volume, state])
+                .set(i64::from(state == g.state));
+        }
+        r.consistent
+            .with_label_values(&[volume])
+            .set(i64::from(g.consistent));
+        r.lag
+            .with_label_values(&[volume])
+            .set(g.lag_seconds.unwrap_or(f64::NAN));
+        r.rpo_exceeded
+            .with_label_values(&[volume])
+            .set(i64::from(g.rpo_exceeded));
+        r.pending
+            .with_label_values(&[volume])
+            .set(g.pending_bytes as i64);
+        r.resync
+            .with_label_values(&[volume])
+            .set(g.resync_bytes as i64);
+    }
+
+    /// Counts bytes sent and received on a volume's replication link.
+    pub fn count_replication_bytes(&self, volume: &str, sent: u64, received: u64) {
+        let r = &self.replication;
+        r.sent.with_label_values(&[volume]).inc_by(sent);
+        r.received.with_label_values(&[volume]).inc_by(received);
+    }
+
+    /// Counts a reconnection of a volume's replication link.
+    pub fn count_replication_reconnect(&self, volume: &str) {
+        self.replication
+            .reconnects
+            .with_label_values(&[volume])
+            .inc();
     }
 
     /// Resolves (creating at zero) the series of one volume.
@@ -267,6 +422,20 @@ impl Metrics {
             &self.failed,
         ] {
             let _ = g.remove_label_values(&[name]);
+        }
+        let r = &self.replication;
+        for role in ["primary", "secondary"] {
+            let _ = r.role.remove_label_values(&[name, role]);
+        }
+        for state in REPLICATION_STATES {
+            let _ = r.state.remove_label_values(&[name, state]);
+        }
+        for g in [&r.consistent, &r.rpo_exceeded, &r.pending, &r.resync] {
+            let _ = g.remove_label_values(&[name]);
+        }
+        let _ = r.lag.remove_label_values(&[name]);
+        for c in [&r.sent, &r.received, &r.reconnects] {
+            let _ = c.remove_label_values(&[name]);
         }
         let _ = self.throttled.remove_label_values(&[name]);
         let _ = self.throttled_seconds.remove_label_values(&[name]);

@@ -961,9 +961,48 @@ impl VolumeService {
         })
     }
 
-    /// Records what the link knows of the relationship of volume `name`.
+    /// Records what the link knows of the relationship of volume `name`, and shows it in the
+    /// volume's replication metrics.
     pub fn set_link_status(&self, name: &str, status: LinkStatus) {
         crate::lock(&self.link_status).insert(name.to_string(), status);
+        let Ok(info) = self.replication_info(name) else {
+            return;
+        };
+        let log = name.parse::<VolumeName>().ok().and_then(|n| {
+            self.state()
+                .exports
+                .get(&n)
+                .and_then(|e| e.volume().replication.get().cloned())
+        });
+        let (pending_bytes, resync_bytes) = log.map_or((0, 0), |l| {
+            let dirty: u64 = l.dirty().dirty_ranges().iter().map(|(_, len)| len).sum();
+            (l.pending_bytes() as u64, dirty)
+        });
+        self.metrics.set_replication(
+            name,
+            &crate::metrics::ReplicationGauges {
+                role: match info.role {
+                    ReplicationRole::Primary => "primary",
+                    ReplicationRole::Secondary => "secondary",
+                },
+                state: &info.state,
+                consistent: info.consistent,
+                lag_seconds: info.lag_seconds,
+                rpo_exceeded: info.rpo_exceeded,
+                pending_bytes,
+                resync_bytes,
+            },
+        );
+    }
+
+    /// Counts bytes sent and received on volume `name`'s replication link.
+    pub fn count_replication_bytes(&self, name: &str, sent: u64, received: u64) {
+        self.metrics.count_replication_bytes(name, sent, received);
+    }
+
+    /// Counts a reconnection of volume `name`'s replication link.
+    pub fn count_replication_reconnect(&self, name: &str) {
+        self.metrics.count_replication_reconnect(name);
     }
 
     /// What a primary's sender needs of volume `name`: its relationship, its log, its backing

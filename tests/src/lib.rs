@@ -133,6 +133,43 @@ pub fn metric_value(scrape: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Lints a /metrics scrape with `promtool check metrics` (`$PROMTOOL`, else on the PATH; the
+/// test skips, saying why, where there is none).
+pub fn promtool_check(scrape: &str) {
+    use std::io::Write;
+    let promtool = std::env::var_os("PROMTOOL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("promtool"))
+                .find(|f| f.exists())
+        })
+    });
+    let Some(promtool) = promtool else {
+        skip("promtool check: promtool not found (scripts/test installs it)");
+        return;
+    };
+    let mut child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Skips a test that needs what this machine lacks (root, loop devices, a tool), saying so.
 /// Under CI (the `CI` variable set, as `scripts/test` reads it) the machine is expected to have
 /// it, so a skip there is a failure instead: a green run never hides a test that did not run.

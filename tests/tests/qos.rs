@@ -324,40 +324,7 @@ fn metrics_pass_promtool_and_show_limits_and_build_info() {
     );
     assert_eq!(metric(&scrape, &build), 1.0);
 
-    let promtool = std::env::var_os("PROMTOOL")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("promtool"))
-                    .find(|f| f.exists())
-            })
-        });
-    let Some(promtool) = promtool else {
-        skip("promtool check: promtool not found (scripts/test installs it)");
-        return;
-    };
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    storaged_tests::promtool_check(&scrape);
 }
 
 #[test]

@@ -609,6 +609,64 @@ fn a_primarys_data_reaches_its_secondary_through_the_initial_sync_and_then_the_s
         if encryption != "none" {
             assert_ne!(file(&b), after, "{name}: the peer holds ciphertext");
         }
+
+        // Each side's metrics say what it is and what crossed the link.
+        let pm = storaged_tests::http_get(&a.metrics_url());
+        let sm = storaged_tests::http_get(&b.metrics_url());
+        let v = |scrape: &str, series: &str| {
+            storaged_tests::metric_value(scrape, series)
+                .unwrap_or_else(|| panic!("no {series} in:\n{scrape}"))
+        };
+        assert_eq!(
+            v(
+                &pm,
+                &format!(r#"storaged_volume_replication_role{{role="primary",volume="{name}"}}"#)
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                &sm,
+                &format!(r#"storaged_volume_replication_role{{role="secondary",volume="{name}"}}"#)
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                &pm,
+                &format!(
+                    r#"storaged_volume_replication_state{{state="replicating",volume="{name}"}}"#
+                )
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                &sm,
+                &format!(r#"storaged_volume_replication_consistent{{volume="{name}"}}"#)
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                &pm,
+                &format!(r#"storaged_volume_replication_rpo_exceeded{{volume="{name}"}}"#)
+            ),
+            0.0
+        );
+        // At least the 3 MiB written before and the 1 MiB after, each way's own count.
+        let sent = v(
+            &pm,
+            &format!(r#"storaged_volume_replication_sent_bytes_total{{volume="{name}"}}"#),
+        );
+        let received = v(
+            &sm,
+            &format!(r#"storaged_volume_replication_received_bytes_total{{volume="{name}"}}"#),
+        );
+        assert!(sent >= f64::from(4u32 << 20), "{sent}");
+        assert!(received >= f64::from(4u32 << 20), "{received}");
+        storaged_tests::promtool_check(&pm);
+        storaged_tests::promtool_check(&sm);
     }
 }
 

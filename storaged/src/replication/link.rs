@@ -30,6 +30,9 @@ pub struct Link<S> {
     /// What one read fills, before it joins `buf`: a `recv` dropped while it waits (in a
     /// `select!`) loses nothing and leaves `buf` whole.
     chunk: Vec<u8>,
+    /// Bytes sent and received since the last [`take_counts`](Self::take_counts).
+    sent: u64,
+    received: u64,
 }
 
 impl<S> Link<S> {
@@ -41,7 +44,17 @@ impl<S> Link<S> {
             buf: Vec::new(),
             out: Vec::new(),
             chunk: Vec::new(),
+            sent: 0,
+            received: 0,
         }
+    }
+
+    /// Bytes sent and received since the last call.
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.sent),
+            std::mem::take(&mut self.received),
+        )
     }
 
     /// Zeroes what the link's buffers held (a `Create` carries a volume's key).
@@ -60,6 +73,7 @@ impl<S: AsyncWrite + Unpin> Link<S> {
         wire::encode(msg, &mut self.out)?;
         self.stream.write_all(&self.out).await?;
         self.stream.flush().await?;
+        self.sent += self.out.len() as u64;
         Ok(())
     }
 
@@ -80,6 +94,7 @@ impl<S: AsyncRead + Unpin> Link<S> {
             self.chunk.resize(READ_CHUNK, 0);
             let n = self.stream.read(&mut self.chunk).await?;
             self.buf.extend_from_slice(&self.chunk[..n]);
+            self.received += n as u64;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)

@@ -141,6 +141,8 @@ where
         let Some(msg) = msg else {
             return Ok(());
         };
+        let (sent, received) = link.take_counts();
+        service.count_replication_bytes(name, sent, received);
         match msg {
             Message::ResyncBegin { bytes, .. } => {
                 in_place = !app.applied().consistent;

@@ -78,7 +78,11 @@ async fn run(service: Arc<VolumeService>, tls: Tls, name: String, mut stop: watc
         state: "disconnected",
         ..LinkStatus::default()
     };
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            service.count_replication_reconnect(&name);
+        }
         let Some((rel, ..)) = service.primary_link(&name) else {
             return;
         };
@@ -162,9 +166,17 @@ async fn connection(
         known.state = "replicating";
         known.percent_done = None;
         known.behind = log.has_records();
+        count(service, name, &mut rx, &mut tx);
         service.set_link_status(name, known.clone());
         ship(service, name, &log, &mut rx, &mut tx, &mut epoch, known).await?;
     }
+}
+
+/// Adds what the link's two halves carried to the volume's byte counters.
+fn count<R, W>(service: &VolumeService, name: &str, rx: &mut Link<R>, tx: &mut Link<W>) {
+    let (_, received) = rx.take_counts();
+    let (sent, _) = tx.take_counts();
+    service.count_replication_bytes(name, sent, received);
 }
 
 /// The secondary committed everything up to `seq`: regions written no later are clean.
@@ -352,6 +364,7 @@ where
             },
         }
         known.behind = !sent.is_empty() || log.has_records();
+        count(service, name, rx, tx);
         service.set_link_status(name, known.clone());
     }
 }
