@@ -953,6 +953,7 @@ impl VolumeService {
             mode: r.mode,
             rpo_seconds: r.rpo_seconds,
             state: st.state.into(),
+            disconnected_since: st.disconnected_since,
             percent_done: st.percent_done,
             consistent: st.consistent,
             consistent_at,

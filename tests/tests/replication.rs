@@ -724,3 +724,22 @@ fn after_a_kill_9_of_either_side_the_link_comes_back_resyncs_and_the_secondary_i
     }
     assert_eq!(ro.read(0, 20 << 20, 4096).unwrap(), pattern(4096, 20, 5));
 }
+
+#[test]
+fn a_secondary_that_goes_silent_is_noticed_by_its_pings_and_the_link_comes_back_when_it_wakes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_daemons(tmp.path());
+    a.create_volume(r#"{"name":"db","size":"16MiB"}"#);
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    wait_replication(&a, "db", "replicating", |r| r.state == "replicating");
+    // Frozen, the secondary keeps its connection open but answers nothing.
+    // SAFETY: SIGSTOP to the secondary's process, which this test started.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGSTOP) };
+    a.wait_for_log("the secondary sent nothing for 5 s");
+    let r = wait_replication(&a, "db", "disconnected", |r| r.state == "disconnected");
+    assert!(r.disconnected_since.is_some(), "{r:?}");
+    // SAFETY: SIGCONT to the same process.
+    unsafe { libc::kill(b.pid() as i32, libc::SIGCONT) };
+    let r = wait_replication(&a, "db", "replicating again", |r| r.state == "replicating");
+    assert_eq!(r.disconnected_since, None, "{r:?}");
+}

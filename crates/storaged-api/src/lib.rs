@@ -431,6 +431,9 @@ pub struct ReplicationInfo {
     pub rpo_seconds: u32,
     /// `initial_sync`, `replicating`, `disconnected`, `resync` or `split_brain`.
     pub state: String,
+    /// While `disconnected`: since when (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnected_since: Option<u64>,
     /// Initial sync: how much is done, 0 to 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_done: Option<f64>,

@@ -32,4 +32,6 @@ pub struct LinkStatus {
     pub consistent_at_ns: Option<u64>,
     /// Whether the primary has records the secondary has not committed.
     pub behind: bool,
+    /// Since when (Unix seconds) the link has been down, while it is.
+    pub disconnected_since: Option<u64>,
 }

@@ -39,6 +39,11 @@ use crate::service::VolumeService;
 /// How often the stream cuts an epoch while records come.
 pub const EPOCH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often the stream pings the secondary, and how long the secondary may stay silent
+/// before the link is taken for broken (a cut cable sends nothing, not even a reset).
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -59,6 +64,8 @@ enum Error {
     Read(#[source] std::io::Error),
     #[error("the volume is no longer a served primary")]
     Gone,
+    #[error("the secondary sent nothing for {} s", PEER_TIMEOUT.as_secs())]
+    Silent,
 }
 
 /// Starts the sender of primary volume `name`; it ends when the volume stops being a served
@@ -99,6 +106,7 @@ async fn run(service: Arc<VolumeService>, tls: Tls, name: String, mut stop: watc
         }
         known.state = "disconnected";
         known.percent_done = None;
+        known.disconnected_since.get_or_insert_with(now_unix);
         service.set_link_status(&name, known.clone());
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
@@ -106,6 +114,10 @@ async fn run(service: Arc<VolumeService>, tls: Tls, name: String, mut stop: watc
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+fn now_unix() -> u64 {
+    now_ns() / 1_000_000_000
 }
 
 fn now_ns() -> u64 {
@@ -163,6 +175,7 @@ async fn connection(
         }
         known.consistent = true;
         known.consistent_at_ns = Some(now_ns());
+        known.disconnected_since = None;
         known.state = "replicating";
         known.percent_done = None;
         known.behind = log.has_records();
@@ -323,9 +336,18 @@ where
     let mut tick = tokio::time::interval(EPOCH_INTERVAL);
     // Epochs sent and not yet committed: (epoch, seq and time of its cut).
     let mut sent: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
+    let mut heard = std::time::Instant::now();
+    let mut pinged = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if heard.elapsed() > PEER_TIMEOUT {
+                    return Err(Error::Silent);
+                }
+                if pinged.elapsed() >= PING_INTERVAL {
+                    tx.send(&Message::Ping { time_unix_ns: now_ns() }).await?;
+                    pinged = std::time::Instant::now();
+                }
                 log.cut();
                 let records = log.drain();
                 if log.overflowed() {
@@ -344,7 +366,10 @@ where
                     }
                 }
             }
-            m = rx.recv() => match m?.ok_or(Error::Closed)? {
+            m = rx.recv() => {
+                let m = m?.ok_or(Error::Closed)?;
+                heard = std::time::Instant::now();
+                match m {
                 Message::Committed { epoch: e } => {
                     let mut upto = None;
                     while let Some(&(first, seq, time)) = sent.front() {
@@ -361,7 +386,8 @@ where
                 }
                 Message::Pong { .. } => {}
                 other => return Err(Error::Unexpected(other.message_type())),
-            },
+                }
+            }
         }
         known.behind = !sent.is_empty() || log.has_records();
         count(service, name, rx, tx);
