@@ -209,7 +209,13 @@ async fn start_replication(
     };
     let started = name.clone();
     let v = with_service(&s, move |svc| svc.set_relationship(&name, rel)).await?;
-    crate::replication::sender::start(s.service.clone(), tls, started, s.stop.clone());
+    crate::replication::sender::start(
+        s.service.clone(),
+        tls,
+        started,
+        s.replication_listen.clone(),
+        s.stop.clone(),
+    );
     Ok((StatusCode::CREATED, Json(v)))
 }
 

@@ -207,6 +207,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                     service.clone(),
                     tls.clone(),
                     name,
+                    replication_listen.clone(),
                     stop_rx.clone(),
                 );
             }

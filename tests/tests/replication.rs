@@ -557,6 +557,8 @@ fn a_primarys_data_reaches_its_secondary_through_the_initial_sync_and_then_the_s
             r.consistent
         });
         assert_eq!(r.state, "replicating", "{r:?}");
+        // The secondary knows where its primary listens (for the day roles change).
+        assert_eq!(r.peer, a.replication_addr().to_string(), "{r:?}");
 
         // Data after it: the stream's, up to a flush.
         let after = pattern(1 << 20, 0, 2);

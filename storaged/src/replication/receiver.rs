@@ -37,11 +37,14 @@ enum Error {
     Unexpected(MessageType),
 }
 
-/// Serves the primary of relationship `relationship` on `link`, its `Hello` read.
+/// Serves the primary of relationship `relationship` on `link`, its `Hello` read (`listen`:
+/// the address the primary gave for itself).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<S>(
     mut link: Link<S>,
     peer: SocketAddr,
     relationship: [u8; 16],
+    listen: String,
     spec: VolumeSpec,
     service: Arc<VolumeService>,
     mut stop: watch::Receiver<bool>,
@@ -87,6 +90,12 @@ pub async fn serve<S>(
         }
     };
     tracing::info!(volume = %name, %peer, ?recovery, "replication stream from the primary");
+    // Where the primary says it can be reached: the relationship's peer from now on.
+    if !listen.is_empty() {
+        if let Err(e) = tokio::task::block_in_place(|| service.set_peer(&name, &listen)) {
+            tracing::warn!(volume = %name, "replication: cannot record the primary's address: {}", crate::error_chain(&e));
+        }
+    }
     let applied = app.applied().clone();
     let mut status = LinkStatus {
         state: "replicating",
@@ -103,6 +112,7 @@ pub async fn serve<S>(
         wrote_since_shared: false,
         epoch: applied.epoch,
         consistent: applied.consistent,
+        listen: String::new(),
         volume: VolumeSpec { size, ..spec },
     };
     let outcome = async {

@@ -70,16 +70,24 @@ enum Error {
 
 /// Starts the sender of primary volume `name`; it ends when the volume stops being a served
 /// primary or `stop` turns true.
+/// `listen` is this daemon's replication address, told to the secondary.
 pub fn start(
     service: Arc<VolumeService>,
     tls: Tls,
     name: String,
+    listen: Option<String>,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(service, tls, name, stop))
+    tokio::spawn(run(service, tls, name, listen.unwrap_or_default(), stop))
 }
 
-async fn run(service: Arc<VolumeService>, tls: Tls, name: String, mut stop: watch::Receiver<bool>) {
+async fn run(
+    service: Arc<VolumeService>,
+    tls: Tls,
+    name: String,
+    listen: String,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut known = LinkStatus {
         state: "disconnected",
@@ -94,7 +102,7 @@ async fn run(service: Arc<VolumeService>, tls: Tls, name: String, mut stop: watc
             return;
         };
         let outcome = tokio::select! {
-            r = connection(&service, &tls, &name, &mut known) => r,
+            r = connection(&service, &tls, &name, &listen, &mut known) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         match outcome {
@@ -131,6 +139,7 @@ async fn connection(
     service: &Arc<VolumeService>,
     tls: &Tls,
     name: &str,
+    listen: &str,
     known: &mut LinkStatus,
 ) -> Result<(), Error> {
     let (rel, log, path, size, spec) = service.primary_link(name).ok_or(Error::Gone)?;
@@ -152,6 +161,7 @@ async fn connection(
         wrote_since_shared: false,
         epoch: 0,
         consistent: true,
+        listen: listen.to_string(),
         volume: wire_spec(&spec, block_size),
     })
     .await?;

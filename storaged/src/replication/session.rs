@@ -105,10 +105,11 @@ pub async fn serve<S>(
         Message::Hello {
             relationship,
             role: super::wire::Role::Primary,
+            listen,
             volume,
             ..
         } => {
-            super::receiver::serve(link, peer, relationship, volume, service, stop).await;
+            super::receiver::serve(link, peer, relationship, listen, volume, service, stop).await;
             return;
         }
         Message::Create {

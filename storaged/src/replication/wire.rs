@@ -35,7 +35,7 @@
 //!
 //! | type | message       | payload                                                                   |
 //! |------|---------------|---------------------------------------------------------------------------|
-//! | 1    | `Hello`       | id relationship, u8 role (1 primary, 2 secondary), u64 generation, u64 shared_seq, bool wrote_since_shared, u64 epoch, bool consistent, spec volume |
+//! | 1    | `Hello`       | id relationship, u8 role (1 primary, 2 secondary), u64 generation, u64 shared_seq, bool wrote_since_shared, u64 epoch, bool consistent, string listen, spec volume |
 //! | 2    | `Create`      | id relationship, spec volume, u8 dek present (0, 1), data dek if present (at most [`MAX_KEY`]) |
 //! | 3    | `Accepted`    | id relationship                                                           |
 //! | 4    | `Refused`     | u16 status, string reason                                                 |
@@ -77,7 +77,8 @@ const ID_LEN: usize = 16;
 const SPEC_MAX: usize = 2 + MAX_STRING + 2 + MAX_STRING + 8 + 4 + 2 + MAX_STRING + 1 + 2;
 // Every message whose fields are within their limits fits in a frame.
 const _: () = assert!(8 + 8 + 4 + MAX_DATA <= MAX_PAYLOAD as usize);
-const _: () = assert!(ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + SPEC_MAX <= MAX_PAYLOAD as usize);
+const _: () =
+    assert!(ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + 2 + MAX_STRING + SPEC_MAX <= MAX_PAYLOAD as usize);
 const _: () = assert!(ID_LEN + SPEC_MAX + 1 + 4 + MAX_KEY <= MAX_PAYLOAD as usize);
 
 /// What was wrong with a frame, received or about to be sent.
@@ -237,6 +238,9 @@ pub enum Message {
         epoch: u64,
         /// Whether that image is consistent (false before an initial sync has ended).
         consistent: bool,
+        /// The sender's own replication address, `HOST:PORT` (empty: it accepts no peer), for
+        /// the other side to reach it later (after a role change).
+        listen: String,
         volume: VolumeSpec,
     },
     /// Primary → peer: create the secondary volume; `dek` is its raw key if it is encrypted.
@@ -346,7 +350,9 @@ pub fn encoded_len(msg: &Message) -> usize {
         2 + v.name.len() + 2 + v.id.len() + 8 + 4 + 2 + v.tier.len() + 1 + 2
     }
     let payload = match msg {
-        Message::Hello { volume, .. } => ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + spec(volume),
+        Message::Hello { volume, listen, .. } => {
+            ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + 2 + listen.len() + spec(volume)
+        }
         Message::Create { volume, dek, .. } => {
             ID_LEN + spec(volume) + 1 + dek.as_ref().map_or(0, |k| 4 + k.0.len())
         }
@@ -457,6 +463,7 @@ fn write_payload(w: &mut Writer<'_>, msg: &Message) -> Result<(), Error> {
             wrote_since_shared,
             epoch,
             consistent,
+            listen,
             volume,
         } => {
             w.bytes(relationship);
@@ -466,6 +473,7 @@ fn write_payload(w: &mut Writer<'_>, msg: &Message) -> Result<(), Error> {
             w.bool(*wrote_since_shared);
             w.u64(*epoch);
             w.bool(*consistent);
+            w.string("listen", listen)?;
             w.spec(volume)?;
         }
         Message::Create {
@@ -556,6 +564,7 @@ fn read_payload(r: &mut Reader<'_>) -> Result<Message, Error> {
             wrote_since_shared: r.bool("wrote_since_shared")?,
             epoch: r.u64("epoch")?,
             consistent: r.bool("consistent")?,
+            listen: r.string("listen")?,
             volume: r.spec()?,
         },
         MessageType::Create => Message::Create {
@@ -855,6 +864,7 @@ mod tests {
                 wrote_since_shared: true,
                 epoch: 9,
                 consistent: true,
+                listen: "10.0.2.5:7420".into(),
                 volume: spec(),
             },
             Message::Hello {
@@ -865,6 +875,7 @@ mod tests {
                 wrote_since_shared: false,
                 epoch: 0,
                 consistent: false,
+                listen: String::new(),
                 volume: VolumeSpec {
                     name: "ünïcødé".into(),
                     tier: String::new(),
@@ -978,6 +989,7 @@ mod tests {
             wrote_since_shared: true,
             epoch: 4,
             consistent: true,
+            listen: "[fd00::1]:7420".into(),
             volume: spec(),
         }
     }
@@ -1327,6 +1339,7 @@ mod tests {
                     wrote_since_shared: false,
                     epoch: 0,
                     consistent: false,
+                    listen: String::new(),
                     volume: VolumeSpec {
                         tier: "t".repeat(MAX_STRING + 1),
                         ..spec()
