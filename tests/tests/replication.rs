@@ -745,3 +745,23 @@ fn a_secondary_that_goes_silent_is_noticed_by_its_pings_and_the_link_comes_back_
     let r = wait_replication(&a, "db", "replicating again", |r| r.state == "replicating");
     assert_eq!(r.disconnected_since, None, "{r:?}");
 }
+
+#[test]
+fn a_stopping_daemon_does_not_wait_for_a_peer_that_sends_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("zone CA");
+    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
+    let config = listening_config(tmp.path(), &node);
+    let mut s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    let peer = ca.issue(tmp.path(), "node-b", &["127.0.0.1"]);
+    let _idle = pki::connect(s.replication_addr(), "127.0.0.1", Some(&peer), &peer.ca).unwrap();
+    s.wait_for_log("replication peer authenticated");
+    let status = s.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let log = s.log_text();
+    assert!(log.contains("stopped"), "{log}");
+    // Neither the session's own wait nor the listener's drain ran out: the session ended
+    // with the stop.
+    assert!(!log.contains("nothing sent within"), "{log}");
+    assert!(!log.contains("still under way"), "{log}");
+}
