@@ -8,23 +8,23 @@ use storaged_api::{ReplicationMode, ReplicationRole, StartReplication};
 use storaged_tests::pki::{self, Ca, NodeFiles};
 use storaged_tests::{bin, connect_retry, pattern, BlkClient, Storaged};
 
-/// A config file with `[replication]` listening on a loopback port of the kernel's choice.
-fn listening_config(dir: &Path, node: &NodeFiles) -> std::path::PathBuf {
-    listening_config_on(dir, node, 0)
-}
-
-/// A config file with `[replication]` listening on loopback port `port`.
-fn listening_config_on(dir: &Path, node: &NodeFiles, port: u16) -> std::path::PathBuf {
-    let path = dir.join("storaged.toml");
+/// A storaged of CA `ca` named `name`: its certificate (naming 127.0.0.1) and config in
+/// `dir/name`, `[replication]` listening on loopback port `port` (0: the kernel's choice).
+fn daemon(dir: &Path, ca: &Ca, name: &str, port: u16) -> (Storaged, NodeFiles) {
+    let node_dir = dir.join(name);
+    std::fs::create_dir(&node_dir).unwrap();
+    let node = ca.issue(&node_dir, name, &["127.0.0.1"]);
+    let config = node_dir.join("storaged.toml");
     std::fs::write(
-        &path,
+        &config,
         format!(
             "[replication]\nlisten = \"127.0.0.1:{port}\"\n{}",
             node.toml()
         ),
     )
     .unwrap();
-    path
+    let s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    (s, node)
 }
 
 /// A loopback port nothing listens on now, for a daemon that must keep its address across a
@@ -41,9 +41,7 @@ fn free_port() -> u16 {
 fn the_replication_listener_accepts_only_peers_whose_certificate_the_ca_signed() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("zone CA");
-    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
-    let config = listening_config(tmp.path(), &node);
-    let s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    let (s, node) = daemon(tmp.path(), &ca, "node-a", 0);
     let addr = s.replication_addr();
     assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
     s.wait_for_log(&format!("replication_listen=\"{addr}\""));
@@ -75,17 +73,10 @@ fn the_replication_listener_accepts_only_peers_whose_certificate_the_ca_signed()
 #[test]
 fn a_daemon_replicating_to_a_peer_of_another_ca_refuses_it_and_so_does_the_peer() {
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = |ca: &Ca, name: &str| {
-        let dir = tmp.path().join(name);
-        std::fs::create_dir(&dir).unwrap();
-        let node = ca.issue(&dir, name, &["127.0.0.1"]);
-        let config = listening_config(&dir, &node);
-        Storaged::start_with(&["--config", config.to_str().unwrap()])
-    };
     let zone = Ca::new("zone CA");
-    let a = daemon(&zone, "a");
-    let b = daemon(&zone, "b");
-    let c = daemon(&Ca::new("another CA"), "c");
+    let (a, _) = daemon(tmp.path(), &zone, "a", 0);
+    let (b, _) = daemon(tmp.path(), &zone, "b", 0);
+    let (c, _) = daemon(tmp.path(), &Ca::new("another CA"), "c", 0);
     a.create_volume(r#"{"name":"db","size":"16MiB"}"#);
     let e = a.admin().start_replication("db", &start(&c)).unwrap_err();
     assert_eq!(e.status(), Some(502), "{e}");
@@ -151,14 +142,9 @@ fn replication_settings_that_cannot_work_stop_storaged_at_start_naming_what_is_w
 /// Two daemons of one CA, each listening on a loopback port: (primary, peer).
 fn two_daemons(dir: &Path) -> (Storaged, Storaged) {
     let ca = Ca::new("zone CA");
-    let start = |name: &str| {
-        let node_dir = dir.join(name);
-        std::fs::create_dir(&node_dir).unwrap();
-        let node = ca.issue(&node_dir, name, &["127.0.0.1"]);
-        let config = listening_config_on(&node_dir, &node, free_port());
-        Storaged::start_with(&["--config", config.to_str().unwrap()])
-    };
-    (start("zone-a"), start("zone-b"))
+    let (a, _) = daemon(dir, &ca, "zone-a", free_port());
+    let (b, _) = daemon(dir, &ca, "zone-b", free_port());
+    (a, b)
 }
 
 fn start(peer: &Storaged) -> StartReplication {
@@ -359,9 +345,7 @@ fn malformed_or_unexpected_frames_from_an_authenticated_peer_close_the_connectio
     use std::io::{Read, Write};
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("zone CA");
-    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
-    let config = listening_config(tmp.path(), &node);
-    let s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    let (s, _) = daemon(tmp.path(), &ca, "node-a", 0);
     let addr = s.replication_addr();
     let peer = ca.issue(tmp.path(), "node-b", &["127.0.0.1"]);
 
@@ -750,9 +734,7 @@ fn a_secondary_that_goes_silent_is_noticed_by_its_pings_and_the_link_comes_back_
 fn a_stopping_daemon_does_not_wait_for_a_peer_that_sends_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("zone CA");
-    let node = ca.issue(tmp.path(), "node-a", &["127.0.0.1"]);
-    let config = listening_config(tmp.path(), &node);
-    let mut s = Storaged::start_with(&["--config", config.to_str().unwrap()]);
+    let (mut s, _) = daemon(tmp.path(), &ca, "node-a", 0);
     let peer = ca.issue(tmp.path(), "node-b", &["127.0.0.1"]);
     let _idle = pki::connect(s.replication_addr(), "127.0.0.1", Some(&peer), &peer.ca).unwrap();
     s.wait_for_log("replication peer authenticated");
