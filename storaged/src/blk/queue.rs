@@ -1074,6 +1074,7 @@ mod tests {
     use crate::config::IoConfig;
     use crate::metrics::Metrics;
     use crate::qos::{Limits, Overrides, QosConfig};
+    use crate::replication::log::ReplicationLog;
     use crate::volume::{Backing, Tier, VolumeSpec};
 
     const QUEUE: u16 = 16;
@@ -1224,6 +1225,22 @@ mod tests {
     impl Harness {
         fn new() -> Self {
             Self::with_crypt(None)
+        }
+
+        /// A harness whose volume is encrypted with a fixed test key.
+        fn encrypted() -> Self {
+            let dek = crate::crypto::Dek::from_bytes(&[7u8; crate::crypto::DEK_LEN]).unwrap();
+            Self::with_crypt(Some(crate::crypto::Xts::new(&dek)))
+        }
+
+        /// Makes the volume a primary: its replication log, over the dirty map at `map`
+        /// (a file of the harness's directory if `None`).
+        fn primary(&self, map: Option<&std::path::Path>) -> Arc<ReplicationLog> {
+            let path = map.map_or_else(|| self._dir.path().join("v.dirty"), ToOwned::to_owned);
+            let map = crate::replication::dirty::DirtyMap::open(&path).unwrap();
+            let log = Arc::new(ReplicationLog::new(1 << 20, map));
+            assert!(self.volume.replication.set(log.clone()).is_ok());
+            log
         }
 
         /// A harness whose volume is encrypted with `crypt`, if given.
@@ -1442,12 +1459,9 @@ mod tests {
 
     #[test]
     fn a_primarys_writes_are_recorded_as_they_complete_with_their_data_and_flushes_end_epochs() {
-        use crate::replication::log::{Record, ReplicationLog};
+        use crate::replication::log::Record;
         let mut h = Harness::new();
-        let map =
-            crate::replication::dirty::DirtyMap::open(&h._dir.path().join("v.dirty")).unwrap();
-        let log = Arc::new(ReplicationLog::new(1 << 20, map));
-        assert!(h.volume.replication.set(log.clone()).is_ok());
+        let log = h.primary(None);
         h.mem
             .memory()
             .write_slice(&[0xc3; 4096], GuestAddress(DATA))
@@ -1495,14 +1509,9 @@ mod tests {
     #[test]
     fn a_write_whose_region_cannot_be_tracked_is_refused_unsubmitted_and_gives_its_bounce_budget_back(
     ) {
-        use crate::replication::log::ReplicationLog;
-        let dek = crate::crypto::Dek::from_bytes(&[7u8; crate::crypto::DEK_LEN]).unwrap();
-        let mut h = Harness::with_crypt(Some(crate::crypto::Xts::new(&dek)));
+        let mut h = Harness::encrypted();
         // A dirty map whose every write fails (ENOSPC).
-        let map =
-            crate::replication::dirty::DirtyMap::open(std::path::Path::new("/dev/full")).unwrap();
-        let log = Arc::new(ReplicationLog::new(1 << 20, map));
-        assert!(h.volume.replication.set(log.clone()).is_ok());
+        let log = h.primary(Some(std::path::Path::new("/dev/full")));
         for _ in 0..3 {
             let write = h.request(T_OUT, 8, 4096, true);
             assert_eq!(h.status(write), VIRTIO_BLK_S_IOERR as u8);
@@ -1526,13 +1535,9 @@ mod tests {
 
     #[test]
     fn an_encrypted_primarys_writes_are_recorded_as_the_ciphertext_the_disk_holds() {
-        use crate::replication::log::{Record, ReplicationLog};
-        let dek = crate::crypto::Dek::from_bytes(&[7u8; crate::crypto::DEK_LEN]).unwrap();
-        let mut h = Harness::with_crypt(Some(crate::crypto::Xts::new(&dek)));
-        let map =
-            crate::replication::dirty::DirtyMap::open(&h._dir.path().join("v.dirty")).unwrap();
-        let log = Arc::new(ReplicationLog::new(1 << 20, map));
-        assert!(h.volume.replication.set(log.clone()).is_ok());
+        use crate::replication::log::Record;
+        let mut h = Harness::encrypted();
+        let log = h.primary(None);
         h.mem
             .memory()
             .write_slice(&[0x11; 4096], GuestAddress(DATA))
