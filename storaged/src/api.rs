@@ -171,12 +171,8 @@ async fn start_replication(
         ));
     }
     let source_name = name.clone();
-    let (spec, dek) = with_service(&s, move |svc| svc.replication_source(&source_name)).await?;
-    let block_size = with_service(&s, {
-        let name = name.clone();
-        move |svc| svc.get(&name).map(|v| v.block_size)
-    })
-    .await?;
+    let (spec, dek, block_size) =
+        with_service(&s, move |svc| svc.replication_source(&source_name)).await?;
     let relationship = uuid::Uuid::new_v4();
     let create = Message::Create {
         relationship: *relationship.as_bytes(),

@@ -168,6 +168,17 @@ pub struct SecondaryOrigin {
     pub relationship: Relationship,
 }
 
+/// What a primary volume's sender works from.
+pub struct PrimaryLink {
+    pub relationship: Relationship,
+    pub log: Arc<ReplicationLog>,
+    /// The backing file the resyncs read.
+    pub backing: PathBuf,
+    pub size: u64,
+    pub block_size: u32,
+    pub spec: VolumeSpec,
+}
+
 /// Volumes of this daemon (see the module doc for its two locks).
 pub struct VolumeService {
     config: Config,
@@ -826,11 +837,12 @@ impl VolumeService {
         Ok(self.info_of(&spec))
     }
 
-    /// What a primary tells its peer of the volume `name` it starts replicating: its spec and
-    /// its key. Refused for a volume that is already part of a relationship.
-    pub fn replication_source(&self, name: &str) -> Result<(VolumeSpec, Option<Dek>), Error> {
+    /// What a primary tells its peer of the volume `name` it starts replicating: its spec, its
+    /// key and the block size it offers. Refused for a volume that is already part of a
+    /// relationship.
+    pub fn replication_source(&self, name: &str) -> Result<(VolumeSpec, Option<Dek>, u32), Error> {
         let n: VolumeName = name.parse()?;
-        let spec = {
+        let (spec, block_size) = {
             let st = self.state();
             let spec = st
                 .volumes
@@ -840,14 +852,15 @@ impl VolumeService {
             if let Some(c) = st.busy.get(&n) {
                 return Err(Error::Busy(name.to_string(), c.op));
             }
-            spec
+            let block_size = self.info(&st, &spec).block_size;
+            (spec, block_size)
         };
         Self::not_replicated(&spec)?;
         let dek = match &spec.encryption {
             Some(w) => Some(keys::unwrap(self.keys.as_ref(), &spec.id, w)?),
             None => None,
         };
-        Ok((spec, dek))
+        Ok((spec, dek, block_size))
     }
 
     /// Gives a primary volume's data path its replication log: from now on what completes is
@@ -1026,28 +1039,25 @@ impl VolumeService {
         self.metrics.count_replication_reconnect(name);
     }
 
-    /// What a primary's sender needs of volume `name`: its relationship, its log, its backing
-    /// file and size; `None` when it is not (or no longer) a served primary.
-    pub fn primary_link(
-        &self,
-        name: &str,
-    ) -> Option<(Relationship, Arc<ReplicationLog>, PathBuf, u64, VolumeSpec)> {
+    /// What a primary's sender needs of volume `name`; `None` when it is not (or no longer)
+    /// a served primary.
+    pub fn primary_link(&self, name: &str) -> Option<PrimaryLink> {
         let n: VolumeName = name.parse().ok()?;
         let st = self.state();
         let spec = st.volumes.get(&n)?;
-        let rel = spec.replication.clone()?;
-        if rel.role != ReplicationRole::Primary {
+        let relationship = spec.replication.clone()?;
+        if relationship.role != ReplicationRole::Primary {
             return None;
         }
-        let export = st.exports.get(&n)?;
-        let log = export.volume().replication.get()?.clone();
-        Some((
-            rel,
-            log,
-            spec.backing.path().to_owned(),
-            export.volume().capacity(),
-            spec.clone(),
-        ))
+        let io = st.exports.get(&n)?.volume();
+        Some(PrimaryLink {
+            relationship,
+            log: io.replication.get()?.clone(),
+            backing: spec.backing.path().to_owned(),
+            size: io.capacity(),
+            block_size: io.block_size(),
+            spec: spec.clone(),
+        })
     }
 
     /// The primaries this daemon serves, by name.

@@ -34,7 +34,7 @@ use super::session::{self, wire_spec};
 use super::tls::Tls;
 use super::wire::{Message, Role};
 use super::LinkStatus;
-use crate::service::VolumeService;
+use crate::service::{PrimaryLink, VolumeService};
 
 /// How often the stream cuts an epoch while records come.
 pub const EPOCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -98,7 +98,10 @@ async fn run(
         if !std::mem::take(&mut first) {
             service.count_replication_reconnect(&name);
         }
-        let Some((rel, ..)) = service.primary_link(&name) else {
+        let Some(PrimaryLink {
+            relationship: rel, ..
+        }) = service.primary_link(&name)
+        else {
             return;
         };
         let outcome = tokio::select! {
@@ -142,14 +145,17 @@ async fn connection(
     listen: &str,
     known: &mut LinkStatus,
 ) -> Result<(), Error> {
-    let (rel, log, path, size, spec) = service.primary_link(name).ok_or(Error::Gone)?;
+    let PrimaryLink {
+        relationship: rel,
+        log,
+        backing: path,
+        size,
+        block_size,
+        spec,
+    } = service.primary_link(name).ok_or(Error::Gone)?;
     let relationship = *uuid::Uuid::parse_str(&rel.id)
         .map_err(|_| Error::Gone)?
         .as_bytes();
-    let block_size = service
-        .get(name)
-        .map(|v| v.block_size)
-        .map_err(|_| Error::Gone)?;
     let stream = session::connect(tls, &rel.peer).await?;
     let (rd, wr) = tokio::io::split(stream);
     let (mut rx, mut tx) = (Link::new(rd), Link::new(wr));
