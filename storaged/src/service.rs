@@ -1009,8 +1009,7 @@ impl VolumeService {
                 .and_then(|e| e.volume().replication.get().cloned())
         });
         let (pending_bytes, resync_bytes) = log.map_or((0, 0), |l| {
-            let dirty: u64 = l.dirty().dirty_ranges().iter().map(|(_, len)| len).sum();
-            (l.pending_bytes() as u64, dirty)
+            (l.pending_bytes() as u64, l.dirty().dirty_bytes())
         });
         self.metrics.set_replication(
             name,

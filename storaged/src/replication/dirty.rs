@@ -200,6 +200,16 @@ impl DirtyMap {
         written
     }
 
+    /// Bytes of the dirty regions (a count, without listing them).
+    pub fn dirty_bytes(&self) -> u64 {
+        let w = self.lock();
+        w.now
+            .iter()
+            .map(|word| u64::from(word.count_ones()))
+            .sum::<u64>()
+            * REGION
+    }
+
     /// The dirty regions, as byte ranges `(offset, REGION)`, in order.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
         let w = self.lock();
@@ -272,6 +282,7 @@ mod tests {
         map.done(&[(0, 4096), (3 * REGION, REGION + 1)]);
         assert_eq!(map.clear_idle([0, 3]), 2);
         assert_eq!(map.dirty_ranges(), vec![(4 * REGION, REGION)]);
+        assert_eq!(map.dirty_bytes(), REGION);
     }
 
     #[test]

@@ -177,8 +177,9 @@ where
                     tokio::task::block_in_place(|| app.stage(&msg))?;
                 }
                 resync_done += len;
-                status.percent_done = Some(100.0 * resync_done as f64 / resync_bytes.max(1) as f64);
-                service.set_link_status(name, status.clone());
+                if status.set_progress(resync_done, resync_bytes) {
+                    service.set_link_status(name, status.clone());
+                }
             }
             Message::Zero { len, .. } if status.percent_done.is_some() => {
                 tokio::task::block_in_place(|| app.stage(&msg))?;

@@ -35,3 +35,15 @@ pub struct LinkStatus {
     /// Since when (Unix seconds) the link has been down, while it is.
     pub disconnected_since: Option<u64>,
 }
+
+impl LinkStatus {
+    /// Sets a (re)sync's progress to `done` of `total` bytes; true when the whole percent it
+    /// shows changed, the moments worth publishing (at most a hundred per sync, whatever the
+    /// number of regions).
+    pub fn set_progress(&mut self, done: u64, total: u64) -> bool {
+        let before = self.percent_done.map(|p| p as u64);
+        let now = 100.0 * done as f64 / total.max(1) as f64;
+        self.percent_done = Some(now);
+        before != Some(now as u64)
+    }
+}

@@ -260,8 +260,9 @@ async fn resync<W: AsyncWrite + Unpin>(
             tokio::task::block_in_place(|| read_region(file, offset, len)).map_err(Error::Read)?;
         tx.send(&msg).await?;
         done += len;
-        known.percent_done = Some(100.0 * done as f64 / bytes.max(1) as f64);
-        service.set_link_status(name, known.clone());
+        if known.set_progress(done, bytes) {
+            service.set_link_status(name, known.clone());
+        }
     }
     // What completed while the regions were read; cuts inside a resync are not epochs. The
     // resync's cut is the last record taken with them: what comes after goes to the stream.
