@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 
-from benchlib import fill, wait_for_socket, write_table
+from benchlib import fill, stop, wait_for_socket, write_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -55,12 +55,7 @@ def main():
                            "--metrics-addr", "off", "--log", "warn"])
 
     def cleanup(*_):
-        if st.poll() is None:
-            st.send_signal(signal.SIGTERM)
-            try:
-                st.wait(30)
-            except subprocess.TimeoutExpired:
-                st.kill()
+        stop([st])
         shutil.rmtree(work, ignore_errors=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

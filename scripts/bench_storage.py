@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import fill, wait_for_socket, write_table
+from benchlib import fill, stop, wait_for_socket, write_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -83,13 +83,7 @@ def main():
     procs = []
 
     def cleanup(*_):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop(procs)
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 

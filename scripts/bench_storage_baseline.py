@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import fill, wait_for_socket, write_table
+from benchlib import fill, stop, wait_for_socket, write_table
 from bench_storage import CASES, ROOT, BIN, blkbench, parse_size
 
 # The daemons: this build, the baseline, and the baseline again (the A/A control).
@@ -48,13 +48,7 @@ def main():
     procs = []
 
     def cleanup():
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -1,10 +1,23 @@
 """What the benchmark drivers (bench_storage.py, bench_qos.py, bench_vmm.py) share."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+
+
+def stop(procs, timeout=30):
+    """Stops the daemons of a run: SIGTERM to each still running, then SIGKILL to any that
+    has not ended within `timeout` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def wait_for_socket(path, proc, what, timeout=30):
