@@ -27,6 +27,13 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The wall clock, as time since the Unix epoch (zero for a clock set before it).
+pub(crate) fn unix_time() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
 /// Formats an error with its whole chain of sources: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

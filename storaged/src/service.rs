@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backing::{self, BackingStore};
 use crate::blk::export::{self, Export};
@@ -249,16 +248,7 @@ impl Drop for Held<'_> {
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn now_seconds_f64() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    crate::unix_time().as_secs()
 }
 
 fn pool_check(st: &State, capacity: Option<ByteSize>, more: u64) -> Result<(), Error> {
@@ -954,7 +944,7 @@ impl VolumeService {
         let consistent_at = st.consistent_at_ns.map(|ns| ns as f64 / 1e9);
         let lag_seconds = match (st.behind, consistent_at) {
             (false, Some(_)) => Some(0.0),
-            (true, Some(at)) => Some((now_seconds_f64() - at).max(0.0)),
+            (true, Some(at)) => Some((crate::unix_time().as_secs_f64() - at).max(0.0)),
             _ => None,
         };
         let rpo_exceeded = r.role == ReplicationRole::Primary

@@ -29,7 +29,6 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::IntGauge;
 use serde::{Deserialize, Serialize};
@@ -81,10 +80,7 @@ pub fn refused(op: &Operation) -> bool {
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::unix_time().as_secs()
 }
 
 /// The failed state of one volume, shared by its queues and the control plane.

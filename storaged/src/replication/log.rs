@@ -20,7 +20,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::dirty::{self, DirtyMap};
 
@@ -179,9 +178,7 @@ impl ReplicationLog {
 
     /// Appends a cut after the records so far (a FLUSH completed, or an epoch's time is up).
     pub fn cut(&self) {
-        let time_unix_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let time_unix_ns = crate::unix_time().as_nanos() as u64;
         let mut inner = self.lock();
         let seq = inner.next_seq - 1;
         if inner.overflowed {

@@ -126,10 +126,7 @@ pub async fn serve<S>(
     let _ = tokio::task::block_in_place(|| app.discard_staged());
     status.state = "disconnected";
     status.percent_done = None;
-    status.disconnected_since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs());
+    status.disconnected_since = Some(crate::unix_time().as_secs());
     service.set_link_status(&name, status);
 }
 

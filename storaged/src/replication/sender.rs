@@ -23,7 +23,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -128,13 +128,11 @@ async fn run(
 }
 
 fn now_unix() -> u64 {
-    now_ns() / 1_000_000_000
+    crate::unix_time().as_secs()
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    crate::unix_time().as_nanos() as u64
 }
 
 /// One connection: Hello, a resync, then the stream until the link breaks.
