@@ -223,11 +223,6 @@ impl ReplicationLog {
         (inner.records.drain(..).collect(), seq)
     }
 
-    /// The sequence number of the last record taken (0 before the first).
-    pub fn last_seq(&self) -> u64 {
-        self.lock().next_seq - 1
-    }
-
     /// Whether records are waiting to be taken.
     pub fn has_records(&self) -> bool {
         !self.lock().records.is_empty()
