@@ -202,17 +202,99 @@ async fn start_replication(
         mode: req.mode,
         rpo_seconds: req.rpo_seconds,
         generation: 0,
+        won: false,
     };
-    let started = name.clone();
     let v = with_service(&s, move |svc| svc.set_relationship(&name, rel)).await?;
-    crate::replication::sender::start(
-        s.service.clone(),
-        tls,
-        started,
-        s.replication_listen.clone(),
-        s.stop.clone(),
-    );
+    s.service.wake_senders();
     Ok((StatusCode::CREATED, Json(v)))
+}
+
+/// `POST /v1/volumes/{name}/promote[?force=true]`: failover to this secondary.
+async fn promote(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    params: Result<Query<ForceParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let force = force_param(params)?;
+    let v = with_service(&s, move |svc| svc.promote(&name, force)).await?;
+    Ok(Json(v))
+}
+
+/// `POST /v1/volumes/{name}/demote`: a superseded primary becomes its peer's secondary.
+async fn demote(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let v = with_service(&s, move |svc| svc.demote(&name)).await?;
+    Ok(Json(v))
+}
+
+/// How long a switchover may take to drain, sync and swap.
+const SWITCHOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `POST /v1/volumes/{name}/switchover`: fences the primary's frontends, lets the stream
+/// drain, has the secondary promote itself and becomes its secondary; answers once done.
+/// 504 when it could not finish in time (this side stays fenced if the peer may have been
+/// promoted).
+async fn switchover(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let begun = name.clone();
+    let done = with_service(&s, move |svc| svc.begin_switchover(&begun)).await?;
+    let outcome = match tokio::time::timeout(SWITCHOVER_TIMEOUT, done).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err("the volume's sender ended".into()),
+        Err(_) => {
+            let why = format!(
+                "not done within {} s (is the link too slow for what was written?)",
+                SWITCHOVER_TIMEOUT.as_secs()
+            );
+            s.service.end_switchover(&name, Err(why.clone()), false);
+            return Err(ApiError(StatusCode::GATEWAY_TIMEOUT, why));
+        }
+    };
+    outcome.map_err(|why| ApiError(StatusCode::CONFLICT, format!("switchover failed: {why}")))?;
+    let v = with_service(&s, move |svc| svc.replication_info(&name)).await?;
+    Ok(Json(v))
+}
+
+/// `POST /v1/volumes/{name}/resolve` `{"keep": "local" | "peer"}`: ends a split brain.
+async fn resolve(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let req: storaged_api::Resolve = parse_body(&body)?;
+    let v = with_service(&s, move |svc| svc.resolve(&name, req.keep)).await?;
+    Ok(Json(v))
+}
+
+/// `POST /v1/volumes/{name}/unreplicate`: ends the relationship here, and on the peer if it
+/// can be reached.
+async fn unreplicate(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let ended = name.clone();
+    let (relationship, peer) = with_service(&s, move |svc| svc.unreplicate(&ended)).await?;
+    let peer_ended = match (&s.replication_tls, uuid::Uuid::parse_str(&relationship)) {
+        (Some(tls), Ok(id)) => {
+            match crate::replication::session::end_on_peer(tls, &peer, *id.as_bytes()).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(volume = %name, %peer, "replication ended here, but the peer was not told: {}", crate::error_chain(&e));
+                    false
+                }
+            }
+        }
+        _ => false,
+    };
+    Ok(Json(storaged_api::Unreplicated {
+        name,
+        relationship,
+        peer_ended,
+    }))
 }
 
 async fn get_replication(
@@ -231,25 +313,33 @@ async fn clear_failure(
     Ok(Json(v))
 }
 
+/// `?force=true` of a delete or a promote.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteParams {
+struct ForceParams {
     #[serde(default)]
     force: bool,
 }
 
-async fn delete_volume(
-    State(s): State<ApiState>,
-    Path(name): Path<String>,
-    params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<impl IntoResponse> {
+fn force_param(
+    params: Result<Query<ForceParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<bool> {
     let Query(params) = params.map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("Invalid query: {}", e.body_text()),
         )
     })?;
-    let v = with_service(&s, move |svc| svc.delete(&name, params.force)).await?;
+    Ok(params.force)
+}
+
+async fn delete_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    params: Result<Query<ForceParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let force = force_param(params)?;
+    let v = with_service(&s, move |svc| svc.delete(&name, force)).await?;
     Ok(Json(v))
 }
 
@@ -316,6 +406,11 @@ pub fn router(state: ApiState) -> Router {
             "/v1/volumes/{name}/replication",
             get(get_replication).post(start_replication),
         )
+        .route("/v1/volumes/{name}/promote", post(promote))
+        .route("/v1/volumes/{name}/demote", post(demote))
+        .route("/v1/volumes/{name}/switchover", post(switchover))
+        .route("/v1/volumes/{name}/resolve", post(resolve))
+        .route("/v1/volumes/{name}/unreplicate", post(unreplicate))
         .route("/v1/info", get(info))
         .route("/v1/keys", get(key_status))
         .route("/v1/keys/rotate", post(rotate_keys))
@@ -382,11 +477,16 @@ mod tests {
     }
 
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 8] = [
+    const ROUTES: [&str; 13] = [
         "/v1/volumes",
         "/v1/volumes/{name}",
         "/v1/volumes/{name}/clear-failure",
         "/v1/volumes/{name}/replication",
+        "/v1/volumes/{name}/promote",
+        "/v1/volumes/{name}/demote",
+        "/v1/volumes/{name}/switchover",
+        "/v1/volumes/{name}/resolve",
+        "/v1/volumes/{name}/unreplicate",
         "/v1/info",
         "/v1/keys",
         "/v1/keys/rotate",

@@ -200,18 +200,16 @@ pub fn run(config: Config) -> Result<(), Error> {
                 _ => None,
             };
 
-        // Every primary's sender: it resyncs its secondary and ships its writes.
-        if let Some(tls) = &replication_tls {
-            for name in service.primaries() {
-                crate::replication::sender::start(
-                    service.clone(),
-                    tls.clone(),
-                    name,
-                    replication_listen.clone(),
-                    stop_rx.clone(),
-                );
-            }
-        }
+        // Every primary's sender (it resyncs its secondary and ships its writes), started by
+        // the supervisor now and whenever a volume becomes a primary.
+        let supervisor_task = replication_tls.clone().map(|tls| {
+            tokio::spawn(crate::replication::supervisor::run(
+                service.clone(),
+                tls,
+                replication_listen.clone(),
+                stop_rx.clone(),
+            ))
+        });
 
         let volumes = service.list().len();
         tracing::info!(
@@ -231,6 +229,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         let _ = admin_task.await;
         // Replication sessions end before the volumes they work on are shut down.
         if let Some(t) = replication_task {
+            let _ = t.await;
+        }
+        if let Some(t) = supervisor_task {
             let _ = t.await;
         }
         if let Some(t) = metrics_task {

@@ -423,6 +423,14 @@ impl Metrics {
         ] {
             let _ = g.remove_label_values(&[name]);
         }
+        self.remove_replication(name);
+        let _ = self.throttled.remove_label_values(&[name]);
+        let _ = self.throttled_seconds.remove_label_values(&[name]);
+        let _ = self.throttle_wait.remove_label_values(&[name]);
+    }
+
+    /// Removes the replication series of a volume that is no longer replicated.
+    pub fn remove_replication(&self, name: &str) {
         let r = &self.replication;
         for role in ["primary", "secondary"] {
             let _ = r.role.remove_label_values(&[name, role]);
@@ -437,9 +445,6 @@ impl Metrics {
         for c in [&r.sent, &r.received, &r.reconnects] {
             let _ = c.remove_label_values(&[name]);
         }
-        let _ = self.throttled.remove_label_values(&[name]);
-        let _ = self.throttled_seconds.remove_label_values(&[name]);
-        let _ = self.throttle_wait.remove_label_values(&[name]);
     }
 
     pub fn registry(&self) -> &Registry {

@@ -16,7 +16,7 @@
 //! device): a second operation on a claimed volume is answered 409 at once, while operations on
 //! other volumes and every read go on. Pool capacity counts what claims have reserved.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -35,6 +35,9 @@ use crate::replication::log::ReplicationLog;
 use crate::replication::{self, LinkStatus, Relationship, ReplicationRole};
 use crate::volume::{self, Backing, Owner, VolumeName, VolumeSpec};
 use size::ByteSize;
+mod roles;
+pub use roles::{Receiving, SecondaryVolume};
+
 use storaged_api::{
     CreateVolume, Deleted, KeyStatus, ReplicationInfo, Rotated, UpdateVolume, VolumeInfo,
     KEY_REMOVED,
@@ -188,6 +191,10 @@ pub struct VolumeService {
     state: Mutex<State>,
     /// The replication links' view of each replicated volume, by name.
     link_status: Mutex<BTreeMap<String, LinkStatus>>,
+    /// Switchovers under way, by primary volume.
+    switchovers: Mutex<BTreeMap<String, roles::Switchover>>,
+    /// Rung when a volume became a primary: the replication supervisor starts its sender.
+    sender_wake: tokio::sync::Notify,
 }
 
 /// What the API shows and what operations hold; changed only in memory.
@@ -201,6 +208,8 @@ struct State {
     failed: BTreeMap<VolumeName, String>,
     /// Volumes an operation is working on (a create's before they exist).
     busy: BTreeMap<VolumeName, Claim>,
+    /// Secondaries whose primary's stream a receiver is taking ([`Receiving`]).
+    receiving: BTreeSet<VolumeName>,
     rotating: bool,
 }
 
@@ -284,6 +293,8 @@ impl VolumeService {
             catalog: Mutex::new(catalog),
             state: Mutex::new(State::default()),
             link_status: Mutex::new(BTreeMap::new()),
+            switchovers: Mutex::new(BTreeMap::new()),
+            sender_wake: tokio::sync::Notify::new(),
         };
         let mut st = State::default();
         for spec in specs {
@@ -885,7 +896,7 @@ impl VolumeService {
                     .map_err(|e| Error::Replication(crate::error_chain(&e)))?;
             }
             let log = ReplicationLog::new(replication::log::DEFAULT_CAPACITY, map);
-            let _ = io.replication.set(Arc::new(log));
+            io.replication.store(Some(Arc::new(log)));
         }
         Ok(())
     }
@@ -955,6 +966,7 @@ impl VolumeService {
             peer: r.peer,
             mode: r.mode,
             rpo_seconds: r.rpo_seconds,
+            generation: r.generation,
             state: st.state.into(),
             disconnected_since: st.disconnected_since,
             percent_done: st.percent_done,
@@ -996,7 +1008,7 @@ impl VolumeService {
             self.state()
                 .exports
                 .get(&n)
-                .and_then(|e| e.volume().replication.get().cloned())
+                .and_then(|e| e.volume().replication.load_full())
         });
         let (pending_bytes, resync_bytes) = log.map_or((0, 0), |l| {
             (l.pending_bytes() as u64, l.dirty().dirty_bytes())
@@ -1041,7 +1053,7 @@ impl VolumeService {
         let io = st.exports.get(&n)?.volume();
         Some(PrimaryLink {
             relationship,
-            log: io.replication.get()?.clone(),
+            log: io.replication.load_full()?,
             backing: spec.backing.path().to_owned(),
             size: io.capacity(),
             block_size: io.block_size(),

@@ -11,8 +11,8 @@ use std::path::Path;
 pub use unix_http::{Error, Response};
 
 use crate::{
-    CreateVolume, Deleted, Info, KeyStatus, ReplicationInfo, Rotated, StartReplication,
-    UpdateVolume, VolumeInfo,
+    CreateVolume, Deleted, Info, Keep, KeyStatus, ReplicationInfo, Resolve, Rotated,
+    StartReplication, Unreplicated, UpdateVolume, VolumeInfo,
 };
 
 /// Client of one admin socket.
@@ -104,6 +104,50 @@ impl AdminClient {
         self.call(
             "GET",
             &format!("/v1/volumes/{name}/replication"),
+            None::<&()>,
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/promote`: the secondary becomes the primary (failover);
+    /// `force` serves it even with no consistent image.
+    pub fn promote(&self, name: &str, force: bool) -> Result<ReplicationInfo, Error> {
+        let query = if force { "?force=true" } else { "" };
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{name}/promote{query}"),
+            None::<&()>,
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/demote`: a superseded primary becomes its peer's secondary.
+    pub fn demote(&self, name: &str) -> Result<ReplicationInfo, Error> {
+        self.call("POST", &format!("/v1/volumes/{name}/demote"), None::<&()>)
+    }
+
+    /// `POST /v1/volumes/{name}/switchover`: the primary and its secondary swap roles, with
+    /// no write lost.
+    pub fn switchover(&self, name: &str) -> Result<ReplicationInfo, Error> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{name}/switchover"),
+            None::<&()>,
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/resolve`: ends a split brain keeping one side's data.
+    pub fn resolve(&self, name: &str, keep: Keep) -> Result<ReplicationInfo, Error> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{name}/resolve"),
+            Some(&Resolve { keep }),
+        )
+    }
+
+    /// `POST /v1/volumes/{name}/unreplicate`: ends the relationship.
+    pub fn unreplicate(&self, name: &str) -> Result<Unreplicated, Error> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{name}/unreplicate"),
             None::<&()>,
         )
     }

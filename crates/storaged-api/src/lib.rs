@@ -418,6 +418,35 @@ fn default_rpo_seconds() -> u32 {
     5
 }
 
+/// `POST /v1/volumes/{name}/resolve`: which side's data a split brain keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolve {
+    pub keep: Keep,
+}
+
+/// The side whose data wins a split brain; the other's writes since the two were last level
+/// are overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// This side: it stays the primary, the peer becomes its secondary.
+    Local,
+    /// The peer: this side becomes its secondary.
+    Peer,
+}
+
+/// `POST /v1/volumes/{name}/unreplicate`: what became of the relationship.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unreplicated {
+    pub name: String,
+    /// The relationship that ended.
+    pub relationship: String,
+    /// Whether the peer was told and its volume left the relationship too (false: it could
+    /// not be reached; unreplicate it there).
+    pub peer_ended: bool,
+}
+
 /// `GET /v1/volumes/{name}/replication`: the relationship as this side sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicationInfo {
@@ -429,6 +458,9 @@ pub struct ReplicationInfo {
     pub peer: String,
     pub mode: ReplicationMode,
     pub rpo_seconds: u32,
+    /// Raised by every promote: of two primaries, the higher is the current one.
+    #[serde(default)]
+    pub generation: u64,
     /// `initial_sync`, `replicating`, `disconnected`, `resync` or `split_brain`.
     pub state: String,
     /// While `disconnected`: since when (Unix seconds).

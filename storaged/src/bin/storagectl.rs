@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use storaged_api::client::{AdminClient, Error};
 use storaged_api::{
-    ByteSize, CreateVolume, Owner, ReplicationMode, StartReplication, UpdateVolume,
+    ByteSize, CreateVolume, Keep, Owner, ReplicationMode, StartReplication, UpdateVolume,
 };
 
 /// Manage the volumes of a running storaged through its admin socket.
@@ -128,6 +128,33 @@ enum Command {
     },
     /// A volume's replication as this side sees it: role, peer, state, consistency, lag.
     Replication { name: String },
+    /// Failover: make this secondary the primary (writable at its socket) from its last
+    /// consistent image, while its primary is gone.
+    Promote {
+        name: String,
+        /// Promote even with no consistent image (the initial sync never completed): the
+        /// data is whatever part of it arrived.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Failback: make this primary, superseded by its promoted peer, the peer's secondary
+    /// (its writes since the two were level are overwritten; only the regions that differ
+    /// are sent).
+    Demote { name: String },
+    /// Planned swap of roles, on the primary: fence its writes, drain to the secondary,
+    /// promote it and become its secondary, with no write lost.
+    Switchover { name: String },
+    /// End a split brain (both sides were written as primaries), keeping one side's data.
+    Resolve {
+        name: String,
+        /// local: this side's data wins; peer: the peer's does and this side becomes its
+        /// secondary.
+        #[arg(long, value_parser = ["local", "peer"])]
+        keep: String,
+    },
+    /// End a volume's relationship, here and on the peer if it can be reached; both
+    /// volumes keep their data.
+    Unreplicate { name: String },
     /// Daemon facts: version, data dir, metrics URL, pool usage.
     Info,
     /// The current key-encryption key and how many volume keys each KEK wraps.
@@ -250,6 +277,18 @@ fn run(client: &AdminClient, command: Command) -> Result<(), Error> {
             },
         )?),
         Command::Replication { name } => print(&client.replication(&name)?),
+        Command::Promote { name, force } => print(&client.promote(&name, force)?),
+        Command::Demote { name } => print(&client.demote(&name)?),
+        Command::Switchover { name } => print(&client.switchover(&name)?),
+        Command::Resolve { name, keep } => print(&client.resolve(
+            &name,
+            if keep == "local" {
+                Keep::Local
+            } else {
+                Keep::Peer
+            },
+        )?),
+        Command::Unreplicate { name } => print(&client.unreplicate(&name)?),
         Command::Info => print(&client.info()?),
         Command::Keys => print(&client.key_status()?),
         Command::RotateKeys => print(&client.rotate_keys()?),

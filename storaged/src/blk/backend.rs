@@ -204,7 +204,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        virtio_features(self.volume.read_only, self.volume.num_queues)
+        virtio_features(self.volume.read_only(), self.volume.num_queues)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -34,7 +34,7 @@ pub mod stage;
 pub mod timer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::backing::BackingStore;
@@ -62,7 +62,10 @@ pub struct VolumeIo {
     pub serial: [u8; ID_BYTES],
     pub store: BackingStore,
     capacity: AtomicU64,
-    pub read_only: bool,
+    /// Whether frontends may not write: a read-only volume's, a secondary's, or a primary's
+    /// being fenced for a switchover. Read at each request and at each frontend's feature
+    /// negotiation.
+    read_only: AtomicBool,
     /// A backing file allocated in full: DISCARD and WRITE_ZEROES zero its ranges in place
     /// and never give blocks back to the file system, so its writes never meet a full one.
     pub preallocated: bool,
@@ -80,9 +83,9 @@ pub struct VolumeIo {
     pub log_limit: log_limit::LogLimit,
     /// Set when a FLUSH failed; refuses FLUSH and writes until cleared.
     pub failure: failure::FailureState,
-    /// The replication log, once the volume is the primary of a relationship: the replicate
-    /// stage appends what completes to it.
-    pub replication: std::sync::OnceLock<std::sync::Arc<crate::replication::log::ReplicationLog>>,
+    /// The replication log while the volume is the primary of a relationship: the replicate
+    /// stage appends what completes to it. Set by a promote, taken away by an unreplicate.
+    pub replication: arc_swap::ArcSwapOption<crate::replication::log::ReplicationLog>,
 }
 
 impl VolumeIo {
@@ -108,7 +111,7 @@ impl VolumeIo {
             store,
             capacity: AtomicU64::new(spec.size_bytes),
             // A secondary's data comes from its primary, never from its frontend.
-            read_only: spec.read_only || spec.is_secondary(),
+            read_only: AtomicBool::new(spec.read_only || spec.is_secondary()),
             preallocated: matches!(
                 spec.backing,
                 Backing::File {
@@ -125,7 +128,7 @@ impl VolumeIo {
             metrics,
             log_limit: log_limit::LogLimit::default(),
             failure,
-            replication: std::sync::OnceLock::new(),
+            replication: arc_swap::ArcSwapOption::empty(),
         };
         volume.set_limits(limits);
         volume
@@ -186,11 +189,22 @@ impl VolumeIo {
         (per_segment & !4095).max(4096) as u32
     }
 
+    /// Whether frontends may not write now.
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Lets frontends write (`false`) or not: the next request sees it. A frontend that
+    /// connects sees it in the features offered.
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::Release);
+    }
+
     pub fn limits(&self) -> Limits {
         let (max_sectors, max_seg) = self.zeroing_max();
         Limits {
             capacity_sectors: self.capacity() >> SECTOR_SHIFT,
-            read_only: self.read_only,
+            read_only: self.read_only(),
             seg_max: self.seg_max,
             block_size: self.block_size(),
             max_discard_seg: max_seg,

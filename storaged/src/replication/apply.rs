@@ -259,6 +259,36 @@ impl Applier {
         Ok((applier, recovery))
     }
 
+    /// Makes the volume of `id` a secondary whose image is level with its new primary's at
+    /// `seq` (a primary demoted): whatever staging log and state it had are dropped, and the
+    /// image is recorded consistent, at epoch 0. The volume is synced first.
+    pub fn start_level(
+        dir: &Path,
+        id: &str,
+        volume: &Path,
+        size: u64,
+        seq: u64,
+        time_unix_ns: u64,
+    ) -> Result<Applied, Error> {
+        for path in [
+            dir.join(format!("{id}.log")),
+            dir.join(format!("{id}.applied")),
+        ] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::State {
+                        op: "remove",
+                        path,
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        let (mut applier, _) = Applier::open(dir, id, volume, size)?;
+        applier.mark_consistent(0, seq, time_unix_ns)
+    }
+
     /// Appends `record` (a `Write`, `Zero` or `Region`) to the staging log, once it is checked
     /// to lie inside the volume in whole sectors. On an error nothing is staged.
     pub fn stage(&mut self, record: &Message) -> Result<(), Error> {

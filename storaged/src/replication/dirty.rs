@@ -16,11 +16,19 @@
 //!
 //! The file is the bitmap itself, little-endian 64-bit words, `ceil(regions / 64) * 8` bytes
 //! (128 bytes per GiB of volume); a volume that grows gets more words.
+//!
+//! Beside it, `ID.diverged` exists while the volume has been changed as a primary with no
+//! link to its secondary (since the daemon started, or since the link broke), until a resync
+//! brings the secondary level again: created (and its directory synced) before the first
+//! such write is submitted. When the other side was promoted meanwhile, this says whether
+//! both sides were written as primaries (split brain) or only the new one (this side may be
+//! made its secondary, sending it the regions of this map: see `roles.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 pub use super::log::REGION;
@@ -47,6 +55,11 @@ pub struct DirtyMap {
     path: PathBuf,
     file: File,
     words: Mutex<Words>,
+    /// `ID.diverged`, and whether it exists.
+    diverged_path: PathBuf,
+    diverged: AtomicBool,
+    /// Whether the secondary is level and the stream runs (set by the sender).
+    connected: AtomicBool,
 }
 
 struct Words {
@@ -94,6 +107,7 @@ impl DirtyMap {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
+        let diverged_path = path.with_extension("diverged");
         let map = DirtyMap {
             path: path.to_owned(),
             file,
@@ -102,6 +116,9 @@ impl DirtyMap {
                 disk: words,
                 in_flight: Default::default(),
             }),
+            diverged: AtomicBool::new(diverged_path.exists()),
+            diverged_path,
+            connected: AtomicBool::new(false),
         };
         Ok((map, !existed))
     }
@@ -122,6 +139,9 @@ impl DirtyMap {
     /// counted.
     pub fn mark_all(&self, ranges: &[(u64, u64)]) -> Result<(), Error> {
         let mut w = self.lock();
+        if !self.connected.load(Ordering::Acquire) && !self.diverged.load(Ordering::Acquire) {
+            self.record_diverged()?;
+        }
         self.mark_locked(&mut w, ranges)?;
         for r in regions(ranges) {
             *w.in_flight.entry(r).or_insert(0) += 1;
@@ -200,6 +220,75 @@ impl DirtyMap {
         written
     }
 
+    /// Says whether the secondary is level and the stream runs: from `false` on, the first
+    /// change (its [`mark_all`](Self::mark_all)) records the volume diverged.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
+    }
+
+    /// Whether the volume was changed with no link to its secondary since they were last
+    /// level.
+    pub fn diverged(&self) -> bool {
+        self.diverged.load(Ordering::Acquire)
+    }
+
+    fn record_diverged(&self) -> Result<(), Error> {
+        let err = |source| Error::Write {
+            path: self.diverged_path.clone(),
+            source,
+        };
+        File::create(&self.diverged_path).map_err(err)?;
+        sync_dir(&self.diverged_path).map_err(err)?;
+        self.diverged.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The secondary is level again: the volume is no longer diverged.
+    pub fn clear_diverged(&self) -> Result<(), Error> {
+        let _w = self.lock();
+        if !self.diverged.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let err = |source| Error::Write {
+            path: self.diverged_path.clone(),
+            source,
+        };
+        match std::fs::remove_file(&self.diverged_path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
+            _ => {}
+        }
+        sync_dir(&self.diverged_path).map_err(err)
+    }
+
+    /// The map as the link carries it: its words, little-endian.
+    pub fn bitmap(&self) -> Vec<u8> {
+        self.lock()
+            .now
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect()
+    }
+
+    /// Marks, durably, every region set in `bitmap` (another map's [`bitmap`](Self::bitmap))
+    /// that lies in the first `size` bytes of the volume.
+    pub fn mark_bitmap(&self, bitmap: &[u8], size: u64) -> Result<(), Error> {
+        let mut ranges = Vec::new();
+        for (i, c) in bitmap.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..c.len()].copy_from_slice(c);
+            let mut bits = u64::from_le_bytes(word);
+            while bits != 0 {
+                let offset = (i as u64 * 64 + u64::from(bits.trailing_zeros())) * REGION;
+                bits &= bits - 1;
+                if offset < size {
+                    ranges.push((offset, REGION.min(size - offset)));
+                }
+            }
+        }
+        let mut w = self.lock();
+        self.mark_locked(&mut w, &ranges)
+    }
+
     /// Bytes of the dirty regions (a count, without listing them).
     pub fn dirty_bytes(&self) -> u64 {
         let w = self.lock();
@@ -225,6 +314,11 @@ impl DirtyMap {
         out
     }
 
+    /// The map file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn write_words(&self, first: usize, words: &[u64]) -> Result<(), Error> {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let write_err = |source| Error::Write {
@@ -246,9 +340,52 @@ fn regions(ranges: &[(u64, u64)]) -> impl Iterator<Item = u64> + '_ {
         .flat_map(|&(offset, len)| offset / REGION..=(offset + len - 1) / REGION)
 }
 
+/// Syncs the directory holding `path`, so that its creation or removal is durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_while_disconnected_records_the_volume_diverged_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.dirty");
+        let map = DirtyMap::open(&path).unwrap();
+        map.set_connected(true);
+        map.mark_all(&[(0, 4096)]).unwrap();
+        assert!(!map.diverged(), "a change while connected is streamed");
+        map.set_connected(false);
+        map.mark_all(&[(0, 4096)]).unwrap();
+        assert!(map.diverged());
+        // What a kill -9 leaves says so too.
+        assert!(DirtyMap::open(&path).unwrap().diverged());
+        map.clear_diverged().unwrap();
+        assert!(!map.diverged());
+        assert!(!DirtyMap::open(&path).unwrap().diverged());
+        // Marks that are not a frontend's change (a resync's, a peer's regions) do not count.
+        map.mark(REGION, 1).unwrap();
+        assert!(!map.diverged());
+    }
+
+    #[test]
+    fn a_bitmap_marks_the_same_regions_in_another_map_within_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DirtyMap::open(&dir.path().join("a.dirty")).unwrap();
+        a.mark(0, 1).unwrap();
+        a.mark(70 * REGION, 1).unwrap();
+        a.mark(200 * REGION, 1).unwrap();
+        let b = DirtyMap::open(&dir.path().join("b.dirty")).unwrap();
+        b.mark_bitmap(&a.bitmap(), 100 * REGION).unwrap();
+        assert_eq!(b.dirty_ranges(), vec![(0, REGION), (70 * REGION, REGION)]);
+        b.mark_bitmap(&[0xff; 3], 4 * REGION + 10).unwrap();
+        assert_eq!(b.dirty_bytes(), 6 * REGION, "regions 0..=4, 70");
+    }
 
     #[test]
     fn marked_regions_are_on_disk_before_mark_returns_and_survive_a_reopen() {

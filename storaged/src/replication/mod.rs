@@ -11,8 +11,10 @@
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
 //! - `sender.rs`: the primary's side of the stream (resync, then records and cuts);
+//! - `supervisor.rs`: starts the sender of every primary volume.
 //! - `receiver.rs`: the secondary's side (staging and committing through `apply.rs`).
 //! - `relationship.rs`: a volume's relationship as the catalog keeps it.
+//! - `roles.rs`: what two sides do when they meet (stream, demote, split brain).
 
 pub mod apply;
 pub mod dirty;
@@ -21,8 +23,10 @@ pub mod listener;
 pub mod log;
 pub mod receiver;
 pub mod relationship;
+pub mod roles;
 pub mod sender;
 pub mod session;
+pub mod supervisor;
 pub mod tls;
 pub mod wire;
 

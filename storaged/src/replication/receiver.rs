@@ -21,10 +21,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::apply::{self, Applier};
+use super::dirty::DirtyMap;
 use super::link::{self, Link};
-use super::wire::{Message, MessageType, Role, VolumeSpec};
+use super::wire::{self, Message, MessageType, Role, VolumeSpec};
 use super::LinkStatus;
-use crate::service::VolumeService;
+use crate::service::{SecondaryVolume, VolumeService};
 
 /// Errors of a secondary's connection.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +39,14 @@ enum Error {
 }
 
 /// Serves the primary of relationship `relationship` on `link`, its `Hello` read (`listen`:
-/// the address the primary gave for itself).
+/// the address the primary gave for itself; `generation`: its generation).
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S>(
     mut link: Link<S>,
     peer: SocketAddr,
     relationship: [u8; 16],
     listen: String,
+    generation: u64,
     spec: VolumeSpec,
     service: Arc<VolumeService>,
     mut stop: watch::Receiver<bool>,
@@ -52,16 +54,26 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let id = uuid::Uuid::from_bytes(relationship).to_string();
-    let Some((name, volume_id, path, size)) = service.secondary_of(&id) else {
-        tracing::warn!(%peer, relationship = %id, "replication: refused a stream for a relationship this daemon has no secondary of");
+    let Some((_receiving, vol)) = service.start_receiving(&id) else {
+        tracing::warn!(%peer, relationship = %id, "replication: refused a stream for a relationship this daemon has no free secondary of");
         let _ = link
             .send(&Message::Refused {
                 status: 404,
-                reason: format!("no secondary of relationship {id} here"),
+                reason: format!(
+                    "no secondary of relationship {id} here (or it is busy: another stream, a \
+                     role change)"
+                ),
             })
             .await;
         return;
     };
+    let SecondaryVolume {
+        name,
+        id: volume_id,
+        backing: path,
+        size,
+        generation: local_generation,
+    } = vol;
     if spec.size != size {
         let _ = link
             .send(&Message::Refused {
@@ -72,11 +84,23 @@ pub async fn serve<S>(
         return;
     }
     let dir = service.data_dir().join("replication");
+    let leftover = dir.join(format!("{volume_id}.dirty"));
     let opened = tokio::task::block_in_place(|| {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        Applier::open(&dir, &volume_id, &path, size).map_err(|e| crate::error_chain(&e))
+        let app =
+            Applier::open(&dir, &volume_id, &path, size).map_err(|e| crate::error_chain(&e))?;
+        // The regions this side changed as a primary, if it was one: the primary sends them.
+        let regions = match leftover.exists() {
+            true => Some(
+                DirtyMap::open(&leftover)
+                    .map_err(|e| crate::error_chain(&e))?
+                    .bitmap(),
+            ),
+            false => None,
+        };
+        Ok::<_, String>((app, regions))
     });
-    let (mut app, recovery) = match opened {
+    let ((mut app, recovery), regions) = match opened {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(volume = %name, "replication: cannot open the secondary's staging log: {e}");
@@ -96,6 +120,12 @@ pub async fn serve<S>(
             tracing::warn!(volume = %name, "replication: cannot record the primary's address: {}", crate::error_chain(&e));
         }
     }
+    if generation > local_generation {
+        if let Err(e) = tokio::task::block_in_place(|| service.raise_generation(&name, generation))
+        {
+            tracing::warn!(volume = %name, "replication: cannot record the primary's generation: {}", crate::error_chain(&e));
+        }
+    }
     let applied = app.applied().clone();
     let mut status = LinkStatus {
         state: "replicating",
@@ -104,43 +134,76 @@ pub async fn serve<S>(
         ..LinkStatus::default()
     };
     service.set_link_status(&name, status.clone());
+    let (all_regions, regions) = match regions {
+        Some(r) if r.len() > wire::MAX_BITMAP => (true, Vec::new()),
+        Some(r) => (false, r),
+        None => (false, Vec::new()),
+    };
     let hello = Message::Hello {
         relationship,
         role: Role::Secondary,
-        generation: 0,
+        generation: generation.max(local_generation),
         shared_seq: applied.seq,
-        wrote_since_shared: false,
+        diverged: false,
+        won: false,
         epoch: applied.epoch,
         consistent: applied.consistent,
         listen: String::new(),
         volume: VolumeSpec { size, ..spec },
+        all_regions,
+        regions,
+    };
+    let mut session = Session {
+        relationship,
+        name: &name,
+        leftover: leftover.exists().then_some(leftover),
     };
     let outcome = async {
         link.send(&hello).await?;
-        receive(&mut link, &mut app, &service, &name, &mut status, &mut stop).await
+        receive(
+            &mut link,
+            &mut app,
+            &service,
+            &mut session,
+            &mut status,
+            &mut stop,
+        )
+        .await
     }
     .await;
     if let Err(e) = outcome {
         tracing::warn!(volume = %name, %peer, "replication stream ended: {}", crate::error_chain(&e));
     }
     let _ = tokio::task::block_in_place(|| app.discard_staged());
-    status.state = "disconnected";
-    status.percent_done = None;
-    status.disconnected_since = Some(crate::unix_time().as_secs());
-    service.set_link_status(&name, status);
+    if service.secondary_of(&id).is_some() {
+        status.state = "disconnected";
+        status.percent_done = None;
+        status.disconnected_since = Some(crate::unix_time().as_secs());
+        service.set_link_status(&name, status);
+    }
+}
+
+/// What one stream knows beyond the applier.
+struct Session<'a> {
+    relationship: [u8; 16],
+    name: &'a str,
+    /// The dirty map this side kept from its time as a primary: removed once a resync has
+    /// brought it level (its regions were in it).
+    leftover: Option<std::path::PathBuf>,
 }
 
 async fn receive<S>(
     link: &mut Link<S>,
     app: &mut Applier,
     service: &VolumeService,
-    name: &str,
+    session: &mut Session<'_>,
     status: &mut LinkStatus,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let name = session.name;
     let mut in_place = false;
     let mut resync_bytes = 0u64;
     let mut resync_done = 0u64;
@@ -195,7 +258,14 @@ where
                 seq,
                 time_unix_ns,
             } => {
+                let resync = msg.message_type() == MessageType::ResyncEnd;
                 let applied = tokio::task::block_in_place(|| app.commit(epoch, seq, time_unix_ns))?;
+                if resync {
+                    if let Some(path) = session.leftover.take() {
+                        let _ = std::fs::remove_file(&path);
+                        tracing::info!(volume = %name, "replication: level with the new primary; the regions changed as a primary are overwritten");
+                    }
+                }
                 link.send(&Message::Committed { epoch }).await?;
                 in_place = false;
                 status.state = "replicating";
@@ -206,6 +276,41 @@ where
             }
             Message::Ping { time_unix_ns } => {
                 link.send(&Message::Pong { time_unix_ns }).await?;
+            }
+            Message::Promote {
+                relationship,
+                generation,
+                seq,
+            } if relationship == session.relationship => {
+                let applied = app.applied().clone();
+                let level = applied.consistent && applied.seq == seq && app.staged_bytes() == 0;
+                let promoted = if level {
+                    tokio::task::block_in_place(|| {
+                        service.promote_in_switchover(name, generation, &applied)
+                    })
+                    .map_err(|e| crate::error_chain(&e))
+                } else {
+                    Err(format!(
+                        "not level with the primary: committed up to seq {} (consistent: {}), \
+                         asked at seq {seq}",
+                        applied.seq, applied.consistent
+                    ))
+                };
+                match promoted {
+                    Ok(()) => {
+                        link.send(&Message::Accepted { relationship }).await?;
+                        tracing::info!(volume = %name, generation, "switchover: this side is the primary");
+                        return Ok(());
+                    }
+                    Err(reason) => {
+                        tracing::warn!(volume = %name, "switchover refused: {reason}");
+                        link.send(&Message::Refused {
+                            status: 409,
+                            reason,
+                        })
+                        .await?;
+                    }
+                }
             }
             other => return Err(Error::Unexpected(other.message_type())),
         }

@@ -16,13 +16,17 @@ pub struct Relationship {
     pub rpo_seconds: u32,
     /// Raised by every promote; the side with the higher one is the current primary.
     pub generation: u64,
+    /// An operator resolved a split brain in this side's favour, and the two have not been
+    /// level since (see `roles.rs`).
+    #[serde(default)]
+    pub won: bool,
 }
 
 /// What the link knows of a relationship now, kept by the daemon for the API: the stream's
 /// side updates it as it goes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LinkStatus {
-    /// `initial_sync`, `replicating`, `disconnected` or `resync`.
+    /// `initial_sync`, `replicating`, `disconnected`, `resync` or `split_brain`.
     pub state: &'static str,
     /// Initial sync or resync: how much is done, 0 to 100.
     pub percent_done: Option<f64>,
@@ -34,6 +38,9 @@ pub struct LinkStatus {
     pub behind: bool,
     /// Since when (Unix seconds) the link has been down, while it is.
     pub disconnected_since: Option<u64>,
+    /// The peer's generation, when it was last met as a primary (a superseded or split side
+    /// knows its new primary's).
+    pub peer_generation: Option<u64>,
 }
 
 impl LinkStatus {

@@ -18,6 +18,13 @@
 //! epoch, and that no request has in flight, is cleared (on disk lazily), so a resync sends
 //! only the regions changed since the secondary last had them. A broken connection is made
 //! again after a backoff of 1 s doubling to 10 s.
+//!
+//! When the peer answers as a primary too, `roles.rs` decides: this side demotes itself (and
+//! the sender ends), waits for the peer to, or reports a split brain. A secondary's `Hello`
+//! may name regions it changed as a primary: they are marked here before the resync, which
+//! then sends them. A switchover asked of the volume ([`VolumeService::begin_switchover`])
+//! is carried out on the stream once it is drained: `Promote`, then, on `Accepted`, this side
+//! becomes the secondary.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -30,9 +37,10 @@ use tokio::sync::watch;
 
 use super::link::{self, Link};
 use super::log::{Record, ReplicationLog};
+use super::roles::{self, Meeting, Side};
 use super::session::{self, wire_spec};
 use super::tls::Tls;
-use super::wire::{Message, Role};
+use super::wire::{self, Message, Role};
 use super::LinkStatus;
 use crate::service::{PrimaryLink, VolumeService};
 
@@ -66,22 +74,23 @@ enum Error {
     Gone,
     #[error("the secondary sent nothing for {} s", PEER_TIMEOUT.as_secs())]
     Silent,
+    #[error("the peer is a primary of an older generation: it becomes this side's secondary")]
+    PeerDemotes,
+    #[error(
+        "split brain: the peer is a primary of generation {0} and both sides were written \
+         since they were level; resolve with keep = local or peer"
+    )]
+    SplitBrain(u64),
+    #[error("cannot change the volume's role: {0}")]
+    Role(String),
+    #[error("cannot mark the regions the secondary changed: {0}")]
+    Mark(#[source] super::dirty::Error),
 }
 
-/// Starts the sender of primary volume `name`; it ends when the volume stops being a served
-/// primary or `stop` turns true.
-/// `listen` is this daemon's replication address, told to the secondary.
-pub fn start(
-    service: Arc<VolumeService>,
-    tls: Tls,
-    name: String,
-    listen: Option<String>,
-    stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(service, tls, name, listen.unwrap_or_default(), stop))
-}
-
-async fn run(
+/// The sender of primary volume `name` (started by `supervisor.rs`); it ends when the volume
+/// stops being a served primary or `stop` turns true. `listen` is this daemon's replication
+/// address, told to the secondary.
+pub async fn run(
     service: Arc<VolumeService>,
     tls: Tls,
     name: String,
@@ -108,14 +117,32 @@ async fn run(
             r = connection(&service, &tls, &name, &listen, &mut known) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        if service.switchover_pending(&name) {
+            let why = match &outcome {
+                Err(e) => crate::error_chain(e),
+                Ok(()) => "the link closed".into(),
+            };
+            service.end_switchover(&name, Err(why), false);
+        }
+        let mut split = false;
         match outcome {
             Err(Error::Gone) => return,
+            Err(Error::PeerDemotes) => {
+                tracing::info!(volume = %name, peer = %rel.peer, "replication: the peer was superseded by this side and becomes its secondary");
+                backoff = BACKOFF_MIN / 2;
+            }
+            Err(e @ Error::SplitBrain(_)) => {
+                split = true;
+                if known.state != "split_brain" {
+                    tracing::error!(volume = %name, peer = %rel.peer, "replication stopped: {e}");
+                }
+            }
             Err(e) => {
                 tracing::warn!(volume = %name, peer = %rel.peer, "replication link down: {}", crate::error_chain(&e));
             }
             Ok(()) => {}
         }
-        known.state = "disconnected";
+        known.state = if split { "split_brain" } else { "disconnected" };
         known.percent_done = None;
         known.disconnected_since.get_or_insert_with(now_unix);
         service.set_link_status(&name, known.clone());
@@ -162,17 +189,65 @@ async fn connection(
         role: Role::Primary,
         generation: rel.generation,
         shared_seq: 0,
-        wrote_since_shared: false,
+        diverged: log.dirty().diverged(),
+        won: rel.won,
         epoch: 0,
         consistent: true,
         listen: listen.to_string(),
         volume: wire_spec(&spec, block_size),
+        all_regions: false,
+        regions: Vec::new(),
     })
     .await?;
     let (mut epoch, consistent) = match rx.recv().await?.ok_or(Error::Closed)? {
         Message::Hello {
-            epoch, consistent, ..
-        } => (epoch, consistent),
+            role,
+            generation,
+            diverged,
+            won,
+            epoch,
+            consistent,
+            all_regions,
+            regions,
+            ..
+        } => {
+            let local = service.local_side(name).ok_or(Error::Gone)?;
+            let peer = Side {
+                role: role.into(),
+                generation,
+                diverged,
+                won,
+            };
+            known.peer_generation = (role == Role::Primary).then_some(generation);
+            match roles::meet(local, peer) {
+                Meeting::Stream => {}
+                Meeting::Demote { generation } => {
+                    tracing::warn!(volume = %name, peer = %rel.peer, generation, "replication: the peer is the primary of a newer generation; this side becomes its secondary");
+                    tokio::task::block_in_place(|| service.demote_to(name, generation, 0))
+                        .map_err(|e| Error::Role(crate::error_chain(&e)))?;
+                    return Err(Error::Gone);
+                }
+                Meeting::PeerDemotes => return Err(Error::PeerDemotes),
+                Meeting::SplitBrain => return Err(Error::SplitBrain(generation)),
+                Meeting::Receive | Meeting::NoPrimary => {
+                    return Err(Error::Unexpected(wire::MessageType::Hello))
+                }
+            }
+            if generation > rel.generation {
+                tokio::task::block_in_place(|| service.raise_generation(name, generation))
+                    .map_err(|e| Error::Role(crate::error_chain(&e)))?;
+            }
+            // What the secondary changed as a primary is sent by the resync below.
+            tokio::task::block_in_place(|| {
+                if all_regions {
+                    log.dirty().mark(0, size)
+                } else {
+                    log.dirty().mark_bitmap(&regions, size)
+                }
+            })
+            .map_err(Error::Mark)?;
+            (epoch, consistent)
+        }
         Message::Refused { reason, .. } => return Err(Error::Refused(reason)),
         other => return Err(Error::Unexpected(other.message_type())),
     };
@@ -182,11 +257,22 @@ async fn connection(
     loop {
         epoch += 1;
         let cut = resync(service, name, &log, &file, size, epoch, &mut tx, known).await?;
-        // The resync's commit.
+        // The resync's commit: the two are level at `cut`.
         match rx.recv().await?.ok_or(Error::Closed)? {
             Message::Committed { epoch: e } if e == epoch => clean(&log, cut),
             other => return Err(Error::Unexpected(other.message_type())),
         }
+        let _connected = Connected::new(log.dirty());
+        tokio::task::block_in_place(|| {
+            if let Err(e) = log.dirty().clear_diverged() {
+                tracing::warn!(volume = %name, "replication: {}", crate::error_chain(&e));
+            }
+            if rel.won {
+                if let Err(e) = service.level_again(name) {
+                    tracing::warn!(volume = %name, "replication: {}", crate::error_chain(&e));
+                }
+            }
+        });
         known.consistent = true;
         known.consistent_at_ns = Some(now_ns());
         known.disconnected_since = None;
@@ -195,8 +281,40 @@ async fn connection(
         known.behind = log.has_records();
         count(service, name, &mut rx, &mut tx);
         service.set_link_status(name, known.clone());
-        ship(service, name, &log, &mut rx, &mut tx, &mut epoch, known).await?;
+        let level = Level {
+            relationship,
+            generation: rel.generation,
+            seq: cut,
+        };
+        ship(
+            service, name, &log, &mut rx, &mut tx, &mut epoch, known, level,
+        )
+        .await?;
     }
+}
+
+/// While it lives, the stream runs and the secondary is level: changes are not divergence.
+struct Connected<'a>(&'a super::dirty::DirtyMap);
+
+impl<'a> Connected<'a> {
+    fn new(map: &'a super::dirty::DirtyMap) -> Self {
+        map.set_connected(true);
+        Connected(map)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.set_connected(false);
+    }
+}
+
+/// Where the stream stands with the secondary: the relationship, this side's generation, and
+/// the last seq the secondary committed.
+struct Level {
+    relationship: [u8; 16],
+    generation: u64,
+    seq: u64,
 }
 
 /// Adds what the link's two halves carried to the volume's byte counters.
@@ -334,15 +452,18 @@ fn record_message(record: Record, epoch: Option<&mut u64>) -> Option<Message> {
     })
 }
 
-/// The stream, until the log overflows (a resync follows) or the link breaks.
+/// The stream, until the log overflows (a resync follows) or the link breaks; or a
+/// switchover makes this side the secondary.
+#[allow(clippy::too_many_arguments)]
 async fn ship<R, W>(
     service: &VolumeService,
     name: &str,
-    log: &ReplicationLog,
+    log: &Arc<ReplicationLog>,
     rx: &mut Link<R>,
     tx: &mut Link<W>,
     epoch: &mut u64,
     known: &mut LinkStatus,
+    mut level: Level,
 ) -> Result<(), Error>
 where
     R: AsyncRead + Unpin,
@@ -353,11 +474,37 @@ where
     let mut sent: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
     let mut heard = std::time::Instant::now();
     let mut pinged = std::time::Instant::now();
+    // A switchover's `Promote` sent: the generation the peer is asked to take.
+    let mut promoting: Option<u64> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if heard.elapsed() > PEER_TIMEOUT {
                     return Err(Error::Silent);
+                }
+                if !service.still_primary(name, log) {
+                    return Err(Error::Gone);
+                }
+                if promoting.is_some() {
+                    continue;
+                }
+                // A switchover, once everything written is committed there.
+                if sent.is_empty()
+                    && !log.has_records()
+                    && log.dirty().dirty_bytes() == 0
+                    && service.switchover_pending(name)
+                    && service.switchover_promote_due(name)
+                {
+                    let generation = level.generation + 1;
+                    tracing::info!(volume = %name, generation, seq = level.seq, "switchover: drained, asking the secondary to promote");
+                    tx.send(&Message::Promote {
+                        relationship: level.relationship,
+                        generation,
+                        seq: level.seq,
+                    })
+                    .await?;
+                    promoting = Some(generation);
+                    continue;
                 }
                 if pinged.elapsed() >= PING_INTERVAL {
                     tx.send(&Message::Ping { time_unix_ns: now_ns() }).await?;
@@ -396,8 +543,29 @@ where
                         upto = Some(seq);
                     }
                     if let Some(seq) = upto {
+                        level.seq = seq;
                         clean(log, seq);
                     }
+                }
+                Message::Accepted { relationship } if promoting.is_some() && relationship == level.relationship => {
+                    let generation = promoting.unwrap_or_default();
+                    let demoted = tokio::task::block_in_place(|| service.demote_to(name, generation, level.seq));
+                    match demoted {
+                        Ok(()) => {
+                            tracing::info!(volume = %name, generation, "switchover done: the peer is the primary, this side its secondary");
+                            service.end_switchover(name, Ok(()), false);
+                            return Err(Error::Gone);
+                        }
+                        Err(e) => {
+                            let why = crate::error_chain(&e);
+                            service.end_switchover(name, Err(format!("the peer was promoted, but this side cannot become its secondary: {why}")), false);
+                            return Err(Error::Role(why));
+                        }
+                    }
+                }
+                Message::Refused { reason, .. } if promoting.is_some() => {
+                    service.end_switchover(name, Err(format!("the secondary refused to promote: {reason}")), true);
+                    promoting = None;
                 }
                 Message::Pong { .. } => {}
                 other => return Err(Error::Unexpected(other.message_type())),

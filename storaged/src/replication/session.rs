@@ -6,8 +6,11 @@
 //!   `Refused` with the HTTP status and reason the primary's API passes on (409: a volume of
 //!   that name exists here; 507: the pool has not the room; 400: what this daemon cannot
 //!   take).
+//!   A `Hello` from a primary starts its stream (`receiver.rs`), once `roles.rs` has said
+//!   what the two sides are to each other (this side, a primary too, may have been
+//!   superseded and become the secondary first). An `End` ends the relationship here.
 //! - [`create_on_peer`], on the primary: connects to the peer, sends its `Create` and reads
-//!   the answer.
+//!   the answer; [`end_on_peer`] sends an `End`.
 //!
 //! Anything else first, a malformed frame, or nothing within [`FIRST_MESSAGE_TIMEOUT`]
 //! closes the connection with a log line.
@@ -20,11 +23,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::link::{self, Link};
+use super::roles::{self, Meeting, Side};
 use super::tls::{self, Tls};
-use super::wire::{DekBytes, Message, VolumeSpec};
+use super::wire::{DekBytes, Message, Role, VolumeSpec};
 use super::{Relationship, ReplicationMode, ReplicationRole};
 use crate::crypto::{self, Dek};
-use crate::service::{self, ErrorKind, SecondaryOrigin, VolumeService};
+use crate::service::{self, ErrorKind, PrimaryLink, SecondaryOrigin, VolumeService};
 use size::ByteSize;
 use storaged_api::CreateVolume;
 
@@ -104,13 +108,41 @@ pub async fn serve<S>(
     let answer = match first {
         Message::Hello {
             relationship,
-            role: super::wire::Role::Primary,
+            role: Role::Primary,
+            generation,
+            diverged,
+            won,
             listen,
             volume,
             ..
         } => {
-            super::receiver::serve(link, peer, relationship, listen, volume, service, stop).await;
+            let side = Side {
+                role: ReplicationRole::Primary,
+                generation,
+                diverged,
+                won,
+            };
+            meet_primary(
+                link,
+                peer,
+                relationship,
+                side,
+                listen,
+                volume,
+                service,
+                stop,
+            )
+            .await;
             return;
+        }
+        Message::End { relationship } => {
+            let service = service.clone();
+            tokio::task::spawn_blocking(move || end(&service, peer, relationship))
+                .await
+                .unwrap_or_else(|e| Message::Refused {
+                    status: 500,
+                    reason: format!("the end failed: {e}"),
+                })
         }
         Message::Create {
             relationship,
@@ -139,6 +171,119 @@ pub async fn serve<S>(
     }
     link.wipe();
     link.shutdown().await;
+}
+
+/// A primary's `Hello` for relationship `relationship`: this side receives its stream if it
+/// is the secondary, or becomes it if `roles::meet` says this side was superseded; otherwise
+/// (the peer was superseded, or both were written: split brain) it answers with its own
+/// `Hello` as a primary, from which the peer reaches the same verdict, and closes.
+#[allow(clippy::too_many_arguments)]
+async fn meet_primary<S>(
+    mut link: Link<S>,
+    peer: SocketAddr,
+    relationship: [u8; 16],
+    side: Side,
+    listen: String,
+    volume: VolumeSpec,
+    service: Arc<VolumeService>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let id = uuid::Uuid::from_bytes(relationship).to_string();
+    let local = service
+        .volume_of_relationship(&id)
+        .and_then(|name| Some((service.local_side(&name)?, name)));
+    let verdict = local.as_ref().map(|(l, _)| roles::meet(*l, side));
+    match (verdict, local) {
+        (Some(Meeting::Demote { generation }), Some((_, name))) => {
+            tracing::warn!(volume = %name, %peer, generation, "replication: the peer is the primary of a newer generation; this side becomes its secondary");
+            let demoted = tokio::task::block_in_place(|| service.demote_to(&name, generation, 0));
+            if let Err(e) = demoted {
+                tracing::error!(volume = %name, "replication: cannot become the secondary: {}", crate::error_chain(&e));
+                let _ = link
+                    .send(&Message::Refused {
+                        status: 500,
+                        reason: format!("cannot become the secondary: {e}"),
+                    })
+                    .await;
+                return;
+            }
+        }
+        (Some(v @ (Meeting::PeerDemotes | Meeting::SplitBrain)), Some((local, name))) => {
+            if v == Meeting::SplitBrain {
+                service.note_split_brain(&name, side.generation);
+                tracing::error!(volume = %name, %peer, peer_generation = side.generation, "replication: split brain: both sides were written as primaries since they were level; resolve with keep = local or peer");
+            }
+            let Some(PrimaryLink {
+                relationship: rel,
+                spec,
+                block_size,
+                ..
+            }) = service.primary_link(&name)
+            else {
+                return;
+            };
+            let _ = link
+                .send(&Message::Hello {
+                    relationship,
+                    role: Role::Primary,
+                    generation: local.generation,
+                    shared_seq: 0,
+                    diverged: local.diverged,
+                    won: rel.won,
+                    epoch: 0,
+                    consistent: true,
+                    listen: String::new(),
+                    volume: wire_spec(&spec, block_size),
+                    all_regions: false,
+                    regions: Vec::new(),
+                })
+                .await;
+            link.shutdown().await;
+            return;
+        }
+        _ => {}
+    }
+    super::receiver::serve(
+        link,
+        peer,
+        relationship,
+        listen,
+        side.generation,
+        volume,
+        service,
+        stop,
+    )
+    .await;
+}
+
+/// A peer's `End`: this side's volume of the relationship leaves it, keeping its data. A
+/// stream that is ending is given a few seconds to.
+fn end(service: &VolumeService, peer: SocketAddr, relationship: [u8; 16]) -> Message {
+    let id = uuid::Uuid::from_bytes(relationship).to_string();
+    let Some(name) = service.volume_of_relationship(&id) else {
+        return Message::Accepted { relationship };
+    };
+    let mut tries = 0;
+    loop {
+        match service.unreplicate(&name) {
+            Ok(_) => {
+                tracing::info!(volume = %name, %peer, "replication ended by the peer");
+                return Message::Accepted { relationship };
+            }
+            Err(e) if tries < 50 && matches!(e.kind(), ErrorKind::Conflict | ErrorKind::Busy) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Message::Refused {
+                    status: status_of(&e),
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
 }
 
 /// Creates the secondary a peer's `Create` describes; the answer to send back.
@@ -197,6 +342,7 @@ fn create_secondary(
             mode: ReplicationMode::Async,
             rpo_seconds: 0,
             generation: 0,
+            won: false,
         },
     };
     match service.create_secondary(req, origin, volume.block_size) {
@@ -247,9 +393,24 @@ pub async fn connect(
         })
 }
 
+/// Tells `peer` that relationship `relationship` ended: `Ok` once its volume left it.
+pub async fn end_on_peer(tls: &Tls, peer: &str, relationship: [u8; 16]) -> Result<(), Error> {
+    ask_peer(tls, peer, &Message::End { relationship }, &relationship).await
+}
+
 /// The primary's side of a `Create`: connects to `peer` (`HOST:PORT`), authenticates, sends
 /// the message and returns the peer's `Accepted`, or why not.
 pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(), Error> {
+    let Some(id) = sent_id(create) else {
+        return Err(Error::Unexpected(peer.to_string()));
+    };
+    ask_peer(tls, peer, create, id).await
+}
+
+/// Sends `request` to `peer` on a connection of its own; `Ok` when the answer is `Accepted`
+/// for relationship `id`.
+async fn ask_peer(tls: &Tls, peer: &str, request: &Message, id: &[u8; 16]) -> Result<(), Error> {
+    let create = request;
     let exchange = async {
         let stream = connect(tls, peer).await?;
         let mut link = Link::new(stream);
@@ -263,9 +424,7 @@ pub async fn create_on_peer(tls: &Tls, peer: &str, create: &Message) -> Result<(
     match tokio::time::timeout(CREATE_TIMEOUT, exchange).await {
         Err(_) => Err(Error::Timeout(peer.to_string())),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(Message::Accepted { relationship })) if Some(&relationship) == sent_id(create) => {
-            Ok(())
-        }
+        Ok(Ok(Message::Accepted { relationship })) if &relationship == id => Ok(()),
         Ok(Ok(Message::Refused { status, reason })) => Err(Error::Refused {
             peer: peer.to_string(),
             status,

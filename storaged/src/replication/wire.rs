@@ -16,7 +16,7 @@
 //! |--------|----------------|---------------------------------------------------------------|
 //! | 0..4   | magic          | `b"SRPL"`                                                     |
 //! | 4      | version        | u8, [`VERSION`] (1)                                           |
-//! | 5      | type           | u8, [`MessageType`]: 1..=16                                   |
+//! | 5      | type           | u8, [`MessageType`]: 1..=18                                   |
 //! | 6..8   | flags          | u16, 0 in version 1                                           |
 //! | 8..12  | payload length | u32, at most [`MAX_PAYLOAD`] (4 MiB + 4 KiB)                  |
 //! | 12..16 | checksum       | u32, CRC32C of the header (this field as zeros) then payload  |
@@ -35,7 +35,7 @@
 //!
 //! | type | message       | payload                                                                   |
 //! |------|---------------|---------------------------------------------------------------------------|
-//! | 1    | `Hello`       | id relationship, u8 role (1 primary, 2 secondary), u64 generation, u64 shared_seq, bool wrote_since_shared, u64 epoch, bool consistent, string listen, spec volume |
+//! | 1    | `Hello`       | id relationship, u8 role (1 primary, 2 secondary), u64 generation, u64 shared_seq, bool diverged, bool won, u64 epoch, bool consistent, string listen, spec volume, bool all_regions, data regions (at most [`MAX_BITMAP`]) |
 //! | 2    | `Create`      | id relationship, spec volume, u8 dek present (0, 1), data dek if present (at most [`MAX_KEY`]) |
 //! | 3    | `Accepted`    | id relationship                                                           |
 //! | 4    | `Refused`     | u16 status, string reason                                                 |
@@ -51,6 +51,8 @@
 //! | 14   | `Ping`        | u64 time_unix_ns                                                          |
 //! | 15   | `Pong`        | u64 time_unix_ns                                                          |
 //! | 16   | `Goodbye`     | string reason                                                             |
+//! | 17   | `Promote`     | id relationship, u64 generation, u64 seq                                  |
+//! | 18   | `End`         | id relationship                                                           |
 //!
 //! `Write` and `Region` need `offset + data length`, `Zero` `offset + len`, to fit in a u64;
 //! whether a range lies inside the volume is for the caller to check, as is every other meaning
@@ -70,6 +72,9 @@ pub const MAX_DATA: usize = 4 << 20;
 pub const MAX_PAYLOAD: u32 = (4 << 20) + 4096;
 /// Largest `string` field, in bytes of UTF-8.
 pub const MAX_STRING: usize = 1024;
+/// Largest dirty-region bitmap in a `Hello`: 16 TiB of 1 MiB regions. A side whose map is
+/// larger sends `all_regions` instead.
+pub const MAX_BITMAP: usize = 2 << 20;
 /// Largest key in a `Create` (XTS-AES-256's is [`crate::crypto::DEK_LEN`], 64 bytes).
 pub const MAX_KEY: usize = 256;
 
@@ -77,8 +82,10 @@ const ID_LEN: usize = 16;
 const SPEC_MAX: usize = 2 + MAX_STRING + 2 + MAX_STRING + 8 + 4 + 2 + MAX_STRING + 1 + 2;
 // Every message whose fields are within their limits fits in a frame.
 const _: () = assert!(8 + 8 + 4 + MAX_DATA <= MAX_PAYLOAD as usize);
-const _: () =
-    assert!(ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + 2 + MAX_STRING + SPEC_MAX <= MAX_PAYLOAD as usize);
+const _: () = assert!(
+    ID_LEN + 1 + 8 + 8 + 1 + 1 + 8 + 1 + 2 + MAX_STRING + SPEC_MAX + 1 + 4 + MAX_BITMAP
+        <= MAX_PAYLOAD as usize
+);
 const _: () = assert!(ID_LEN + SPEC_MAX + 1 + 4 + MAX_KEY <= MAX_PAYLOAD as usize);
 
 /// What was wrong with a frame, received or about to be sent.
@@ -149,6 +156,8 @@ pub enum MessageType {
     Ping = 14,
     Pong = 15,
     Goodbye = 16,
+    Promote = 17,
+    End = 18,
 }
 
 impl MessageType {
@@ -172,6 +181,8 @@ impl MessageType {
             14 => Ping,
             15 => Pong,
             16 => Goodbye,
+            17 => Promote,
+            18 => End,
             _ => return None,
         })
     }
@@ -183,6 +194,15 @@ impl MessageType {
 pub enum Role {
     Primary = 1,
     Secondary = 2,
+}
+
+impl From<Role> for super::ReplicationRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Primary => super::ReplicationRole::Primary,
+            Role::Secondary => super::ReplicationRole::Secondary,
+        }
+    }
 }
 
 /// A volume as the link describes it to the peer.
@@ -232,8 +252,12 @@ pub enum Message {
         generation: u64,
         /// The last record both sides are known to hold.
         shared_seq: u64,
-        /// Whether this side changed the volume after `shared_seq`.
-        wrote_since_shared: bool,
+        /// A primary: whether it changed the volume with no link to its secondary since they
+        /// were last level (see `dirty.rs`).
+        diverged: bool,
+        /// A primary: whether an operator resolved a split brain in its favour, and the
+        /// relationship has not been level since.
+        won: bool,
         /// The last epoch this side's image is at (a secondary's last commit).
         epoch: u64,
         /// Whether that image is consistent (false before an initial sync has ended).
@@ -242,6 +266,11 @@ pub enum Message {
         /// the other side to reach it later (after a role change).
         listen: String,
         volume: VolumeSpec,
+        /// A secondary that was a primary: the regions it changed that its new primary may
+        /// not have, as a dirty map's bitmap (`dirty.rs`); or, when that does not fit in
+        /// [`MAX_BITMAP`], `all_regions`.
+        all_regions: bool,
+        regions: Vec<u8>,
     },
     /// Primary → peer: create the secondary volume; `dek` is its raw key if it is encrypted.
     Create {
@@ -318,6 +347,17 @@ pub enum Message {
     Goodbye {
         reason: String,
     },
+    /// Primary → secondary, in a switchover: the secondary, level with the primary at `seq`,
+    /// becomes the primary of `generation`; answered `Accepted` or `Refused`.
+    Promote {
+        relationship: [u8; 16],
+        generation: u64,
+        seq: u64,
+    },
+    /// The relationship is ended: the peer's volume leaves it (and keeps its data).
+    End {
+        relationship: [u8; 16],
+    },
 }
 
 impl Message {
@@ -339,6 +379,8 @@ impl Message {
             Message::Ping { .. } => MessageType::Ping,
             Message::Pong { .. } => MessageType::Pong,
             Message::Goodbye { .. } => MessageType::Goodbye,
+            Message::Promote { .. } => MessageType::Promote,
+            Message::End { .. } => MessageType::End,
         }
     }
 }
@@ -350,8 +392,26 @@ pub fn encoded_len(msg: &Message) -> usize {
         2 + v.name.len() + 2 + v.id.len() + 8 + 4 + 2 + v.tier.len() + 1 + 2
     }
     let payload = match msg {
-        Message::Hello { volume, listen, .. } => {
-            ID_LEN + 1 + 8 + 8 + 1 + 8 + 1 + 2 + listen.len() + spec(volume)
+        Message::Hello {
+            volume,
+            listen,
+            regions,
+            ..
+        } => {
+            ID_LEN
+                + 1
+                + 8
+                + 8
+                + 1
+                + 1
+                + 8
+                + 1
+                + 2
+                + listen.len()
+                + spec(volume)
+                + 1
+                + 4
+                + regions.len()
         }
         Message::Create { volume, dek, .. } => {
             ID_LEN + spec(volume) + 1 + dek.as_ref().map_or(0, |k| 4 + k.0.len())
@@ -368,6 +428,8 @@ pub fn encoded_len(msg: &Message) -> usize {
         | Message::Pong { .. } => 8,
         Message::Region { data, .. } => 8 + 4 + data.len(),
         Message::Goodbye { reason } => 2 + reason.len(),
+        Message::Promote { .. } => ID_LEN + 16,
+        Message::End { .. } => ID_LEN,
     };
     HEADER_LEN + payload
 }
@@ -460,21 +522,27 @@ fn write_payload(w: &mut Writer<'_>, msg: &Message) -> Result<(), Error> {
             role,
             generation,
             shared_seq,
-            wrote_since_shared,
+            diverged,
+            won,
             epoch,
             consistent,
             listen,
             volume,
+            all_regions,
+            regions,
         } => {
             w.bytes(relationship);
             w.u8(*role as u8);
             w.u64(*generation);
             w.u64(*shared_seq);
-            w.bool(*wrote_since_shared);
+            w.bool(*diverged);
+            w.bool(*won);
             w.u64(*epoch);
             w.bool(*consistent);
             w.string("listen", listen)?;
             w.spec(volume)?;
+            w.bool(*all_regions);
+            w.data("regions", regions, MAX_BITMAP)?;
         }
         Message::Create {
             relationship,
@@ -544,6 +612,16 @@ fn write_payload(w: &mut Writer<'_>, msg: &Message) -> Result<(), Error> {
         Message::Resize { size } => w.u64(*size),
         Message::Ping { time_unix_ns } | Message::Pong { time_unix_ns } => w.u64(*time_unix_ns),
         Message::Goodbye { reason } => w.string("reason", reason)?,
+        Message::Promote {
+            relationship,
+            generation,
+            seq,
+        } => {
+            w.bytes(relationship);
+            w.u64(*generation);
+            w.u64(*seq);
+        }
+        Message::End { relationship } => w.bytes(relationship),
     }
     Ok(())
 }
@@ -561,11 +639,14 @@ fn read_payload(r: &mut Reader<'_>) -> Result<Message, Error> {
             },
             generation: r.u64("generation")?,
             shared_seq: r.u64("shared_seq")?,
-            wrote_since_shared: r.bool("wrote_since_shared")?,
+            diverged: r.bool("diverged")?,
+            won: r.bool("won")?,
             epoch: r.u64("epoch")?,
             consistent: r.bool("consistent")?,
             listen: r.string("listen")?,
             volume: r.spec()?,
+            all_regions: r.bool("all_regions")?,
+            regions: r.data("regions", MAX_BITMAP)?,
         },
         MessageType::Create => Message::Create {
             relationship: r.bytes("relationship")?,
@@ -637,6 +718,14 @@ fn read_payload(r: &mut Reader<'_>) -> Result<Message, Error> {
         },
         MessageType::Goodbye => Message::Goodbye {
             reason: r.string("reason")?,
+        },
+        MessageType::Promote => Message::Promote {
+            relationship: r.bytes("relationship")?,
+            generation: r.u64("generation")?,
+            seq: r.u64("seq")?,
+        },
+        MessageType::End => Message::End {
+            relationship: r.bytes("relationship")?,
         },
     })
 }
@@ -861,18 +950,22 @@ mod tests {
                 role: Role::Primary,
                 generation: 3,
                 shared_seq: 1 << 40,
-                wrote_since_shared: true,
+                diverged: true,
+                won: true,
                 epoch: 9,
                 consistent: true,
                 listen: "10.0.2.5:7420".into(),
                 volume: spec(),
+                all_regions: true,
+                regions: vec![0x81, 0, 0, 0, 0, 0, 0, 0x40],
             },
             Message::Hello {
                 relationship: rel,
                 role: Role::Secondary,
                 generation: u64::MAX,
                 shared_seq: 0,
-                wrote_since_shared: false,
+                diverged: false,
+                won: false,
                 epoch: 0,
                 consistent: false,
                 listen: String::new(),
@@ -882,6 +975,8 @@ mod tests {
                     encrypted: false,
                     ..spec()
                 },
+                all_regions: false,
+                regions: Vec::new(),
             },
             Message::Create {
                 relationship: rel,
@@ -936,6 +1031,12 @@ mod tests {
             Message::Goodbye {
                 reason: "shutting down".into(),
             },
+            Message::Promote {
+                relationship: rel,
+                generation: 4,
+                seq: 1 << 33,
+            },
+            Message::End { relationship: rel },
         ]
     }
 
@@ -986,11 +1087,14 @@ mod tests {
             role: Role::Primary,
             generation: 1,
             shared_seq: 2,
-            wrote_since_shared: true,
+            diverged: true,
+            won: false,
             epoch: 4,
             consistent: true,
             listen: "[fd00::1]:7420".into(),
             volume: spec(),
+            all_regions: false,
+            regions: vec![1],
         }
     }
 
@@ -1009,7 +1113,7 @@ mod tests {
     fn samples_cover_every_message_type() {
         let types: std::collections::HashSet<u8> =
             samples().iter().map(|m| m.message_type() as u8).collect();
-        let all: std::collections::HashSet<u8> = (1..=16).collect();
+        let all: std::collections::HashSet<u8> = (1..=18).collect();
         assert_eq!(types, all);
         for t in 0..=u8::MAX {
             assert_eq!(
@@ -1129,7 +1233,7 @@ mod tests {
 
     #[test]
     fn unknown_message_type_is_refused() {
-        for t in [0, 17, 0xff] {
+        for t in [0, 19, 0xff] {
             assert_eq!(decode_err(&frame(t, &[])), Error::UnknownType(t));
         }
     }
@@ -1336,7 +1440,8 @@ mod tests {
                     role: Role::Primary,
                     generation: 0,
                     shared_seq: 0,
-                    wrote_since_shared: false,
+                    diverged: false,
+                    won: false,
                     epoch: 0,
                     consistent: false,
                     listen: String::new(),
@@ -1344,6 +1449,8 @@ mod tests {
                         tier: "t".repeat(MAX_STRING + 1),
                         ..spec()
                     },
+                    all_regions: false,
+                    regions: Vec::new(),
                 },
                 "volume.tier",
                 MAX_STRING + 1,

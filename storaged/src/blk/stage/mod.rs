@@ -35,7 +35,7 @@ impl Stages {
     }
 
     /// The replicate stage of `volume` (its state is the volume's log).
-    pub fn replicate<'a>(&self, volume: &'a VolumeIo) -> replicate::Replicate<'a> {
+    pub fn replicate(&self, volume: &VolumeIo) -> replicate::Replicate {
         replicate::Replicate::of(volume)
     }
 }

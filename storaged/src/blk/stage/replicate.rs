@@ -15,15 +15,19 @@ use crate::blk::VolumeIo;
 use crate::replication::log::ReplicationLog;
 
 /// The replicate stage of one volume: its log, if it is a primary.
-pub struct Replicate<'a> {
-    log: Option<&'a ReplicationLog>,
+pub struct Replicate {
+    log: arc_swap::Guard<Option<std::sync::Arc<ReplicationLog>>>,
 }
 
-impl<'a> Replicate<'a> {
-    pub fn of(volume: &'a VolumeIo) -> Self {
+impl Replicate {
+    pub fn of(volume: &VolumeIo) -> Self {
         Replicate {
-            log: volume.replication.get().map(|l| l.as_ref()),
+            log: volume.replication.load(),
         }
+    }
+
+    fn log(&self) -> Option<&ReplicationLog> {
+        self.log.as_deref()
     }
 
     /// Marks the regions `inflight` is about to change in the dirty map, durably (a write
@@ -33,7 +37,7 @@ impl<'a> Replicate<'a> {
         &self,
         inflight: &InFlight,
     ) -> Result<(), crate::replication::dirty::Error> {
-        match (self.log, changed_ranges(&inflight.op)) {
+        match (self.log(), changed_ranges(&inflight.op)) {
             (Some(log), Some(ranges)) => log.before_submit(&ranges),
             _ => Ok(()),
         }
@@ -42,7 +46,7 @@ impl<'a> Replicate<'a> {
     /// A request that was submitted and failed: if it changes data it may have changed part
     /// of it, unrecorded; the log says so (a gap, filled by a resync of its marked regions).
     pub fn failed(&self, inflight: &InFlight) {
-        if let (Some(log), Some(ranges)) = (self.log, changed_ranges(&inflight.op)) {
+        if let (Some(log), Some(ranges)) = (self.log(), changed_ranges(&inflight.op)) {
             log.gap();
             log.done(&ranges);
         }
@@ -50,7 +54,7 @@ impl<'a> Replicate<'a> {
 
     /// Records a request that completed successfully.
     pub fn completed(&self, inflight: &InFlight) {
-        let Some(log) = self.log else {
+        let Some(log) = self.log() else {
             return;
         };
         match &inflight.op {

@@ -1,0 +1,48 @@
+//! The replication supervisor: the one place senders are started. It runs one sender per
+//! primary volume: those of the catalog at start, and each volume that becomes a primary
+//! later (a relationship started, a promote, a switchover) as soon as the service rings
+//! ([`VolumeService::wake_senders`]); it looks again every second, so a sender that ended
+//! while its volume is still a primary is started again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::sender;
+use super::tls::Tls;
+use crate::service::VolumeService;
+
+/// Runs until `stop` turns true, then waits for the senders (which stop with it).
+pub async fn run(
+    service: Arc<VolumeService>,
+    tls: Tls,
+    listen: Option<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listen = listen.unwrap_or_default();
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        running.retain(|_, task| !task.is_finished());
+        for name in service.primaries() {
+            running.entry(name.clone()).or_insert_with(|| {
+                tokio::spawn(sender::run(
+                    service.clone(),
+                    tls.clone(),
+                    name,
+                    listen.clone(),
+                    stop.clone(),
+                ))
+            });
+        }
+        tokio::select! {
+            () = service.senders_woken() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    for (_, task) in running {
+        let _ = task.await;
+    }
+}
