@@ -747,3 +747,356 @@ fn a_stopping_daemon_does_not_wait_for_a_peer_that_sends_nothing() {
     assert!(!log.contains("nothing sent within"), "{log}");
     assert!(!log.contains("still under way"), "{log}");
 }
+
+// Role changes: failover, failback, switchover, split brain, unreplicate.
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// SIGSTOP or SIGCONT to a daemon this test started.
+fn freeze(s: &Storaged, frozen: bool) {
+    let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+    // SAFETY: a signal to a child process of this test.
+    unsafe { libc::kill(s.pid() as i32, sig) };
+}
+
+/// Writes `data` at `offset` of volume `name` through a frontend of its own, and flushes.
+fn write_flushed(s: &Storaged, name: &str, offset: u64, data: &[u8]) {
+    let mut c = connect_retry(&s.socket_of(name), 1);
+    assert_eq!(c.write(0, offset, data), 0);
+    assert_eq!(c.flush(0), 0);
+}
+
+/// `len` bytes at `offset` of volume `name`, read through a read-only frontend.
+fn read_back(s: &Storaged, name: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut last = None;
+    for _ in 0..100 {
+        match BlkClient::connect_read_only(&s.socket_of(name)) {
+            Ok(mut c) => return c.read(0, offset, len).unwrap(),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("cannot read {name}: {last:?}");
+}
+
+/// Promotes secondary `name` on `s` once its stream from the primary has ended (the
+/// receiver notices a dead primary at once, a silent one within 5 s).
+fn promote_when_free(s: &Storaged, name: &str, force: bool) -> storaged_api::ReplicationInfo {
+    let mut out = None;
+    storaged_tests::wait_until(
+        "the promote, once the stream has ended",
+        std::time::Duration::from_secs(30),
+        || match s.admin().promote(name, force) {
+            Ok(r) => {
+                out = Some(r);
+                true
+            }
+            Err(e) if e.to_string().contains("is receiving") => false,
+            Err(e) => panic!("promote: {e}"),
+        },
+    );
+    out.unwrap()
+}
+
+/// A replicating pair with volume `db` of 32 MiB, regions 0..8 written (seed 1) and on the
+/// secondary.
+fn replicating_pair(dir: &Path) -> (Storaged, Storaged) {
+    let (a, b) = two_daemons(dir);
+    a.create_volume(r#"{"name":"db","size":"32MiB"}"#);
+    for i in 0..8u64 {
+        write_flushed(&a, "db", i << 20, &pattern(1 << 20, i, 1));
+    }
+    let flushed = unix_now();
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    wait_replication(&b, "db", "the secondary has the data", |r| {
+        r.consistent && r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    (a, b)
+}
+
+#[test]
+fn failover_serves_the_secondarys_consistent_image_and_failback_sends_only_the_diverged_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = replicating_pair(tmp.path());
+    // A write the secondary never gets: it is frozen, then the primary is killed.
+    freeze(&b, true);
+    write_flushed(&a, "db", 10 << 20, &pattern(4096, 10, 2));
+    a.signal_and_wait(libc::SIGKILL);
+    freeze(&b, false);
+
+    // Failover: writable at its socket, from its last consistent image.
+    let r = promote_when_free(&b, "db", false);
+    assert_eq!(r.role, ReplicationRole::Primary);
+    assert_eq!(r.generation, 1);
+    b.wait_for_log("volume promoted");
+    for i in 0..8u64 {
+        assert_eq!(
+            read_back(&b, "db", i << 20, 1 << 20),
+            pattern(1 << 20, i, 1)
+        );
+    }
+    assert_eq!(read_back(&b, "db", 10 << 20, 4096), vec![0; 4096]);
+    write_flushed(&b, "db", 12 << 20, &pattern(4096, 12, 3));
+    assert_eq!(
+        b.admin().volume("db").unwrap().replication_role,
+        Some(ReplicationRole::Primary)
+    );
+    let before = resyncs(&b);
+
+    // The old primary comes back, took no writes since: it sees it was superseded and becomes
+    // the new primary's secondary by itself.
+    a.restart_after_stop();
+    a.wait_for_log("this side becomes its secondary");
+    let r = wait_replication(&a, "db", "the old primary follows the new one", |r| {
+        r.role == ReplicationRole::Secondary && r.consistent && r.state == "replicating"
+    });
+    assert_eq!(r.generation, 1);
+    // Only the regions that diverged: the new primary's write and the old one's lost write.
+    storaged_tests::wait_until(
+        "the failback's resync",
+        std::time::Duration::from_secs(30),
+        || resync_regions(&b, before).is_some(),
+    );
+    let (regions, bytes) = resync_regions(&b, before).unwrap();
+    assert_eq!(
+        (regions, bytes),
+        (2, 2 << 20),
+        "regions 10 and 12, not the 32 MiB"
+    );
+    let flushed = unix_now();
+    wait_replication(&a, "db", "the resync committed", |r| {
+        r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert_eq!(
+        read_back(&a, "db", 10 << 20, 4096),
+        vec![0; 4096],
+        "the old primary's unshipped write is replaced by the new primary's data"
+    );
+    assert_eq!(read_back(&a, "db", 12 << 20, 4096), pattern(4096, 12, 3));
+    for i in 0..8u64 {
+        assert_eq!(
+            read_back(&a, "db", i << 20, 1 << 20),
+            pattern(1 << 20, i, 1)
+        );
+    }
+    // A secondary refuses writing frontends.
+    assert!(BlkClient::connect(&a.socket_of("db"), 1).is_err());
+}
+
+#[test]
+fn a_switchover_swaps_the_roles_with_no_acknowledged_write_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = replicating_pair(tmp.path());
+    // Writes answered, not flushed, right before the call.
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    for i in 16..24u64 {
+        assert_eq!(c.write(0, i << 20, &pattern(1 << 20, i, 4)), 0);
+    }
+    let r = a.admin().switchover("db").unwrap();
+    assert_eq!(r.role, ReplicationRole::Secondary);
+    assert_eq!(r.generation, 1);
+    // The fenced frontend was disconnected; a writer is refused from now on.
+    drop(c);
+    assert!(BlkClient::connect(&a.socket_of("db"), 1).is_err());
+    let r = b.admin().replication("db").unwrap();
+    assert_eq!(r.role, ReplicationRole::Primary, "{r:?}");
+    for i in (0..8u64).chain(16..24) {
+        let seed = if i < 8 { 1 } else { 4 };
+        assert_eq!(
+            read_back(&b, "db", i << 20, 1 << 20),
+            pattern(1 << 20, i, seed),
+            "MiB {i} on the new primary"
+        );
+    }
+    // And the other way: the new primary's writes reach the old one.
+    write_flushed(&b, "db", 30 << 20, &pattern(4096, 30, 5));
+    let flushed = unix_now();
+    wait_replication(&a, "db", "the old primary follows", |r| {
+        r.consistent && r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert_eq!(read_back(&a, "db", 30 << 20, 4096), pattern(4096, 30, 5));
+    // Back again.
+    let r = b.admin().switchover("db").unwrap();
+    assert_eq!((r.role, r.generation), (ReplicationRole::Secondary, 2));
+    write_flushed(&a, "db", 31 << 20, &pattern(4096, 31, 6));
+    assert_eq!(read_back(&a, "db", 30 << 20, 4096), pattern(4096, 30, 5));
+}
+
+/// Makes a split brain of a replicating pair: the secondary is killed, the primary writes
+/// region `ra` while it knows the link down, then (frozen) cannot reach the secondary, which
+/// restarts, is promoted and writes region `rb`; then the primary wakes. Returns `(a, b)`
+/// with `a` the old primary.
+fn split(a: &Storaged, b: &mut Storaged, ra: u64, rb: u64, seed: u8) {
+    b.signal_and_wait(libc::SIGKILL);
+    wait_replication(a, "db", "the primary sees the link down", |r| {
+        r.state == "disconnected"
+    });
+    write_flushed(a, "db", ra << 20, &pattern(4096, ra, seed));
+    freeze(a, true);
+    b.restart_after_stop();
+    promote_when_free(b, "db", false);
+    write_flushed(b, "db", rb << 20, &pattern(4096, rb, seed + 1));
+    freeze(a, false);
+    for s in [a, &*b] {
+        wait_replication(s, "db", "the split brain is seen", |r| {
+            r.state == "split_brain"
+        });
+    }
+}
+
+#[test]
+fn a_split_brain_is_detected_on_both_sides_and_resolved_either_way_without_either_overwriting_first(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, mut b) = replicating_pair(tmp.path());
+    split(&a, &mut b, 20, 21, 10);
+    a.wait_for_log("split brain");
+    // Neither side overwrote the other.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(read_back(&a, "db", 20 << 20, 4096), pattern(4096, 20, 10));
+    assert_eq!(read_back(&a, "db", 21 << 20, 4096), vec![0; 4096]);
+    assert_eq!(read_back(&b, "db", 21 << 20, 4096), pattern(4096, 21, 11));
+    assert_eq!(read_back(&b, "db", 20 << 20, 4096), vec![0; 4096]);
+    // Both are still primaries, writable.
+    write_flushed(&a, "db", 22 << 20, &pattern(4096, 22, 12));
+
+    // keep = local on the old primary: the other side becomes its secondary and gets its data.
+    let r = a.admin().resolve("db", storaged_api::Keep::Local).unwrap();
+    assert_eq!((r.role, r.generation), (ReplicationRole::Primary, 2));
+    let flushed = unix_now();
+    let r = wait_replication(&b, "db", "the loser follows the winner", |r| {
+        r.role == ReplicationRole::Secondary
+            && r.consistent
+            && r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert_eq!(r.generation, 2);
+    assert_eq!(read_back(&b, "db", 20 << 20, 4096), pattern(4096, 20, 10));
+    assert_eq!(read_back(&b, "db", 22 << 20, 4096), pattern(4096, 22, 12));
+    assert_eq!(
+        read_back(&b, "db", 21 << 20, 4096),
+        vec![0; 4096],
+        "the loser's own write is overwritten by the winner's data"
+    );
+
+    // Again, and keep = peer on the old primary: it becomes the secondary of the other.
+    split(&a, &mut b, 24, 25, 20);
+    let r = a.admin().resolve("db", storaged_api::Keep::Peer).unwrap();
+    assert_eq!(r.role, ReplicationRole::Secondary);
+    let flushed = unix_now();
+    wait_replication(&a, "db", "the old primary follows the kept side", |r| {
+        r.consistent && r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert_eq!(read_back(&a, "db", 25 << 20, 4096), pattern(4096, 25, 21));
+    assert_eq!(read_back(&a, "db", 24 << 20, 4096), vec![0; 4096]);
+    assert_eq!(read_back(&a, "db", 20 << 20, 4096), pattern(4096, 20, 10));
+}
+
+#[test]
+fn role_changes_that_cannot_apply_are_refused_with_their_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = replicating_pair(tmp.path());
+    a.create_volume(r#"{"name":"lone","size":"16MiB"}"#);
+    let status = |r: Result<storaged_api::ReplicationInfo, storaged_api::client::Error>| {
+        let e = r.unwrap_err();
+        (e.status().unwrap_or(0), e.to_string())
+    };
+    let (code, why) = status(a.admin().promote("db", false));
+    assert_eq!(code, 409, "{why}");
+    assert!(why.contains("already the primary"), "{why}");
+    let (code, why) = status(b.admin().promote("db", false));
+    assert_eq!(code, 409, "{why}");
+    assert!(why.contains("switchover"), "{why}");
+    assert_eq!(status(a.admin().promote("lone", false)).0, 404);
+    assert_eq!(status(a.admin().promote("nope", false)).0, 404);
+    let (code, why) = status(a.admin().demote("db"));
+    assert_eq!(code, 409, "{why}");
+    assert!(why.contains("has not met"), "{why}");
+    assert_eq!(status(b.admin().demote("db")).0, 409);
+    let (code, why) = status(a.admin().resolve("db", storaged_api::Keep::Local));
+    assert_eq!(code, 409, "{why}");
+    assert!(why.contains("not in a split brain"), "{why}");
+    assert_eq!(status(b.admin().switchover("db")).0, 409);
+    // Replicating a secondary, or a primary again.
+    assert_eq!(
+        b.admin()
+            .start_replication("db", &start(&a))
+            .unwrap_err()
+            .status(),
+        Some(409)
+    );
+    // A bad body.
+    let resp = a
+        .admin()
+        .request("POST", "/v1/volumes/db/resolve", Some(r#"{"keep":"both"}"#))
+        .unwrap();
+    assert_eq!(resp.status, 400, "{}", resp.body);
+    // A secondary with no consistent image is promoted only by force.
+    a.create_volume(r#"{"name":"big","size":"256MiB"}"#);
+    {
+        let mut c = connect_retry(&a.socket_of("big"), 1);
+        for i in 0..64u64 {
+            assert_eq!(c.write(0, i << 22, &pattern(4 << 20, i, 7)), 0);
+        }
+        assert_eq!(c.flush(0), 0);
+    }
+    a.admin().start_replication("big", &start(&b)).unwrap();
+    freeze(&b, true);
+    a.signal_and_wait(libc::SIGKILL);
+    freeze(&b, false);
+    let mut forced = None;
+    storaged_tests::wait_until(
+        "the stream ends",
+        std::time::Duration::from_secs(30),
+        || match b.admin().promote("big", false) {
+            Err(e) if e.to_string().contains("is receiving") => false,
+            Err(e) => {
+                forced = Some(e);
+                true
+            }
+            Ok(r) => panic!("promoted with no consistent image: {r:?}"),
+        },
+    );
+    let e = forced.unwrap();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("force=true"), "{e}");
+    let r = b.admin().promote("big", true).unwrap();
+    assert_eq!(r.role, ReplicationRole::Primary);
+    write_flushed(&b, "big", 0, &pattern(4096, 0, 8));
+    a.restart_after_stop();
+}
+
+#[test]
+fn unreplicate_ends_the_relationship_on_both_sides_and_both_keep_their_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = replicating_pair(tmp.path());
+    let r = a.admin().unreplicate("db").unwrap();
+    assert!(r.peer_ended, "{r:?}");
+    assert_eq!(a.admin().replication("db").unwrap_err().status(), Some(404));
+    assert_eq!(b.admin().replication("db").unwrap_err().status(), Some(404));
+    assert_eq!(b.admin().volume("db").unwrap().replication_role, None);
+    // The former secondary is an ordinary volume: writable, its data kept.
+    assert_eq!(
+        read_back(&b, "db", 3 << 20, 1 << 20),
+        pattern(1 << 20, 3, 1)
+    );
+    write_flushed(&b, "db", 0, &pattern(4096, 0, 9));
+    write_flushed(&a, "db", 0, &pattern(4096, 0, 10));
+    assert_eq!(read_back(&b, "db", 0, 4096), pattern(4096, 0, 9));
+    // It can be deleted without force now, and the primary replicated anew.
+    storaged_tests::wait_until(
+        "the delete, once the last frontend is gone",
+        std::time::Duration::from_secs(10),
+        || match b.admin().delete_volume("db", false) {
+            Ok(_) => true,
+            Err(e) if e.to_string().contains("attached") => false,
+            Err(e) => panic!("delete: {e}"),
+        },
+    );
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    wait_replication(&b, "db", "a new relationship syncs", |r| r.consistent);
+}

@@ -8,7 +8,11 @@
 //! - `Region`: in place during an initial sync, staged otherwise; `Write`, `Zero`: staged;
 //! - `Cut`, `ResyncEnd`: the epoch is committed (the image moves to it, atomically) and
 //!   `Committed` answered;
-//! - `Ping`: `Pong`.
+//! - `Ping`: `Pong`;
+//! - `Promote` (a switchover): once level with the primary, this side becomes the primary.
+//!
+//! Nothing for [`super::sender::PEER_TIMEOUT`] (the primary pings every second) ends the
+//! stream: the link is gone, and the volume may be promoted.
 //!
 //! Anything else, a malformed frame, or a record outside the volume ends the connection with
 //! a log line; what was staged and not committed is dropped (the primary sends it again). The
@@ -36,6 +40,8 @@ enum Error {
     Apply(#[from] apply::Error),
     #[error("unexpected {0:?} from the primary")]
     Unexpected(MessageType),
+    #[error("the primary sent nothing for {} s", super::sender::PEER_TIMEOUT.as_secs())]
+    Silent,
 }
 
 /// Serves the primary of relationship `relationship` on `link`, its `Hello` read (`listen`:
@@ -130,7 +136,7 @@ pub async fn serve<S>(
     let mut status = LinkStatus {
         state: "replicating",
         consistent: applied.consistent,
-        consistent_at_ns: applied.consistent.then_some(applied.time_unix_ns),
+        consistent_at_ns: Some(applied.time_unix_ns).filter(|t| applied.consistent && *t > 0),
         ..LinkStatus::default()
     };
     service.set_link_status(&name, status.clone());
@@ -208,8 +214,11 @@ where
     let mut resync_bytes = 0u64;
     let mut resync_done = 0u64;
     loop {
+        // A primary pings every second: silence means the link is gone (a cut cable sends
+        // nothing), and the secondary is free to be promoted.
         let msg = tokio::select! {
             m = link.recv() => m?,
+            () = tokio::time::sleep(super::sender::PEER_TIMEOUT) => return Err(Error::Silent),
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
         let Some(msg) = msg else {

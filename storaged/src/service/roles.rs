@@ -331,14 +331,20 @@ impl VolumeService {
             export.volume().set_read_only(true);
         }
         let dir = self.replication_dir();
-        let now_ns = crate::unix_time().as_nanos() as u64;
+        // A switchover's image is the new primary's as of now; any other demoted image is a
+        // consistent point of this side's own history, not one of the new primary's: it has
+        // no `consistent_at` until the first resync commits.
+        let at_ns = match seq {
+            0 => 0,
+            _ => crate::unix_time().as_nanos() as u64,
+        };
         Applier::start_level(
             &dir,
             &spec.id,
             spec.backing.path(),
             spec.size_bytes,
             seq,
-            now_ns,
+            at_ns,
         )
         .map_err(|e| Error::Replication(crate::error_chain(&e)))?;
         {
