@@ -164,12 +164,6 @@ async fn start_replication(
     if req.rpo_seconds == 0 {
         return Err(bad("rpo_seconds must be at least 1".into()));
     }
-    if req.mode == storaged_api::ReplicationMode::Sync {
-        return Err(ApiError(
-            StatusCode::NOT_IMPLEMENTED,
-            "mode \"sync\" is not built yet: use \"async\"".into(),
-        ));
-    }
     let source_name = name.clone();
     let (spec, dek, block_size) =
         with_service(&s, move |svc| svc.replication_source(&source_name)).await?;

@@ -77,7 +77,7 @@ pub struct Config {
 /// Replication to and from peer storaged daemons (see [`crate::replication`]). Every
 /// replication connection is TCP with mutual TLS: this daemon presents `cert` (with `key`) and
 /// accepts only peers whose certificate `ca` signed. Off unless set.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicationConfig {
     /// Address peers connect to, `IP:PORT`. Default: none (this daemon accepts no peer; it can
@@ -89,6 +89,21 @@ pub struct ReplicationConfig {
     pub key: Option<PathBuf>,
     /// The CA certificates (PEM) a peer's certificate must be signed by.
     pub ca: Option<PathBuf>,
+    /// Mode sync: how long a write may wait for the secondary before the relationship falls
+    /// back to async (logged, shown, counted) until the stream catches up. Default: 5.
+    pub sync_timeout_seconds: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            listen: None,
+            cert: None,
+            key: None,
+            ca: None,
+            sync_timeout_seconds: 5,
+        }
+    }
 }
 
 /// Replication's resolved settings: the TLS files, and the address to listen on if any.

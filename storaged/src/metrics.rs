@@ -74,11 +74,13 @@ struct ReplicationFamilies {
     consistent: IntGaugeVec,
     lag: GaugeVec,
     rpo_exceeded: IntGaugeVec,
+    sync_suspended: IntGaugeVec,
     pending: IntGaugeVec,
     resync: IntGaugeVec,
     sent: IntCounterVec,
     received: IntCounterVec,
     reconnects: IntCounterVec,
+    sync_suspensions: IntCounterVec,
 }
 
 /// What a replicated volume's gauges show.
@@ -88,6 +90,8 @@ pub struct ReplicationGauges<'a> {
     pub consistent: bool,
     pub lag_seconds: Option<f64>,
     pub rpo_exceeded: bool,
+    /// A sync relationship running async (its secondary did not commit in time).
+    pub sync_suspended: bool,
     /// Bytes the primary's log holds, not yet sent.
     pub pending_bytes: u64,
     /// Bytes the dirty map names: what a resync would send.
@@ -262,6 +266,11 @@ impl Metrics {
                 "1 while the lag is beyond the relationship's rpo_seconds (or not known)",
                 &["volume"],
             )?,
+            sync_suspended: gauge(
+                "storaged_volume_replication_sync_suspended",
+                "1 while a sync relationship runs async: its secondary did not commit within the sync timeout",
+                &["volume"],
+            )?,
             pending: gauge(
                 "storaged_volume_replication_pending_bytes",
                 "Bytes of completed writes the primary holds for the link, not yet sent",
@@ -284,6 +293,10 @@ impl Metrics {
                 "storaged_volume_replication_reconnects_total",
                 "Times the primary's link to its secondary was made again after a break",
             )?,
+            sync_suspensions: counter(
+                "storaged_volume_replication_sync_suspensions_total",
+                "Times a sync relationship fell back to async: its secondary did not commit within the sync timeout",
+            )?,
         };
         for c in [
             &requests,
@@ -293,6 +306,7 @@ impl Metrics {
             &replication.sent,
             &replication.received,
             &replication.reconnects,
+            &replication.sync_suspensions,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -313,6 +327,7 @@ impl Metrics {
             &replication.state,
             &replication.consistent,
             &replication.rpo_exceeded,
+            &replication.sync_suspended,
             &replication.pending,
             &replication.resync,
         ] {
@@ -359,6 +374,9 @@ impl Metrics {
         r.rpo_exceeded
             .with_label_values(&[volume])
             .set(i64::from(g.rpo_exceeded));
+        r.sync_suspended
+            .with_label_values(&[volume])
+            .set(i64::from(g.sync_suspended));
         r.pending
             .with_label_values(&[volume])
             .set(g.pending_bytes as i64);
@@ -378,6 +396,14 @@ impl Metrics {
     pub fn count_replication_reconnect(&self, volume: &str) {
         self.replication
             .reconnects
+            .with_label_values(&[volume])
+            .inc();
+    }
+
+    /// Counts a sync relationship's fallback to async.
+    pub fn count_sync_suspension(&self, volume: &str) {
+        self.replication
+            .sync_suspensions
             .with_label_values(&[volume])
             .inc();
     }
@@ -438,11 +464,17 @@ impl Metrics {
         for state in REPLICATION_STATES {
             let _ = r.state.remove_label_values(&[name, state]);
         }
-        for g in [&r.consistent, &r.rpo_exceeded, &r.pending, &r.resync] {
+        for g in [
+            &r.consistent,
+            &r.rpo_exceeded,
+            &r.sync_suspended,
+            &r.pending,
+            &r.resync,
+        ] {
             let _ = g.remove_label_values(&[name]);
         }
         let _ = r.lag.remove_label_values(&[name]);
-        for c in [&r.sent, &r.received, &r.reconnects] {
+        for c in [&r.sent, &r.received, &r.reconnects, &r.sync_suspensions] {
             let _ = c.remove_label_values(&[name]);
         }
     }

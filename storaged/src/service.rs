@@ -303,6 +303,13 @@ impl VolumeService {
                     st.devices.insert(spec.name.clone(), (path.clone(), num));
                 }
             }
+            // Never served torn: a secondary whose log cannot be recovered is not served.
+            if let Err(e) = svc.recover_secondary(&spec) {
+                tracing::error!(volume = %spec.name, "cannot serve volume: {}", crate::error_chain(&e));
+                st.failed.insert(spec.name.clone(), crate::error_chain(&e));
+                st.volumes.insert(spec.name.clone(), spec);
+                continue;
+            }
             match svc.open_and_export(&spec) {
                 Ok(export) => {
                     tracing::info!(
@@ -958,6 +965,16 @@ impl VolumeService {
             (true, Some(at)) => Some((crate::unix_time().as_secs_f64() - at).max(0.0)),
             _ => None,
         };
+        // Mode sync on a primary whose writes do not wait for the secondary (before the first
+        // sync, or fallen back to async).
+        let sync_suspended = r.mode == replication::ReplicationMode::Sync
+            && r.role == ReplicationRole::Primary
+            && self
+                .state()
+                .exports
+                .get(&spec.name)
+                .and_then(|e| e.volume().replication.load_full())
+                .is_some_and(|log| !log.sync().active());
         let rpo_exceeded = r.role == ReplicationRole::Primary
             && lag_seconds.is_none_or(|l| l > f64::from(r.rpo_seconds));
         Ok(ReplicationInfo {
@@ -974,6 +991,7 @@ impl VolumeService {
             consistent_at,
             lag_seconds,
             rpo_exceeded,
+            sync_suspended,
         })
     }
 
@@ -1024,6 +1042,7 @@ impl VolumeService {
                 consistent: info.consistent,
                 lag_seconds: info.lag_seconds,
                 rpo_exceeded: info.rpo_exceeded,
+                sync_suspended: info.sync_suspended,
                 pending_bytes,
                 resync_bytes,
             },
@@ -1033,6 +1052,15 @@ impl VolumeService {
     /// Counts bytes sent and received on volume `name`'s replication link.
     pub fn count_replication_bytes(&self, name: &str, sent: u64, received: u64) {
         self.metrics.count_replication_bytes(name, sent, received);
+    }
+
+    /// Counts a fallback of volume `name`'s sync relationship to async, and shows it.
+    pub fn count_sync_suspension(&self, name: &str) {
+        self.metrics.count_sync_suspension(name);
+        let status = crate::lock(&self.link_status).get(name).cloned();
+        if let Some(status) = status {
+            self.set_link_status(name, status);
+        }
     }
 
     /// Counts a reconnection of volume `name`'s replication link.
@@ -1059,6 +1087,12 @@ impl VolumeService {
             block_size: io.block_size(),
             spec: spec.clone(),
         })
+    }
+
+    /// How long a sync relationship's write may wait for the secondary before it falls back
+    /// to async.
+    pub fn sync_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.config.replication.sync_timeout_seconds)
     }
 
     /// The primaries this daemon serves, by name.

@@ -11,6 +11,11 @@ use storaged_tests::{bin, connect_retry, pattern, BlkClient, Storaged};
 /// A storaged of CA `ca` named `name`: its certificate (naming 127.0.0.1) and config in
 /// `dir/name`, `[replication]` listening on loopback port `port` (0: the kernel's choice).
 fn daemon(dir: &Path, ca: &Ca, name: &str, port: u16) -> (Storaged, NodeFiles) {
+    daemon_with(dir, ca, name, port, "")
+}
+
+/// [`daemon`] with more `[replication]` settings.
+fn daemon_with(dir: &Path, ca: &Ca, name: &str, port: u16, more: &str) -> (Storaged, NodeFiles) {
     let node_dir = dir.join(name);
     std::fs::create_dir(&node_dir).unwrap();
     let node = ca.issue(&node_dir, name, &["127.0.0.1"]);
@@ -18,7 +23,7 @@ fn daemon(dir: &Path, ca: &Ca, name: &str, port: u16) -> (Storaged, NodeFiles) {
     std::fs::write(
         &config,
         format!(
-            "[replication]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            "[replication]\nlisten = \"127.0.0.1:{port}\"\n{more}\n{}",
             node.toml()
         ),
     )
@@ -241,12 +246,6 @@ fn starting_a_replication_creates_the_volume_on_the_peer_as_its_read_only_second
         .request("PATCH", "/v1/volumes/db", Some(r#"{"size":"128MiB"}"#))
         .unwrap();
     assert_eq!(r.status, 409, "{}", r.body);
-    // Sync mode is refused until it is built.
-    let mut sync = start(&b);
-    sync.mode = ReplicationMode::Sync;
-    a.create_volume(r#"{"name":"other","size":"16MiB"}"#);
-    let e = a.admin().start_replication("other", &sync).unwrap_err();
-    assert_eq!(e.status(), Some(501), "{e}");
     // The way out for a secondary whose primary is gone: a forced delete, logged.
     b.admin().delete_volume("db", true).unwrap();
     b.wait_for_log("deleting a replication secondary by force");
@@ -1099,4 +1098,79 @@ fn unreplicate_ends_the_relationship_on_both_sides_and_both_keep_their_data() {
     );
     a.admin().start_replication("db", &start(&b)).unwrap();
     wait_replication(&b, "db", "a new relationship syncs", |r| r.consistent);
+}
+
+#[test]
+fn in_sync_mode_an_answered_write_is_on_the_secondary_and_a_silent_secondary_falls_back_to_async() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("zone CA");
+    let (mut a, _) = daemon_with(
+        tmp.path(),
+        &ca,
+        "zone-a",
+        free_port(),
+        "sync_timeout_seconds = 2",
+    );
+    let (b, _) = daemon_with(
+        tmp.path(),
+        &ca,
+        "zone-b",
+        free_port(),
+        "sync_timeout_seconds = 2",
+    );
+    a.create_volume(r#"{"name":"db","size":"32MiB"}"#);
+    let mut req = start(&b);
+    req.mode = ReplicationMode::Sync;
+    a.admin().start_replication("db", &req).unwrap();
+    wait_replication(&a, "db", "the sync relationship is in sync", |r| {
+        r.state == "replicating" && !r.sync_suspended
+    });
+    a.wait_for_log("sync mode: writes are answered once the secondary has committed them");
+
+    // The secondary frozen, a write waits for it, then the relationship falls back to async
+    // and the write is answered.
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    freeze(&b, true);
+    assert_eq!(c.write(0, 4 << 20, &pattern(4096, 4, 1)), 0);
+    a.wait_for_log("sync mode suspended");
+    let r = a.admin().replication("db").unwrap();
+    assert!(r.sync_suspended, "{r:?}");
+    let scrape = storaged_tests::http_get(&a.metrics_url());
+    assert_eq!(
+        storaged_tests::metric_value(
+            &scrape,
+            r#"storaged_volume_replication_sync_suspensions_total{volume="db"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        storaged_tests::metric_value(
+            &scrape,
+            r#"storaged_volume_replication_sync_suspended{volume="db"}"#
+        ),
+        Some(1.0)
+    );
+    // Async meanwhile: writes are answered without the secondary.
+    assert_eq!(c.write(0, 5 << 20, &pattern(4096, 5, 1)), 0);
+    freeze(&b, false);
+    // Back in sync once the stream has caught up.
+    a.wait_for_log("sync mode resumed");
+    wait_replication(&a, "db", "sync again", |r| !r.sync_suspended);
+
+    // In sync: every answered write is committed on the secondary. The primary is killed
+    // the moment the last is answered, with no FLUSH: the promoted secondary has them all.
+    for i in 0..16u64 {
+        assert_eq!(c.write(0, (8 + i) << 20, &pattern(8192, 8 + i, 2)), 0);
+    }
+    a.signal_and_wait(libc::SIGKILL);
+    drop(c);
+    promote_when_free(&b, "db", false);
+    for i in 0..16u64 {
+        assert_eq!(
+            read_back(&b, "db", (8 + i) << 20, 8192),
+            pattern(8192, 8 + i, 2),
+            "write {i}: answered, so on the secondary"
+        );
+    }
+    assert_eq!(read_back(&b, "db", 4 << 20, 4096), pattern(4096, 4, 1));
 }

@@ -476,6 +476,10 @@ pub struct ReplicationInfo {
     /// How far the secondary is behind, in seconds (null: not known yet).
     pub lag_seconds: Option<f64>,
     pub rpo_exceeded: bool,
+    /// Mode sync: the relationship fell back to async (the secondary did not commit within
+    /// the sync timeout) until the stream catches up.
+    #[serde(default)]
+    pub sync_suspended: bool,
 }
 
 /// `DELETE` answer: what was done, and what that does not protect against.

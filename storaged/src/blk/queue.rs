@@ -121,6 +121,11 @@ pub struct QueueEngine<R: Ring = Uring> {
     parked: Option<InFlight>,
     /// Wakes the worker when the waiting request's tokens are there (or the limits change).
     timer: Arc<Timer>,
+    /// Completed changes whose answers wait for the secondary (sync mode), in seq order:
+    /// (seq, request, status, data bytes used).
+    awaiting_peer: std::collections::VecDeque<(u64, InFlight, u8, u32)>,
+    /// The replication log this queue's eventfd is registered with, by address.
+    sync_registered: usize,
 }
 
 impl QueueEngine<Uring> {
@@ -155,6 +160,8 @@ impl<R: Ring> QueueEngine<R> {
             throttled: None,
             parked: None,
             timer,
+            awaiting_peer: Default::default(),
+            sync_registered: 0,
         })
     }
 
@@ -370,6 +377,8 @@ impl<R: Ring> QueueEngine<R> {
         if self.ring.has_completions() {
             self.reap(Some(vring));
         }
+        // The read may have taken a sync gate's wake-up too.
+        self.release_acked(vring);
         // Notifications back on, and anything that slipped in before that is taken.
         self.process_queue(vring, mem);
     }
@@ -732,6 +741,7 @@ impl<R: Ring> QueueEngine<R> {
     pub fn process_completions(&mut self, vring: &VringRwLock) -> usize {
         let _ = self.eventfd.read();
         let reaped = self.reap(Some(vring));
+        self.release_acked(vring);
         self.submit_and_signal(vring);
         reaped
     }
@@ -877,14 +887,37 @@ impl<R: Ring> QueueEngine<R> {
         }
         // Replicate stage: what reached the storage is shipped, answered or not; what may
         // have reached it in part is left to a resync.
+        // In sync mode a change's answer waits for the secondary's commit.
+        let replicate = self.stages.replicate(&self.volume);
+        let mut held = None;
         if code == VIRTIO_BLK_S_OK as u8 {
-            self.stages.replicate(&self.volume).completed(&inflight);
+            held = replicate
+                .completed(&inflight)
+                .filter(|&seq| replicate.holds(seq, &self.eventfd, &mut self.sync_registered));
         } else {
-            self.stages.replicate(&self.volume).failed(&inflight);
+            replicate.failed(&inflight);
         }
-        match vring {
-            Some(vring) => self.finish(vring, inflight, code, used),
-            None => drop(inflight),
+        match (vring, held) {
+            (Some(_), Some(seq)) => self.awaiting_peer.push_back((seq, inflight, code, used)),
+            (Some(vring), None) => self.finish(vring, inflight, code, used),
+            (None, _) => drop(inflight),
+        }
+    }
+
+    /// Answers the requests held for the secondary (sync mode) that may go now: their seq is
+    /// committed there, or the relationship runs async (or is gone).
+    fn release_acked(&mut self, vring: &VringRwLock) {
+        if self.awaiting_peer.is_empty() {
+            return;
+        }
+        let replicate = self.stages.replicate(&self.volume);
+        while let Some(&(seq, ..)) = self.awaiting_peer.front() {
+            if replicate.holds(seq, &self.eventfd, &mut self.sync_registered) {
+                break;
+            }
+            if let Some((_, inflight, code, used)) = self.awaiting_peer.pop_front() {
+                self.finish(vring, inflight, code, used);
+            }
         }
     }
 
@@ -963,6 +996,13 @@ impl<R: Ring> QueueEngine<R> {
                     self.ring.submit(&self.volume);
                 }
                 _ => break,
+            }
+        }
+        // Answers held for the secondary go now (the queue stops), or with the frontend.
+        while let Some((_, inflight, code, used)) = self.awaiting_peer.pop_front() {
+            match vring {
+                Some(vring) => self.finish(vring, inflight, code, used),
+                None => drop(inflight),
             }
         }
         if let Some(vring) = vring {

@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use super::dirty::{self, DirtyMap};
+use super::sync::SyncGate;
 
 /// Bytes of one region of the dirty map.
 pub const REGION: u64 = 1 << 20;
@@ -58,6 +59,8 @@ pub struct ReplicationLog {
     inner: Mutex<Inner>,
     capacity: usize,
     dirty: DirtyMap,
+    /// Sync mode's gate: whether answers wait for the secondary.
+    sync: SyncGate,
 }
 
 struct Inner {
@@ -89,6 +92,7 @@ impl ReplicationLog {
             }),
             capacity,
             dirty,
+            sync: SyncGate::default(),
         }
     }
 
@@ -146,6 +150,7 @@ impl ReplicationLog {
             Some(data) if fits => {
                 inner.bytes += cost;
                 inner.records.push_back(Record::Write { seq, offset, data });
+                self.sync.appended();
             }
             // A resync started since this write reached the storage: it reads the write's
             // region (marked before the write was submitted) after that, so the record would
@@ -172,6 +177,7 @@ impl ReplicationLog {
                 len,
                 discard,
             });
+            self.sync.appended();
         }
         seq
     }
@@ -254,6 +260,11 @@ impl ReplicationLog {
     /// The volume's dirty map.
     pub fn dirty(&self) -> &DirtyMap {
         &self.dirty
+    }
+
+    /// The volume's sync gate.
+    pub fn sync(&self) -> &SyncGate {
+        &self.sync
     }
 }
 

@@ -5,6 +5,7 @@
 //! - `wire.rs`: the link's frames (versioned, length-delimited, CRC32C-checked) and messages.
 //! - `log.rs`: a primary volume's records of completed writes, over
 //! - `dirty.rs`: its dirty map on disk, marked before each write is submitted.
+//! - `sync.rs`: sync mode's gate: a write's answer waits for the secondary's commit.
 //! - `apply.rs`: a secondary volume's staging log (redo log) and the apply of each committed
 //!   epoch, with the recovery that makes the image always the last committed epoch's.
 //! - `link.rs`: messages on a stream, whole frames each way.
@@ -27,6 +28,7 @@ pub mod roles;
 pub mod sender;
 pub mod session;
 pub mod supervisor;
+pub mod sync;
 pub mod tls;
 pub mod wire;
 

@@ -41,7 +41,7 @@ use super::roles::{self, Meeting, Side};
 use super::session::{self, wire_spec};
 use super::tls::Tls;
 use super::wire::{self, Message, Role};
-use super::LinkStatus;
+use super::{LinkStatus, ReplicationMode};
 use crate::service::{PrimaryLink, VolumeService};
 
 /// How often the stream cuts an epoch while records come.
@@ -263,6 +263,11 @@ async fn connection(
             other => return Err(Error::Unexpected(other.message_type())),
         }
         let _connected = Connected::new(log.dirty());
+        log.sync().ack(cut);
+        if rel.mode == ReplicationMode::Sync && !log.sync().active() {
+            log.sync().set_active(true);
+            tracing::info!(volume = %name, "sync mode: writes are answered once the secondary has committed them");
+        }
         tokio::task::block_in_place(|| {
             if let Err(e) = log.dirty().clear_diverged() {
                 tracing::warn!(volume = %name, "replication: {}", crate::error_chain(&e));
@@ -291,6 +296,41 @@ async fn connection(
         )
         .await?;
     }
+}
+
+/// Epochs sent and not yet committed: (epoch, seq and time of its cut).
+type Sent = std::collections::VecDeque<(u64, u64, u64)>;
+
+/// A sync relationship is caught up when at most an epoch is in flight and the log holds
+/// less than this.
+const CAUGHT_UP: usize = 1 << 20;
+
+/// Cuts the log and sends its records, each cut as the next epoch (recorded in `sent`).
+/// False when the log overflowed instead: a resync follows.
+async fn send_epoch<W: AsyncWrite + Unpin>(
+    log: &ReplicationLog,
+    tx: &mut Link<W>,
+    epoch: &mut u64,
+    sent: &mut Sent,
+) -> Result<bool, Error> {
+    log.cut();
+    let records = log.drain();
+    if log.overflowed() {
+        return Ok(false);
+    }
+    for record in records {
+        let cut = match &record {
+            Record::Cut { seq, time_unix_ns } => Some((*seq, *time_unix_ns)),
+            _ => None,
+        };
+        if let Some(msg) = record_message(record, Some(epoch)) {
+            tx.send(&msg).await?;
+        }
+        if let Some((seq, time)) = cut {
+            sent.push_back((*epoch, seq, time));
+        }
+    }
+    Ok(true)
 }
 
 /// While it lives, the stream runs and the secondary is level: changes are not divergence.
@@ -471,11 +511,14 @@ where
 {
     let mut tick = tokio::time::interval(EPOCH_INTERVAL);
     // Epochs sent and not yet committed: (epoch, seq and time of its cut).
-    let mut sent: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
+    let mut sent = Sent::default();
     let mut heard = std::time::Instant::now();
     let mut pinged = std::time::Instant::now();
     // A switchover's `Promote` sent: the generation the peer is asked to take.
     let mut promoting: Option<u64> = None;
+    let sync = service
+        .primary_link(name)
+        .is_some_and(|l| l.relationship.mode == ReplicationMode::Sync);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -510,22 +553,20 @@ where
                     tx.send(&Message::Ping { time_unix_ns: now_ns() }).await?;
                     pinged = std::time::Instant::now();
                 }
-                log.cut();
-                let records = log.drain();
-                if log.overflowed() {
+                // A sync relationship that fell back to async returns to sync once the
+                // stream has caught up.
+                if sync && !log.sync().active() && sent.len() <= 1 && log.pending_bytes() < CAUGHT_UP {
+                    log.sync().set_active(true);
+                            tracing::info!(volume = %name, "sync mode resumed: the stream caught up; writes wait for the secondary again");
+                }
+                if !send_epoch(log, tx, epoch, &mut sent).await? {
                     return Ok(());
                 }
-                for record in records {
-                    let cut = match &record {
-                        Record::Cut { seq, time_unix_ns } => Some((*seq, *time_unix_ns)),
-                        _ => None,
-                    };
-                    if let Some(msg) = record_message(record, Some(epoch)) {
-                        tx.send(&msg).await?;
-                    }
-                    if let Some((seq, time)) = cut {
-                        sent.push_back((*epoch, seq, time));
-                    }
+            }
+            // Sync mode: what completed goes at once, each batch an epoch of its own.
+            () = log.sync().records_appended(), if sync && promoting.is_none() => {
+                if !send_epoch(log, tx, epoch, &mut sent).await? {
+                    return Ok(());
                 }
             }
             m = rx.recv() => {
@@ -544,6 +585,7 @@ where
                     }
                     if let Some(seq) = upto {
                         level.seq = seq;
+                        log.sync().ack(seq);
                         clean(log, seq);
                     }
                 }

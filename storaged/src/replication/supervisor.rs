@@ -2,7 +2,9 @@
 //! primary volume: those of the catalog at start, and each volume that becomes a primary
 //! later (a relationship started, a promote, a switchover) as soon as the service rings
 //! ([`VolumeService::wake_senders`]); it looks again every second, so a sender that ended
-//! while its volume is still a primary is started again.
+//! while its volume is still a primary is started again. Each round also opens the sync gate
+//! (`sync.rs`) of a sync relationship whose secondary has not committed a write within the
+//! sync timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use tokio::sync::watch;
 
 use super::sender;
 use super::tls::Tls;
+use super::ReplicationMode;
 use crate::service::VolumeService;
 
 /// Runs until `stop` turns true, then waits for the senders (which stop with it).
@@ -35,6 +38,18 @@ pub async fn run(
                     stop.clone(),
                 ))
             });
+        }
+        // Sync relationships whose secondary takes too long fall back to async.
+        for name in running.keys() {
+            let Some(link) = service.primary_link(name) else {
+                continue;
+            };
+            if link.relationship.mode == ReplicationMode::Sync
+                && link.log.sync().expire(service.sync_timeout())
+            {
+                tracing::warn!(volume = %name, peer = %link.relationship.peer, timeout_seconds = service.sync_timeout().as_secs(), "sync mode suspended: the secondary did not commit a write in time; running async until the stream catches up");
+                service.count_sync_suspension(name);
+            }
         }
         tokio::select! {
             () = service.senders_woken() => {}

@@ -52,15 +52,15 @@ impl Replicate {
         }
     }
 
-    /// Records a request that completed successfully.
-    pub fn completed(&self, inflight: &InFlight) {
-        let Some(log) = self.log() else {
-            return;
-        };
+    /// Records a request that completed successfully; returns the seq of its last record if
+    /// it changed data (for [`holds`](Self::holds)).
+    pub fn completed(&self, inflight: &InFlight) -> Option<u64> {
+        let log = self.log()?;
+        let mut last = None;
         match &inflight.op {
             Operation::Write { offset, len } => {
                 let len = *len as usize;
-                log.write(*offset, len, |dst| match &inflight.bounce {
+                last = Some(log.write(*offset, len, |dst| match &inflight.bounce {
                     Some(b) => match b.as_slice().get(..len) {
                         Some(stored) => {
                             dst.copy_from_slice(stored);
@@ -69,12 +69,12 @@ impl Replicate {
                         None => false,
                     },
                     None => request::gather(inflight.mem.as_ref(), &inflight.data, dst).is_ok(),
-                });
+                }));
             }
             Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
                 let discard = matches!(inflight.op, Operation::Discard(_));
                 for r in ranges {
-                    log.zero(r.offset, r.len, discard);
+                    last = Some(log.zero(r.offset, r.len, discard));
                 }
             }
             Operation::Flush => log.cut(),
@@ -83,6 +83,31 @@ impl Replicate {
         if let Some(ranges) = changed_ranges(&inflight.op) {
             log.done(&ranges);
         }
+        last
+    }
+
+    /// Whether the answer of a request whose last record is `seq` waits for the secondary
+    /// (sync mode): the queue holds it until a wake-up of its completion eventfd, registered
+    /// here once per log (`registered` remembers which).
+    pub fn holds(
+        &self,
+        seq: u64,
+        completion_fd: &vmm_sys_util::eventfd::EventFd,
+        registered: &mut usize,
+    ) -> bool {
+        let Some(log) = self.log() else {
+            return false;
+        };
+        let id = log as *const ReplicationLog as usize;
+        if *registered != id {
+            match completion_fd.try_clone() {
+                Ok(fd) => log.sync().register(fd),
+                // Never a wake-up: do not wait for one.
+                Err(_) => return false,
+            }
+            *registered = id;
+        }
+        log.sync().holds(seq)
     }
 }
 
