@@ -1135,16 +1135,30 @@ impl VolumeService {
     }
 
     pub fn update(&self, name: &str, req: UpdateVolume) -> Result<VolumeInfo, Error> {
+        self.update_volume(name, req, false)
+    }
+
+    /// Grows the secondary `name` to its primary's `size` (the primary grew).
+    pub fn grow_secondary(&self, name: &str, size: u64) -> Result<VolumeInfo, Error> {
+        let req = UpdateVolume {
+            size: Some(ByteSize(size)),
+            ..UpdateVolume::default()
+        };
+        self.update_volume(name, req, true)
+    }
+
+    /// A PATCH; `secondary_ok`: a secondary may be grown (by its relationship).
+    fn update_volume(
+        &self,
+        name: &str,
+        req: UpdateVolume,
+        secondary_ok: bool,
+    ) -> Result<VolumeInfo, Error> {
         let (_held, spec, export) = self.claim(name, "change")?;
-        if spec.is_secondary() && req.size.is_some_and(|s| s.0 != spec.size_bytes) {
+        if spec.is_secondary() && !secondary_ok && req.size.is_some_and(|s| s.0 != spec.size_bytes)
+        {
             return Err(Error::Replication(format!(
                 "volume '{name}' is a replication secondary: it grows with its primary"
-            )));
-        }
-        if spec.replication.is_some() && req.size.is_some_and(|s| s.0 != spec.size_bytes) {
-            return Err(Error::Replication(format!(
-                "volume '{name}' is replicated: growing it together with its secondary is not \
-                 built yet"
             )));
         }
         let name = spec.name.clone();
@@ -1177,7 +1191,7 @@ impl VolumeService {
             None => None,
         };
         if let Some(size) = grow_to {
-            if spec.read_only {
+            if spec.read_only && !secondary_ok {
                 return Err(Error::BadRequest(format!(
                     "volume '{name}' is read-only and cannot be resized"
                 )));

@@ -240,12 +240,6 @@ fn starting_a_replication_creates_the_volume_on_the_peer_as_its_read_only_second
     assert!(e.to_string().contains("already replicated"), "{e}");
     let e = b.admin().start_replication("db", &start(&a)).unwrap_err();
     assert_eq!(e.status(), Some(409), "{e}");
-    // Nor can the primary grow alone.
-    let r = a
-        .admin()
-        .request("PATCH", "/v1/volumes/db", Some(r#"{"size":"128MiB"}"#))
-        .unwrap();
-    assert_eq!(r.status, 409, "{}", r.body);
     // The way out for a secondary whose primary is gone: a forced delete, logged.
     b.admin().delete_volume("db", true).unwrap();
     b.wait_for_log("deleting a replication secondary by force");
@@ -1173,4 +1167,31 @@ fn in_sync_mode_an_answered_write_is_on_the_secondary_and_a_silent_secondary_fal
         );
     }
     assert_eq!(read_back(&b, "db", 4 << 20, 4096), pattern(4096, 4, 1));
+}
+
+#[test]
+fn growing_the_primary_grows_its_secondary_and_writes_beyond_the_old_end_reach_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = replicating_pair(tmp.path());
+    let r = a
+        .admin()
+        .request("PATCH", "/v1/volumes/db", Some(r#"{"size":"64MiB"}"#))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    b.wait_for_log("the secondary grew with its primary");
+    storaged_tests::wait_until(
+        "the secondary's new size",
+        std::time::Duration::from_secs(30),
+        || b.admin().volume("db").unwrap().size_bytes == 64 << 20,
+    );
+    write_flushed(&a, "db", 60 << 20, &pattern(4096, 60, 3));
+    let flushed = unix_now();
+    wait_replication(&b, "db", "the write beyond the old end", |r| {
+        r.state == "replicating" && r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert_eq!(read_back(&b, "db", 60 << 20, 4096), pattern(4096, 60, 3));
+    assert_eq!(
+        read_back(&b, "db", 3 << 20, 1 << 20),
+        pattern(1 << 20, 3, 1)
+    );
 }

@@ -77,9 +77,32 @@ pub async fn serve<S>(
         name,
         id: volume_id,
         backing: path,
-        size,
+        mut size,
         generation: local_generation,
     } = vol;
+    // The primary grew: so does the secondary, before anything beyond its end arrives.
+    if spec.size > size {
+        match tokio::task::block_in_place(|| service.grow_secondary(&name, spec.size)) {
+            Ok(_) => {
+                tracing::info!(volume = %name, from = size, to = spec.size, "replication: the secondary grew with its primary");
+                size = spec.size;
+            }
+            Err(e) => {
+                tracing::error!(volume = %name, "replication: cannot grow the secondary with its primary: {}", crate::error_chain(&e));
+                let status = match e.kind() {
+                    crate::service::ErrorKind::PoolFull => 507,
+                    _ => 500,
+                };
+                let _ = link
+                    .send(&Message::Refused {
+                        status,
+                        reason: format!("cannot grow the secondary to {} bytes: {e}", spec.size),
+                    })
+                    .await;
+                return;
+            }
+        }
+    }
     if spec.size != size {
         let _ = link
             .send(&Message::Refused {

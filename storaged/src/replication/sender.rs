@@ -81,6 +81,8 @@ enum Error {
          since they were level; resolve with keep = local or peer"
     )]
     SplitBrain(u64),
+    #[error("the volume grew: the secondary grows at the next connection")]
+    Resized,
     #[error("cannot change the volume's role: {0}")]
     Role(String),
     #[error("cannot mark the regions the secondary changed: {0}")]
@@ -127,6 +129,10 @@ pub async fn run(
         let mut split = false;
         match outcome {
             Err(Error::Gone) => return,
+            Err(e @ Error::Resized) => {
+                tracing::info!(volume = %name, "replication: {e}");
+                backoff = BACKOFF_MIN / 2;
+            }
             Err(Error::PeerDemotes) => {
                 tracing::info!(volume = %name, peer = %rel.peer, "replication: the peer was superseded by this side and becomes its secondary");
                 backoff = BACKOFF_MIN / 2;
@@ -290,6 +296,7 @@ async fn connection(
             relationship,
             generation: rel.generation,
             seq: cut,
+            size,
         };
         ship(
             service, name, &log, &mut rx, &mut tx, &mut epoch, known, level,
@@ -355,6 +362,8 @@ struct Level {
     relationship: [u8; 16],
     generation: u64,
     seq: u64,
+    /// The volume's size the secondary was told.
+    size: u64,
 }
 
 /// Adds what the link's two halves carried to the volume's byte counters.
@@ -527,6 +536,10 @@ where
                 }
                 if !service.still_primary(name, log) {
                     return Err(Error::Gone);
+                }
+                // Grown: a new connection's Hello grows the secondary first.
+                if service.primary_link(name).is_some_and(|l| l.size != level.size) {
+                    return Err(Error::Resized);
                 }
                 if promoting.is_some() {
                     continue;
