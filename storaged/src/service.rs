@@ -987,6 +987,8 @@ impl VolumeService {
             state: st.state.into(),
             disconnected_since: st.disconnected_since,
             percent_done: st.percent_done,
+            bytes_left: st.bytes_left,
+            eta_seconds: st.eta_seconds(),
             consistent: st.consistent,
             consistent_at,
             lag_seconds,

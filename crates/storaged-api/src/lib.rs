@@ -466,9 +466,15 @@ pub struct ReplicationInfo {
     /// While `disconnected`: since when (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnected_since: Option<u64>,
-    /// Initial sync: how much is done, 0 to 100.
+    /// Initial sync or resync: how much is done, 0 to 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent_done: Option<f64>,
+    /// Initial sync or resync: bytes still to send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_left: Option<u64>,
+    /// Initial sync or resync: estimated seconds to its end, at the pace so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
     /// Whether the secondary's image is a consistent point.
     pub consistent: bool,
     /// The primary's time (Unix seconds) the secondary's image corresponds to.

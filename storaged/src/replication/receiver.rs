@@ -206,7 +206,7 @@ pub async fn serve<S>(
     let _ = tokio::task::block_in_place(|| app.discard_staged());
     if service.secondary_of(&id).is_some() {
         status.state = "disconnected";
-        status.percent_done = None;
+        status.end_progress();
         status.disconnected_since = Some(crate::unix_time().as_secs());
         service.set_link_status(&name, status);
     }
@@ -258,7 +258,7 @@ where
                 resync_bytes = bytes;
                 resync_done = 0;
                 status.state = if in_place { "initial_sync" } else { "resync" };
-                status.percent_done = Some(0.0);
+                status.set_progress(0, bytes);
                 service.set_link_status(name, status.clone());
             }
             Message::Region { offset, ref data } => {
@@ -301,7 +301,7 @@ where
                 link.send(&Message::Committed { epoch }).await?;
                 in_place = false;
                 status.state = "replicating";
-                status.percent_done = None;
+                status.end_progress();
                 status.consistent = applied.consistent;
                 status.consistent_at_ns = Some(applied.time_unix_ns);
                 service.set_link_status(name, status.clone());

@@ -30,6 +30,9 @@ pub struct LinkStatus {
     pub state: &'static str,
     /// Initial sync or resync: how much is done, 0 to 100.
     pub percent_done: Option<f64>,
+    /// Initial sync or resync: bytes still to send, and when it began.
+    pub bytes_left: Option<u64>,
+    pub sync_started: Option<std::time::Instant>,
     /// Whether the secondary's image is a consistent point.
     pub consistent: bool,
     /// The primary's time (Unix ns) the secondary's image corresponds to.
@@ -48,9 +51,57 @@ impl LinkStatus {
     /// shows changed, the moments worth publishing (at most a hundred per sync, whatever the
     /// number of regions).
     pub fn set_progress(&mut self, done: u64, total: u64) -> bool {
+        if done == 0 || self.sync_started.is_none() {
+            self.sync_started = Some(std::time::Instant::now());
+        }
+        self.bytes_left = Some(total.saturating_sub(done));
         let before = self.percent_done.map(|p| p as u64);
         let now = 100.0 * done as f64 / total.max(1) as f64;
         self.percent_done = Some(now);
         before != Some(now as u64)
+    }
+
+    /// A (re)sync's estimated seconds to its end, at the pace so far.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let (left, started, percent) = (self.bytes_left?, self.sync_started?, self.percent_done?);
+        if left == 0 {
+            return Some(0.0);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        (percent > 0.0).then(|| elapsed * (100.0 - percent) / percent)
+    }
+
+    /// The (re)sync is over.
+    pub fn end_progress(&mut self) {
+        self.percent_done = None;
+        self.bytes_left = None;
+        self.sync_started = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syncs_progress_gives_percent_bytes_left_and_an_eta_at_its_pace_so_far() {
+        let mut s = LinkStatus::default();
+        assert!(s.set_progress(0, 1000));
+        assert_eq!((s.percent_done, s.bytes_left), (Some(0.0), Some(1000)));
+        assert_eq!(s.eta_seconds(), None, "no pace yet");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(s.set_progress(250, 1000));
+        assert!(!s.set_progress(251, 1000), "the same whole percent");
+        assert_eq!(s.bytes_left, Some(749));
+        let eta = s.eta_seconds().unwrap();
+        // A quarter took at least 50 ms: the rest takes about three times as long.
+        assert!((0.14..10.0).contains(&eta), "{eta}");
+        s.set_progress(1000, 1000);
+        assert_eq!(s.eta_seconds(), Some(0.0));
+        s.end_progress();
+        assert_eq!(
+            (s.percent_done, s.bytes_left, s.eta_seconds()),
+            (None, None, None)
+        );
     }
 }

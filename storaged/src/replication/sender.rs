@@ -149,7 +149,7 @@ pub async fn run(
             Ok(()) => {}
         }
         known.state = if split { "split_brain" } else { "disconnected" };
-        known.percent_done = None;
+        known.end_progress();
         known.disconnected_since.get_or_insert_with(now_unix);
         service.set_link_status(&name, known.clone());
         tokio::select! {
@@ -288,7 +288,7 @@ async fn connection(
         known.consistent_at_ns = Some(now_ns());
         known.disconnected_since = None;
         known.state = "replicating";
-        known.percent_done = None;
+        known.end_progress();
         known.behind = log.has_records();
         count(service, name, &mut rx, &mut tx);
         service.set_link_status(name, known.clone());
@@ -411,7 +411,7 @@ async fn resync<W: AsyncWrite + Unpin>(
     } else {
         "initial_sync"
     };
-    known.percent_done = Some(0.0);
+    known.set_progress(0, bytes);
     service.set_link_status(name, known.clone());
     tx.send(&Message::ResyncBegin {
         epoch,

@@ -589,7 +589,7 @@ impl VolumeService {
             .cloned()
             .unwrap_or_default();
         status.state = "split_brain";
-        status.percent_done = None;
+        status.end_progress();
         status.peer_generation = Some(peer_generation);
         self.set_link_status(name, status);
     }
