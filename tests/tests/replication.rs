@@ -33,13 +33,19 @@ fn daemon_with(dir: &Path, ca: &Ca, name: &str, port: u16, more: &str) -> (Stora
 }
 
 /// A loopback port nothing listens on now, for a daemon that must keep its address across a
-/// restart.
+/// restart. Taken below the kernel's ephemeral range (32768 and up), so that no outgoing
+/// connection (a sender's) can be given it before the daemon binds it; each test of this
+/// process gets its own.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = (std::process::id() % 1000) as u16 * 12;
+    loop {
+        let port = 20000 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 #[test]
