@@ -1019,8 +1019,18 @@ impl VolumeService {
 
     /// Records what the link knows of the relationship of volume `name`, and shows it in the
     /// volume's replication metrics.
-    pub fn set_link_status(&self, name: &str, status: LinkStatus) {
-        crate::lock(&self.link_status).insert(name.to_string(), status);
+    pub fn set_link_status(&self, name: &str, mut status: LinkStatus) {
+        {
+            let mut all = crate::lock(&self.link_status);
+            // A split brain stays one until a stream runs again or an operator resolves it
+            // (a failed attempt to connect does not end it).
+            if status.state == "disconnected"
+                && all.get(name).is_some_and(|s| s.state == "split_brain")
+            {
+                status.state = "split_brain";
+            }
+            all.insert(name.to_string(), status);
+        }
         let Ok(info) = self.replication_info(name) else {
             return;
         };

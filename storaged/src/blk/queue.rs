@@ -124,9 +124,14 @@ pub struct QueueEngine<R: Ring = Uring> {
     /// Completed changes whose answers wait for the secondary (sync mode), in seq order:
     /// (seq, request, status, data bytes used).
     awaiting_peer: std::collections::VecDeque<(u64, InFlight, u8, u32)>,
-    /// The replication log this queue's eventfd is registered with, by address.
-    sync_registered: usize,
+    /// The replication log whose sync gate this queue's eventfd is registered with, and the
+    /// key it is registered under (unique per engine).
+    sync_registered: Option<Arc<crate::replication::log::ReplicationLog>>,
+    sync_key: u64,
 }
+
+/// Keys of the engines' sync-gate registrations.
+static SYNC_KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl QueueEngine<Uring> {
     /// The queue of `volume` on an io_uring of `entries`.
@@ -161,7 +166,8 @@ impl<R: Ring> QueueEngine<R> {
             parked: None,
             timer,
             awaiting_peer: Default::default(),
-            sync_registered: 0,
+            sync_registered: None,
+            sync_key: SYNC_KEYS.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -891,9 +897,9 @@ impl<R: Ring> QueueEngine<R> {
         let replicate = self.stages.replicate(&self.volume);
         let mut held = None;
         if code == VIRTIO_BLK_S_OK as u8 {
-            held = replicate
-                .completed(&inflight)
-                .filter(|&seq| replicate.holds(seq, &self.eventfd, &mut self.sync_registered));
+            held = replicate.completed(&inflight).filter(|&seq| {
+                replicate.holds(seq, &self.eventfd, self.sync_key, &mut self.sync_registered)
+            });
         } else {
             replicate.failed(&inflight);
         }
@@ -912,7 +918,7 @@ impl<R: Ring> QueueEngine<R> {
         }
         let replicate = self.stages.replicate(&self.volume);
         while let Some(&(seq, ..)) = self.awaiting_peer.front() {
-            if replicate.holds(seq, &self.eventfd, &mut self.sync_registered) {
+            if replicate.holds(seq, &self.eventfd, self.sync_key, &mut self.sync_registered) {
                 break;
             }
             if let Some((_, inflight, code, used)) = self.awaiting_peer.pop_front() {
@@ -998,10 +1004,18 @@ impl<R: Ring> QueueEngine<R> {
                 _ => break,
             }
         }
-        // Answers held for the secondary go now (the queue stops), or with the frontend.
-        while let Some((_, inflight, code, used)) = self.awaiting_peer.pop_front() {
+        // Answers held for the secondary (the queue stops): the change is on this side only,
+        // so it is not acknowledged: IOERR, as sync mode promises (or dropped with the
+        // frontend).
+        if let Some(vring) = vring {
+            self.release_acked(vring);
+        }
+        while let Some((_, inflight, _, _)) = self.awaiting_peer.pop_front() {
             match vring {
-                Some(vring) => self.finish(vring, inflight, code, used),
+                Some(vring) => {
+                    self.volume.metrics.io_errors.inc();
+                    self.finish(vring, inflight, VIRTIO_BLK_S_IOERR as u8, 0);
+                }
                 None => drop(inflight),
             }
         }
@@ -1084,6 +1098,9 @@ impl<R: Ring> Drop for QueueEngine<R> {
     fn drop(&mut self) {
         // The kernel may still write into buffers owned by in-flight entries.
         self.drain(None);
+        if let Some(log) = self.sync_registered.take() {
+            log.sync().unregister(self.sync_key);
+        }
     }
 }
 

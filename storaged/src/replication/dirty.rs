@@ -42,6 +42,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("The volume is fenced for a role change: it takes no writes")]
+    Fenced,
     #[error("Cannot write the dirty map {path}")]
     Write {
         path: PathBuf,
@@ -60,6 +62,8 @@ pub struct DirtyMap {
     diverged: AtomicBool,
     /// Whether the secondary is level and the stream runs (set by the sender).
     connected: AtomicBool,
+    /// A role change (switchover, demote) refuses every new change from here on.
+    fenced: AtomicBool,
 }
 
 struct Words {
@@ -119,6 +123,7 @@ impl DirtyMap {
             diverged: AtomicBool::new(diverged_path.exists()),
             diverged_path,
             connected: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
         };
         Ok((map, !existed))
     }
@@ -139,6 +144,11 @@ impl DirtyMap {
     /// counted.
     pub fn mark_all(&self, ranges: &[(u64, u64)]) -> Result<(), Error> {
         let mut w = self.lock();
+        // Under the lock: once `fence` returns, every change is either marked (and seen by
+        // whoever then reads the map) or refused.
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(Error::Fenced);
+        }
         if !self.connected.load(Ordering::Acquire) && !self.diverged.load(Ordering::Acquire) {
             self.record_diverged()?;
         }
@@ -224,6 +234,23 @@ impl DirtyMap {
     /// change (its [`mark_all`](Self::mark_all)) records the volume diverged.
     pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Release);
+    }
+
+    /// Refuses (`true`) or takes again every change from the next [`mark_all`](Self::mark_all)
+    /// on; a change already marked is in flight or done, its regions dirty.
+    pub fn fence(&self, fenced: bool) {
+        let _w = self.lock();
+        self.fenced.store(fenced, Ordering::Release);
+    }
+
+    /// Records the volume diverged now: its writes were answered without the secondary (a
+    /// sync relationship that fell back to async).
+    pub fn mark_diverged(&self) -> Result<(), Error> {
+        let _w = self.lock();
+        if self.diverged() {
+            return Ok(());
+        }
+        self.record_diverged()
     }
 
     /// Whether the volume was changed with no link to its secondary since they were last

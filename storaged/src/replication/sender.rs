@@ -81,6 +81,8 @@ enum Error {
          since they were level; resolve with keep = local or peer"
     )]
     SplitBrain(u64),
+    #[error("the log overflowed during the resync (writes faster than the link): resync again")]
+    ResyncOverflow,
     #[error("the volume grew: the secondary grows at the next connection")]
     Resized,
     #[error("cannot change the volume's role: {0}")]
@@ -229,9 +231,20 @@ async fn connection(
                 Meeting::Stream => {}
                 Meeting::Demote { generation } => {
                     tracing::warn!(volume = %name, peer = %rel.peer, generation, "replication: the peer is the primary of a newer generation; this side becomes its secondary");
-                    tokio::task::block_in_place(|| service.demote_to(name, generation, 0))
-                        .map_err(|e| Error::Role(crate::error_chain(&e)))?;
-                    return Err(Error::Gone);
+                    let demoted = tokio::task::block_in_place(|| {
+                        service.demote_to(name, generation, 0, !peer.won)
+                    });
+                    return Err(match demoted {
+                        Ok(()) => Error::Gone,
+                        // Written while cut off, seen once fenced.
+                        Err(_)
+                            if !peer.won
+                                && service.local_side(name).is_some_and(|s| s.diverged) =>
+                        {
+                            Error::SplitBrain(generation)
+                        }
+                        Err(e) => Error::Role(crate::error_chain(&e)),
+                    });
                 }
                 Meeting::PeerDemotes => return Err(Error::PeerDemotes),
                 Meeting::SplitBrain => return Err(Error::SplitBrain(generation)),
@@ -432,6 +445,11 @@ async fn resync<W: AsyncWrite + Unpin>(
     // What completed while the regions were read; cuts inside a resync are not epochs. The
     // resync's cut is the last record taken with them: what comes after goes to the stream.
     let (records, seq) = log.drain_to();
+    // Records dropped during the resync: its cut would claim them. Their regions are dirty;
+    // the next connection's resync sends them.
+    if log.overflowed() {
+        return Err(Error::ResyncOverflow);
+    }
     for record in records {
         if let Some(msg) = record_message(record, None) {
             tx.send(&msg).await?;
@@ -545,10 +563,12 @@ where
                     continue;
                 }
                 // A switchover, once everything written is committed there.
-                if sent.is_empty()
+                // (Pending first: the fence comes before it, so a change it did not refuse is
+                // in the map by then.)
+                if service.switchover_pending(name)
+                    && sent.is_empty()
                     && !log.has_records()
                     && log.dirty().dirty_bytes() == 0
-                    && service.switchover_pending(name)
                     && service.switchover_promote_due(name)
                 {
                     let generation = level.generation + 1;
@@ -604,7 +624,7 @@ where
                 }
                 Message::Accepted { relationship } if promoting.is_some() && relationship == level.relationship => {
                     let generation = promoting.unwrap_or_default();
-                    let demoted = tokio::task::block_in_place(|| service.demote_to(name, generation, level.seq));
+                    let demoted = tokio::task::block_in_place(|| service.demote_to(name, generation, level.seq, false));
                     match demoted {
                         Ok(()) => {
                             tracing::info!(volume = %name, generation, "switchover done: the peer is the primary, this side its secondary");

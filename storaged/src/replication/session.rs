@@ -194,12 +194,18 @@ async fn meet_primary<S>(
     let local = service
         .volume_of_relationship(&id)
         .and_then(|name| Some((service.local_side(&name)?, name)));
-    let verdict = local.as_ref().map(|(l, _)| roles::meet(*l, side));
-    match (verdict, local) {
-        (Some(Meeting::Demote { generation }), Some((_, name))) => {
-            tracing::warn!(volume = %name, %peer, generation, "replication: the peer is the primary of a newer generation; this side becomes its secondary");
-            let demoted = tokio::task::block_in_place(|| service.demote_to(&name, generation, 0));
-            if let Err(e) = demoted {
+    let mut verdict = local.as_ref().map(|(l, _)| roles::meet(*l, side));
+    if let (Some(Meeting::Demote { generation }), Some((_, name))) = (verdict, &local) {
+        tracing::warn!(volume = %name, %peer, generation, "replication: the peer is the primary of a newer generation; this side becomes its secondary");
+        let demoted =
+            tokio::task::block_in_place(|| service.demote_to(name, generation, 0, !side.won));
+        match demoted {
+            Ok(()) => {}
+            // Written while cut off, seen once fenced: a split brain after all.
+            Err(_) if !side.won && service.local_side(name).is_some_and(|s| s.diverged) => {
+                verdict = Some(Meeting::SplitBrain);
+            }
+            Err(e) => {
                 tracing::error!(volume = %name, "replication: cannot become the secondary: {}", crate::error_chain(&e));
                 let _ = link
                     .send(&Message::Refused {
@@ -210,7 +216,12 @@ async fn meet_primary<S>(
                 return;
             }
         }
-        (Some(v @ (Meeting::PeerDemotes | Meeting::SplitBrain)), Some((local, name))) => {
+    }
+    let local = local.and_then(|(_, name)| Some((service.local_side(&name)?, name)));
+    if let (Some(v @ (Meeting::PeerDemotes | Meeting::SplitBrain)), Some((local, name))) =
+        (verdict, local)
+    {
+        {
             if v == Meeting::SplitBrain {
                 service.note_split_brain(&name, side.generation);
                 tracing::error!(volume = %name, %peer, peer_generation = side.generation, "replication: split brain: both sides were written as primaries since they were level; resolve with keep = local or peer");
@@ -243,7 +254,6 @@ async fn meet_primary<S>(
             link.shutdown().await;
             return;
         }
-        _ => {}
     }
     super::receiver::serve(
         link,

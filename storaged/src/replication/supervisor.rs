@@ -48,6 +48,10 @@ pub async fn run(
                 && link.log.sync().expire(service.sync_timeout())
             {
                 tracing::warn!(volume = %name, peer = %link.relationship.peer, timeout_seconds = service.sync_timeout().as_secs(), "sync mode suspended: the secondary did not commit a write in time; running async until the stream catches up");
+                // Writes are answered without the secondary from now on: this side diverges.
+                if let Err(e) = link.log.dirty().mark_diverged() {
+                    tracing::error!(volume = %name, "replication: {}", crate::error_chain(&e));
+                }
                 service.count_sync_suspension(name);
             }
         }

@@ -31,7 +31,7 @@ pub struct SyncGate {
     /// Since when the oldest held answer has waited (`None`: nothing held).
     waiting_since: Mutex<Option<Instant>>,
     /// The queues' completion eventfds, rung when answers may go.
-    wakers: Mutex<Vec<EventFd>>,
+    wakers: Mutex<std::collections::HashMap<u64, EventFd>>,
     /// Rung when a record is appended while the gate is active.
     records: tokio::sync::Notify,
 }
@@ -40,11 +40,17 @@ impl SyncGate {
     /// Whether the answer of the write of `seq` must wait for the secondary; the caller then
     /// holds it until a wake-up says it may go (`holds` false).
     pub fn holds(&self, seq: u64) -> bool {
-        if !self.active.load(Ordering::Acquire) || self.acked.load(Ordering::Acquire) >= seq {
+        if !self.active.load(Ordering::Acquire) {
+            return false;
+        }
+        // Under the lock `ack` clears `waiting_since` with: an ack either comes first (and is
+        // seen here) or sees this hold.
+        let mut since = crate::lock(&self.waiting_since);
+        if self.acked.load(Ordering::Acquire) >= seq {
             return false;
         }
         self.held.fetch_max(seq, Ordering::AcqRel);
-        crate::lock(&self.waiting_since).get_or_insert_with(Instant::now);
+        since.get_or_insert_with(Instant::now);
         true
     }
 
@@ -53,19 +59,25 @@ impl SyncGate {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Adds a queue's eventfd to ring at each ack; `fd` is a clone of its completion eventfd.
-    pub fn register(&self, fd: EventFd) {
-        crate::lock(&self.wakers).push(fd);
+    /// Adds a queue's eventfd to ring at each ack (`fd`, a clone of its completion eventfd),
+    /// under `key`, until [`unregister`](Self::unregister).
+    pub fn register(&self, key: u64, fd: EventFd) {
+        crate::lock(&self.wakers).insert(key, fd);
+    }
+
+    /// The queue of `key` is gone.
+    pub fn unregister(&self, key: u64) {
+        crate::lock(&self.wakers).remove(&key);
     }
 
     /// The secondary committed everything up to `seq`.
     pub fn ack(&self, seq: u64) {
-        let before = self.acked.fetch_max(seq, Ordering::AcqRel);
-        if seq <= before {
-            return;
-        }
         {
             let mut since = crate::lock(&self.waiting_since);
+            let before = self.acked.fetch_max(seq, Ordering::AcqRel);
+            if seq <= before {
+                return;
+            }
             if seq >= self.held.load(Ordering::Acquire) {
                 *since = None;
             } else if since.is_some() {
@@ -109,7 +121,7 @@ impl SyncGate {
     }
 
     fn wake(&self) {
-        for fd in crate::lock(&self.wakers).iter() {
+        for fd in crate::lock(&self.wakers).values() {
             let _ = fd.write(1);
         }
     }
@@ -126,7 +138,7 @@ mod tests {
         assert!(!gate.holds(1), "inactive: nothing waits");
         gate.set_active(true);
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
-        gate.register(fd.try_clone().unwrap());
+        gate.register(1, fd.try_clone().unwrap());
         assert!(gate.holds(1));
         assert!(gate.holds(2));
         gate.ack(1);
@@ -143,7 +155,9 @@ mod tests {
         let gate = SyncGate::default();
         gate.set_active(true);
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
-        gate.register(fd.try_clone().unwrap());
+        gate.register(1, fd.try_clone().unwrap());
+        gate.register(2, EventFd::new(EFD_NONBLOCK).unwrap());
+        gate.unregister(2);
         assert!(gate.holds(3));
         assert!(!gate.expire(Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(5));

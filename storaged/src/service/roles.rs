@@ -276,7 +276,14 @@ impl VolumeService {
         }
         let export = self.state().exports.get(&new.name).cloned();
         if let Some(export) = export {
-            self.attach_log(export.volume(), &new)?;
+            if let Err(e) = self.attach_log(export.volume(), &new) {
+                // Still the secondary: the catalog says so again.
+                let mut catalog = crate::lock(&self.catalog);
+                if catalog.put(spec.clone()).is_ok() {
+                    self.state().volumes.insert(spec.name.clone(), spec.clone());
+                }
+                return Err(e);
+            }
             export.volume().set_read_only(new.read_only);
         }
         crate::lock(&self.link_status).insert(
@@ -321,15 +328,33 @@ impl VolumeService {
                 )),
             });
         };
-        self.demote_to(name, generation, 0)?;
+        self.demote_to(name, generation, 0, false)?;
         self.info_after_role_change(name)
     }
 
     /// Makes the primary `name` the secondary of a peer of `generation` whose image it is level
     /// with up to `seq` (a switchover's; 0 otherwise). Does nothing to a volume that is
-    /// already a secondary.
-    pub fn demote_to(&self, name: &str, generation: u64, seq: u64) -> Result<(), Error> {
-        let (_held, spec, export) = self.claim(name, "demote")?;
+    /// already a secondary. `unless_diverged` (a meeting's verdict, taken before the fence):
+    /// a volume found diverged once fenced is not demoted (split brain; it is unfenced).
+    pub fn demote_to(
+        &self,
+        name: &str,
+        generation: u64,
+        seq: u64,
+        unless_diverged: bool,
+    ) -> Result<(), Error> {
+        // Two demotes can race (both sides dial at a meeting, a switchover's end): the
+        // second waits for the first, then finds a secondary.
+        let mut tries = 0;
+        let (_held, spec, export) = loop {
+            match self.claim(name, "demote") {
+                Err(Error::Busy(..)) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r?,
+            }
+        };
         let Some(rel) = spec.replication.clone() else {
             return Err(Error::NotReplicated(name.to_string()));
         };
@@ -342,9 +367,22 @@ impl VolumeService {
             r.generation = generation.max(rel.generation);
             r.won = false;
         }
-        // Fenced at once; the re-export below waits for what is in flight.
+        // Fenced at once: from here every change is refused or already marked (and, with no
+        // link, recorded diverged). The re-export below waits for what is in flight.
         if let Some(export) = &export {
-            export.volume().set_read_only(true);
+            let io = export.volume();
+            io.set_read_only(true);
+            if let Some(log) = io.replication.load_full() {
+                log.dirty().fence(true);
+                if unless_diverged && log.dirty().diverged() {
+                    log.dirty().fence(false);
+                    io.set_read_only(spec.read_only);
+                    return Err(conflict(format!(
+                        "volume '{name}' took writes while cut off from its secondary: split \
+                         brain, resolve it"
+                    )));
+                }
+            }
         }
         let dir = self.replication_dir();
         // A switchover's image is the new primary's as of now; any other demoted image is a
@@ -526,6 +564,9 @@ impl VolumeService {
             .cloned()
             .ok_or_else(|| Error::NotServing(name.to_string(), self.failed_reason(&spec.name)))?;
         export.volume().set_read_only(true);
+        if let Some(log) = export.volume().replication.load_full() {
+            log.dirty().fence(true);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         switchovers.insert(
             name.to_string(),
@@ -563,6 +604,9 @@ impl VolumeService {
                 let st = self.state();
                 if let (Some(e), Some(spec)) = (st.exports.get(&n), st.volumes.get(&n)) {
                     if spec.replication.as_ref().map(|r| r.role) == Some(ReplicationRole::Primary) {
+                        if let Some(log) = e.volume().replication.load_full() {
+                            log.dirty().fence(false);
+                        }
                         e.volume().set_read_only(spec.read_only);
                     }
                 }

@@ -88,24 +88,33 @@ impl Replicate {
 
     /// Whether the answer of a request whose last record is `seq` waits for the secondary
     /// (sync mode): the queue holds it until a wake-up of its completion eventfd, registered
-    /// here once per log (`registered` remembers which).
+    /// under `key` with the log's gate the first time (`registered` keeps the log it is
+    /// registered with, alive, so that the queue can unregister when it goes).
     pub fn holds(
         &self,
         seq: u64,
         completion_fd: &vmm_sys_util::eventfd::EventFd,
-        registered: &mut usize,
+        key: u64,
+        registered: &mut Option<std::sync::Arc<ReplicationLog>>,
     ) -> bool {
-        let Some(log) = self.log() else {
+        let Some(log) = self.log.as_ref() else {
             return false;
         };
-        let id = log as *const ReplicationLog as usize;
-        if *registered != id {
+        if !log.sync().active() {
+            return false;
+        }
+        if !registered
+            .as_ref()
+            .is_some_and(|r| std::sync::Arc::ptr_eq(r, log))
+        {
             match completion_fd.try_clone() {
-                Ok(fd) => log.sync().register(fd),
+                Ok(fd) => log.sync().register(key, fd),
                 // Never a wake-up: do not wait for one.
                 Err(_) => return false,
             }
-            *registered = id;
+            if let Some(old) = registered.replace(log.clone()) {
+                old.sync().unregister(key);
+            }
         }
         log.sync().holds(seq)
     }
