@@ -8,6 +8,8 @@
 //!   (run to its end, or start and wait for its API socket; output captured; signal, wait for
 //!   the exit code, kill on drop). Its API is reached with `vmm-api`'s `VmmClient`.
 //! - [`pki`]: a CA and the node certificates it signs, for replication's mutual TLS.
+//! - [`netns`]: two network namespaces joined by a veth pair with a 5 ms round trip, a link
+//!   between two daemons that a test can cut; running code in a namespace.
 //! - [`generations`]: a workload of generations over a set of blocks, each one flushed, and
 //!   the check that an image (a replication secondary's) is one consistent point of it.
 //! - `blk_client.rs`: [`BlkClient`], a vhost-user-blk client on the `blkio` crate (libblkio's
@@ -32,6 +34,7 @@ mod blk_client;
 pub mod devices;
 pub mod emulated_host;
 pub mod generations;
+pub mod netns;
 pub mod pki;
 pub mod raw_frontend;
 pub mod scripted_backend;
