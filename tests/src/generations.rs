@@ -15,8 +15,10 @@
 //! or g + 1 for some g, each block whole: [`check_image`]. And an image said to be the volume
 //! as of `consistent_at` holds every generation whose FLUSH completed before that time and no
 //! generation whose first write started after it: [`Image::check_time`] (the times are the
-//! writer's and the primary's clocks: the same host's, with a slack for the microseconds
-//! between a clock read and the lock it is taken for).
+//! writer's and the primary's clocks: the same host's, with a slack for the moments between
+//! a clock read and the lock it is taken for). Against a recovery point objective: every
+//! generation flushed more than `rpo_seconds` before the image was taken (its primary
+//! killed) is in it, [`Image::check_recency`].
 //!
 //! Everything [`check_image`] reads comes from the storage under test: it answers a wrong
 //! block with a [`CheckError`] naming it, never a panic.
@@ -98,9 +100,11 @@ pub enum CheckError {
     },
     #[error("The image has generation {max}, which the writer never started")]
     NeverWritten { max: u64 },
-    #[error("The image is {age:.3} s older than the moment it was taken at ({taken_at:.6}); the RPO is {rpo_seconds} s")]
+    #[error("Older than the RPO allows: generation {flushed} was flushed at {flushed_at:.6}, more than {rpo_seconds} s before {taken_at:.6}, yet the image is at generation {min}")]
     TooOld {
-        age: f64,
+        min: u64,
+        flushed: u64,
+        flushed_at: f64,
         taken_at: f64,
         rpo_seconds: u32,
     },
@@ -296,16 +300,12 @@ impl Image {
         consistent_at: f64,
         slack: f64,
     ) -> Result<(), CheckError> {
-        if let Some(g) = generations
-            .iter()
-            .filter(|g| g.flushed.is_some_and(|f| f < consistent_at - slack))
-            .max_by_key(|g| g.generation)
-        {
-            if self.min < g.generation {
+        if let Some((g, flushed_at)) = last_flushed_before(generations, consistent_at - slack) {
+            if self.min < g {
                 return Err(CheckError::Stale {
                     min: self.min,
-                    flushed: g.generation,
-                    flushed_at: g.flushed.unwrap_or_default(),
+                    flushed: g,
+                    flushed_at,
                     consistent_at,
                 });
             }
@@ -323,24 +323,37 @@ impl Image {
             Some(_) => Ok(()),
         }
     }
+
+    /// Checks that the image misses at most the last `rpo_seconds` of the workload before
+    /// `taken_at` (e.g. the moment its primary was killed): every generation whose FLUSH
+    /// completed before `taken_at - rpo_seconds` is in it. (Not that its `consistent_at` is
+    /// that recent: a volume nobody writes loses nothing however old its last cut is.)
+    pub fn check_recency(
+        &self,
+        generations: &[Generation],
+        taken_at: f64,
+        rpo_seconds: u32,
+    ) -> Result<(), CheckError> {
+        let bound = taken_at - f64::from(rpo_seconds);
+        match last_flushed_before(generations, bound) {
+            Some((g, flushed_at)) if self.min < g => Err(CheckError::TooOld {
+                min: self.min,
+                flushed: g,
+                flushed_at,
+                taken_at,
+                rpo_seconds,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
-/// Checks that an image of `consistent_at` is at most `rpo_seconds` older than `taken_at`
-/// (e.g. the moment its primary was killed).
-pub fn check_recency(
-    consistent_at: f64,
-    taken_at: f64,
-    rpo_seconds: u32,
-) -> Result<(), CheckError> {
-    let age = taken_at - consistent_at;
-    if age > f64::from(rpo_seconds) {
-        return Err(CheckError::TooOld {
-            age,
-            taken_at,
-            rpo_seconds,
-        });
-    }
-    Ok(())
+/// The last generation whose FLUSH completed before `t`, and when.
+fn last_flushed_before(generations: &[Generation], t: f64) -> Option<(u64, f64)> {
+    generations
+        .iter()
+        .filter_map(|g| g.flushed.filter(|&f| f < t).map(|f| (g.generation, f)))
+        .max_by_key(|&(g, _)| g)
 }
 
 /// Why the writer stopped before it was told to.
@@ -753,11 +766,22 @@ mod tests {
     }
 
     #[test]
-    fn an_image_older_than_the_rpo_before_it_was_taken_is_too_old() {
-        assert_eq!(check_recency(96.0, 100.0, 5), Ok(()));
+    fn an_image_that_misses_generations_flushed_more_than_the_rpo_before_it_was_taken_is_too_old() {
+        let gens = record();
+        // Generation 2 was flushed at 102.5, generation 3 at 103.5.
+        let at_2 = Image { min: 2, max: 2 };
+        assert_eq!(at_2.check_recency(&gens, 108.0, 5), Ok(()));
         assert!(matches!(
-            check_recency(94.0, 100.0, 5),
-            Err(CheckError::TooOld { rpo_seconds: 5, .. })
+            at_2.check_recency(&gens, 108.6, 5),
+            Err(CheckError::TooOld {
+                min: 2,
+                flushed: 3,
+                rpo_seconds: 5,
+                ..
+            })
         ));
+        // An old image of a volume nobody wrote since is not too old.
+        let at_3 = Image { min: 3, max: 3 };
+        assert_eq!(at_3.check_recency(&gens, 1000.0, 5), Ok(()));
     }
 }
