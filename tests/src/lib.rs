@@ -8,6 +8,10 @@
 //!   (run to its end, or start and wait for its API socket; output captured; signal, wait for
 //!   the exit code, kill on drop). Its API is reached with `vmm-api`'s `VmmClient`.
 //! - [`pki`]: a CA and the node certificates it signs, for replication's mutual TLS.
+//! - [`netns`]: two network namespaces joined by a veth pair with a 5 ms round trip, a link
+//!   between two daemons that a test can cut; running code in a namespace.
+//! - [`generations`]: a workload of generations over a set of blocks, each one flushed, and
+//!   the check that an image (a replication secondary's) is one consistent point of it.
 //! - `blk_client.rs`: [`BlkClient`], a vhost-user-blk client on the `blkio` crate (libblkio's
 //!   virtio-blk-vhost-user driver, written by the QEMU authors) for storaged's volumes.
 //! - [`raw_frontend`]: a vhost-user frontend written by hand, for requests and rings no
@@ -29,6 +33,8 @@
 mod blk_client;
 pub mod devices;
 pub mod emulated_host;
+pub mod generations;
+pub mod netns;
 pub mod pki;
 pub mod raw_frontend;
 pub mod scripted_backend;

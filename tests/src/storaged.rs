@@ -2,6 +2,11 @@
 //! started with the test's arguments and waited for until its admin API answers; its log
 //! (stderr) captured line by line; stopped by a signal, restarted on the same data dir, killed
 //! on drop. Its admin API is reached with [`AdminClient`], the client `storagectl` uses.
+//!
+//! [`Storaged::start_in_netns`] starts it in a network namespace (`ip netns exec`, which execs
+//! it: the child's pid is storaged's, for signals). Its admin and vhost-user sockets are Unix
+//! sockets in the file system, reached from anywhere; its TCP listeners (metrics,
+//! replication) are in its namespace, where [`Storaged::metrics`] scrapes.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -21,6 +26,8 @@ pub struct Storaged {
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
     _tmp: Option<tempfile::TempDir>,
+    /// The network namespace it runs in (`None`: the test's own).
+    netns: Option<String>,
 }
 
 impl Storaged {
@@ -40,6 +47,7 @@ impl Storaged {
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             _tmp: Some(tmp),
+            netns: None,
         };
         s.spawn();
         s
@@ -53,13 +61,54 @@ impl Storaged {
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             _tmp: None,
+            netns: None,
         };
         s.spawn();
         s
     }
 
+    /// Starts storaged in network namespace `netns` on a new temporary data dir; a restart
+    /// starts it there again.
+    pub fn start_in_netns(netns: &str, args: &[&str]) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("stg")
+            .tempdir()
+            .expect("tempdir");
+        let mut s = Storaged {
+            data_dir: tmp.path().to_owned(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            _tmp: Some(tmp),
+            netns: Some(netns.to_string()),
+        };
+        s.spawn();
+        s
+    }
+
+    /// The network namespace it runs in, if not the test's.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// A scrape of its /metrics, taken from its namespace.
+    pub fn metrics(&self) -> String {
+        let url = self.metrics_url();
+        match &self.netns {
+            Some(ns) => crate::netns::in_netns(ns, || crate::http_get(&url)),
+            None => crate::http_get(&url),
+        }
+    }
+
     fn spawn(&mut self) {
-        let mut cmd = Command::new(bin("storaged"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("storaged"));
+                c
+            }
+            None => Command::new(bin("storaged")),
+        };
         cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .args([
