@@ -6,10 +6,9 @@
 //! allow. Besides: a resync after an outage sends the changed regions, not the volume; an
 //! encrypted volume crosses the link and lands on the peer as its ciphertext.
 //!
-//! Where the secondary's image is read (the primary gone, the stream ended) it is the last
-//! epoch the secondary committed: [`secondary_image`], the one place that changes when a
-//! secondary can be promoted. Three tests are ignored, each for the storaged bug its reason
-//! names: they run with `--ignored`, and fail until it is fixed.
+//! Where the secondary's image is read (the primary gone, the stream ended) it is promoted
+//! and read: [`secondary_image`]. One test is ignored for the storaged limit its reason
+//! names: it runs with `--ignored`.
 //!
 //! One test at a time (a lock): each runs two daemons and a writer, and on a small machine
 //! two such tests would starve each other's daemons, making the RPO bound a measure of the
@@ -162,10 +161,9 @@ fn wait_secondary_passes(z: &Zones, what: &str, t: f64, timeout: Duration) -> Re
     }
 }
 
-/// The secondary's image as a failover would find it, and the `consistent_at` it is of: the
-/// primary is gone (killed), so the secondary's stream has ended and the image it serves
-/// (read-only) is its last committed epoch's. Read through its vhost-user socket.
-/// (When the promote API lands, this becomes: promote the secondary, then read it.)
+/// The secondary's image as a failover finds it, and the `consistent_at` it is of: the
+/// primary is gone (killed), so the secondary's stream ends; it is promoted, and its image
+/// (its last committed epoch's) read back through its vhost-user socket.
 fn secondary_image(z: &Zones, layout: &Layout) -> (Vec<Vec<u8>>, f64) {
     let r = wait_replication(
         &z.b,
@@ -175,19 +173,19 @@ fn secondary_image(z: &Zones, layout: &Layout) -> (Vec<Vec<u8>>, f64) {
     );
     assert!(r.consistent, "{r:?}\n{}", z.logs());
     let at = r.consistent_at.expect("a consistent image has its time");
-    let mut ro = BlkClient::connect_read_only(&z.b.socket_of(VOLUME)).unwrap();
+    let promoted = z.b.admin().promote(VOLUME, false).unwrap();
+    assert_eq!(
+        promoted.role,
+        storaged_api::ReplicationRole::Primary,
+        "{promoted:?}"
+    );
+    let mut c = storaged_tests::connect_retry(&z.b.socket_of(VOLUME), 1);
     let blocks = layout
         .offsets()
         .iter()
-        .map(|&o| ro.read(0, o, BLOCK).unwrap())
+        .map(|&o| c.read(0, o, BLOCK).unwrap())
         .collect();
-    drop(ro);
-    let again = z.b.admin().replication(VOLUME).unwrap();
-    assert_eq!(
-        again.consistent_at,
-        Some(at),
-        "the image moved while it was read"
-    );
+    drop(c);
     (blocks, at)
 }
 
@@ -480,9 +478,6 @@ fn a_link_cut_mid_stream_and_restored_leaves_the_secondary_consistent_and_follow
 }
 
 #[test]
-#[ignore = "storaged bug: a link cut while records flow is never noticed; the sender is blocked \
-            in a send to the full TCP buffer and checks the peer's silence only between sends, \
-            so the state stays 'replicating' (lag growing, rpo_exceeded) until TCP gives up"]
 fn a_link_cut_while_the_stream_carries_data_is_noticed_and_the_link_made_again_through_a_resync() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(z) = zones() else {
@@ -527,10 +522,6 @@ fn a_kill_9_of_the_secondary_mid_apply_then_its_restart_leave_it_consistent_and_
 }
 
 #[test]
-#[ignore = "storaged bugs: the resync that follows each restart, under writes, commits an image \
-            that is either older than its consistent_at (the time is taken when its end is \
-            sent, after the records drained at its cut) or, when the log overflowed meanwhile, \
-            not one point of the workload"]
 fn a_kill_9_of_the_secondary_mid_apply_under_writes_then_its_restart_leave_it_consistent() {
     kill_the_secondary_mid_apply(true);
 }
@@ -603,9 +594,10 @@ fn a_kill_9_of_the_secondary_mid_resync_then_its_restart_leave_it_consistent_and
 }
 
 #[test]
-#[ignore = "storaged bug: a resync during which the primary's log overflows is committed \
-            without the records it dropped; the image mixes regions read seconds apart \
-            (e.g. block 0 at generation 232, block 120 at 864) and is called consistent"]
+#[ignore = "storaged limit: a resync whose log overflows (writes outpace the link for the \
+            resync's whole length) is not committed but started again, and under a writer at \
+            full speed on this emulated link it starts again without end: the image stays \
+            consistent but does not catch up in the test's time"]
 fn a_kill_9_of_the_secondary_mid_resync_under_writes_then_its_restart_leave_it_consistent() {
     kill_the_secondary_mid_resync(true);
 }

@@ -184,8 +184,9 @@ impl ReplicationLog {
 
     /// Appends a cut after the records so far (a FLUSH completed, or an epoch's time is up).
     pub fn cut(&self) {
-        let time_unix_ns = crate::unix_time().as_nanos() as u64;
+        // The clock is read under the lock: no record after the cut completed before its time.
         let mut inner = self.lock();
+        let time_unix_ns = crate::unix_time().as_nanos() as u64;
         let seq = inner.next_seq - 1;
         if inner.overflowed {
             return;

@@ -52,6 +52,12 @@ pub const EPOCH_INTERVAL: Duration = Duration::from_millis(100);
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest one frame (at most 4 MiB + 4 KiB) may take to go out: a cut link whose send
+/// buffer is full takes no byte, and the stream must notice that too, not only the
+/// secondary's silence between sends. (A link must carry about 1 MiB/s for the largest
+/// frame.)
+pub const SEND_TIMEOUT: Duration = PEER_TIMEOUT;
+
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -74,6 +80,8 @@ enum Error {
     Gone,
     #[error("the secondary sent nothing for {} s", PEER_TIMEOUT.as_secs())]
     Silent,
+    #[error("a frame could not be sent in {} s", SEND_TIMEOUT.as_secs())]
+    Stuck,
     #[error("the peer is a primary of an older generation: it becomes this side's secondary")]
     PeerDemotes,
     #[error(
@@ -192,20 +200,23 @@ async fn connection(
     let stream = session::connect(tls, &rel.peer).await?;
     let (rd, wr) = tokio::io::split(stream);
     let (mut rx, mut tx) = (Link::new(rd), Link::new(wr));
-    tx.send(&Message::Hello {
-        relationship,
-        role: Role::Primary,
-        generation: rel.generation,
-        shared_seq: 0,
-        diverged: log.dirty().diverged(),
-        won: rel.won,
-        epoch: 0,
-        consistent: true,
-        listen: listen.to_string(),
-        volume: wire_spec(&spec, block_size),
-        all_regions: false,
-        regions: Vec::new(),
-    })
+    send(
+        &mut tx,
+        &Message::Hello {
+            relationship,
+            role: Role::Primary,
+            generation: rel.generation,
+            shared_seq: 0,
+            diverged: log.dirty().diverged(),
+            won: rel.won,
+            epoch: 0,
+            consistent: true,
+            listen: listen.to_string(),
+            volume: wire_spec(&spec, block_size),
+            all_regions: false,
+            regions: Vec::new(),
+        },
+    )
     .await?;
     let (mut epoch, consistent) = match rx.recv().await?.ok_or(Error::Closed)? {
         Message::Hello {
@@ -275,12 +286,19 @@ async fn connection(
     let file = File::open(&path).map_err(Error::Read)?;
     loop {
         epoch += 1;
-        let cut = resync(service, name, &log, &file, size, epoch, &mut tx, known).await?;
-        // The resync's commit: the two are level at `cut`.
-        match rx.recv().await?.ok_or(Error::Closed)? {
-            Message::Committed { epoch: e } if e == epoch => clean(&log, cut),
-            other => return Err(Error::Unexpected(other.message_type())),
+        let (cut, cut_time) =
+            resync(service, name, &log, &file, size, epoch, &mut tx, known).await?;
+        // The resync's commit: the two are level at `cut`. Answers to what the stream sent
+        // before this resync (epochs, pings) may come first.
+        loop {
+            match rx.recv().await?.ok_or(Error::Closed)? {
+                Message::Committed { epoch: e } if e == epoch => break,
+                Message::Committed { epoch: e } if e < epoch => {}
+                Message::Pong { .. } => {}
+                other => return Err(Error::Unexpected(other.message_type())),
+            }
         }
+        clean(&log, cut);
         let _connected = Connected::new(log.dirty());
         log.sync().ack(cut);
         if rel.mode == ReplicationMode::Sync && !log.sync().active() {
@@ -298,7 +316,7 @@ async fn connection(
             }
         });
         known.consistent = true;
-        known.consistent_at_ns = Some(now_ns());
+        known.consistent_at_ns = Some(cut_time);
         known.disconnected_since = None;
         known.state = "replicating";
         known.end_progress();
@@ -344,7 +362,7 @@ async fn send_epoch<W: AsyncWrite + Unpin>(
             _ => None,
         };
         if let Some(msg) = record_message(record, Some(epoch)) {
-            tx.send(&msg).await?;
+            send(tx, &msg).await?;
         }
         if let Some((seq, time)) = cut {
             sent.push_back((*epoch, seq, time));
@@ -379,6 +397,14 @@ struct Level {
     size: u64,
 }
 
+/// Sends `msg`, or fails once [`SEND_TIMEOUT`] passed without it going out.
+async fn send<W: AsyncWrite + Unpin>(tx: &mut Link<W>, msg: &Message) -> Result<(), Error> {
+    match tokio::time::timeout(SEND_TIMEOUT, tx.send(msg)).await {
+        Ok(sent) => Ok(sent?),
+        Err(_) => Err(Error::Stuck),
+    }
+}
+
 /// Adds what the link's two halves carried to the volume's byte counters.
 fn count<R, W>(service: &VolumeService, name: &str, rx: &mut Link<R>, tx: &mut Link<W>) {
     let (_, received) = rx.take_counts();
@@ -399,7 +425,7 @@ fn clean(log: &ReplicationLog, seq: u64) {
 }
 
 /// Sends a resync as epoch `epoch`: the dirty regions, then the records since it began, then
-/// its end, whose seq it returns.
+/// its end, whose seq and time it returns.
 #[allow(clippy::too_many_arguments)]
 async fn resync<W: AsyncWrite + Unpin>(
     service: &VolumeService,
@@ -410,7 +436,7 @@ async fn resync<W: AsyncWrite + Unpin>(
     epoch: u64,
     tx: &mut Link<W>,
     known: &mut LinkStatus,
-) -> Result<u64, Error> {
+) -> Result<(u64, u64), Error> {
     let ranges: Vec<(u64, u64)> = log
         .start_resync()
         .into_iter()
@@ -426,17 +452,20 @@ async fn resync<W: AsyncWrite + Unpin>(
     };
     known.set_progress(0, bytes);
     service.set_link_status(name, known.clone());
-    tx.send(&Message::ResyncBegin {
-        epoch,
-        regions: ranges.len() as u64,
-        bytes,
-    })
+    send(
+        tx,
+        &Message::ResyncBegin {
+            epoch,
+            regions: ranges.len() as u64,
+            bytes,
+        },
+    )
     .await?;
     let mut done = 0u64;
     for (offset, len) in ranges {
         let msg =
             tokio::task::block_in_place(|| read_region(file, offset, len)).map_err(Error::Read)?;
-        tx.send(&msg).await?;
+        send(tx, &msg).await?;
         done += len;
         if known.set_progress(done, bytes) {
             service.set_link_status(name, known.clone());
@@ -444,6 +473,8 @@ async fn resync<W: AsyncWrite + Unpin>(
     }
     // What completed while the regions were read; cuts inside a resync are not epochs. The
     // resync's cut is the last record taken with them: what comes after goes to the stream.
+    // Its time is read before: every write answered by then is among them.
+    let time_unix_ns = now_ns();
     let (records, seq) = log.drain_to();
     // Records dropped during the resync: its cut would claim them. Their regions are dirty;
     // the next connection's resync sends them.
@@ -452,16 +483,19 @@ async fn resync<W: AsyncWrite + Unpin>(
     }
     for record in records {
         if let Some(msg) = record_message(record, None) {
-            tx.send(&msg).await?;
+            send(tx, &msg).await?;
         }
     }
-    tx.send(&Message::ResyncEnd {
-        epoch,
-        seq,
-        time_unix_ns: now_ns(),
-    })
+    send(
+        tx,
+        &Message::ResyncEnd {
+            epoch,
+            seq,
+            time_unix_ns,
+        },
+    )
     .await?;
-    Ok(seq)
+    Ok((seq, time_unix_ns))
 }
 
 /// A region as the backing file holds it: its bytes, or a discard where the file has a hole.
@@ -573,7 +607,7 @@ where
                 {
                     let generation = level.generation + 1;
                     tracing::info!(volume = %name, generation, seq = level.seq, "switchover: drained, asking the secondary to promote");
-                    tx.send(&Message::Promote {
+                    send(tx, &Message::Promote {
                         relationship: level.relationship,
                         generation,
                         seq: level.seq,
@@ -583,7 +617,7 @@ where
                     continue;
                 }
                 if pinged.elapsed() >= PING_INTERVAL {
-                    tx.send(&Message::Ping { time_unix_ns: now_ns() }).await?;
+                    send(tx, &Message::Ping { time_unix_ns: now_ns() }).await?;
                     pinged = std::time::Instant::now();
                 }
                 // A sync relationship that fell back to async returns to sync once the
