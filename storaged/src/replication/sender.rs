@@ -339,6 +339,9 @@ async fn connection(
 /// Epochs sent and not yet committed: (epoch, seq and time of its cut).
 type Sent = std::collections::VecDeque<(u64, u64, u64)>;
 
+/// How long after its commit a region is cleaned (see [`ship`]).
+const CLEAN_DELAY: Duration = Duration::from_secs(1);
+
 /// A sync relationship is caught up when at most an epoch is in flight and the log holds
 /// less than this.
 const CAUGHT_UP: usize = 1 << 20;
@@ -573,6 +576,8 @@ where
     let mut tick = tokio::time::interval(EPOCH_INTERVAL);
     // Epochs sent and not yet committed: (epoch, seq and time of its cut).
     let mut sent = Sent::default();
+    // Commits not yet used to clean the dirty map: when, and up to which seq.
+    let mut commits: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
     let mut heard = std::time::Instant::now();
     let mut pinged = std::time::Instant::now();
     // A switchover's `Promote` sent: the generation the peer is asked to take.
@@ -653,6 +658,16 @@ where
                     if let Some(seq) = upto {
                         level.seq = seq;
                         log.sync().ack(seq);
+                        // Regions are cleaned CLEAN_DELAY after their commit: a region written
+                        // again meanwhile stays marked, so a steady workload's regions are
+                        // marked (and synced) once, not at every epoch.
+                        commits.push_back((std::time::Instant::now(), seq));
+                    }
+                    let mut due = None;
+                    while commits.front().is_some_and(|(t, _)| t.elapsed() >= CLEAN_DELAY) {
+                        due = commits.pop_front().map(|(_, seq)| seq);
+                    }
+                    if let Some(seq) = due {
                         clean(log, seq);
                     }
                 }
