@@ -100,7 +100,17 @@ impl ReplicationLog {
     /// change, durably, before it is submitted; they count as in flight until
     /// [`done`](Self::done).
     pub fn before_submit(&self, ranges: &[(u64, u64)]) -> Result<(), dirty::Error> {
-        self.dirty.mark_all(ranges)
+        let ahead = self.dirty.mark_all(ranges)?;
+        if !ahead.is_empty() {
+            // Marked ahead of a sequential writer, written by nothing yet: clean once what
+            // has completed so far is committed.
+            let mut inner = self.lock();
+            let at = inner.next_seq - 1;
+            for r in ahead {
+                inner.touch(r * REGION, REGION, at);
+            }
+        }
+        Ok(())
     }
 
     /// The request marked with these `ranges` has completed (its record, if any, appended).
