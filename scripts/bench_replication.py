@@ -593,7 +593,11 @@ def main():
                     sys.exit("repl: not disconnected 60 s after the link went down")
                 time.sleep(0.1)
             detect = time.monotonic() - t_down
-            blkbench(socks["repl"], "write", 131072, 8, max(1.0, d / 200), span=d * MIB)
+            # Sequential from offset 0 over a span of D MiB: one pass writes every region of it
+            # (blkbench runs for a time, so longer until a run's writes cover the span).
+            seconds = 1.0
+            while blkbench(socks["repl"], "write", 131072, 8, seconds, span=d * MIB)["ios"] * 131072 < d * MIB:
+                seconds *= 2
             sent0 = a.metric("storaged_volume_replication_sent_bytes_total", "repl")
             t_up = time.monotonic()
             zones.link(True)
