@@ -34,6 +34,9 @@ CASES = [
     ("128k seq write QD8", "write", 131072, 8),
 ]
 MIB = 1 << 20
+# x86_64 numbers of the system calls a queue worker waits in, for /proc/TID/syscall.
+SYSCALLS = {"running": "running", "17": "pread64", "18": "pwrite64", "74": "fsync", "75": "fdatasync",
+            "202": "futex", "232": "epoll_wait", "281": "epoll_pwait", "426": "io_uring_enter"}
 
 
 def progress(msg):
@@ -126,6 +129,7 @@ class Sampler(threading.Thread):
         self.interval = interval
         self.samples = []
         self.threads = {}  # tid -> (name, CPU seconds), last reading
+        self.waits = []  # (time, syscall) of each queue worker at each sample
         self.lock = threading.Lock()
         self.done = threading.Event()
 
@@ -135,6 +139,7 @@ class Sampler(threading.Thread):
             r = self.admin.replication(self.name)
             self.samples.append((t, r["state"], r["lag_seconds"]))
             self.read_threads()
+            self.read_waits()
             self.done.wait(max(0.0, self.interval - (time.monotonic() - t)))
 
     def read_threads(self):
@@ -143,8 +148,27 @@ class Sampler(threading.Thread):
             self.threads.update(now)
             return dict(self.threads)
 
+    def read_waits(self):
+        """What each queue worker (vring_worker) is doing: the system call it is in, by
+        /proc/TID/syscall, or "running"."""
+        t = time.monotonic()
+        for tid, (name, _) in list(self.threads.items()):
+            if name != "vring_worker":
+                continue
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/syscall") as f:
+                    nr = f.read().split()[0]
+            except (OSError, IndexError):
+                continue
+            self.waits.append((t, SYSCALLS.get(nr, nr if not nr.isdigit() else f"syscall {nr}")))
+
     def between(self, t0, t1):
         return [s for s in self.samples if t0 <= s[0] <= t1]
+
+    def waits_between(self, t0, t1):
+        """Share of the queue workers' samples in each system call between t0 and t1."""
+        w = [x[1] for x in self.waits if t0 <= x[0] <= t1]
+        return {k: w.count(k) / len(w) for k in set(w)}
 
     def stop(self):
         self.done.set()
@@ -193,7 +217,8 @@ class Window:
         ours[-1] += d["irq"]
         other = max(0.0, d["task"] - sum(ours[:-1]) - (ours[-1] - d["irq"]))
         return {"t0": self.t0, "t1": t1, "cpu": ours + [other], "host": d["busy"] / d["total"],
-                "threads": thread_delta(self.th0, self.sampler.read_threads(), wall)}
+                "threads": thread_delta(self.th0, self.sampler.read_threads(), wall),
+                "waits": self.sampler.waits_between(self.t0, t1)}
 
 
 class Zones:
@@ -526,8 +551,9 @@ def main():
                          f"repl {rr['iops']:.0f} ({ratios[-1]:.3f}), control {this['control']['iops']:.0f} "
                          f"({controls[-1]:.3f}); repl lag p50/p99 {fmt(percentile(rr['lags'], 50))}/"
                          f"{fmt(percentile(rr['lags'], 99))} s, states {','.join(rr['states'])}, lag 0 "
-                         f"{rr['catch_up']:.1f} s after; CPU of the repl run: {cpu_label(rr['cpu'])}; of the "
-                         f"plain run: {cpu_label(rp['cpu'])}")
+                         f"{rr['catch_up']:.1f} s after; queue worker in fdatasync {rr['waits'].get('fdatasync', 0):.0%} "
+                         f"of the repl run, {rp['waits'].get('fdatasync', 0):.0%} of the plain run; CPU of the repl "
+                         f"run: {cpu_label(rr['cpu'])}; of the plain run: {cpu_label(rp['cpu'])}")
             res = {vol: {k: statistics.median(r[k] for r in rs) for k in ("iops", "mbps", "lat_p50_us", "lat_p99_us")}
                    for vol, rs in runs.items()}
             res["ratio"], res["ratios"] = statistics.median(ratios), (min(ratios), max(ratios))
@@ -544,6 +570,9 @@ def main():
                 kinds = set().union(*(r["threads"] for r in runs[vol]))
                 res[vol]["threads"] = {k: statistics.median(r["threads"].get(k, 0.0) for r in runs[vol])
                                        for k in kinds}
+                kinds = set().union(*(r["waits"] for r in runs[vol]))
+                res[vol]["waits"] = {k: statistics.median(r["waits"].get(k, 0.0) for r in runs[vol])
+                                     for k in kinds}
             res["redone"] = redone
             res["noisy"] = sum(1 for vol in runs for r in runs[vol] if r["cpu"][-1] > args.max_other)
             results[name] = res
@@ -734,15 +763,19 @@ def report(args, size, seed, rtt, zones, results, steady_rows, sync_rows, resync
               "storaged, the delay lines, the client (blkbench and this driver), the kernel (its threads, "
               "interrupts and softirqs: writeback, the network stack), and other: the host's task time less all "
               "of those, i.e. someone else's load. Zone 0 by thread: names without their numbers; a queue's "
-              "vring_worker ends with its connection, so its last 100 ms may be missing.", "",
-              "| case | volume | " + " | ".join(Window.KINDS) + " | host busy | zone 0 by thread |",
-              "|---|---|" + "---|" * len(Window.KINDS) + "---|---|"]
+              "vring_worker ends with its connection, so its last 100 ms may be missing. Queue worker: what "
+              "zone 0's vring_worker was doing at each 100 ms sample (/proc/TID/syscall): running, or the "
+              "system call it waited in.", "",
+              "| case | volume | " + " | ".join(Window.KINDS) + " | host busy | zone 0 by thread | queue worker |",
+              "|---|---|" + "---|" * len(Window.KINDS) + "---|---|---|"]
     for name, *_ in CASES:
         for vol in ("plain", "repl"):
             v = results[name][vol]
             top = sorted(((c, k) for k, c in v["threads"].items() if c >= 0.01), reverse=True)
+            waits = sorted(((c, k) for k, c in v["waits"].items() if c >= 0.01), reverse=True)
             lines.append(f"| {name} | {vol} | " + " | ".join(f"{c:.2f}" for c in v["cpu"])
-                         + f" | {v['host']:.0%} | {', '.join(f'{k} {c:.2f}' for c, k in top)} |")
+                         + f" | {v['host']:.0%} | {', '.join(f'{k} {c:.2f}' for c, k in top)} "
+                         f"| {', '.join(f'{k} {c:.0%}' for c, k in waits)} |")
     lines += ["", "## Lag under steady loads the link carries", "",
               f"repl held to a limit (its QoS bucket), {2 * args.runtime:g} s measured after 2 s spending the burst; "
               "lag sampled every 100 ms. Target: p99 < 1 s.", "",
