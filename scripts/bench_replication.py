@@ -308,6 +308,28 @@ class Zones:
             server.kill()
             server.wait()
 
+    def stream_mbps(self, seconds=3.0):
+        """MB/s of one plain TCP stream (no TLS) from the primary's namespace to the
+        secondary's for `seconds`: what the link carries."""
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", NETNS[1], sys.executable, "-c",
+             "import socket\ns = socket.create_server(('%s', 7998))\nprint('up', flush=True)\n"
+             "c = s.accept()[0]\nn = 0\nb = bytearray(1 << 22)\n"
+             "while (k := c.recv_into(b)):\n    n += k\nprint(n, flush=True)\n" % ADDR[1]],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            server.stdout.readline()
+            secs = float(run("ip", "netns", "exec", NETNS[0], sys.executable, "-c",
+                             "import socket, time\nc = socket.create_connection(('%s', 7998))\n"
+                             "b = bytes(1 << 22)\nt = time.monotonic()\n"
+                             "while time.monotonic() - t < %f:\n    c.sendall(b)\n"
+                             "c.shutdown(socket.SHUT_WR)\nc.recv(1)\nprint(time.monotonic() - t)\n"
+                             % (ADDR[1], seconds)).stdout)
+            return int(server.stdout.readline()) / secs / 1e6
+        finally:
+            server.kill()
+            server.wait()
+
     def cpu(self):
         return sum(cpu_seconds(p.pid) for p in self.delaylines if p.poll() is None)
 
@@ -450,7 +472,9 @@ def main():
         progress(f"==> zones: namespaces {NETNS[0]} and {NETNS[1]}, {args.rtt_us} µs round trip")
         zones = Zones(args.rtt_us // 2, args.delay)
         rtt = zones.rtt_ms()
-        progress(f"    delay by {zones.method}; TCP connect time across: {rtt:.2f} ms")
+        link_mbps = zones.stream_mbps()
+        progress(f"    delay by {zones.method}; TCP connect time across: {rtt:.2f} ms; one TCP stream "
+                 f"carries {link_mbps:.0f} MB/s")
 
         nodes = make_pki(os.path.join(work, "pki"))
         daemons, admins = [], []
@@ -672,7 +696,7 @@ def main():
         else:
             progress(f"    POST replication mode sync: {status} {out}")
 
-        lines = report(args, size, seed, rtt, zones, results, steady_rows, sync_rows, resync_rows, sync)
+        lines = report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_rows, resync_rows, sync)
         write_table(lines, args.out, "replication.md" if not args.quick else "replication-quick.md")
     finally:
         cleanup()
@@ -714,7 +738,7 @@ def steady_label(bs, limit):
     return f"128k seq write QD8 at {limit / MIB:.0f} MiB/s"
 
 
-def report(args, size, seed, rtt, zones, results, steady_rows, sync_rows, resync_rows, sync):
+def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_rows, resync_rows, sync):
     head = run("git", "-C", ROOT, "rev-parse", "--short", "HEAD").stdout.strip()
     dirty = run("git", "-C", ROOT, "status", "--porcelain", "--", "storaged", "crates", "Cargo.lock").stdout.strip()
     with open("/proc/cpuinfo") as f:
@@ -728,7 +752,8 @@ def report(args, size, seed, rtt, zones, results, steady_rows, sync_rows, resync
              f"Commit {head}{' (storaged modified)' if dirty else ''}. Host: {os.cpu_count()} CPUs ({model}), "
              f"{mem:.0f} GiB, kernel {os.uname().release}. Two zones on this host: network namespaces joined by "
              f"a veth pair, {link}; measured TCP connect time across {rtt:.2f} ms; socket buffers up to 16 MiB "
-             "(send) and 32 MiB (receive) in the namespaces. A storaged in each; zone 0's data dir on "
+             f"(send) and 32 MiB (receive) in the namespaces; one plain TCP stream (no TLS) carries "
+             f"{link_mbps:.0f} MB/s across (before the daemons start). A storaged in each; zone 0's data dir on "
              f"/var/tmp ({fs}), zone 1's on {args.secondary_dir or '/dev/shm (tmpfs)'}"
              f"{', so the secondary does not share the one disk' if not args.secondary_dir else ''}. Mutual TLS "
              "with an openssl CA. Volumes plain (encryption none), tier mass (no limit), preallocated and "
@@ -787,12 +812,13 @@ def report(args, size, seed, rtt, zones, results, steady_rows, sync_rows, resync
     lines += ["", "## Initial sync against the link's bandwidth", "",
               "From POST replication to `replicating` with lag 0 (polled every 100 ms); the volume fully "
               "written through its backing file first. MiB/s is the volume's data over that time; link MiB/s "
-              "its rate; sent is the frames' bytes (storaged_volume_replication_sent_bytes_total).", "",
+              "its rate (unlimited: what one plain TCP stream carried); sent is the frames' bytes "
+              "(storaged_volume_replication_sent_bytes_total).", "",
               "| volume data MiB | link | time s | MiB/s | link MiB/s | of the link | sent MiB |",
               "|---|---|---|---|---|---|---|"]
     for r in sync_rows:
         mibs = r["mib"] / r["secs"]
-        link_mibs = r["rate"] / 8 / MIB if r["rate"] else None
+        link_mibs = r["rate"] / 8 / MIB if r["rate"] else link_mbps * 1e6 / MIB
         lines.append(f"| {r['mib']:.0f} | {rate_label(r['rate'])} | {r['secs']:.2f} | {mibs:.0f} | {fmt(link_mibs, '.0f')} "
                      f"| {fmt(mibs / link_mibs if link_mibs else None)} | {r['sent_mib']:.0f} |")
     lines += ["", "## Resync against dirty bytes", "",
