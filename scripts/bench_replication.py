@@ -198,6 +198,7 @@ class Window:
         self.c0 = self.procs()
         self.h0 = host_cpu()
         self.th0 = sampler.read_threads()
+        self.th1 = thread_cpu(daemons[1].pid)  # the secondary's threads outlive a run
 
     def procs(self):
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -206,8 +207,9 @@ class Window:
                 + [kids.ru_utime + kids.ru_stime + me.ru_utime + me.ru_stime, kernel_threads_cpu()])
 
     def end(self):
-        """{"cpu": cores of each of KINDS, "host": busy share of all CPUs, "threads": zone 0's
-        cores by thread kind, "t0", "t1"}."""
+        """{"cpu": cores of each of KINDS, "host": busy share of all CPUs, "threads" and
+        "threads1": zone 0's and zone 1's cores by thread kind, "waits": zone 0's queue
+        workers' system calls, "t0", "t1"}."""
         t1 = time.monotonic()
         wall = t1 - self.t0
         c1 = self.procs()
@@ -218,6 +220,7 @@ class Window:
         other = max(0.0, d["task"] - sum(ours[:-1]) - (ours[-1] - d["irq"]))
         return {"t0": self.t0, "t1": t1, "cpu": ours + [other], "host": d["busy"] / d["total"],
                 "threads": thread_delta(self.th0, self.sampler.read_threads(), wall),
+                "threads1": thread_delta(self.th1, thread_cpu(self.daemons[1].pid), wall),
                 "waits": self.sampler.waits_between(self.t0, t1)}
 
 
@@ -591,9 +594,9 @@ def main():
             for vol in ("plain", "repl"):
                 res[vol]["cpu"] = [statistics.median(r["cpu"][i] for r in runs[vol]) for i in range(len(Window.KINDS))]
                 res[vol]["host"] = statistics.median(r["host"] for r in runs[vol])
-                kinds = set().union(*(r["threads"] for r in runs[vol]))
-                res[vol]["threads"] = {k: statistics.median(r["threads"].get(k, 0.0) for r in runs[vol])
-                                       for k in kinds}
+                for key in ("threads", "threads1"):
+                    kinds = set().union(*(r[key] for r in runs[vol]))
+                    res[vol][key] = {k: statistics.median(r[key].get(k, 0.0) for r in runs[vol]) for k in kinds}
                 kinds = set().union(*(r["waits"] for r in runs[vol]))
                 res[vol]["waits"] = {k: statistics.median(r["waits"].get(k, 0.0) for r in runs[vol])
                                      for k in kinds}
@@ -787,20 +790,23 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
     lines += ["", f"CPU during the runs, in cores of the host's {os.cpu_count()} (medians of the runs): each zone's "
               "storaged, the delay lines, the client (blkbench and this driver), the kernel (its threads, "
               "interrupts and softirqs: writeback, the network stack), and other: the host's task time less all "
-              "of those, i.e. someone else's load. Zone 0 by thread: names without their numbers; a queue's "
-              "vring_worker ends with its connection, so its last 100 ms may be missing. Queue worker: what "
-              "zone 0's vring_worker was doing at each 100 ms sample (/proc/TID/syscall): running, or the "
-              "system call it waited in.", "",
-              "| case | volume | " + " | ".join(Window.KINDS) + " | host busy | zone 0 by thread | queue worker |",
-              "|---|---|" + "---|" * len(Window.KINDS) + "---|---|---|"]
+              "of those, i.e. someone else's load. By thread: names without their numbers; a queue's worker "
+              "(vring_worker) ends with its connection, so its last 100 ms may be missing. Zone 0's queue "
+              "worker: what it was doing at each 100 ms sample (/proc/TID/syscall): running, or the system "
+              "call it waited in.", "",
+              "| case | volume | " + " | ".join(Window.KINDS) + " | host busy | zone 0 by thread | zone 0's queue "
+              "worker | zone 1 by thread |",
+              "|---|---|" + "---|" * len(Window.KINDS) + "---|---|---|---|"]
     for name, *_ in CASES:
         for vol in ("plain", "repl"):
             v = results[name][vol]
-            top = sorted(((c, k) for k, c in v["threads"].items() if c >= 0.01), reverse=True)
+            top, top1 = (sorted(((c, k) for k, c in v[key].items() if c >= 0.01), reverse=True)
+                         for key in ("threads", "threads1"))
             waits = sorted(((c, k) for k, c in v["waits"].items() if c >= 0.01), reverse=True)
             lines.append(f"| {name} | {vol} | " + " | ".join(f"{c:.2f}" for c in v["cpu"])
                          + f" | {v['host']:.0%} | {', '.join(f'{k} {c:.2f}' for c, k in top)} "
-                         f"| {', '.join(f'{k} {c:.0%}' for c, k in waits)} |")
+                         f"| {', '.join(f'{k} {c:.0%}' for c, k in waits)} "
+                         f"| {', '.join(f'{k} {c:.2f}' for c, k in top1)} |")
     lines += ["", "## Lag under steady loads the link carries", "",
               f"repl held to a limit (its QoS bucket), {2 * args.runtime:g} s measured after 2 s spending the burst; "
               "lag sampled every 100 ms. Target: p99 < 1 s.", "",
