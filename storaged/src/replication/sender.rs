@@ -340,7 +340,7 @@ async fn connection(
 type Sent = std::collections::VecDeque<(u64, u64, u64)>;
 
 /// How long after its commit a region is cleaned (see [`ship`]).
-const CLEAN_DELAY: Duration = Duration::from_secs(1);
+const CLEAN_DELAY: Duration = Duration::from_secs(5);
 
 /// A sync relationship is caught up when at most an epoch is in flight and the log holds
 /// less than this.
