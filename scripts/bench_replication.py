@@ -13,17 +13,14 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 from benchlib import fill, stop, wait_for_socket, write_table
 from bench_storage import BIN, CLK_TCK, ROOT, cpu_seconds, parse_size
 
-# The two zones: network namespaces joined by a veth pair. scripts/bench-replication's trap
-# deletes these names too, in case this driver is killed before its own clean-up.
-NETNS = ("bench-repl-a", "bench-repl-b")
-VETH = ("brepl-a", "brepl-b")
+# The two zones: network namespaces NAME-a and NAME-b (--netns) joined by a veth pair, these
+# addresses on its ends.
 ADDR = ("10.201.0.1", "10.201.0.2")
 PORT = 7420
 TOOLS = os.path.join(ROOT, "target", "tools")
@@ -34,6 +31,9 @@ CASES = [
     ("128k seq write QD8", "write", 131072, 8),
 ]
 MIB = 1 << 20
+# Before each long-lived child's command: the kernel kills it when this driver ends, however
+# it ends (a SIGKILL leaves no finally to run), so no daemon or client outlives a run.
+DIE_WITH_DRIVER = ["setpriv", "--pdeathsig", "KILL"]
 # x86_64 numbers of the system calls a queue worker waits in, for /proc/TID/syscall.
 SYSCALLS = {"running": "running", "17": "pread64", "18": "pwrite64", "74": "fsync", "75": "fdatasync",
             "202": "futex", "232": "epoll_wait", "281": "epoll_pwait", "426": "io_uring_enter"}
@@ -229,16 +229,20 @@ class Zones:
     when asked, a rate limit: netem where the kernel has it, otherwise an NFQUEUE rule per
     namespace and scripts/delayline.c holding the packets (the rate then from tbf)."""
 
-    def __init__(self, one_way_us, method):
+    def __init__(self, name, one_way_us, method):
+        self.netns = (f"{name}-a", f"{name}-b")
+        self.veth = ("veth-a", "veth-b")  # each in its own namespace
         self.one_way_us = one_way_us
         self.delaylines = []
         self.rate = None
-        delete_netns()
-        for ns in NETNS:
+        for ns in self.netns:
+            if os.path.exists(f"/run/netns/{ns}"):
+                sys.exit(f"network namespace {ns} exists: another run's? (--netns NAME picks others)")
+        for ns in self.netns:
             run("ip", "netns", "add", ns)
-        run("ip", "link", "add", VETH[0], "netns", NETNS[0], "type", "veth", "peer", "name", VETH[1],
-            "netns", NETNS[1])
-        for ns, dev, addr in zip(NETNS, VETH, ADDR):
+        run("ip", "-n", self.netns[0], "link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1],
+            "netns", self.netns[1])
+        for ns, dev, addr in zip(self.netns, self.veth, ADDR):
             run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             run("ip", "-n", ns, "link", "set", "lo", "up")
             run("ip", "-n", ns, "link", "set", dev, "up")
@@ -247,7 +251,7 @@ class Zones:
             run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 16384 16777216",
                 "net.ipv4.tcp_rmem=4096 131072 33554432")
         if method in ("auto", "netem"):
-            r = run("tc", "-n", NETNS[0], "qdisc", "add", "dev", VETH[0], "root", "netem", "delay",
+            r = run("tc", "-n", self.netns[0], "qdisc", "add", "dev", self.veth[0], "root", "netem", "delay",
                     f"{one_way_us}us", check=False)
             if r.returncode == 0:
                 self.method = "netem"
@@ -260,10 +264,10 @@ class Zones:
         if self.method == "netem":
             self.set_rate(None)
         else:
-            for ns, dev in zip(NETNS, VETH):
+            for ns, dev in zip(self.netns, self.veth):
                 run("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
                     "-j", "NFQUEUE", "--queue-num", "0")
-                p = subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(TOOLS, "delayline"), "0",
+                p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, os.path.join(TOOLS, "delayline"), "0",
                                       str(one_way_us)], stderr=subprocess.DEVNULL)
                 self.delaylines.append(p)
             time.sleep(0.2)
@@ -274,7 +278,7 @@ class Zones:
     def set_rate(self, rate_bits):
         """Limits each direction to `rate_bits` bits/s (None: no limit)."""
         self.rate = rate_bits
-        for ns, dev in zip(NETNS, VETH):
+        for ns, dev in zip(self.netns, self.veth):
             if self.method == "netem":
                 rate = ["rate", str(rate_bits)] if rate_bits else []
                 run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "netem", "delay",
@@ -289,18 +293,18 @@ class Zones:
 
     def link(self, up):
         """Takes the primary's end of the link down or up (a cut cable, as far as TCP knows)."""
-        run("ip", "-n", NETNS[0], "link", "set", VETH[0], "up" if up else "down")
+        run("ip", "-n", self.netns[0], "link", "set", self.veth[0], "up" if up else "down")
 
     def rtt_ms(self, n=20):
         """Median TCP connect time from the primary's namespace to the secondary's, in ms."""
         server = subprocess.Popen(
-            ["ip", "netns", "exec", NETNS[1], sys.executable, "-c",
+            [*DIE_WITH_DRIVER, "ip", "netns", "exec", self.netns[1], sys.executable, "-c",
              "import socket\ns = socket.create_server(('%s', 7999))\nprint('up', flush=True)\n"
              "while True:\n    s.accept()[0].close()\n" % ADDR[1]],
             stdout=subprocess.PIPE, text=True)
         try:
             server.stdout.readline()
-            out = run("ip", "netns", "exec", NETNS[0], sys.executable, "-c",
+            out = run("ip", "netns", "exec", self.netns[0], sys.executable, "-c",
                       "import socket, statistics, time\nts = []\n"
                       f"for _ in range({n}):\n    t = time.perf_counter()\n"
                       f"    socket.create_connection(('{ADDR[1]}', 7999)).close()\n"
@@ -315,14 +319,14 @@ class Zones:
         """MB/s of one plain TCP stream (no TLS) from the primary's namespace to the
         secondary's for `seconds`: what the link carries."""
         server = subprocess.Popen(
-            ["ip", "netns", "exec", NETNS[1], sys.executable, "-c",
+            [*DIE_WITH_DRIVER, "ip", "netns", "exec", self.netns[1], sys.executable, "-c",
              "import socket\ns = socket.create_server(('%s', 7998))\nprint('up', flush=True)\n"
              "c = s.accept()[0]\nn = 0\nb = bytearray(1 << 22)\n"
              "while (k := c.recv_into(b)):\n    n += k\nprint(n, flush=True)\n" % ADDR[1]],
             stdout=subprocess.PIPE, text=True)
         try:
             server.stdout.readline()
-            secs = float(run("ip", "netns", "exec", NETNS[0], sys.executable, "-c",
+            secs = float(run("ip", "netns", "exec", self.netns[0], sys.executable, "-c",
                              "import socket, time\nc = socket.create_connection(('%s', 7998))\n"
                              "b = bytes(1 << 22)\nt = time.monotonic()\n"
                              "while time.monotonic() - t < %f:\n    c.sendall(b)\n"
@@ -338,13 +342,9 @@ class Zones:
 
     def close(self):
         stop(self.delaylines, timeout=5)
-        delete_netns()
-
-
-def delete_netns():
-    for ns in NETNS:
-        if os.path.exists(f"/run/netns/{ns}"):
-            run("ip", "netns", "del", ns, check=False)
+        for ns in self.netns:
+            if os.path.exists(f"/run/netns/{ns}"):
+                run("ip", "netns", "del", ns, check=False)
 
 
 def make_pki(d):
@@ -370,7 +370,7 @@ def make_pki(d):
 
 
 def blkbench(sock, rw, bs, qd, runtime, ramp=0.0, span=None):
-    cmd = [os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
+    cmd = [*DIE_WITH_DRIVER, os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
            "--iodepth", str(qd), "--runtime", str(runtime)]
     if ramp:
         cmd += ["--ramp", str(ramp)]
@@ -437,6 +437,8 @@ def main():
     ap.add_argument("--max-other", type=float, default=0.15,
                     help="a rep during which anything else on the host took more CPU (cores) is run again (default 0.15)")
     ap.add_argument("--retries", type=int, default=3, help="how often a rep is run again at most (default 3)")
+    ap.add_argument("--netns", default=f"brepl{os.getpid()}",
+                    help="the zones' network namespaces are NETNS-a and NETNS-b (default brepl<pid>)")
     ap.add_argument("--quick", action="store_true",
                     help="a short run to check the script: 256MiB, 2 s, 2 reps, 64MiB seed, resync 16,64")
     ap.add_argument("--out", default=None,
@@ -456,8 +458,11 @@ def main():
     sync_rates = [parse_rate(x) for x in args.sync_rates.split(",") if x.strip()]
     steady = [parse_steady(x) for x in args.steady.split(",") if x.strip()]
 
-    work = tempfile.mkdtemp(prefix="bench-replication.", dir="/var/tmp")
-    work_b = tempfile.mkdtemp(prefix="bench-replication.", dir=args.secondary_dir or "/dev/shm")
+    # Named after the namespaces, so that scripts/bench-replication's trap finds them too.
+    work = os.path.join("/var/tmp", f"bench-replication.{args.netns}")
+    work_b = os.path.join(args.secondary_dir or "/dev/shm", f"bench-replication.{args.netns}")
+    os.makedirs(work)
+    os.makedirs(work_b)
     procs = []
     zones = None
 
@@ -465,15 +470,13 @@ def main():
         stop(procs)
         if zones:
             zones.close()
-        else:
-            delete_netns()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(work_b, ignore_errors=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
-        progress(f"==> zones: namespaces {NETNS[0]} and {NETNS[1]}, {args.rtt_us} µs round trip")
-        zones = Zones(args.rtt_us // 2, args.delay)
+        progress(f"==> zones: namespaces {args.netns}-a and {args.netns}-b, {args.rtt_us} µs round trip")
+        zones = Zones(args.netns, args.rtt_us // 2, args.delay)
         rtt = zones.rtt_ms()
         link_mbps = zones.stream_mbps()
         progress(f"    delay by {zones.method}; TCP connect time across: {rtt:.2f} ms; one TCP stream "
@@ -481,13 +484,13 @@ def main():
 
         nodes = make_pki(os.path.join(work, "pki"))
         daemons, admins = [], []
-        for i, (ns, addr, (cert, key, ca)) in enumerate(zip(NETNS, ADDR, nodes)):
+        for i, (ns, addr, (cert, key, ca)) in enumerate(zip(zones.netns, ADDR, nodes)):
             data = os.path.join(work if i == 0 else work_b, f"zone{i}")
             os.makedirs(data)
             config = os.path.join(work, f"zone{i}.toml")
             with open(config, "w") as f:
                 f.write(f'[replication]\nlisten = "{addr}:{PORT}"\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n')
-            p = subprocess.Popen(["ip", "netns", "exec", ns, os.path.join(BIN, "storaged"), "--data-dir", data,
+            p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, os.path.join(BIN, "storaged"), "--data-dir", data,
                                   "--config", config, "--metrics-addr", "off", "--log", "warn"])
             procs.append(p)
             wait_for_socket(os.path.join(data, "admin.sock"), p, f"storaged in {ns}")
