@@ -1000,21 +1000,11 @@ impl VolumeService {
     /// Records `peer` as the other side of volume `name`'s relationship (a secondary learns its
     /// primary's address from the primary's `Hello`).
     pub fn set_peer(&self, name: &str, peer: &str) -> Result<(), Error> {
-        let n: VolumeName = name.parse()?;
-        let mut catalog = crate::lock(&self.catalog);
-        let Some(mut spec) = self.state().volumes.get(&n).cloned() else {
-            return Err(Error::NotFound(name.to_string()));
-        };
-        let Some(rel) = spec.replication.as_mut() else {
-            return Err(Error::NotReplicated(name.to_string()));
-        };
-        if rel.peer == peer {
-            return Ok(());
-        }
-        rel.peer = peer.to_string();
-        catalog.put(spec.clone())?;
-        self.state().volumes.insert(n, spec);
-        Ok(())
+        self.change_relationship(name, |r| {
+            let changed = r.peer != peer;
+            r.peer = peer.to_string();
+            changed
+        })
     }
 
     /// Records what the link knows of the relationship of volume `name`, and shows it in the

@@ -169,7 +169,8 @@ impl VolumeService {
         self.change_relationship(name, |r| std::mem::take(&mut r.won))
     }
 
-    fn change_relationship(
+    /// Changes volume `name`'s relationship in the catalog, if `change` says it changed it.
+    pub(super) fn change_relationship(
         &self,
         name: &str,
         change: impl FnOnce(&mut crate::replication::Relationship) -> bool,
@@ -187,6 +188,18 @@ impl VolumeService {
             self.state().volumes.insert(n, spec);
         }
         Ok(())
+    }
+
+    /// Volume `name`'s link after a role change: down, from now, nothing known of the peer.
+    fn link_down_since_now(&self, name: &VolumeName) {
+        crate::lock(&self.link_status).insert(
+            name.to_string(),
+            LinkStatus {
+                state: "disconnected",
+                disconnected_since: Some(crate::unix_time().as_secs()),
+                ..LinkStatus::default()
+            },
+        );
     }
 
     /// `POST /v1/volumes/{name}/promote`: the secondary `name` becomes the primary of the
@@ -286,14 +299,7 @@ impl VolumeService {
             }
             export.volume().set_read_only(new.read_only);
         }
-        crate::lock(&self.link_status).insert(
-            new.name.to_string(),
-            LinkStatus {
-                state: "disconnected",
-                disconnected_since: Some(crate::unix_time().as_secs()),
-                ..LinkStatus::default()
-            },
-        );
+        self.link_down_since_now(&new.name);
         tracing::info!(
             volume = %new.name,
             generation,
@@ -411,14 +417,7 @@ impl VolumeService {
         self.reexport(&new, export);
         let diverged = self.dirty_path(&spec.id).with_extension("diverged");
         let _ = std::fs::remove_file(diverged);
-        crate::lock(&self.link_status).insert(
-            new.name.to_string(),
-            LinkStatus {
-                state: "disconnected",
-                disconnected_since: Some(crate::unix_time().as_secs()),
-                ..LinkStatus::default()
-            },
-        );
+        self.link_down_since_now(&new.name);
         tracing::info!(volume = %new.name, generation = generation, peer = %rel.peer, "volume demoted: it is the secondary of its peer and served read-only");
         Ok(())
     }
