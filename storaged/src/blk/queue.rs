@@ -1534,7 +1534,7 @@ mod tests {
         assert_eq!(h.status(failed), VIRTIO_BLK_S_IOERR as u8);
         assert!(log.overflowed());
         assert_eq!(
-            log.start_resync(),
+            log.start_resync().0,
             vec![(0, crate::replication::log::REGION)]
         );
         let write = h.request(T_OUT, 8, 4096, true);
@@ -1558,7 +1558,7 @@ mod tests {
         );
         assert!(!log.overflowed());
         assert_eq!(
-            log.start_resync(),
+            log.start_resync().0,
             vec![(0, crate::replication::log::REGION)]
         );
     }

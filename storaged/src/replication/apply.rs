@@ -1,14 +1,17 @@
 //! A secondary volume's redo log, and the apply of each committed epoch to its image.
 //!
 //! The records of an epoch (`Write`, `Zero`, and the `Region`s of a resync) are checked against
-//! the volume (inside it, in whole 512-byte sectors) and appended to the staging log
-//! `DIR/ID.log` as they arrive, each as the [`wire`] frame it came in (CRC32C-checked), with one
-//! write per frame. [`Applier::commit`] ends the epoch in five steps:
+//! the volume (inside it, in whole 512-byte sectors) as they arrive ([`Applier::stage`]) and
+//! appended to the staging log `DIR/ID.log`, each as the [`wire`] frame it came in
+//! (CRC32C-checked): gathered in memory and written in one write per [`STAGE_CHUNK`]
+//! ([`Applier::write_staged`], which its caller runs where it may block). [`Applier::commit`]
+//! ends the epoch in five steps:
 //!
 //! 1. appends a `Cut { epoch, seq, time_unix_ns }` frame, the commit record, and `fdatasync`s
 //!    the log: from here on the epoch survives a crash;
-//! 2. applies every record before the `Cut`, in order, read back from the log one frame at a
-//!    time: a `Write` or `Region` is a `pwrite`; a discard punches a hole (`PUNCH_HOLE`; where
+//! 2. applies every record before the `Cut`, in order: from memory where the epoch's data is
+//!    at most [`MEMO_CAP`], else read back from the log one frame at a time. A `Write` or
+//!    `Region` is a `pwrite`; a discard punches a hole (`PUNCH_HOLE`; where
 //!    that is unsupported the data stays, as on the primary, for a discard is a hint); a
 //!    write-zeroes is a `ZERO_RANGE`, falling back to `PUNCH_HOLE`, then to writing zeros;
 //! 3. `fdatasync`s the volume;
@@ -56,8 +59,9 @@
 //! volume, unstaged and not synced, and [`Applier::mark_consistent`] syncs the volume and
 //! records the epoch it ends in, consistent. A consistent image is never written in place.
 //!
-//! Memory: one frame (at most [`wire::MAX_PAYLOAD`] plus its header) at a time, whatever the
-//! epoch's size.
+//! Memory: the epoch's records up to [`MEMO_CAP`] bytes of data, the frames not yet written
+//! (under [`STAGE_CHUNK`] and one frame), and one frame (at most [`wire::MAX_PAYLOAD`] plus
+//! its header) read back at a time, whatever the epoch's size.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -75,6 +79,13 @@ pub const SECTOR: u64 = 512;
 
 /// Largest `ID.applied` read: a few dozen bytes are expected.
 const MAX_STATE_LEN: u64 = 4096;
+
+/// Bytes of frames gathered before they are written to the log.
+pub const STAGE_CHUNK: usize = 1 << 20;
+
+/// Bytes of an epoch's data kept in memory to apply it from; past them it is read back from
+/// the log.
+pub const MEMO_CAP: usize = 16 << 20;
 
 /// Zeros written where the storage can zero a range no other way.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -138,6 +149,10 @@ pub enum Error {
     Consistent,
     #[error("An earlier failure left the staging log or the volume in an unknown state; reopen the volume to recover")]
     NeedsRecovery,
+    #[error(
+        "Records of this epoch could not be written to the staging log: it can only be discarded"
+    )]
+    StagedLost,
 }
 
 /// Where a secondary volume's image stands: the end of `epoch`, which ends with the primary's
@@ -170,6 +185,14 @@ pub struct Applier {
     log_path: PathBuf,
     /// Bytes of whole frames in the log; the next frame goes here.
     log_len: u64,
+    /// Frames staged after `log_len`, not yet written.
+    unwritten: Vec<u8>,
+    /// The records staged since the last commit, while their data is at most [`MEMO_CAP`]
+    /// bytes (`memo_bytes`); `None` past that.
+    memo: Option<Vec<Message>>,
+    memo_bytes: usize,
+    /// A write of staged frames failed: the epoch lacks records, and is only discarded.
+    lost: bool,
     volume: File,
     volume_path: PathBuf,
     size: u64,
@@ -247,6 +270,10 @@ impl Applier {
             log,
             log_path,
             log_len,
+            unwritten: Vec::new(),
+            memo: Some(Vec::new()),
+            memo_bytes: 0,
+            lost: false,
             volume: volume_file,
             volume_path: volume.to_owned(),
             size,
@@ -289,23 +316,59 @@ impl Applier {
         applier.mark_consistent(0, seq, time_unix_ns)
     }
 
-    /// Appends `record` (a `Write`, `Zero` or `Region`) to the staging log, once it is checked
-    /// to lie inside the volume in whole sectors. On an error nothing is staged.
-    pub fn stage(&mut self, record: &Message) -> Result<(), Error> {
+    /// Stages `record` (a `Write`, `Zero` or `Region`), once it is checked to lie inside the
+    /// volume in whole sectors: its frame joins those to be written to the log, and no I/O is
+    /// done here. On an error nothing is staged.
+    pub fn stage(&mut self, record: Message) -> Result<(), Error> {
         self.usable()?;
-        let (offset, len) = record_range(record)?;
+        let (offset, len) = record_range(&record)?;
         self.check_range(offset, len)?;
-        let mut frame = Vec::new();
-        wire::encode(record, &mut frame)?;
-        if let Err(source) = self.log.write_all_at(&frame, self.log_len) {
-            // Take back the part of the frame that reached the file: left there, a frame
-            // written over it could leave bytes of the guest's data where a frame is read.
+        wire::encode(&record, &mut self.unwritten)?;
+        if let Some(memo) = &mut self.memo {
+            let data = match &record {
+                Message::Write { data, .. } | Message::Region { data, .. } => data.len(),
+                _ => 0,
+            };
+            if self.memo_bytes + data <= MEMO_CAP {
+                self.memo_bytes += data;
+                memo.push(record);
+            } else {
+                self.memo = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether enough frames are staged that [`write_staged`](Self::write_staged) is due.
+    pub fn write_due(&self) -> bool {
+        self.unwritten.len() >= STAGE_CHUNK
+    }
+
+    /// Writes the frames staged so far to the log (not synced).
+    pub fn write_staged(&mut self) -> Result<(), Error> {
+        self.usable()?;
+        if self.lost {
+            return Err(Error::StagedLost);
+        }
+        self.write_unwritten()
+    }
+
+    fn write_unwritten(&mut self) -> Result<(), Error> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        if let Err(source) = self.log.write_all_at(&self.unwritten, self.log_len) {
+            // Take back the part that reached the file: left there, a frame written over it
+            // could leave bytes of the guest's data where a frame is read.
             if self.log.set_len(self.log_len).is_err() {
                 self.needs_recovery = true;
             }
+            self.lost = true;
+            self.unwritten.clear();
             return Err(self.log_err("append to", source));
         }
-        self.log_len += frame.len() as u64;
+        self.log_len += self.unwritten.len() as u64;
+        self.unwritten.clear();
         Ok(())
     }
 
@@ -325,27 +388,31 @@ impl Applier {
             time_unix_ns,
             consistent: true,
         };
+        if self.lost {
+            return Err(Error::StagedLost);
+        }
         // Cleared at the end: any failure from here on leaves the log unknown.
         self.needs_recovery = true;
-        if self.log_len > 0 {
-            let cut_at = self.log_len;
-            let mut frame = Vec::new();
+        if self.staged_bytes() > 0 {
+            let cut_at = self.staged_bytes();
             wire::encode(
                 &Message::Cut {
                     epoch,
                     seq,
                     time_unix_ns,
                 },
-                &mut frame,
+                &mut self.unwritten,
             )?;
-            self.log
-                .write_all_at(&frame, cut_at)
-                .map_err(|e| self.log_err("append to", e))?;
-            self.log_len += frame.len() as u64;
+            self.write_unwritten()?;
             self.log
                 .sync_data()
                 .map_err(|e| self.log_err("fdatasync", e))?;
-            self.replay(cut_at)?;
+            match self.memo.take() {
+                Some(records) => records.iter().try_for_each(|r| self.apply(r))?,
+                None => {
+                    self.replay(cut_at)?;
+                }
+            }
         }
         self.finish_apply(next)?;
         self.needs_recovery = false;
@@ -404,15 +471,18 @@ impl Applier {
         &self.applied
     }
 
-    /// Bytes of the staging log not yet committed (frames, headers included).
+    /// Bytes staged and not yet committed (frames, headers included), written or not.
     pub fn staged_bytes(&self) -> u64 {
-        self.log_len
+        self.log_len + self.unwritten.len() as u64
     }
 
     /// Drops the records staged since the last commit (the link broke mid-epoch; the primary
     /// sends them again).
     pub fn discard_staged(&mut self) -> Result<(), Error> {
         self.usable()?;
+        self.unwritten.clear();
+        self.reset_memo();
+        self.lost = false;
         self.needs_recovery = true;
         self.empty_log()?;
         self.needs_recovery = false;
@@ -545,7 +615,13 @@ impl Applier {
         if self.log_len > 0 {
             self.empty_log()?;
         }
+        self.reset_memo();
         Ok(())
+    }
+
+    fn reset_memo(&mut self) {
+        self.memo = Some(Vec::new());
+        self.memo_bytes = 0;
     }
 
     /// Reads the frame at `at` into `buf` (one frame's bytes at most).
@@ -901,7 +977,7 @@ mod tests {
             },
         ];
         for r in &records {
-            a.stage(r).unwrap();
+            a.stage(r.clone()).unwrap();
         }
         let staged: usize = records.iter().map(wire::encoded_len).sum();
         assert_eq!(a.staged_bytes(), staged as u64);
@@ -951,7 +1027,7 @@ mod tests {
         let dir = volume_dir(&[0; SIZE as usize]);
         let (mut a, _) = open(dir.path());
         a.commit(3, 1, 1).unwrap();
-        a.stage(&write(2, 0, vec![9; 512])).unwrap();
+        a.stage(write(2, 0, vec![9; 512])).unwrap();
         for epoch in [2, 3] {
             let err = a.commit(epoch, 2, 2).unwrap_err();
             assert!(
@@ -969,7 +1045,7 @@ mod tests {
         let dir = volume_dir(&[0; SIZE as usize]);
         let (mut a, _) = open(dir.path());
         let past_end = write(1, SIZE - 512, vec![1; 1024]);
-        let err = a.stage(&past_end).unwrap_err();
+        let err = a.stage(past_end.clone()).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -981,7 +1057,7 @@ mod tests {
             ),
             "{err}"
         );
-        let err = a.stage(&zero(1, SIZE, 512, false)).unwrap_err();
+        let err = a.stage(zero(1, SIZE, 512, false)).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -998,10 +1074,10 @@ mod tests {
             data: vec![1; 512],
         };
         assert!(matches!(
-            a.stage(&overflowing),
+            a.stage(overflowing.clone()),
             Err(Error::OutOfBounds { .. })
         ));
-        let err = a.stage(&write(1, 100, vec![1; 512])).unwrap_err();
+        let err = a.stage(write(1, 100, vec![1; 512])).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1012,7 +1088,7 @@ mod tests {
             ),
             "{err}"
         );
-        let err = a.stage(&zero(1, 512, 100, true)).unwrap_err();
+        let err = a.stage(zero(1, 512, 100, true)).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1028,9 +1104,9 @@ mod tests {
             seq: 1,
             time_unix_ns: 1,
         };
-        let err = a.stage(&cut).unwrap_err();
+        let err = a.stage(cut.clone()).unwrap_err();
         assert!(matches!(err, Error::NotARecord(MessageType::Cut)), "{err}");
-        let err = a.stage(&Message::Ping { time_unix_ns: 1 }).unwrap_err();
+        let err = a.stage(Message::Ping { time_unix_ns: 1 }).unwrap_err();
         assert!(matches!(err, Error::NotARecord(MessageType::Ping)), "{err}");
 
         assert_eq!(a.staged_bytes(), 0);
@@ -1124,15 +1200,45 @@ mod tests {
     }
 
     #[test]
+    fn an_epoch_past_the_memory_cap_is_written_in_chunks_and_applied_from_the_log() {
+        const BIG: usize = MEMO_CAP + (4 << 20);
+        let dir = volume_dir(&vec![0; BIG]);
+        let (mut a, _) =
+            Applier::open(dir.path(), ID, &volume_path(dir.path()), BIG as u64).unwrap();
+        let mut writes = 0;
+        for i in 0..BIG >> 20 {
+            a.stage(Message::Region {
+                offset: (i << 20) as u64,
+                data: vec![i as u8 + 1; 1 << 20],
+            })
+            .unwrap();
+            if a.write_due() {
+                a.write_staged().unwrap();
+                writes += 1;
+            }
+        }
+        // Each region's frame is a chunk: written as it came, never more than one held.
+        assert_eq!(writes, BIG >> 20);
+        assert!(a.memo.is_none());
+        a.commit(1, 1, 1).unwrap();
+        let img = image(dir.path());
+        for (i, chunk) in img.chunks(1 << 20).enumerate() {
+            assert!(chunk.iter().all(|&b| b == i as u8 + 1), "region {i}");
+        }
+        assert_eq!(a.staged_bytes(), 0);
+        assert!(a.memo.as_ref().is_some_and(Vec::is_empty));
+    }
+
+    #[test]
     fn discarded_records_never_reach_the_volume() {
         let dir = volume_dir(&[0; SIZE as usize]);
         let (mut a, _) = open(dir.path());
-        a.stage(&write(1, 0, vec![1; 1024])).unwrap();
-        a.stage(&zero(2, 2048, 512, false)).unwrap();
+        a.stage(write(1, 0, vec![1; 1024])).unwrap();
+        a.stage(zero(2, 2048, 512, false)).unwrap();
         a.discard_staged().unwrap();
         assert_eq!(a.staged_bytes(), 0);
         assert_eq!(fs::metadata(log_path(dir.path())).unwrap().len(), 0);
-        a.stage(&write(1, 4096, vec![2; 512])).unwrap();
+        a.stage(write(1, 4096, vec![2; 512])).unwrap();
         a.commit(1, 1, 1).unwrap();
         let mut want = vec![0; SIZE as usize];
         want[4096..4608].fill(2);
@@ -1257,7 +1363,7 @@ mod tests {
         // Epoch 1: the whole volume, a pattern, so that zeroed ranges show.
         let base = volume_dir(&[0; SIZE as usize]);
         let (mut a, _) = open(base.path());
-        a.stage(&write(1, 0, pattern(SIZE as usize, 0x5a))).unwrap();
+        a.stage(write(1, 0, pattern(SIZE as usize, 0x5a))).unwrap();
         let applied1 = a.commit(1, 1, 100).unwrap();
         let v1 = image(base.path());
         let state1 = fs::read(state_path(base.path())).unwrap();
@@ -1274,8 +1380,9 @@ mod tests {
             },
         ];
         for r in &records {
-            a.stage(r).unwrap();
+            a.stage(r.clone()).unwrap();
         }
+        a.write_staged().unwrap();
         let staged = fs::read(log_path(base.path())).unwrap();
         let cut = frame(&Message::Cut {
             epoch: 2,

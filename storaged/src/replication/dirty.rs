@@ -8,11 +8,15 @@
 //! in its simplest form. A region already marked costs a lookup; under a steady workload the
 //! marked set stops changing and the file is not written at all.
 //!
-//! Bits are cleared once the secondary has committed every write to their regions and none
-//! is in flight ([`DirtyMap::clear_idle`]; each [`DirtyMap::mark_all`] counts its regions in
-//! flight until its [`DirtyMap::done`]); clearing is written out lazily
-//! ([`DirtyMap::flush_clears`]): a bit that stays set on disk only costs its region in the
-//! next resync.
+//! Bits are cleared in memory once the secondary has committed every write to their regions
+//! and none is in flight ([`DirtyMap::clear_idle`]; each [`DirtyMap::mark_all`] counts its
+//! regions in flight until its [`DirtyMap::done`]): the map in memory is what a resync over a
+//! reconnected link sends. On disk a bit is cleared only once no request has marked its
+//! region for a while ([`DirtyMap::flush_clears`], [`DISK_CLEAN_AGE`]; at once for a region
+//! marked otherwise, by a resync or a peer's map): a region written again before then costs no
+//! write and no sync, so the regions a workload keeps writing stay marked on disk (DRBD's
+//! activity log, whose extents stay hot), and a bit left set on disk only costs its region in
+//! the resync after a restart.
 //!
 //! The file is the bitmap itself, little-endian 64-bit words, `ceil(regions / 64) * 8` bytes
 //! (128 bytes per GiB of volume); a volume that grows gets more words.
@@ -29,12 +33,17 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 pub use super::log::REGION;
 
 /// Regions a sequential writer marks ahead of itself (see [`DirtyMap::mark_all`]).
 pub const MARK_AHEAD: u64 = 7;
+
+/// How long a region a request marked stays marked on disk after that request, once it is
+/// clean in memory (see the module doc).
+pub const DISK_CLEAN_AGE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Errors of the dirty map.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +69,8 @@ pub struct DirtyMap {
     path: PathBuf,
     file: File,
     words: Mutex<Words>,
+    /// Signalled when a flush of clears has written the file.
+    flushed: Condvar,
     /// `ID.diverged`, and whether it exists.
     diverged_path: PathBuf,
     diverged: AtomicBool,
@@ -76,6 +87,12 @@ struct Words {
     disk: Vec<u64>,
     /// Requests in flight per region (marked, not yet done); absent: none.
     in_flight: std::collections::HashMap<u64, u32>,
+    /// When a request last marked each region ([`DirtyMap::mark_all`]), until the region is
+    /// cleared on disk.
+    written: std::collections::HashMap<u64, Instant>,
+    /// A flush of clears is writing the file (with the lock released): `disk` already holds
+    /// what it writes, and a mark that must write waits for it to end.
+    flushing: bool,
 }
 
 impl DirtyMap {
@@ -122,7 +139,10 @@ impl DirtyMap {
                 now: words.clone(),
                 disk: words,
                 in_flight: Default::default(),
+                written: Default::default(),
+                flushing: false,
             }),
+            flushed: Condvar::new(),
             diverged: AtomicBool::new(diverged_path.exists()),
             diverged_path,
             connected: AtomicBool::new(false),
@@ -138,15 +158,14 @@ impl DirtyMap {
     /// Marks the regions of `len` bytes at `offset`, durably: returns once the map on disk
     /// has them (at once if it had them already).
     pub fn mark(&self, offset: u64, len: u64) -> Result<(), Error> {
-        let mut w = self.lock();
-        self.mark_locked(&mut w, &[(offset, len)])
+        self.mark_locked(self.lock(), &[(offset, len)]).map(drop)
     }
 
     /// Marks the regions of a request's `ranges` durably, as [`mark`](Self::mark), and counts
     /// them in flight until [`done`](Self::done) with the same ranges; on an error nothing is
     /// counted.
     pub fn mark_all(&self, ranges: &[(u64, u64)]) -> Result<Vec<u64>, Error> {
-        let mut w = self.lock();
+        let w = self.lock();
         // Under the lock: once `fence` returns, every change is either marked (and seen by
         // whoever then reads the map) or refused.
         if self.fenced.load(Ordering::Acquire) {
@@ -174,8 +193,10 @@ impl DirtyMap {
         }
         ahead.retain(|a| !regions(ranges).any(|r| r == *a));
         let extra: Vec<(u64, u64)> = ahead.iter().map(|&a| (a * REGION, REGION)).collect();
-        self.mark_locked(&mut w, &[ranges, &extra].concat())?;
+        let mut w = self.mark_locked(w, &[ranges, &extra].concat())?;
+        let now = Instant::now();
         for r in regions(ranges) {
+            w.written.insert(r, now);
             *w.in_flight.entry(r).or_insert(0) += 1;
         }
         Ok(ahead)
@@ -203,9 +224,10 @@ impl DirtyMap {
             if w.in_flight.contains_key(&r) {
                 continue;
             }
-            if let Some(word) = w.now.get_mut((r / 64) as usize) {
-                if *word & (1 << (r % 64)) != 0 {
-                    *word &= !(1u64 << (r % 64));
+            let (i, bit) = ((r / 64) as usize, 1u64 << (r % 64));
+            if let Some(word) = w.now.get_mut(i) {
+                if *word & bit != 0 {
+                    *word &= !bit;
                     cleared += 1;
                 }
             }
@@ -213,7 +235,11 @@ impl DirtyMap {
         cleared
     }
 
-    fn mark_locked(&self, w: &mut Words, ranges: &[(u64, u64)]) -> Result<(), Error> {
+    fn mark_locked<'a>(
+        &self,
+        mut w: std::sync::MutexGuard<'a, Words>,
+        ranges: &[(u64, u64)],
+    ) -> Result<std::sync::MutexGuard<'a, Words>, Error> {
         let mut changed: Option<(usize, usize)> = None;
         for r in regions(ranges) {
             let i = (r / 64) as usize;
@@ -228,28 +254,59 @@ impl DirtyMap {
             }
         }
         let Some((a, b)) = changed else {
-            return Ok(());
+            return Ok(w);
         };
+        // A flush writing the file now could land after this write: wait for it.
+        while w.flushing {
+            w = self.flushed.wait(w).unwrap_or_else(|p| p.into_inner());
+        }
         // The words that gain a bit keep the bits cleared in memory but not yet on disk: a
         // write never clears on disk what flush_clears has not decided to clear.
         let words: Vec<u64> = (a..=b).map(|i| w.disk[i] | w.now[i]).collect();
         self.write_words(a, &words)?;
         w.disk[a..=b].copy_from_slice(&words);
-        Ok(())
+        Ok(w)
     }
 
-    /// Writes the clears made since the last call to disk.
-    pub fn flush_clears(&self) -> Result<(), Error> {
+    /// Writes to disk the clears of regions clean in memory that no request marked for at
+    /// least `age`; returns how many regions it cleared there. Marks of regions already on
+    /// disk go on meanwhile (the lock is not held while the file is written).
+    pub fn flush_clears(&self, age: Duration) -> Result<usize, Error> {
         let mut w = self.lock();
-        if w.now == w.disk {
-            return Ok(());
+        if w.flushing {
+            return Ok(0);
         }
-        let words = w.now.clone();
-        let written = self.write_words(0, &words);
-        // Whether or not all of it reached the file, the file holds at least these bits: a
-        // later mark of a cleared region writes it again.
-        w.disk = words;
-        written
+        let mut due = Vec::new();
+        for (i, (&disk, &now)) in w.disk.iter().zip(&w.now).enumerate() {
+            let mut bits = disk & !now;
+            while bits != 0 {
+                let r = i as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if w.written.get(&r).is_none_or(|t| t.elapsed() >= age) {
+                    due.push(r);
+                }
+            }
+        }
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let (mut a, mut b) = (usize::MAX, 0);
+        for r in &due {
+            w.written.remove(r);
+            let i = (r / 64) as usize;
+            w.disk[i] &= !(1u64 << (r % 64));
+            (a, b) = (a.min(i), b.max(i));
+        }
+        // From here on `disk` says what the file will hold: a mark of a region cleared here
+        // sees it unmarked, and writes it after this write (it waits for `flushing`).
+        let words = w.disk[a..=b].to_vec();
+        w.flushing = true;
+        drop(w);
+        let written = self.write_words(a, &words);
+        // Whether or not all of it reached the file, the file holds at least these bits.
+        self.lock().flushing = false;
+        self.flushed.notify_all();
+        written.map(|()| due.len())
     }
 
     /// Says whether the secondary is level and the stream runs: from `false` on, the first
@@ -334,8 +391,7 @@ impl DirtyMap {
                 }
             }
         }
-        let mut w = self.lock();
-        self.mark_locked(&mut w, &ranges)
+        self.mark_locked(self.lock(), &ranges).map(drop)
     }
 
     /// Bytes of the dirty regions (a count, without listing them).
@@ -512,10 +568,60 @@ mod tests {
         // A mark in the same word keeps the cleared bit set on disk until the flush.
         map.mark(2 * REGION, 1).unwrap();
         assert_eq!(DirtyMap::open(&path).unwrap().dirty_ranges().len(), 3);
-        map.flush_clears().unwrap();
+        // Marked by no request: cleared on disk at once.
+        assert_eq!(map.flush_clears(Duration::from_secs(60)).unwrap(), 1);
         assert_eq!(
             DirtyMap::open(&path).unwrap().dirty_ranges(),
             vec![(REGION, REGION), (2 * REGION, REGION)]
         );
+    }
+
+    #[test]
+    fn a_region_written_again_before_its_clear_reaches_disk_costs_no_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.dirty");
+        let map = DirtyMap::open(&path).unwrap();
+        map.mark_all(&[(0, 4096)]).unwrap();
+        map.done(&[(0, 4096)]);
+        assert_eq!(map.clear_idle([0]), 1);
+        assert_eq!(
+            map.dirty_bytes(),
+            0,
+            "clean in memory: a resync would not send it"
+        );
+        // The file no longer says so; a mark that wrote it would put the bit back.
+        std::fs::write(&path, [0u8; 8]).unwrap();
+        map.mark_all(&[(4096, 4096)]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), [0u8; 8]);
+        assert_eq!(map.dirty_bytes(), REGION);
+        // Marked again, it is no longer due to be cleared on disk; clean again, it is due
+        // once no request marked it for the age asked.
+        map.done(&[(4096, 4096)]);
+        assert_eq!(map.flush_clears(Duration::ZERO).unwrap(), 0);
+        assert_eq!(map.clear_idle([0]), 1);
+        assert_eq!(map.flush_clears(Duration::from_secs(60)).unwrap(), 0);
+        assert_eq!(map.flush_clears(Duration::ZERO).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_mark_during_a_flush_of_clears_reaches_disk_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.dirty");
+        let map = std::sync::Arc::new(DirtyMap::open(&path).unwrap());
+        for round in 0..200u64 {
+            let r = round % 64;
+            map.mark(r * REGION, 1).unwrap();
+            assert_eq!(map.clear_idle([r]), 1);
+            let flusher = {
+                let map = map.clone();
+                std::thread::spawn(move || map.flush_clears(Duration::ZERO).unwrap())
+            };
+            map.mark(r * REGION, 1).unwrap();
+            flusher.join().unwrap();
+            let on_disk = DirtyMap::open(&path).unwrap().dirty_ranges();
+            assert_eq!(on_disk, vec![(r * REGION, REGION)], "round {round}");
+            assert_eq!(map.clear_idle([r]), 1);
+            map.flush_clears(Duration::ZERO).unwrap();
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! The link's messages on a byte stream (a TLS connection): [`Link::send`] encodes and
-//! writes a frame, [`Link::recv`] reads until a whole frame is there and decodes it. What the
+//! writes a frame; [`Link::queue`] encodes one after those already queued and
+//! [`Link::flush`] writes them all at once (one TLS record and one system call per batch,
+//! not per frame); [`Link::recv`] reads until a whole frame is there and decodes it. What the
 //! peer sends is checked by [`super::wire::decode`]; the read buffer grows at most to one
 //! frame ([`wire::MAX_PAYLOAD`] and its header) and one read's chunk, since a header is judged
 //! before its payload is waited for.
@@ -25,11 +27,14 @@ pub enum Error {
 /// One end of a replication link.
 pub struct Link<S> {
     stream: S,
+    /// Bytes read: `buf[start..filled]` is what is not decoded yet. Reads go into
+    /// `buf[filled..]`, so a `recv` dropped while it waits (in a `select!`) loses nothing:
+    /// what lies past `filled` is not data.
     buf: Vec<u8>,
+    start: usize,
+    filled: usize,
+    /// Frames encoded and not yet written.
     out: Vec<u8>,
-    /// What one read fills, before it joins `buf`: a `recv` dropped while it waits (in a
-    /// `select!`) loses nothing and leaves `buf` whole.
-    chunk: Vec<u8>,
     /// Bytes sent and received since the last [`take_counts`](Self::take_counts).
     sent: u64,
     received: u64,
@@ -42,8 +47,9 @@ impl<S> Link<S> {
         Link {
             stream,
             buf: Vec::new(),
+            start: 0,
+            filled: 0,
             out: Vec::new(),
-            chunk: Vec::new(),
             sent: 0,
             received: 0,
         }
@@ -62,18 +68,38 @@ impl<S> Link<S> {
         use zeroize::Zeroize;
         self.buf.zeroize();
         self.out.zeroize();
-        self.chunk.zeroize();
+        (self.start, self.filled) = (0, 0);
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn queued(&self) -> usize {
+        self.out.len()
     }
 }
 
 impl<S: AsyncWrite + Unpin> Link<S> {
-    /// Sends one message.
+    /// Sends one message, after any queued before it.
     pub async fn send(&mut self, msg: &Message) -> Result<(), Error> {
-        self.out.clear();
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Encodes one message after those queued; nothing is written until [`flush`](Self::flush).
+    pub fn queue(&mut self, msg: &Message) -> Result<(), Error> {
         wire::encode(msg, &mut self.out)?;
+        Ok(())
+    }
+
+    /// Writes every queued message. Dropped while it waits, it leaves the stream at an
+    /// unknown point of a frame: the link is then of no further use.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
         self.stream.write_all(&self.out).await?;
         self.stream.flush().await?;
         self.sent += self.out.len() as u64;
+        self.out.clear();
         Ok(())
     }
 
@@ -87,16 +113,28 @@ impl<S: AsyncRead + Unpin> Link<S> {
     /// The next message; `None` when the peer closed the link between frames.
     pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
         loop {
-            if let Some((msg, used)) = wire::decode(&self.buf)? {
-                self.buf.drain(..used);
+            if let Some((msg, used)) = wire::decode(&self.buf[self.start..self.filled])? {
+                self.start += used;
+                if self.start == self.filled {
+                    (self.start, self.filled) = (0, 0);
+                }
                 return Ok(Some(msg));
             }
-            self.chunk.resize(READ_CHUNK, 0);
-            let n = self.stream.read(&mut self.chunk).await?;
-            self.buf.extend_from_slice(&self.chunk[..n]);
+            // Room for a chunk past what is kept: where there is none, the undecoded tail
+            // moves to the front, and only a frame longer than the buffer grows it; so it
+            // stays about one frame and one chunk long.
+            if self.buf.len() < self.filled + READ_CHUNK && self.start > 0 {
+                self.buf.copy_within(self.start..self.filled, 0);
+                (self.start, self.filled) = (0, self.filled - self.start);
+            }
+            if self.buf.len() < self.filled + READ_CHUNK {
+                self.buf.resize(self.filled + READ_CHUNK, 0);
+            }
+            let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+            self.filled += n;
             self.received += n as u64;
             if n == 0 {
-                return if self.buf.is_empty() {
+                return if self.filled == 0 {
                     Ok(None)
                 } else {
                     Err(Error::Truncated)
@@ -135,6 +173,27 @@ mod tests {
         assert_eq!(first, Some(Message::Ping { time_unix_ns: 1 }));
         assert_eq!(second, Some(big));
         assert_eq!(end, None);
+
+        // Queued frames go out together at the flush, whole and in order.
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (mut a, mut b) = (Link::new(a), Link::new(b));
+        let frames: Vec<Message> = (0..50)
+            .map(|i| Message::Write {
+                seq: i,
+                offset: i * 4096,
+                data: vec![i as u8; 4096],
+            })
+            .collect();
+        for f in &frames {
+            a.queue(f).unwrap();
+        }
+        assert_eq!(a.take_counts().0, 0, "nothing written before the flush");
+        assert!(a.queued() > 50 * 4096);
+        a.flush().await.unwrap();
+        assert_eq!(a.queued(), 0);
+        for f in &frames {
+            assert_eq!(b.recv().await.unwrap().as_ref(), Some(f));
+        }
 
         let (mut a, b) = tokio::io::duplex(1024);
         let mut b = Link::new(b);

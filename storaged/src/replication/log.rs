@@ -253,19 +253,43 @@ impl ReplicationLog {
     /// The start of a resync: the regions it sends (the dirty ones, as byte ranges), and a
     /// fresh log: emptied and no longer overflowed, so that the records from now on follow
     /// the regions. The regions stay dirty until the secondary has committed the resync.
-    pub fn start_resync(&self) -> Vec<(u64, u64)> {
+    /// Also returns the last seq taken: the pass's start, for
+    /// [`continue_resync`](Self::continue_resync).
+    pub fn start_resync(&self) -> (Vec<(u64, u64)>, u64) {
         let mut inner = self.lock();
-        inner.records.clear();
-        inner.bytes = 0;
-        inner.overflowed = false;
         inner.generation += 1;
         let ranges = self.dirty.dirty_ranges();
-        // The resync's cut comes after every record taken so far.
-        let at = inner.next_seq - 1;
+        let at = inner.restart();
         for &(offset, len) in &ranges {
             inner.touch(offset, len, at);
         }
-        ranges
+        (ranges, at)
+    }
+
+    /// Another pass of a resync whose log overflowed during the last pass (begun at
+    /// `since`): the dirty regions touched after `since` (what the others hold was sent,
+    /// and nothing changed it), and a fresh log, as [`start_resync`](Self::start_resync).
+    /// A write that completes during this call and whose data the overflowed log did not
+    /// keep overflows the fresh log (same generation): its region is touched after this
+    /// pass's start, so the next pass sends it.
+    pub fn continue_resync(&self, since: u64) -> (Vec<(u64, u64)>, u64) {
+        let mut inner = self.lock();
+        let ranges: Vec<(u64, u64)> = self
+            .dirty
+            .dirty_ranges()
+            .into_iter()
+            .filter(|&(offset, _)| {
+                inner
+                    .region_seq
+                    .get((offset / REGION) as usize)
+                    .is_some_and(|&s| s != u64::MAX && s > since)
+            })
+            .collect();
+        let at = inner.restart();
+        for &(offset, len) in &ranges {
+            inner.touch(offset, len, at);
+        }
+        (ranges, at)
     }
 
     /// The volume's dirty map.
@@ -305,6 +329,15 @@ impl Inner {
         let seq = self.next_seq;
         self.next_seq += 1;
         seq
+    }
+
+    /// Empties the log for a resync's pass; returns the last seq taken, after which the
+    /// records from now on come.
+    fn restart(&mut self) -> u64 {
+        self.records.clear();
+        self.bytes = 0;
+        self.overflowed = false;
+        self.next_seq - 1
     }
 
     fn overflow(&mut self) {
@@ -384,7 +417,7 @@ mod tests {
         log.cut();
         assert!(log.drain().is_empty());
         assert_eq!(
-            log.start_resync(),
+            log.start_resync().0,
             vec![
                 (0, REGION),
                 (2 * REGION, REGION),
@@ -398,7 +431,39 @@ mod tests {
         assert!(!log.overflowed());
         assert_eq!(write(&log, 0, 4096), 5, "numbering goes on across a resync");
         assert_eq!(log.drain().len(), 1);
-        assert_eq!(log.start_resync().len(), 6);
+        assert_eq!(log.start_resync().0.len(), 6);
+    }
+
+    #[test]
+    fn a_resyncs_next_pass_sends_only_the_regions_written_since_the_last_began() {
+        let (log, _dir) = log(2 * (4096 + RECORD_OVERHEAD));
+        for r in [0, 2, 4, 6] {
+            write(&log, r * REGION, 4096);
+        }
+        let (ranges, since) = log.start_resync();
+        assert_eq!((ranges.len(), since), (4, 4));
+        // While the regions are read, writes to 2 and 9 and a zero of 13 overflow the log.
+        write(&log, 2 * REGION, 4096);
+        write(&log, 9 * REGION, 4096);
+        log.before_submit(&[(13 * REGION, 4096)]).unwrap();
+        log.zero(13 * REGION, 4096, false);
+        assert!(log.overflowed());
+        let (ranges, since) = log.continue_resync(since);
+        assert_eq!(
+            ranges,
+            vec![
+                (2 * REGION, REGION),
+                (9 * REGION, REGION),
+                (13 * REGION, REGION)
+            ]
+        );
+        assert_eq!(since, 7);
+        assert!(!log.overflowed());
+        // Nothing written during that pass: the next one has nothing to send, and records
+        // are kept again.
+        assert_eq!(log.continue_resync(since), (vec![], 7));
+        write(&log, 4 * REGION, 4096);
+        assert_eq!(log.drain().len(), 1);
     }
 
     #[test]
@@ -425,6 +490,6 @@ mod tests {
             log.overflowed(),
             "the stream has a gap: only a resync can fill it"
         );
-        assert_eq!(log.start_resync(), vec![(REGION, REGION)]);
+        assert_eq!(log.start_resync().0, vec![(REGION, REGION)]);
     }
 }

@@ -236,19 +236,25 @@ where
     let mut in_place = false;
     let mut resync_bytes = 0u64;
     let mut resync_done = 0u64;
+    // A primary pings every second: silence means the link is gone (a cut cable sends
+    // nothing), and the secondary is free to be promoted.
+    let mut heard = std::time::Instant::now();
+    let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
-        // A primary pings every second: silence means the link is gone (a cut cable sends
-        // nothing), and the secondary is free to be promoted.
         let msg = tokio::select! {
             m = link.recv() => m?,
-            () = tokio::time::sleep(super::sender::PEER_TIMEOUT) => return Err(Error::Silent),
+            _ = watch.tick() => {
+                if heard.elapsed() > super::sender::PEER_TIMEOUT {
+                    return Err(Error::Silent);
+                }
+                continue;
+            }
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
         let Some(msg) = msg else {
             return Ok(());
         };
-        let (sent, received) = link.take_counts();
-        service.count_replication_bytes(name, sent, received);
+        heard = std::time::Instant::now();
         match msg {
             Message::ResyncBegin { bytes, .. } => {
                 in_place = !app.applied().consistent;
@@ -266,19 +272,20 @@ where
                 if in_place {
                     tokio::task::block_in_place(|| app.write_in_place(offset, data))?;
                 } else {
-                    tokio::task::block_in_place(|| app.stage(&msg))?;
+                    stage(app, msg)?;
                 }
                 resync_done += len;
                 if status.set_progress(resync_done, resync_bytes) {
+                    count(service, name, link);
                     service.set_link_status(name, status.clone());
                 }
             }
             Message::Zero { len, .. } if status.percent_done.is_some() => {
-                tokio::task::block_in_place(|| app.stage(&msg))?;
+                stage(app, msg)?;
                 resync_done += len;
             }
             Message::Write { .. } | Message::Zero { .. } => {
-                tokio::task::block_in_place(|| app.stage(&msg))?;
+                stage(app, msg)?;
             }
             Message::Cut {
                 epoch,
@@ -299,6 +306,7 @@ where
                     }
                 }
                 link.send(&Message::Committed { epoch }).await?;
+                count(service, name, link);
                 in_place = false;
                 status.state = "replicating";
                 status.end_progress();
@@ -308,6 +316,7 @@ where
             }
             Message::Ping { time_unix_ns } => {
                 link.send(&Message::Pong { time_unix_ns }).await?;
+                count(service, name, link);
             }
             Message::Promote {
                 relationship,
@@ -347,4 +356,19 @@ where
             other => return Err(Error::Unexpected(other.message_type())),
         }
     }
+}
+
+/// Stages a record; writes the staged frames to the log once they are a chunk.
+fn stage(app: &mut Applier, record: Message) -> Result<(), Error> {
+    app.stage(record)?;
+    if app.write_due() {
+        tokio::task::block_in_place(|| app.write_staged())?;
+    }
+    Ok(())
+}
+
+/// Adds what the link carried since the last call to the volume's byte counters.
+fn count<S>(service: &VolumeService, name: &str, link: &mut Link<S>) {
+    let (sent, received) = link.take_counts();
+    service.count_replication_bytes(name, sent, received);
 }

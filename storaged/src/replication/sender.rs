@@ -8,15 +8,19 @@
 //! 2. A (re)sync, every time the connection is made and whenever the log overflowed: the
 //!    dirty regions, read from the backing file as stored (a region that is a hole there is
 //!    sent as a discard of it), then the records appended since the resync began, then
-//!    `ResyncEnd`, the epoch's cut. The secondary commits it whole (in place the first time,
-//!    when it has no consistent image to keep) and answers `Committed`.
+//!    `ResyncEnd`, the epoch's cut. Should the log overflow while the regions are read (writes
+//!    faster than the link), a further pass in the same epoch sends the regions written
+//!    meanwhile, while the passes shrink; else the connection is made again. The secondary
+//!    commits the epoch whole (in place the first time, when it has no consistent image to
+//!    keep) and answers `Committed`.
 //! 3. The stream: every [`EPOCH_INTERVAL`] the log is cut and its records sent, each cut as a
 //!    `Cut` with the next epoch; each `Committed` moves the secondary's consistent point
 //!    (`consistent_at`, the primary's time of that cut).
 //!
 //! Each `Committed` also cleans the dirty map: a region whose last record is in a committed
-//! epoch, and that no request has in flight, is cleared (on disk lazily), so a resync sends
-//! only the regions changed since the secondary last had them. A broken connection is made
+//! epoch, and that no request has in flight, is cleared (on disk once it stayed clean for
+//! [`super::dirty::DISK_CLEAN_AGE`]), so a resync sends only the regions changed since the
+//! secondary last had them. A broken connection is made
 //! again after a backoff of 1 s doubling to 10 s.
 //!
 //! When the peer answers as a primary too, `roles.rs` decides: this side demotes itself (and
@@ -298,7 +302,9 @@ async fn connection(
                 other => return Err(Error::Unexpected(other.message_type())),
             }
         }
-        clean(&log, cut);
+        log.committed(cut);
+        // The regions only the resync marked are clean on disk at once.
+        flush_clears(&log);
         let _connected = Connected::new(log.dirty());
         log.sync().ack(cut);
         if rel.mode == ReplicationMode::Sync && !log.sync().active() {
@@ -339,8 +345,15 @@ async fn connection(
 /// Epochs sent and not yet committed: (epoch, seq and time of its cut).
 type Sent = std::collections::VecDeque<(u64, u64, u64)>;
 
-/// How long after its commit a region is cleaned (see [`ship`]).
-const CLEAN_DELAY: Duration = Duration::from_secs(5);
+/// Passes a resync makes at most, each over the regions written during the last (see
+/// [`resync`]).
+const RESYNC_PASSES: u32 = 16;
+
+/// Bytes of frames written to the link at once.
+const BATCH: usize = 256 << 10;
+
+/// How often the dirty map's clears are written out (those due: see [`super::dirty`]).
+const FLUSH_CLEARS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A sync relationship is caught up when at most an epoch is in flight and the log holds
 /// less than this.
@@ -365,12 +378,13 @@ async fn send_epoch<W: AsyncWrite + Unpin>(
             _ => None,
         };
         if let Some(msg) = record_message(record, Some(epoch)) {
-            send(tx, &msg).await?;
+            send_batched(tx, &msg).await?;
         }
         if let Some((seq, time)) = cut {
             sent.push_back((*epoch, seq, time));
         }
     }
+    flush(tx).await?;
     Ok(true)
 }
 
@@ -400,9 +414,25 @@ struct Level {
     size: u64,
 }
 
-/// Sends `msg`, or fails once [`SEND_TIMEOUT`] passed without it going out.
+/// Sends `msg` (after what is queued), or fails once [`SEND_TIMEOUT`] passed without it
+/// going out.
 async fn send<W: AsyncWrite + Unpin>(tx: &mut Link<W>, msg: &Message) -> Result<(), Error> {
-    match tokio::time::timeout(SEND_TIMEOUT, tx.send(msg)).await {
+    tx.queue(msg)?;
+    flush(tx).await
+}
+
+/// Queues `msg`, and writes what is queued once that is a batch.
+async fn send_batched<W: AsyncWrite + Unpin>(tx: &mut Link<W>, msg: &Message) -> Result<(), Error> {
+    tx.queue(msg)?;
+    if tx.queued() >= BATCH {
+        flush(tx).await?;
+    }
+    Ok(())
+}
+
+/// Writes what is queued, or fails once [`SEND_TIMEOUT`] passed without it going out.
+async fn flush<W: AsyncWrite + Unpin>(tx: &mut Link<W>) -> Result<(), Error> {
+    match tokio::time::timeout(SEND_TIMEOUT, tx.flush()).await {
         Ok(sent) => Ok(sent?),
         Err(_) => Err(Error::Stuck),
     }
@@ -415,20 +445,22 @@ fn count<R, W>(service: &VolumeService, name: &str, rx: &mut Link<R>, tx: &mut L
     service.count_replication_bytes(name, sent, received);
 }
 
-/// The secondary committed everything up to `seq`: regions written no later are clean.
-fn clean(log: &ReplicationLog, seq: u64) {
-    if log.committed(seq) > 0 {
-        if let Err(e) = tokio::task::block_in_place(|| log.dirty().flush_clears()) {
-            tracing::warn!(
-                "replication: cannot write the dirty map's clears: {}",
-                crate::error_chain(&e)
-            );
-        }
+/// Writes out the dirty map's clears that are due.
+fn flush_clears(log: &ReplicationLog) {
+    let flushed =
+        tokio::task::block_in_place(|| log.dirty().flush_clears(super::dirty::DISK_CLEAN_AGE));
+    if let Err(e) = flushed {
+        tracing::warn!(
+            "replication: cannot write the dirty map's clears: {}",
+            crate::error_chain(&e)
+        );
     }
 }
 
-/// Sends a resync as epoch `epoch`: the dirty regions, then the records since it began, then
-/// its end, whose seq and time it returns.
+/// Sends a resync as epoch `epoch`: the dirty regions; while the log overflows during a pass,
+/// another pass with the regions written during it (at most [`RESYNC_PASSES`], each smaller
+/// than the last, else [`Error::ResyncOverflow`]); then the records since the last pass
+/// began, then its end, whose seq and time it returns.
 #[allow(clippy::too_many_arguments)]
 async fn resync<W: AsyncWrite + Unpin>(
     service: &VolumeService,
@@ -440,11 +472,64 @@ async fn resync<W: AsyncWrite + Unpin>(
     tx: &mut Link<W>,
     known: &mut LinkStatus,
 ) -> Result<(u64, u64), Error> {
-    let ranges: Vec<(u64, u64)> = log
-        .start_resync()
-        .into_iter()
+    let (mut ranges, mut since) = log.start_resync();
+    let mut pass = 1;
+    let (time_unix_ns, records, seq) = loop {
+        let bytes = send_regions(service, name, file, size, epoch, &ranges, tx, known).await?;
+        // What completed while the regions were read; cuts inside a resync are not epochs.
+        // The resync's cut is the last record taken with them: what comes after goes to the
+        // stream. Its time is read before: every write answered by then is among them.
+        let time_unix_ns = now_ns();
+        let (records, seq) = log.drain_to();
+        if !log.overflowed() {
+            break (time_unix_ns, records, seq);
+        }
+        // Records were dropped during the pass: its cut would claim them. Their regions are
+        // dirty, touched since the pass began: another pass sends them, in the same epoch,
+        // while the passes shrink (the link outruns the writes).
+        let next = log.continue_resync(since);
+        let left: u64 = next.0.iter().map(|(_, l)| l).sum();
+        pass += 1;
+        if pass > RESYNC_PASSES || left >= bytes {
+            return Err(Error::ResyncOverflow);
+        }
+        tracing::info!(volume = %name, epoch, pass, bytes = left, "replication: the log overflowed during the resync; another pass");
+        (ranges, since) = next;
+    };
+    for record in records {
+        if let Some(msg) = record_message(record, None) {
+            send_batched(tx, &msg).await?;
+        }
+    }
+    send(
+        tx,
+        &Message::ResyncEnd {
+            epoch,
+            seq,
+            time_unix_ns,
+        },
+    )
+    .await?;
+    Ok((seq, time_unix_ns))
+}
+
+/// Sends one pass of a resync: `ResyncBegin`, then the regions `ranges` (cut to the
+/// volume's `size`); returns their bytes.
+#[allow(clippy::too_many_arguments)]
+async fn send_regions<W: AsyncWrite + Unpin>(
+    service: &VolumeService,
+    name: &str,
+    file: &File,
+    size: u64,
+    epoch: u64,
+    ranges: &[(u64, u64)],
+    tx: &mut Link<W>,
+    known: &mut LinkStatus,
+) -> Result<u64, Error> {
+    let ranges: Vec<(u64, u64)> = ranges
+        .iter()
         .filter(|(off, _)| *off < size)
-        .map(|(off, len)| (off, len.min(size - off)))
+        .map(|&(off, len)| (off, len.min(size - off)))
         .collect();
     let bytes: u64 = ranges.iter().map(|(_, l)| l).sum();
     tracing::info!(volume = %name, epoch, regions = ranges.len(), bytes, "replication: resync");
@@ -474,31 +559,7 @@ async fn resync<W: AsyncWrite + Unpin>(
             service.set_link_status(name, known.clone());
         }
     }
-    // What completed while the regions were read; cuts inside a resync are not epochs. The
-    // resync's cut is the last record taken with them: what comes after goes to the stream.
-    // Its time is read before: every write answered by then is among them.
-    let time_unix_ns = now_ns();
-    let (records, seq) = log.drain_to();
-    // Records dropped during the resync: its cut would claim them. Their regions are dirty;
-    // the next connection's resync sends them.
-    if log.overflowed() {
-        return Err(Error::ResyncOverflow);
-    }
-    for record in records {
-        if let Some(msg) = record_message(record, None) {
-            send(tx, &msg).await?;
-        }
-    }
-    send(
-        tx,
-        &Message::ResyncEnd {
-            epoch,
-            seq,
-            time_unix_ns,
-        },
-    )
-    .await?;
-    Ok((seq, time_unix_ns))
+    Ok(bytes)
 }
 
 /// A region as the backing file holds it: its bytes, or a discard where the file has a hole.
@@ -576,8 +637,7 @@ where
     let mut tick = tokio::time::interval(EPOCH_INTERVAL);
     // Epochs sent and not yet committed: (epoch, seq and time of its cut).
     let mut sent = Sent::default();
-    // Commits not yet used to clean the dirty map: when, and up to which seq.
-    let mut commits: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    let mut flushed_clears = std::time::Instant::now();
     let mut heard = std::time::Instant::now();
     let mut pinged = std::time::Instant::now();
     // A switchover's `Promote` sent: the generation the peer is asked to take.
@@ -621,6 +681,10 @@ where
                     promoting = Some(generation);
                     continue;
                 }
+                if flushed_clears.elapsed() >= FLUSH_CLEARS_INTERVAL {
+                    flush_clears(log);
+                    flushed_clears = std::time::Instant::now();
+                }
                 if pinged.elapsed() >= PING_INTERVAL {
                     send(tx, &Message::Ping { time_unix_ns: now_ns() }).await?;
                     pinged = std::time::Instant::now();
@@ -658,17 +722,8 @@ where
                     if let Some(seq) = upto {
                         level.seq = seq;
                         log.sync().ack(seq);
-                        // Regions are cleaned CLEAN_DELAY after their commit: a region written
-                        // again meanwhile stays marked, so a steady workload's regions are
-                        // marked (and synced) once, not at every epoch.
-                        commits.push_back((std::time::Instant::now(), seq));
-                    }
-                    let mut due = None;
-                    while commits.front().is_some_and(|(t, _)| t.elapsed() >= CLEAN_DELAY) {
-                        due = commits.pop_front().map(|(_, seq)| seq);
-                    }
-                    if let Some(seq) = due {
-                        clean(log, seq);
+                        // Clean in memory at once; on disk once they stay clean.
+                        log.committed(seq);
                     }
                 }
                 Message::Accepted { relationship } if promoting.is_some() && relationship == level.relationship => {
