@@ -43,7 +43,7 @@ pub const MARK_AHEAD: u64 = 7;
 
 /// How long a region a request marked stays marked on disk after that request, once it is
 /// clean in memory (see the module doc).
-pub const DISK_CLEAN_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+pub const DISK_CLEAN_AGE: Duration = Duration::from_secs(30);
 
 /// Errors of the dirty map.
 #[derive(Debug, thiserror::Error)]
@@ -87,12 +87,20 @@ struct Words {
     disk: Vec<u64>,
     /// Requests in flight per region (marked, not yet done); absent: none.
     in_flight: std::collections::HashMap<u64, u32>,
-    /// When a request last marked each region ([`DirtyMap::mark_all`]), until the region is
-    /// cleared on disk.
-    written: std::collections::HashMap<u64, Instant>,
+    /// Per region, when a request last marked it ([`DirtyMap::mark_all`]), in whole seconds
+    /// since `opened`, plus one; 0: no request since it was last cleared on disk (or ever).
+    written: Vec<u32>,
+    opened: Instant,
     /// A flush of clears is writing the file (with the lock released): `disk` already holds
     /// what it writes, and a mark that must write waits for it to end.
     flushing: bool,
+}
+
+impl Words {
+    /// Whole seconds since the map was opened.
+    fn seconds(&self) -> u32 {
+        u32::try_from(self.opened.elapsed().as_secs()).unwrap_or(u32::MAX - 1)
+    }
 }
 
 impl DirtyMap {
@@ -139,7 +147,8 @@ impl DirtyMap {
                 now: words.clone(),
                 disk: words,
                 in_flight: Default::default(),
-                written: Default::default(),
+                written: Vec::new(),
+                opened: Instant::now(),
                 flushing: false,
             }),
             flushed: Condvar::new(),
@@ -194,9 +203,12 @@ impl DirtyMap {
         ahead.retain(|a| !regions(ranges).any(|r| r == *a));
         let extra: Vec<(u64, u64)> = ahead.iter().map(|&a| (a * REGION, REGION)).collect();
         let mut w = self.mark_locked(w, &[ranges, &extra].concat())?;
-        let now = Instant::now();
+        let now = w.seconds() + 1;
         for r in regions(ranges) {
-            w.written.insert(r, now);
+            if r as usize >= w.written.len() {
+                w.written.resize(r as usize + 1, 0);
+            }
+            w.written[r as usize] = now;
             *w.in_flight.entry(r).or_insert(0) += 1;
         }
         Ok(ahead)
@@ -269,21 +281,25 @@ impl DirtyMap {
     }
 
     /// Writes to disk the clears of regions clean in memory that no request marked for at
-    /// least `age`; returns how many regions it cleared there. Marks of regions already on
+    /// least `age` (to the second); returns how many regions it cleared there. Marks of regions already on
     /// disk go on meanwhile (the lock is not held while the file is written).
     pub fn flush_clears(&self, age: Duration) -> Result<usize, Error> {
         let mut w = self.lock();
         if w.flushing {
             return Ok(0);
         }
+        let now = w.seconds();
+        let age = age.as_secs();
         let mut due = Vec::new();
-        for (i, (&disk, &now)) in w.disk.iter().zip(&w.now).enumerate() {
-            let mut bits = disk & !now;
+        for (i, (&disk, &mem)) in w.disk.iter().zip(&w.now).enumerate() {
+            let mut bits = disk & !mem;
             while bits != 0 {
                 let r = i as u64 * 64 + u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
-                if w.written.get(&r).is_none_or(|t| t.elapsed() >= age) {
-                    due.push(r);
+                match w.written.get(r as usize).copied().unwrap_or(0) {
+                    0 => due.push(r),
+                    marked if u64::from(now - (marked - 1)) >= age => due.push(r),
+                    _ => {}
                 }
             }
         }
@@ -292,7 +308,9 @@ impl DirtyMap {
         }
         let (mut a, mut b) = (usize::MAX, 0);
         for r in &due {
-            w.written.remove(r);
+            if let Some(t) = w.written.get_mut(*r as usize) {
+                *t = 0;
+            }
             let i = (r / 64) as usize;
             w.disk[i] &= !(1u64 << (r % 64));
             (a, b) = (a.min(i), b.max(i));
