@@ -136,8 +136,11 @@ class Sampler(threading.Thread):
     def run(self):
         while not self.done.is_set():
             t = time.monotonic()
-            r = self.admin.replication(self.name)
-            self.samples.append((t, r["state"], r["lag_seconds"]))
+            status, r = self.admin.request("GET", f"/v1/volumes/{self.name}/replication")
+            if status // 100 == 2:
+                self.samples.append((t, r["state"], r["lag_seconds"]))
+            else:
+                self.samples.append((t, "unreplicated", None))
             self.read_threads()
             self.read_waits()
             self.done.wait(max(0.0, self.interval - (time.monotonic() - t)))
@@ -229,8 +232,11 @@ class Zones:
     when asked, a rate limit: netem where the kernel has it, otherwise an NFQUEUE rule per
     namespace and scripts/delayline.c holding the packets (the rate then from tbf)."""
 
-    def __init__(self, name, one_way_us, method):
+    def __init__(self, name, one_way_us, method, idle_b=False):
         self.netns = (f"{name}-a", f"{name}-b")
+        # What runs in zone 1 (its delay line here, its storaged in main): under SCHED_IDLE
+        # when asked, so that it takes only the CPU zone 0 leaves, as a host of its own would.
+        self.prefix = ([], ["chrt", "--idle", "0"] if idle_b else [])
         self.veth = ("veth-a", "veth-b")  # each in its own namespace
         self.one_way_us = one_way_us
         self.delaylines = []
@@ -264,10 +270,10 @@ class Zones:
         if self.method == "netem":
             self.set_rate(None)
         else:
-            for ns, dev in zip(self.netns, self.veth):
+            for ns, dev, prefix in zip(self.netns, self.veth, self.prefix):
                 run("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
                     "-j", "NFQUEUE", "--queue-num", "0")
-                p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, os.path.join(TOOLS, "delayline"), "0",
+                p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, *prefix, os.path.join(TOOLS, "delayline"), "0",
                                       str(one_way_us)], stderr=subprocess.DEVNULL)
                 self.delaylines.append(p)
             time.sleep(0.2)
@@ -434,6 +440,9 @@ def main():
     ap.add_argument("--secondary-dir", default=None,
                     help="parent of the secondary's data dir (default /dev/shm: tmpfs, so the two "
                          "zones do not share this host's one disk)")
+    ap.add_argument("--zone1-idle", action="store_true",
+                    help="run zone 1 (the secondary's storaged and delay line) under SCHED_IDLE: it then "
+                         "takes only the CPU zone 0 leaves, an approximation of a host of its own")
     ap.add_argument("--max-other", type=float, default=0.15,
                     help="a rep during which anything else on the host took more CPU (cores) is run again (default 0.15)")
     ap.add_argument("--retries", type=int, default=3, help="how often a rep is run again at most (default 3)")
@@ -476,7 +485,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         progress(f"==> zones: namespaces {args.netns}-a and {args.netns}-b, {args.rtt_us} µs round trip")
-        zones = Zones(args.netns, args.rtt_us // 2, args.delay)
+        zones = Zones(args.netns, args.rtt_us // 2, args.delay, args.zone1_idle)
         rtt = zones.rtt_ms()
         link_mbps = zones.stream_mbps()
         progress(f"    delay by {zones.method}; TCP connect time across: {rtt:.2f} ms; one TCP stream "
@@ -484,13 +493,13 @@ def main():
 
         nodes = make_pki(os.path.join(work, "pki"))
         daemons, admins = [], []
-        for i, (ns, addr, (cert, key, ca)) in enumerate(zip(zones.netns, ADDR, nodes)):
+        for i, (ns, prefix, addr, (cert, key, ca)) in enumerate(zip(zones.netns, zones.prefix, ADDR, nodes)):
             data = os.path.join(work if i == 0 else work_b, f"zone{i}")
             os.makedirs(data)
             config = os.path.join(work, f"zone{i}.toml")
             with open(config, "w") as f:
                 f.write(f'[replication]\nlisten = "{addr}:{PORT}"\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n')
-            p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, os.path.join(BIN, "storaged"), "--data-dir", data,
+            p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, *prefix, os.path.join(BIN, "storaged"), "--data-dir", data,
                                   "--config", config, "--metrics-addr", "off", "--log", "warn"])
             procs.append(p)
             wait_for_socket(os.path.join(data, "admin.sock"), p, f"storaged in {ns}")
@@ -539,24 +548,45 @@ def main():
 
         initial_sync("repl", size, None)
 
+        def unreplicate(name):
+            """Ends `name`'s relationship and deletes the peer's copy: `name` is an unreplicated
+            volume again, and a later replicate starts over with an initial sync."""
+            a.ok("POST", f"/v1/volumes/{name}/unreplicate")
+            admins[1].ok("DELETE", f"/v1/volumes/{name}")
+
+        def rereplicate(name):
+            status, out = replicate(name)
+            if status // 100 != 2:
+                sys.exit(f"POST replication {name}: {status} {out}")
+            wait_replicating(name)
+
         # Replicated against unreplicated, reps interleaved (who goes first rotates). The
         # sampler polls repl's lag throughout, so the plain runs carry the same API load.
         sampler = Sampler(a.sock, "repl", daemons[0].pid)
         sampler.start()
         results = {}
         for name, rw, bs, qd in CASES:
-            runs = {"plain": [], "repl": [], "control": []}
-            ratios, controls = [], []
+            runs = {"plain": [], "repl": [], "control": [], "self": []}
+            ratios, controls, boths, selfs = [], [], [], []
             redone = 0
             for rep in range(args.reps):
                 for attempt in range(args.retries + 1):
                     order = ["plain", "repl", "control"]
                     order = order[rep % 3:] + order[:rep % 3]
+                    # The repl volume unreplicated ("self": the same volume, its relationship
+                    # ended and made again), before its replicated run in even reps, after it
+                    # in odd ones.
+                    at = order.index("repl")
+                    order[at:at + 1] = ["self", "repl"] if rep % 2 == 0 else ["repl", "self"]
                     this = {}
                     for vol in order:
+                        if vol == "self":
+                            unreplicate("repl")
+                        elif vol == "repl" and "self" in this:
+                            rereplicate("repl")
                         sent0 = a.metric("storaged_volume_replication_sent_bytes_total", "repl")
                         w = Window(daemons, zones, sampler)
-                        r = blkbench(socks[vol], rw, bs, qd, args.runtime)
+                        r = blkbench(socks["repl" if vol == "self" else vol], rw, bs, qd, args.runtime)
                         r.update(w.end())
                         if vol == "repl":
                             during = sampler.between(r["t0"], r["t1"])
@@ -567,6 +597,9 @@ def main():
                             r["sent_mb"] = (a.metric("storaged_volume_replication_sent_bytes_total", "repl")
                                             - sent0) / 1e6
                         this[vol] = r
+                    if rep % 2 == 1:
+                        # Replicated again for the next rep, which starts with it.
+                        rereplicate("repl")
                     other = max(r["cpu"][-1] for r in this.values())
                     if other <= args.max_other or attempt == args.retries:
                         break
@@ -576,9 +609,12 @@ def main():
                     runs[vol].append(r)
                 ratios.append(this["repl"]["iops"] / this["plain"]["iops"])
                 controls.append(this["control"]["iops"] / this["plain"]["iops"])
+                boths.append(2 * this["repl"]["iops"] / (this["plain"]["iops"] + this["control"]["iops"]))
+                selfs.append(this["repl"]["iops"] / this["self"]["iops"])
                 rr, rp = this["repl"], this["plain"]
-                progress(f"    {name} rep {rep + 1}: plain {rp['iops']:.0f} IOPS, "
-                         f"repl {rr['iops']:.0f} ({ratios[-1]:.3f}), control {this['control']['iops']:.0f} "
+                progress(f"    {name} rep {rep + 1}: repl unreplicated {this['self']['iops']:.0f} IOPS, "
+                         f"replicated {rr['iops']:.0f} ({selfs[-1]:.3f}); plain {rp['iops']:.0f} IOPS "
+                         f"(repl/plain {ratios[-1]:.3f}), control {this['control']['iops']:.0f} "
                          f"({controls[-1]:.3f}); repl lag p50/p99 {fmt(percentile(rr['lags'], 50))}/"
                          f"{fmt(percentile(rr['lags'], 99))} s, states {','.join(rr['states'])}, lag 0 "
                          f"{rr['catch_up']:.1f} s after; queue worker in fdatasync {rr['waits'].get('fdatasync', 0):.0%} "
@@ -588,6 +624,9 @@ def main():
                    for vol, rs in runs.items()}
             res["ratio"], res["ratios"] = statistics.median(ratios), (min(ratios), max(ratios))
             res["control"], res["controls"] = statistics.median(controls), (min(controls), max(controls))
+            res["both"], res["boths"] = statistics.median(boths), (min(boths), max(boths))
+            res["vs_self"], res["vs_selfs"] = statistics.median(selfs), (min(selfs), max(selfs))
+            res["self_iops"] = statistics.median(r["iops"] for r in runs["self"])
             lags = [x for r in runs["repl"] for x in r["lags"]]
             res["lag"] = (percentile(lags, 50), percentile(lags, 99), max(lags, default=None))
             res["catch_up"] = (statistics.median(r["catch_up"] for r in runs["repl"]),
@@ -763,27 +802,42 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
              f"/var/tmp ({fs}), zone 1's on {args.secondary_dir or '/dev/shm (tmpfs)'}"
              f"{', so the secondary does not share the one disk' if not args.secondary_dir else ''}. Mutual TLS "
              "with an openssl CA. Volumes plain (encryption none), tier mass (no limit), preallocated and "
-             f"fully written; client blkbench (blkio crate), 1 queue, on the host.", ""]
+             f"fully written; client blkbench (blkio crate), 1 queue, on the host."
+             + (" Zone 1 (its storaged and delay line) under SCHED_IDLE (--zone1-idle): it takes only the CPU "
+                "zone 0 leaves, as a host of its own would; the kernel's work for its packets still runs "
+                "on the shared CPUs." if args.zone1_idle else
+                " Both zones share the host's CPUs: the secondary's work takes CPU from the primary's "
+                "(--zone1-idle puts zone 1 under SCHED_IDLE)."), ""]
     lines += ["## Replicated against unreplicated, same daemon, same run", "",
               f"Three volumes of {size // MIB} MiB on zone 0: plain, repl (async to zone 1, rpo 5 s), and "
-              f"control (plain again: the A/A). {args.runtime:g} s per run, {args.reps} reps, the three back to "
-              "back in each rep (who goes first rotates), each repl run followed by a wait until its lag is 0 "
-              "again. Paired ratio: median of the per-rep repl/plain ratios (min-max); A/A: control/plain. "
+              f"control (plain again: the A/A). {args.runtime:g} s per run, {args.reps} reps; in each rep repl runs "
+              "twice, replicated and unreplicated (its relationship ended, the peer's copy deleted, and made "
+              "again after, with an initial sync: the same volume, the issue's comparison), the unreplicated "
+              "run first in even reps, last in odd ones; plain and control around them (who goes first "
+              "rotates); each replicated run followed by a wait until its lag is 0 again. Paired ratios, "
+              "medians of the per-rep ratios (min-max): repl/self, the replicated volume against itself "
+              "unreplicated; repl/plain; A/A: control/plain; "
+              "repl/both: repl against the mean of plain and control in the same rep (two volumes' files "
+              "differ by as much as the A/A shows, so one reference is not enough). "
               "Lag: GET replication every 100 ms during the repl runs, all reps pooled. Catch-up: from the end "
               "of a run to lag 0 (median / max). A rep during which something else on the host took more than "
               f"{args.max_other:g} cores (\"other\" below) is run again, at most {args.retries} times. "
               "Targets: 4k at ≥ 0.95, 128k at ≥ 0.90.", "",
               "| case | plain IOPS | plain MB/s | plain p50/p99 µs | repl IOPS | repl MB/s | repl p50/p99 µs "
-              "| repl/plain (min-max) | A/A control/plain (min-max) | reps run again; runs kept with other load |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| self (repl unreplicated) IOPS | repl/self (min-max) | repl/plain (min-max) | A/A control/plain (min-max) "
+              "| repl/both (min-max) "
+              "| reps run again; runs kept with other load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, *_ in CASES:
         r = results[name]
         p, q = r["plain"], r["repl"]
         lines.append(f"| {name} | {p['iops']:.0f} | {p['mbps']:.0f} | {p['lat_p50_us']:.0f}/{p['lat_p99_us']:.0f} "
                      f"| {q['iops']:.0f} | {q['mbps']:.0f} | {q['lat_p50_us']:.0f}/{q['lat_p99_us']:.0f} "
+                     f"| {r['self_iops']:.0f} | {r['vs_self']:.3f} ({r['vs_selfs'][0]:.2f}-{r['vs_selfs'][1]:.2f}) "
                      f"| {r['ratio']:.3f} ({r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}) "
                      f"| {r['control']:.3f} ({r['controls'][0]:.2f}-{r['controls'][1]:.2f}) "
-                     f"| {r['redone']}; {r['noisy']} of {3 * args.reps} |")
+                     f"| {r['both']:.3f} ({r['boths'][0]:.2f}-{r['boths'][1]:.2f}) "
+                     f"| {r['redone']}; {r['noisy']} of {4 * args.reps} |")
     lines += ["", "| case | repl lag p50 / p99 / max s | lag 0 again after s (median / max) | repl runs with a resync "
               "| replication link MB/s (frames sent) |", "|---|---|---|---|---|"]
     for name, *_ in CASES:
