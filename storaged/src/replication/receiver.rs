@@ -280,7 +280,8 @@ where
                     service.set_link_status(name, status.clone());
                 }
             }
-            Message::Zero { len, .. } if status.percent_done.is_some() => {
+            // A region that is a hole (seq 0; a record's is at least 1).
+            Message::Zero { len, seq: 0, .. } if status.percent_done.is_some() => {
                 stage(app, msg)?;
                 resync_done += len;
             }
