@@ -341,7 +341,8 @@ const HOST_ATTEMPTS: u32 = 3;
 /// Why a failed run is a fault of the emulation, if it is: the emulated host's own kernel
 /// (not the guest's: its lines are marked `guest| `) reported a BUG or a panic, or the guest's
 /// kernel crashed or stalled before its init ran (the scenario says so: `lib.sh`'s
-/// `vmm_ended_early` and `wait_vmm`).
+/// `vmm_ended_early` and `wait_vmm`), or the whole run was killed at its time limit before
+/// the guest's init ran (the emulated host itself stopped, so its scenario could not say).
 fn emulation_fault(console: &str) -> Option<&'static str> {
     let host_crashed = console.lines().any(|l| {
         l.starts_with('[')
@@ -353,10 +354,14 @@ fn emulation_fault(console: &str) -> Option<&'static str> {
         l.split_once("scenario: FAIL ")
             .is_some_and(|(_, why)| why.contains("before its init ran"))
     });
+    let killed = console.lines().any(|l| l.starts_with("(killed after "));
+    let init_ran = console.contains("vmm-test: init started");
     if host_crashed {
         Some("the emulated host's kernel crashed")
     } else if guest_failed_early {
         Some("the guest's kernel crashed or stalled before its init ran")
+    } else if killed && !init_ran {
+        Some("the emulated host stopped before the guest's init ran (killed at the time limit)")
     } else {
         None
     }
@@ -774,6 +779,16 @@ mod tests {
         );
         assert_eq!(
             emulation_fault("scenario: FAIL fio did not complete in the guest"),
+            None
+        );
+        // The whole emulated host stopped mid-boot of the guest, and the run was killed.
+        assert!(emulation_fault(
+            "guest| [    7.4] Serial: 8250/16550 driver, 4 ports, IRQ sharing enabled\n(killed \
+             after 900 s)"
+        )
+        .is_some());
+        assert_eq!(
+            emulation_fault("guest| vmm-test: init started\n(killed after 900 s)"),
             None
         );
     }
