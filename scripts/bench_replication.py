@@ -534,12 +534,17 @@ def main():
         progress("==> initial sync of repl on the unlimited link")
         sync_rows = []
 
-        def initial_sync(name, nbytes, rate):
-            t0 = time.monotonic()
+        def start_replication(name):
+            """POST replication of `name` and wait until it is replicating with lag 0; returns
+            the time (monotonic) it got there."""
             status, out = replicate(name)
             if status // 100 != 2:
                 sys.exit(f"POST replication {name}: {status} {out}")
-            t1 = wait_replicating(name)
+            return wait_replicating(name)
+
+        def initial_sync(name, nbytes, rate):
+            t0 = time.monotonic()
+            t1 = start_replication(name)
             sent = a.metric("storaged_volume_replication_sent_bytes_total", name)
             row = {"rate": rate, "mib": nbytes / MIB, "secs": t1 - t0, "sent_mib": sent / MIB}
             progress(f"    {name}: {nbytes // MIB} MiB in {t1 - t0:.2f} s ({nbytes / MIB / (t1 - t0):.0f} MiB/s), "
@@ -553,12 +558,6 @@ def main():
             volume again, and a later replicate starts over with an initial sync."""
             a.ok("POST", f"/v1/volumes/{name}/unreplicate")
             admins[1].ok("DELETE", f"/v1/volumes/{name}")
-
-        def rereplicate(name):
-            status, out = replicate(name)
-            if status // 100 != 2:
-                sys.exit(f"POST replication {name}: {status} {out}")
-            wait_replicating(name)
 
         # Replicated against unreplicated, reps interleaved (who goes first rotates). The
         # sampler polls repl's lag throughout, so the plain runs carry the same API load.
@@ -583,7 +582,7 @@ def main():
                         if vol == "self":
                             unreplicate("repl")
                         elif vol == "repl" and "self" in this:
-                            rereplicate("repl")
+                            start_replication("repl")
                         sent0 = a.metric("storaged_volume_replication_sent_bytes_total", "repl")
                         w = Window(daemons, zones, sampler)
                         r = blkbench(socks["repl" if vol == "self" else vol], rw, bs, qd, args.runtime)
@@ -599,7 +598,7 @@ def main():
                         this[vol] = r
                     if rep % 2 == 1:
                         # Replicated again for the next rep, which starts with it.
-                        rereplicate("repl")
+                        start_replication("repl")
                     other = max(r["cpu"][-1] for r in this.values())
                     if other <= args.max_other or attempt == args.retries:
                         break
@@ -626,7 +625,6 @@ def main():
             res["control"], res["controls"] = statistics.median(controls), (min(controls), max(controls))
             res["both"], res["boths"] = statistics.median(boths), (min(boths), max(boths))
             res["vs_self"], res["vs_selfs"] = statistics.median(selfs), (min(selfs), max(selfs))
-            res["self_iops"] = statistics.median(r["iops"] for r in runs["self"])
             lags = [x for r in runs["repl"] for x in r["lags"]]
             res["lag"] = (percentile(lags, 50), percentile(lags, 99), max(lags, default=None))
             res["catch_up"] = (statistics.median(r["catch_up"] for r in runs["repl"]),
@@ -833,7 +831,7 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
         p, q = r["plain"], r["repl"]
         lines.append(f"| {name} | {p['iops']:.0f} | {p['mbps']:.0f} | {p['lat_p50_us']:.0f}/{p['lat_p99_us']:.0f} "
                      f"| {q['iops']:.0f} | {q['mbps']:.0f} | {q['lat_p50_us']:.0f}/{q['lat_p99_us']:.0f} "
-                     f"| {r['self_iops']:.0f} | {r['vs_self']:.3f} ({r['vs_selfs'][0]:.2f}-{r['vs_selfs'][1]:.2f}) "
+                     f"| {r['self']['iops']:.0f} | {r['vs_self']:.3f} ({r['vs_selfs'][0]:.2f}-{r['vs_selfs'][1]:.2f}) "
                      f"| {r['ratio']:.3f} ({r['ratios'][0]:.2f}-{r['ratios'][1]:.2f}) "
                      f"| {r['control']:.3f} ({r['controls'][0]:.2f}-{r['controls'][1]:.2f}) "
                      f"| {r['both']:.3f} ({r['boths'][0]:.2f}-{r['boths'][1]:.2f}) "

@@ -338,6 +338,9 @@ pub fn run_scenario_with(
 /// own, is never run again.
 const HOST_ATTEMPTS: u32 = 3;
 
+/// How [`run_with_timeout`]'s last line starts when it killed the run at its time limit.
+const KILLED: &str = "(killed after ";
+
 /// Why a failed run is a fault of the emulation, if it is: the emulated host's own kernel
 /// (not the guest's: its lines are marked `guest| `) reported a BUG or a panic, or the guest's
 /// kernel crashed or stalled before its init ran (the scenario says so: `lib.sh`'s
@@ -354,7 +357,7 @@ fn emulation_fault(console: &str) -> Option<&'static str> {
         l.split_once("scenario: FAIL ")
             .is_some_and(|(_, why)| why.contains("before its init ran"))
     });
-    let killed = console.lines().any(|l| l.starts_with("(killed after "));
+    let killed = console.lines().any(|l| l.starts_with(KILLED));
     let init_ran = console.contains("vmm-test: init started");
     if host_crashed {
         Some("the emulated host's kernel crashed")
@@ -447,7 +450,7 @@ fn run_with_timeout(
             let _ = child.wait();
             out.lock()
                 .unwrap()
-                .push(format!("(killed after {} s)", timeout.as_secs()));
+                .push(format!("{KILLED}{} s)", timeout.as_secs()));
             break None;
         }
         std::thread::sleep(Duration::from_millis(100));
