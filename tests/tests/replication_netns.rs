@@ -7,8 +7,7 @@
 //! encrypted volume crosses the link and lands on the peer as its ciphertext.
 //!
 //! Where the secondary's image is read (the primary gone, the stream ended) it is promoted
-//! and read: [`secondary_image`]. Three tests are ignored, for the limits their reasons name:
-//! they run with `--ignored`.
+//! and read: [`secondary_image`].
 //!
 //! One test at a time (a lock): each runs two daemons and a writer, and on a small machine
 //! two such tests would starve each other's daemons, making the RPO bound a measure of the
@@ -429,10 +428,6 @@ fn a_kill_9_of_the_primary_mid_stream_leaves_the_secondary_at_one_recent_generat
 const OUTAGE: Duration = Duration::from_secs(8);
 
 #[test]
-#[ignore = "storaged limit: the writer rewrites its regions faster than this emulated link \
-            carries them through a resync, so each resync overflows its log, its next pass \
-            (those same regions) is no smaller, and it starts again; the image stays \
-            consistent but does not catch up in the test's time; passes on a quiet host"]
 fn a_link_cut_mid_stream_and_restored_leaves_the_secondary_consistent_and_following() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut z) = zones() else {
@@ -526,9 +521,6 @@ fn a_kill_9_of_the_secondary_mid_apply_then_its_restart_leave_it_consistent_and_
 }
 
 #[test]
-#[ignore = "timing: under the whole test command's load the restarted secondary's resync (of \
-            the regions written in the last 5 s) can leave it more than rpo_seconds behind at \
-            the kill, so the RPO bound fails though the image is consistent; passes alone"]
 fn a_kill_9_of_the_secondary_mid_apply_under_writes_then_its_restart_leave_it_consistent() {
     kill_the_secondary_mid_apply(true);
 }
@@ -601,10 +593,6 @@ fn a_kill_9_of_the_secondary_mid_resync_then_its_restart_leave_it_consistent_and
 }
 
 #[test]
-#[ignore = "storaged limit: the writer rewrites its regions faster than this emulated link \
-            carries them through a resync, so each resync overflows its log, its next pass \
-            (those same regions) is no smaller, and it starts again; the image stays \
-            consistent but does not catch up in the test's time"]
 fn a_kill_9_of_the_secondary_mid_resync_under_writes_then_its_restart_leave_it_consistent() {
     kill_the_secondary_mid_resync(true);
 }
