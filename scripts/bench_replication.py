@@ -232,11 +232,18 @@ class Zones:
     when asked, a rate limit: netem where the kernel has it, otherwise an NFQUEUE rule per
     namespace and scripts/delayline.c holding the packets (the rate then from tbf)."""
 
-    def __init__(self, name, one_way_us, method, idle_b=False):
+    def __init__(self, name, one_way_us, method, idle_b=False, split=None):
         self.netns = (f"{name}-a", f"{name}-b")
         # What runs in zone 1 (its delay line here, its storaged in main): under SCHED_IDLE
         # when asked, so that it takes only the CPU zone 0 leaves, as a host of its own would.
+        # With `split` (the CPU lists of zone 0 and of zone 1), each zone's storaged on its own
+        # CPUs, and both delay lines (the wire) on zone 1's; each end's received packets are
+        # processed (RPS) on its zone's CPUs.
+        self.split = split
         self.prefix = ([], ["chrt", "--idle", "0"] if idle_b else [])
+        if split:
+            self.prefix = tuple(["taskset", "-c", cpus] + p for cpus, p in zip(split, self.prefix))
+        wire = self.prefix[1]
         self.veth = ("veth-a", "veth-b")  # each in its own namespace
         self.one_way_us = one_way_us
         self.delaylines = []
@@ -256,6 +263,10 @@ class Zones:
             # tcp_wmem cap would hold one connection to 4 MiB per round trip. Per namespace.
             run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 16384 16777216",
                 "net.ipv4.tcp_rmem=4096 131072 33554432")
+        if split:
+            for ns, dev, cpus in zip(self.netns, self.veth, split):
+                mask = sum(1 << int(c) for c in cpus.split(","))
+                run("ip", "netns", "exec", ns, "sh", "-c", f"echo {mask:x} > /sys/class/net/{dev}/queues/rx-0/rps_cpus")
         if method in ("auto", "netem"):
             r = run("tc", "-n", self.netns[0], "qdisc", "add", "dev", self.veth[0], "root", "netem", "delay",
                     f"{one_way_us}us", check=False)
@@ -270,7 +281,8 @@ class Zones:
         if self.method == "netem":
             self.set_rate(None)
         else:
-            for ns, dev, prefix in zip(self.netns, self.veth, self.prefix):
+            for ns, dev, own in zip(self.netns, self.veth, self.prefix):
+                prefix = wire if split else own
                 run("ip", "netns", "exec", ns, "iptables", "-t", "mangle", "-A", "PREROUTING", "-i", dev,
                     "-j", "NFQUEUE", "--queue-num", "0")
                 p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, *prefix, os.path.join(TOOLS, "delayline"), "0",
@@ -375,8 +387,12 @@ def make_pki(d):
     return nodes
 
 
+# The client's CPUs (with --split-cpus, zone 0's: the guest's on the primary's host).
+CLIENT_PREFIX = []
+
+
 def blkbench(sock, rw, bs, qd, runtime, ramp=0.0, span=None):
-    cmd = [*DIE_WITH_DRIVER, os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
+    cmd = [*DIE_WITH_DRIVER, *CLIENT_PREFIX, os.path.join(BIN, "blkbench"), "--socket", sock, "--rw", rw, "--bs", str(bs),
            "--iodepth", str(qd), "--runtime", str(runtime)]
     if ramp:
         cmd += ["--ramp", str(ramp)]
@@ -443,6 +459,10 @@ def main():
     ap.add_argument("--zone1-idle", action="store_true",
                     help="run zone 1 (the secondary's storaged and delay line) under SCHED_IDLE: it then "
                          "takes only the CPU zone 0 leaves, an approximation of a host of its own")
+    ap.add_argument("--split-cpus", action="store_true",
+                    help="each zone on CPUs of its own, as two hosts: zone 0's storaged and the client on "
+                         "the first half of the CPUs, zone 1's storaged and both delay lines (the wire) on "
+                         "the rest; each end's packets received on its zone's CPUs")
     ap.add_argument("--max-other", type=float, default=0.15,
                     help="a rep during which anything else on the host took more CPU (cores) is run again (default 0.15)")
     ap.add_argument("--retries", type=int, default=3, help="how often a rep is run again at most (default 3)")
@@ -485,7 +505,15 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         progress(f"==> zones: namespaces {args.netns}-a and {args.netns}-b, {args.rtt_us} µs round trip")
-        zones = Zones(args.netns, args.rtt_us // 2, args.delay, args.zone1_idle)
+        split = None
+        if args.split_cpus:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                sys.exit("--split-cpus needs at least 2 CPUs")
+            half = len(cpus) // 2
+            split = (",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:])))
+            CLIENT_PREFIX[:] = ["taskset", "-c", split[0]]
+        zones = Zones(args.netns, args.rtt_us // 2, args.delay, args.zone1_idle, split)
         rtt = zones.rtt_ms()
         link_mbps = zones.stream_mbps()
         progress(f"    delay by {zones.method}; TCP connect time across: {rtt:.2f} ms; one TCP stream "
@@ -740,7 +768,8 @@ def main():
             progress(f"    POST replication mode sync: {status} {out}")
 
         lines = report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_rows, resync_rows, sync)
-        write_table(lines, args.out, "replication.md" if not args.quick else "replication-quick.md")
+        variant = ("-split-cpus" if args.split_cpus else "") + ("-zone1-idle" if args.zone1_idle else "")
+        write_table(lines, args.out, f"replication{variant}{'-quick' if args.quick else ''}.md")
     finally:
         cleanup()
 
@@ -805,7 +834,13 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
                 "zone 0 leaves, as a host of its own would; the kernel's work for its packets still runs "
                 "on the shared CPUs." if args.zone1_idle else
                 " Both zones share the host's CPUs: the secondary's work takes CPU from the primary's "
-                "(--zone1-idle puts zone 1 under SCHED_IDLE)."), ""]
+                "(--zone1-idle puts zone 1 under SCHED_IDLE)."
+                if not zones.split else "")
+             + (f" Each zone on CPUs of its own (--split-cpus), as two hosts: zone 0's storaged and the client "
+                f"on CPU {zones.split[0]}, zone 1's storaged and both delay lines (the wire) on CPU "
+                f"{zones.split[1]}; each end's received packets processed there (RPS). Zone 0's replication "
+                "work (the sender's TLS and TCP) shares its CPU with the queue worker."
+                if zones.split else ""), ""]
     lines += ["## Replicated against unreplicated, same daemon, same run", "",
               f"Three volumes of {size // MIB} MiB on zone 0: plain, repl (async to zone 1, rpo 5 s), and "
               f"control (plain again: the A/A). {args.runtime:g} s per run, {args.reps} reps; in each rep repl runs "
