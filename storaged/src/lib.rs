@@ -35,16 +35,4 @@ pub(crate) fn unix_time() -> std::time::Duration {
 }
 
 /// Formats an error with its whole chain of sources: "a: b: c".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use errors::chain as error_chain;

@@ -2,6 +2,8 @@
 //! driven from outside as a client or a peer would, and torn down. One module for each thing
 //! a test drives or stands on:
 //!
+//! - `agent.rs`: [`Agent`], the node agent on a temporary data dir in the same shape, and
+//!   [`AgentClient`] for its API, with a token.
 //! - `storaged.rs`: [`Storaged`], the storage daemon on a temporary data dir (start, wait until
 //!   its API answers, log, restart, kill, tear down on drop) and [`AdminClient`] for its API.
 //! - `vmm.rs`: [`Vmm`], the microVM monitor booting a test guest ([`guest`]) in the same shape
@@ -30,6 +32,7 @@
 // Test infrastructure: a failed step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
 
+mod agent;
 mod blk_client;
 pub mod devices;
 pub mod emulated_host;
@@ -46,10 +49,36 @@ mod vmm;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use self::agent::{Agent, AgentClient};
 pub use self::storaged::{AdminClient, Response, Storaged};
 pub use blk_client::{connect_retry, BlkClient, REGION_LEN};
 pub use devices::{FreezableDevice, LoopDevice, WritebackFault};
 pub use vmm::{guest, wait_for_console, Vmm};
+
+/// The property names of an object schema in `file` (an OpenAPI file, relative to the
+/// workspace), by a path of keys; read with Python's YAML parser, a reader we did not write.
+pub fn openapi_properties(file: &str, path: &[&str]) -> Vec<String> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(file);
+    let script = "import json, sys, yaml\n\
+        node = yaml.safe_load(open(sys.argv[1]))\n\
+        for key in sys.argv[2:]:\n    node = node[key]\n\
+        print(json.dumps(sorted(node['properties'])))";
+    let out = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(&file)
+        .args(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
 
 /// Directory holding the workspace's built binaries (the test executable lives in `deps/`).
 pub fn bin_dir() -> PathBuf {

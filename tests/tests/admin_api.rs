@@ -591,29 +591,6 @@ fn a_forced_delete_stuck_on_a_hung_device_leaves_the_api_answering() {
     assert_eq!(s.volume_names(), ["other"]);
 }
 
-/// The property names of an object schema in storaged/openapi.yaml, by a path of keys (read
-/// with Python's YAML parser, a reader we did not write).
-fn openapi_properties(path: &[&str]) -> Vec<String> {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../storaged/openapi.yaml");
-    let script = "import json, sys, yaml\n\
-        node = yaml.safe_load(open(sys.argv[1]))\n\
-        for key in sys.argv[2:]:\n    node = node[key]\n\
-        print(json.dumps(sorted(node['properties'])))";
-    let out = Command::new(python)
-        .args(["-c", script])
-        .arg(&file)
-        .args(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn fields(v: &serde_json::Value) -> Vec<String> {
     let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
     keys.sort();
@@ -626,7 +603,10 @@ fn the_openapi_file_names_every_field_the_api_answers_with() {
     let v = s.create_volume(
         r#"{"name":"doc","size":"64MiB","owner":{"uid":0,"vm_id":"vm-1"},"bandwidth_limit":1000000}"#,
     );
-    let volume = openapi_properties(&["components", "schemas", "Volume"]);
+    let volume = openapi_properties(
+        "storaged/openapi.yaml",
+        &["components", "schemas", "Volume"],
+    );
     for f in fields(&v) {
         assert!(
             volume.contains(&f),
@@ -634,7 +614,10 @@ fn the_openapi_file_names_every_field_the_api_answers_with() {
         );
     }
     for f in fields(&v["limits"]) {
-        let limits = openapi_properties(&["components", "schemas", "Limits"]);
+        let limits = openapi_properties(
+            "storaged/openapi.yaml",
+            &["components", "schemas", "Limits"],
+        );
         assert!(
             limits.contains(&f),
             "Limits field '{f}' is not in openapi.yaml: {limits:?}"
@@ -654,16 +637,19 @@ fn the_openapi_file_names_every_field_the_api_answers_with() {
         .request("DELETE", "/v1/volumes/doc", None)
         .unwrap()
         .json();
-    let answer = openapi_properties(&[
-        "paths",
-        "/v1/volumes/{name}",
-        "delete",
-        "responses",
-        "200",
-        "content",
-        "application/json",
-        "schema",
-    ]);
+    let answer = openapi_properties(
+        "storaged/openapi.yaml",
+        &[
+            "paths",
+            "/v1/volumes/{name}",
+            "delete",
+            "responses",
+            "200",
+            "content",
+            "application/json",
+            "schema",
+        ],
+    );
     assert_eq!(
         fields(&deleted),
         answer,

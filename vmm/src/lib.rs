@@ -39,14 +39,5 @@ pub mod vhost_user;
 pub mod virtio_mmio;
 pub mod vm;
 
-/// An error and its causes, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// Formats an error with its whole chain of sources: "a: b: c".
+pub use errors::chain as error_chain;

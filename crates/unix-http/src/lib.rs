@@ -88,6 +88,8 @@ pub struct Client {
     /// Who serves the socket ("storaged", "vmm"): the `Host` header, and named when the
     /// socket cannot be reached.
     daemon: &'static str,
+    /// Sent as `Authorization: Bearer ...` with every request, where the API wants a token.
+    bearer: Option<String>,
 }
 
 impl Client {
@@ -95,7 +97,14 @@ impl Client {
         Client {
             path: path.as_ref().to_owned(),
             daemon,
+            bearer: None,
         }
+    }
+
+    /// The same client, sending `token` as its bearer token.
+    pub fn with_bearer(mut self, token: impl Into<String>) -> Self {
+        self.bearer = Some(token.into());
+        self
     }
 
     /// The socket this client talks to.
@@ -121,6 +130,9 @@ impl Client {
             "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             self.daemon
         );
+        if let Some(token) = &self.bearer {
+            req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
         if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",

@@ -1,0 +1,169 @@
+//! The agent's configuration: a TOML file whose every key has a default, so `--data-dir`
+//! alone is enough. Unknown keys are refused (`deny_unknown_fields`); [`Config::resolve`]
+//! applies the defaults and refuses what cannot work, naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The API's TCP address when the config names none: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9571";
+
+/// Errors loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Invalid config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("No data dir: pass --data-dir or set data_dir in the config file")]
+    NoDataDir,
+    #[error("Invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Everything `agent` can be told.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the state database, the admin token and the API socket live. Required (here or
+    /// as `--data-dir`).
+    pub data_dir: Option<PathBuf>,
+    /// The API's TCP address, `IP:PORT`, or `"off"`. Default: [`DEFAULT_LISTEN`].
+    pub listen: Option<String>,
+    /// The API's Unix socket. Default: `DATA_DIR/agent.sock`.
+    pub socket: Option<PathBuf>,
+    /// The file holding the admin token (created with a random one, mode 0600, if missing).
+    /// Default: `DATA_DIR/admin.token`.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// The configuration with its defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub data_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub socket: PathBuf,
+    pub admin_token_file: PathBuf,
+    /// The state database: `DATA_DIR/agent.redb`.
+    pub database: PathBuf,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| Error::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Applies the defaults and checks the settings.
+    pub fn resolve(&self) -> Result<Resolved, Error> {
+        let data_dir = self.data_dir.clone().ok_or(Error::NoDataDir)?;
+        let listen = match self.listen.as_deref().unwrap_or(DEFAULT_LISTEN) {
+            "off" => None,
+            addr => Some(addr.parse().map_err(|e| Error::Invalid {
+                key: "listen",
+                reason: format!("{addr:?} is not IP:PORT or \"off\" ({e})"),
+            })?),
+        };
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| data_dir.join("agent.sock"));
+        // sun_path holds 107 bytes and a NUL.
+        if socket.as_os_str().len() > 107 {
+            return Err(Error::Invalid {
+                key: "socket",
+                reason: format!(
+                    "{} is longer than a Unix socket path can be (107 bytes)",
+                    socket.display()
+                ),
+            });
+        }
+        Ok(Resolved {
+            listen,
+            socket,
+            admin_token_file: self
+                .admin_token_file
+                .clone()
+                .unwrap_or_else(|| data_dir.join("admin.token")),
+            database: data_dir.join("agent.redb"),
+            data_dir,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_dir_alone_is_a_valid_config() {
+        let c = Config {
+            data_dir: Some("/var/lib/agent".into()),
+            ..Config::default()
+        };
+        let r = c.resolve().unwrap();
+        assert_eq!(r.listen, Some(DEFAULT_LISTEN.parse().unwrap()));
+        assert_eq!(r.socket, Path::new("/var/lib/agent/agent.sock"));
+        assert_eq!(r.admin_token_file, Path::new("/var/lib/agent/admin.token"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<Config>("data_dir = \"/d\"\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn a_listen_that_is_not_an_address_is_refused_by_name() {
+        let c = Config {
+            data_dir: Some("/d".into()),
+            listen: Some("localhost".into()),
+            ..Config::default()
+        };
+        let e = c.resolve().unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn listen_off_serves_the_socket_only() {
+        let c = Config {
+            data_dir: Some("/d".into()),
+            listen: Some("off".into()),
+            ..Config::default()
+        };
+        assert_eq!(c.resolve().unwrap().listen, None);
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_states_the_defaults() {
+        let mut c: Config = toml::from_str(include_str!("../agent.example.toml")).unwrap();
+        c.data_dir = Some("/var/lib/agent".into());
+        let example = c.resolve().unwrap();
+        let defaults = Config {
+            data_dir: Some("/var/lib/agent".into()),
+            ..Config::default()
+        };
+        assert_eq!(example, defaults.resolve().unwrap());
+    }
+
+    #[test]
+    fn no_data_dir_is_an_error() {
+        assert!(matches!(Config::default().resolve(), Err(Error::NoDataDir)));
+    }
+}

@@ -1,0 +1,169 @@
+//! Wires the agent together: data dir, state database, admin token, the API on its TCP
+//! address and its Unix socket, signals.
+
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::api::{self, ApiState};
+use crate::auth::Authority;
+use crate::config::Config;
+use crate::store::{self, Store};
+use crate::tenants::{self, TenantRegistry};
+use crate::tokens;
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error("Cannot create directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    AdminToken(#[from] tokens::Error),
+    #[error("Cannot listen on {what} {addr}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} exists and is not a socket: not replacing it")]
+    NotASocket(PathBuf),
+    #[error("Cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), Error> {
+    let paths = config.resolve()?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.data_dir)
+        .map_err(|source| Error::CreateDir {
+            path: paths.data_dir.clone(),
+            source,
+        })?;
+    // Opened first: it locks the data dir against a second agent.
+    let store = Arc::new(Store::open(&paths.database)?);
+    let (admin_token, created) = tokens::admin_token(&paths.admin_token_file)?;
+    if created {
+        tracing::info!(path = %paths.admin_token_file.display(), "admin token created");
+    }
+    let authority = Arc::new(Authority::new(
+        tokens::hash(&admin_token),
+        tenants::known_hashes(&store)?,
+    ));
+    drop(admin_token);
+    let state = Arc::new(ApiState {
+        authority: authority.clone(),
+        tenants: TenantRegistry::new(store, authority),
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agent-api")
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(async {
+        let tcp = match paths.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Listen {
+                        what: "API address",
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let unix = bind_socket(&paths.socket)?;
+        let url = tcp
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| format!("http://{a}/v1"));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Some(l) = tcp {
+            let serve = axum::serve(l, api::router(state.clone()))
+                .with_graceful_shutdown(stopped(stop_rx.clone()));
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::error!("API on TCP failed: {e}");
+                }
+            }));
+        }
+        let serve =
+            axum::serve(unix, api::router(state.clone())).with_graceful_shutdown(stopped(stop_rx));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!("API on the Unix socket failed: {e}");
+            }
+        }));
+        tracing::info!(
+            api_url = %url.as_deref().unwrap_or("off"),
+            socket = %paths.socket.display(),
+            data_dir = %paths.data_dir.display(),
+            "agent ready"
+        );
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = fs::remove_file(&paths.socket);
+        Ok(())
+    })
+}
+
+/// Binds the API's Unix socket at `path`, mode 0600, replacing a socket left by an agent
+/// that did not remove its own (the database's lock says none runs), never another file.
+fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = fs::remove_file(path);
+        }
+        Ok(_) => return Err(Error::NotASocket(path.to_owned())),
+        Err(_) => {}
+    }
+    let listen = |source| Error::Listen {
+        what: "API socket",
+        addr: path.display().to_string(),
+        source,
+    };
+    let l = UnixListener::bind(path).map_err(listen)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(listen)?;
+    Ok(l)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}

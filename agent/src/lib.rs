@@ -1,0 +1,22 @@
+//! The node agent: a tenant-authenticated API (HTTP + JSON on a TCP address and a Unix
+//! socket) for the node's tenants, their tokens checked on every call, its state in an
+//! embedded database in the data dir.
+//!
+//! - [`config`]: the TOML file and its defaults;
+//! - [`tokens`]: bearer tokens, their hashes, the admin token file;
+//! - [`auth`]: who a request is;
+//! - [`store`]: the state database;
+//! - [`tenants`]: creating, listing and revoking tenants;
+//! - [`api`]: the routes, authentication and audit;
+//! - [`daemon`]: wiring it all, until a signal.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod daemon;
+pub mod store;
+pub mod tenants;
+pub mod tokens;
+
+/// Formats an error with its whole chain of sources: "a: b: c".
+pub use errors::chain as error_chain;

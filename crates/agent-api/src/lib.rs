@@ -1,0 +1,79 @@
+//! The node agent's API as types, shared by the agent, `agentctl` and the tests: the requests
+//! it accepts (`deny_unknown_fields`: a misspelt field is a 400, not a default) and the answers
+//! it gives. Every error answer is a 4xx/5xx with [`ErrorBody`].
+//!
+//! Every call carries a bearer token: the node's admin token, or a tenant's. [`Whoami`] says
+//! which one a token is.
+
+use serde::{Deserialize, Serialize};
+
+pub mod client;
+
+/// Who a token belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The node's operator: sees and acts on every tenant's objects, and on the tenants.
+    Admin,
+    /// A tenant: sees and acts on its own objects only.
+    Tenant,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whoami {
+    pub role: Role,
+    /// The tenant's name (none for the admin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// `POST /v1/tenants` (admin).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// 1 to 63 of `a-z`, `0-9` and `-`, starting with a letter or digit.
+    pub name: String,
+}
+
+/// The answer to `POST /v1/tenants`: the tenant's token, shown this once (the agent keeps
+/// only its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantCreated {
+    pub name: String,
+    pub token: String,
+}
+
+/// A tenant as `GET /v1/tenants` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub name: String,
+    /// When it was created, in seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_create_tenant_with_an_unknown_field_does_not_parse() {
+        let r = serde_json::from_str::<CreateTenant>(r#"{"name":"a","nmae":"b"}"#);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn the_admin_has_no_tenant_in_whoami() {
+        let w = Whoami {
+            role: Role::Admin,
+            tenant: None,
+        };
+        assert_eq!(serde_json::to_string(&w).unwrap(), r#"{"role":"admin"}"#);
+    }
+}

@@ -1,0 +1,165 @@
+//! The `agent` harness: the real agent on a temporary data dir, its API on an ephemeral
+//! loopback port and on its socket, waited for until it answers the admin token; its log
+//! (stderr) captured; stopped by a signal, restarted on the same data dir, killed on drop.
+//! Its API is reached with [`AgentClient`], the client `agentctl` uses.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use agent_api::client::AgentClient;
+
+use crate::bin;
+
+/// A running `agent` on a temporary data dir.
+pub struct Agent {
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn start() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("agt")
+            .tempdir()
+            .expect("tempdir");
+        let mut a = Agent {
+            data_dir: tmp.path().to_owned(),
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            _tmp: tmp,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(bin("agent"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "agent=debug,audit=info,info",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("AGENT_TEST_LOG").is_some() {
+                    eprintln!("[agent] {line}");
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.log_text().contains("agent ready") {
+                if let Ok(w) = self.admin().whoami() {
+                    assert_eq!(w.role, agent_api::Role::Admin);
+                    return;
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("agent exited with {status} at start:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("agent.sock")
+    }
+
+    /// The admin token, as the agent wrote it.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string()
+    }
+
+    /// A client with the admin token.
+    pub fn admin(&self) -> AgentClient {
+        self.client(&self.admin_token())
+    }
+
+    /// A client with `token`.
+    pub fn client(&self, token: &str) -> AgentClient {
+        AgentClient::new(self.socket(), token)
+    }
+
+    /// The API's TCP address, from the startup log.
+    pub fn tcp_addr(&self) -> std::net::SocketAddr {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("agent ready"))
+            .expect("the ready line");
+        let url = line
+            .split("api_url=http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .expect("api_url in the ready line");
+        url.parse().expect("an IP:port")
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill() with the pid of our own child, not yet waited for.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().expect("wait")
+    }
+
+    /// SIGTERM, then start again on the same data dir.
+    pub fn restart(&mut self) {
+        let status = self.signal_and_wait(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "agent exit {status}:\n{}",
+            self.log_text()
+        );
+        self.spawn();
+    }
+
+    /// SIGKILL, then start again on the same data dir.
+    pub fn kill_and_restart(&mut self) {
+        self.signal_and_wait(libc::SIGKILL);
+        self.spawn();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
