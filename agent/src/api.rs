@@ -2,16 +2,19 @@
 //!
 //! Every request passes [`authenticate`] first: its bearer token names the admin or a tenant
 //! ([`Principal`], put in the request's extensions), or the answer is 401. Each call then
-//! checks what that principal may do: the tenant calls are the admin's (403 for a tenant).
+//! checks what that principal may do: the tenant calls are the admin's (403 for a tenant); a
+//! volume call acts in the caller's own namespace, the admin's in the one `?tenant=NAME` (or,
+//! for a create, the body's `tenant`) names. A tenant naming another tenant finds nothing
+//! there (404), as it finds nothing of another tenant's anywhere.
 //! A mutating call (any method but GET and HEAD) writes one audit line, target `audit`: who,
 //! the method and path, and the status, never a token. Errors are `{"error": "..."}` with
 //! their 4xx/5xx, unknown paths and methods included.
 
 use std::sync::Arc;
 
-use agent_api::{CreateTenant, ErrorBody, Role, Whoami};
+use agent_api::{CreateTenant, CreateVolume, ErrorBody, Role, UpdateVolume, Whoami};
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -21,11 +24,13 @@ use serde::de::DeserializeOwned;
 
 use crate::auth::{self, Authority, Principal};
 use crate::tenants::{self, TenantRegistry};
+use crate::volumes::{self, VolumeRegistry};
 
 /// What the handlers share.
 pub struct ApiState {
     pub authority: Arc<Authority>,
     pub tenants: TenantRegistry,
+    pub volumes: VolumeRegistry,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -61,6 +66,29 @@ impl From<tenants::Error> for ApiError {
     }
 }
 
+impl From<volumes::Error> for ApiError {
+    fn from(e: volumes::Error) -> Self {
+        use volumes::Error as E;
+        let status = match &e {
+            E::InvalidName(_) | E::NameTooLong { .. } => StatusCode::BAD_REQUEST,
+            E::NotFound(_) | E::NoTenant(_) => StatusCode::NOT_FOUND,
+            E::Exists(_) => StatusCode::CONFLICT,
+            // storaged's 4xx is the caller's to fix; its 5xx is storaged's fault.
+            E::Refused { status, .. } => StatusCode::from_u16(*status)
+                .ok()
+                .filter(|s| s.is_client_error())
+                .unwrap_or(StatusCode::BAD_GATEWAY),
+            E::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = crate::error_chain(&e);
+        if status.is_server_error() {
+            tracing::error!("API request failed: {message}");
+        }
+        ApiError(status, message)
+    }
+}
+
 type ApiResult<T> = Result<T, ApiError>;
 
 /// The API's routes, behind [`authenticate`].
@@ -69,6 +97,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/whoami", get(whoami))
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{name}", delete(delete_tenant))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(update_volume).delete(delete_volume),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(axum::middleware::from_fn_with_state(
@@ -203,6 +236,114 @@ async fn delete_tenant(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The `tenant` of a query string; any other key is refused.
+fn query_tenant(query: Option<&str>) -> ApiResult<Option<String>> {
+    let mut tenant = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("tenant", v)) if tenants::valid_name(v) => tenant = Some(v.to_string()),
+            Some(("tenant", v)) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("Invalid tenant name {v:?} in the query"),
+                ))
+            }
+            _ => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("Unknown query parameter {pair:?}: only tenant=NAME is taken"),
+                ))
+            }
+        }
+    }
+    Ok(tenant)
+}
+
+/// The namespace a volume call acts in: the tenant's own (naming another is a 404), or the
+/// one the admin names (it must name one).
+fn scope(p: &Principal, named: Option<String>, what: &str) -> ApiResult<String> {
+    match (p, named) {
+        (Principal::Tenant(own), None) => Ok(own.clone()),
+        (Principal::Tenant(own), Some(t)) if &t == own => Ok(t),
+        (Principal::Tenant(_), Some(_)) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("No {what} there"),
+        )),
+        (Principal::Admin, Some(t)) => Ok(t),
+        (Principal::Admin, None) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "The admin acts in a tenant's namespace: name it (?tenant=NAME, or \"tenant\" in a create)"
+                .into(),
+        )),
+    }
+}
+
+async fn list_volumes(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<impl IntoResponse> {
+    let named = query_tenant(query.as_deref())?;
+    // The admin without a tenant: every tenant's.
+    let tenant = match (&p, named) {
+        (Principal::Admin, None) => None,
+        (_, named) => Some(scope(&p, named, "volumes")?),
+    };
+    let volumes = blocking(move || Ok(state.volumes.list(tenant.as_deref())?)).await?;
+    Ok(Json(volumes))
+}
+
+async fn create_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let req: CreateVolume = parse_body(&body)?;
+    let tenant = scope(&p, req.tenant.clone(), "tenant")?;
+    let v = blocking(move || Ok(state.volumes.create(&tenant, &req)?)).await?;
+    tracing::info!(tenant = %v.tenant, volume = %v.name, size = %v.size, "volume created");
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn get_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<impl IntoResponse> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "volume")?;
+    Ok(Json(
+        blocking(move || Ok(state.volumes.get(&tenant, &name)?)).await?,
+    ))
+}
+
+async fn update_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "volume")?;
+    let req: UpdateVolume = parse_body(&body)?;
+    Ok(Json(
+        blocking(move || Ok(state.volumes.update(&tenant, &name, &req)?)).await?,
+    ))
+}
+
+async fn delete_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<StatusCode> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "volume")?;
+    let (t, n) = (tenant.clone(), name.clone());
+    blocking(move || Ok(state.volumes.delete(&t, &n)?)).await?;
+    tracing::info!(tenant = %tenant, volume = %name, "volume deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
@@ -220,7 +361,13 @@ async fn no_method(method: Method, uri: axum::http::Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 3] = ["/v1/whoami", "/v1/tenants", "/v1/tenants/{name}"];
+    const ROUTES: [&str; 5] = [
+        "/v1/whoami",
+        "/v1/tenants",
+        "/v1/tenants/{name}",
+        "/v1/volumes",
+        "/v1/volumes/{name}",
+    ];
 
     #[test]
     fn the_openapi_file_describes_every_route_and_no_other() {

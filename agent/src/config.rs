@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// storaged's admin socket when neither the config nor `STORAGED_ADMIN_SOCKET` names one:
+/// the one storaged's packaging uses.
+pub const DEFAULT_STORAGED_SOCKET: &str = "/var/lib/storaged/admin.sock";
+
 /// The API's TCP address when the config names none: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9571";
 
@@ -45,6 +49,9 @@ pub struct Config {
     /// The file holding the admin token (created with a random one, mode 0600, if missing).
     /// Default: `DATA_DIR/admin.token`.
     pub admin_token_file: Option<PathBuf>,
+    /// storaged's admin socket, through which volumes are made. Default: `STORAGED_ADMIN_SOCKET`
+    /// if set, else [`DEFAULT_STORAGED_SOCKET`].
+    pub storaged_socket: Option<PathBuf>,
 }
 
 /// The configuration with its defaults applied.
@@ -56,6 +63,7 @@ pub struct Resolved {
     pub admin_token_file: PathBuf,
     /// The state database: `DATA_DIR/agent.redb`.
     pub database: PathBuf,
+    pub storaged_socket: PathBuf,
 }
 
 impl Config {
@@ -102,6 +110,11 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| data_dir.join("admin.token")),
             database: data_dir.join("agent.redb"),
+            storaged_socket: self
+                .storaged_socket
+                .clone()
+                .or_else(|| std::env::var_os("STORAGED_ADMIN_SOCKET").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORAGED_SOCKET)),
             data_dir,
         })
     }

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::store::{self, Store};
 use crate::tenants::{self, TenantRegistry};
 use crate::tokens;
+use crate::volumes::VolumeRegistry;
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +66,21 @@ pub fn run(config: Config) -> Result<(), Error> {
         tenants::known_hashes(&store)?,
     ));
     drop(admin_token);
+    let volumes = VolumeRegistry::new(
+        store.clone(),
+        storaged_api::client::AdminClient::new(&paths.storaged_socket),
+    );
+    match volumes.settle() {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "cannot settle the volumes left half-created: {}",
+            crate::error_chain(&e)
+        ),
+    }
     let state = Arc::new(ApiState {
         authority: authority.clone(),
         tenants: TenantRegistry::new(store, authority),
+        volumes,
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -118,6 +131,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         tracing::info!(
             api_url = %url.as_deref().unwrap_or("off"),
             socket = %paths.socket.display(),
+            storaged_socket = %paths.storaged_socket.display(),
             data_dir = %paths.data_dir.display(),
             "agent ready"
         );

@@ -1,12 +1,13 @@
 //! The node agent: a tenant-authenticated API (HTTP + JSON on a TCP address and a Unix
-//! socket) for the node's tenants, their tokens checked on every call, its state in an
-//! embedded database in the data dir.
+//! socket) for the node's tenants and their volumes, the tokens checked on every call, its
+//! state in an embedded database in the data dir.
 //!
 //! - [`config`]: the TOML file and its defaults;
 //! - [`tokens`]: bearer tokens, their hashes, the admin token file;
 //! - [`auth`]: who a request is;
 //! - [`store`]: the state database;
 //! - [`tenants`]: creating, listing and revoking tenants;
+//! - [`volumes`]: the tenants' volumes, made through storaged's admin API;
 //! - [`api`]: the routes, authentication and audit;
 //! - [`daemon`]: wiring it all, until a signal.
 
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod store;
 pub mod tenants;
 pub mod tokens;
+pub mod volumes;
 
 /// Formats an error with its whole chain of sources: "a: b: c".
 pub use errors::chain as error_chain;

@@ -24,6 +24,9 @@ struct Args {
     /// The API's TCP address, IP:PORT, or "off" [default: 127.0.0.1:9571].
     #[arg(long)]
     listen: Option<String>,
+    /// storaged's admin socket [default: $STORAGED_ADMIN_SOCKET, else /var/lib/storaged/admin.sock].
+    #[arg(long)]
+    storaged_socket: Option<PathBuf>,
     /// Log filter, e.g. "info" or "agent=debug,audit=info" (RUST_LOG also works).
     #[arg(long, default_value = "info")]
     log: String,
@@ -49,6 +52,9 @@ fn main() -> ExitCode {
     }
     if args.listen.is_some() {
         config.listen.clone_from(&args.listen);
+    }
+    if args.storaged_socket.is_some() {
+        config.storaged_socket.clone_from(&args.storaged_socket);
     }
     match agent::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,

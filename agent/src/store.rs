@@ -2,7 +2,8 @@
 //! transaction (committed durably, or not at all). Each table maps a name to the JSON of its
 //! record, so that a record can gain fields without a migration.
 //!
-//! - `tenants`: tenant name → [`TenantRecord`] (its token's hash, never the token).
+//! - `tenants`: tenant name → [`TenantRecord`] (its token's hash, never the token);
+//! - `volumes`: `TENANT/NAME` → [`VolumeRecord`] (which storaged volume it is).
 //!
 //! redb locks the file: a second agent on the same data dir is refused at open.
 
@@ -12,6 +13,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
 /// Errors of the state database.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,24 @@ pub struct TenantRecord {
     pub created_unix: u64,
 }
 
+/// A tenant's volume as the database keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub tenant: String,
+    pub name: String,
+    /// Its name in storaged.
+    pub storaged_name: String,
+    /// False from before storaged is asked to create it until it has: a record found so at
+    /// start is settled by asking storaged whether the volume exists.
+    pub created: bool,
+}
+
+impl VolumeRecord {
+    fn key(tenant: &str, name: &str) -> String {
+        format!("{tenant}/{name}")
+    }
+}
+
 /// The open state database.
 pub struct Store {
     db: Database,
@@ -82,6 +102,7 @@ impl Store {
         };
         store.write(|tx| {
             tx.open_table(TENANTS)?;
+            tx.open_table(VOLUMES)?;
             Ok(())
         })?;
         Ok(store)
@@ -108,14 +129,98 @@ impl Store {
         Ok(out)
     }
 
+    fn encode<T: Serialize>(
+        &self,
+        table: &'static str,
+        key: &str,
+        v: &T,
+    ) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(v).map_err(|source| Error::Corrupt {
+            path: self.path.clone(),
+            table,
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// Every record of `table` whose key starts with `prefix`, by key.
+    fn scan<T: serde::de::DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        table: &'static str,
+        prefix: &str,
+    ) -> Result<Vec<T>, Error> {
+        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let t = tx.open_table(def).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for entry in t.range(prefix..).map_err(|e| self.db_err(e))? {
+            let (k, v) = entry.map_err(|e| self.db_err(e))?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            let record = serde_json::from_slice(v.value()).map_err(|source| Error::Corrupt {
+                path: self.path.clone(),
+                table,
+                key: k.value().to_string(),
+                source,
+            })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Adds a volume record; false (and nothing written) if the tenant has one of that name.
+    pub fn insert_volume(&self, v: &VolumeRecord) -> Result<bool, Error> {
+        let key = VolumeRecord::key(&v.tenant, &v.name);
+        let value = self.encode("volumes", &key, v)?;
+        self.write(|tx| {
+            let mut t = tx.open_table(VOLUMES)?;
+            if t.get(key.as_str())?.is_some() {
+                return Ok(false);
+            }
+            t.insert(key.as_str(), value.as_slice())?;
+            Ok(true)
+        })
+    }
+
+    /// Writes a volume record over the one of its key.
+    pub fn put_volume(&self, v: &VolumeRecord) -> Result<(), Error> {
+        let key = VolumeRecord::key(&v.tenant, &v.name);
+        let value = self.encode("volumes", &key, v)?;
+        self.write(|tx| {
+            tx.open_table(VOLUMES)?
+                .insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Removes a volume record; false if there was none.
+    pub fn remove_volume(&self, tenant: &str, name: &str) -> Result<bool, Error> {
+        let key = VolumeRecord::key(tenant, name);
+        self.write(|tx| {
+            let removed = tx.open_table(VOLUMES)?.remove(key.as_str())?.is_some();
+            Ok(removed)
+        })
+    }
+
+    /// The record of the tenant's volume `name`.
+    pub fn volume(&self, tenant: &str, name: &str) -> Result<Option<VolumeRecord>, Error> {
+        let key = VolumeRecord::key(tenant, name);
+        Ok(self
+            .scan::<VolumeRecord>(VOLUMES, "volumes", &key)?
+            .into_iter()
+            .find(|v| v.tenant == tenant && v.name == name))
+    }
+
+    /// The volumes of `tenant` (all of them with `None`), by tenant and name.
+    pub fn volumes(&self, tenant: Option<&str>) -> Result<Vec<VolumeRecord>, Error> {
+        let prefix = tenant.map(|t| format!("{t}/")).unwrap_or_default();
+        self.scan(VOLUMES, "volumes", &prefix)
+    }
+
     /// Adds a tenant; false (and nothing written) if one of that name exists.
     pub fn insert_tenant(&self, tenant: &TenantRecord) -> Result<bool, Error> {
-        let value = serde_json::to_vec(tenant).map_err(|source| Error::Corrupt {
-            path: self.path.clone(),
-            table: "tenants",
-            key: tenant.name.clone(),
-            source,
-        })?;
+        let value = self.encode("tenants", &tenant.name, tenant)?;
         self.write(|tx| {
             let mut t = tx.open_table(TENANTS)?;
             if t.get(tenant.name.as_str())?.is_some() {
@@ -137,20 +242,7 @@ impl Store {
 
     /// Every tenant, by name.
     pub fn tenants(&self) -> Result<Vec<TenantRecord>, Error> {
-        let tx = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let t = tx.open_table(TENANTS).map_err(|e| self.db_err(e))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| self.db_err(e))? {
-            let (k, v) = entry.map_err(|e| self.db_err(e))?;
-            let record = serde_json::from_slice(v.value()).map_err(|source| Error::Corrupt {
-                path: self.path.clone(),
-                table: "tenants",
-                key: k.value().to_string(),
-                source,
-            })?;
-            out.push(record);
-        }
-        Ok(out)
+        self.scan(TENANTS, "tenants", "")
     }
 }
 
@@ -182,6 +274,35 @@ mod tests {
         assert!(s.remove_tenant("a").unwrap());
         assert!(!s.remove_tenant("a").unwrap());
         assert_eq!(s.tenants().unwrap(), [tenant("b")]);
+    }
+
+    #[test]
+    fn volumes_are_kept_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("agent.redb")).unwrap();
+        let v = |tenant: &str, name: &str| VolumeRecord {
+            tenant: tenant.into(),
+            name: name.into(),
+            storaged_name: format!("{tenant}_{name}"),
+            created: true,
+        };
+        assert!(s.insert_volume(&v("a", "data")).unwrap());
+        assert!(s.insert_volume(&v("ab", "data")).unwrap());
+        assert!(s.insert_volume(&v("a", "logs")).unwrap());
+        assert!(!s.insert_volume(&v("a", "data")).unwrap());
+        let names = |t| {
+            s.volumes(t)
+                .unwrap()
+                .into_iter()
+                .map(|v| format!("{}/{}", v.tenant, v.name))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(Some("a")), ["a/data", "a/logs"]);
+        assert_eq!(names(None), ["a/data", "a/logs", "ab/data"]);
+        assert_eq!(s.volume("a", "dat").unwrap(), None);
+        assert_eq!(s.volume("ab", "data").unwrap(), Some(v("ab", "data")));
+        assert!(s.remove_volume("a", "data").unwrap());
+        assert_eq!(names(Some("a")), ["a/logs"]);
     }
 
     #[test]

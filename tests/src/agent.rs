@@ -16,19 +16,32 @@ use crate::bin;
 /// A running `agent` on a temporary data dir.
 pub struct Agent {
     pub data_dir: PathBuf,
+    extra_args: Vec<String>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
     _tmp: tempfile::TempDir,
 }
 
 impl Agent {
+    /// An agent whose storaged is nowhere (a socket that does not exist).
     pub fn start() -> Self {
+        Self::start_with(&["--storaged-socket", "/nonexistent/admin.sock"])
+    }
+
+    /// An agent making its volumes on `storaged`.
+    pub fn with_storaged(storaged: &crate::Storaged) -> Self {
+        let socket = storaged.admin_socket();
+        Self::start_with(&["--storaged-socket", socket.to_str().expect("a UTF-8 path")])
+    }
+
+    pub fn start_with(args: &[&str]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("agt")
             .tempdir()
             .expect("tempdir");
         let mut a = Agent {
             data_dir: tmp.path().to_owned(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             _tmp: tmp,
@@ -47,6 +60,7 @@ impl Agent {
                 "--log",
                 "agent=debug,audit=info,info",
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agent_api::client::AgentClient;
+use agent_api::{ByteSize, CreateVolume, UpdateVolume};
 use clap::{Parser, Subcommand};
 
 /// Call the node agent's API through its Unix socket.
@@ -41,6 +42,65 @@ enum Command {
     /// The node's tenants (admin).
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Volumes: the token's tenant's (the admin names a tenant with --tenant).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Creates a volume in storaged.
+    Create {
+        name: String,
+        /// Size: "10GiB", "1TB" or bytes.
+        #[arg(long)]
+        size: ByteSize,
+        /// Performance tier: essential, standard, premium, enterprise, ultra, mass.
+        #[arg(long)]
+        tier: Option<String>,
+        /// "aes-xts-plain64" (the default) or "none".
+        #[arg(long)]
+        encryption: Option<String>,
+        #[arg(long)]
+        iops_limit: Option<u64>,
+        /// Bytes/s: "100MiB" or bytes.
+        #[arg(long)]
+        bandwidth_limit: Option<ByteSize>,
+        /// Whose volume (the admin's calls).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Lists volumes (the admin without --tenant: every tenant's).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Shows a volume.
+    Show {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Changes a volume (it only grows).
+    Update {
+        name: String,
+        #[arg(long)]
+        size: Option<ByteSize>,
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long)]
+        iops_limit: Option<u64>,
+        #[arg(long)]
+        bandwidth_limit: Option<ByteSize>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Deletes a volume, its data with it.
+    Delete {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,6 +153,63 @@ fn run(args: &Args) -> Result<(), String> {
         Command::Tenant(TenantCommand::Delete { name }) => {
             client.delete_tenant(name).map_err(err)?;
             println!("tenant {name} revoked");
+        }
+        Command::Volume(v) => volume(&client, v).map_err(err)?,
+    }
+    Ok(())
+}
+
+fn volume(client: &AgentClient, cmd: &VolumeCommand) -> Result<(), agent_api::client::Error> {
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            tier,
+            encryption,
+            iops_limit,
+            bandwidth_limit,
+            tenant,
+        } => {
+            let req = CreateVolume {
+                name: name.clone(),
+                size: *size,
+                tier: tier.clone(),
+                encryption: encryption.clone(),
+                iops_limit: *iops_limit,
+                bandwidth_limit: *bandwidth_limit,
+                preallocate: None,
+                tenant: tenant.clone(),
+            };
+            println!("{}", pretty(&client.create_volume(&req)?));
+        }
+        VolumeCommand::List { tenant } => {
+            println!("{}", pretty(&client.volumes(tenant.as_deref())?))
+        }
+        VolumeCommand::Show { name, tenant } => {
+            println!("{}", pretty(&client.volume(name, tenant.as_deref())?))
+        }
+        VolumeCommand::Update {
+            name,
+            size,
+            tier,
+            iops_limit,
+            bandwidth_limit,
+            tenant,
+        } => {
+            let req = UpdateVolume {
+                size: *size,
+                tier: tier.clone(),
+                iops_limit: *iops_limit,
+                bandwidth_limit: *bandwidth_limit,
+            };
+            println!(
+                "{}",
+                pretty(&client.update_volume(name, tenant.as_deref(), &req)?)
+            );
+        }
+        VolumeCommand::Delete { name, tenant } => {
+            client.delete_volume(name, tenant.as_deref())?;
+            println!("volume {name} deleted");
         }
     }
     Ok(())

@@ -6,7 +6,12 @@ use std::path::Path;
 
 pub use unix_http::{Error, Response};
 
-use crate::{CreateTenant, TenantCreated, TenantInfo, Whoami};
+use crate::{CreateTenant, CreateVolume, TenantCreated, TenantInfo, UpdateVolume, Volume, Whoami};
+
+/// `?tenant=NAME` where a tenant is named (the admin's calls), else nothing.
+fn tenant_query(tenant: Option<&str>) -> String {
+    tenant.map(|t| format!("?tenant={t}")).unwrap_or_default()
+}
 
 /// Client of one agent socket, with one token.
 #[derive(Debug, Clone)]
@@ -49,9 +54,45 @@ impl AgentClient {
 
     /// Revokes the tenant's token (`DELETE /v1/tenants/NAME`).
     pub fn delete_tenant(&self, name: &str) -> Result<(), Error> {
-        let resp = self
-            .http
-            .request("DELETE", &format!("/v1/tenants/{name}"), None)?;
+        self.no_content("DELETE", &format!("/v1/tenants/{name}"))
+    }
+
+    pub fn create_volume(&self, req: &CreateVolume) -> Result<Volume, Error> {
+        self.http.call("POST", "/v1/volumes", Some(req))
+    }
+
+    /// The caller's volumes; the admin's: `tenant`'s, or every tenant's.
+    pub fn volumes(&self, tenant: Option<&str>) -> Result<Vec<Volume>, Error> {
+        let q = tenant_query(tenant);
+        self.http
+            .call("GET", &format!("/v1/volumes{q}"), None::<&()>)
+    }
+
+    pub fn volume(&self, name: &str, tenant: Option<&str>) -> Result<Volume, Error> {
+        let q = tenant_query(tenant);
+        self.http
+            .call("GET", &format!("/v1/volumes/{name}{q}"), None::<&()>)
+    }
+
+    pub fn update_volume(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+        req: &UpdateVolume,
+    ) -> Result<Volume, Error> {
+        let q = tenant_query(tenant);
+        self.http
+            .call("PATCH", &format!("/v1/volumes/{name}{q}"), Some(req))
+    }
+
+    pub fn delete_volume(&self, name: &str, tenant: Option<&str>) -> Result<(), Error> {
+        let q = tenant_query(tenant);
+        self.no_content("DELETE", &format!("/v1/volumes/{name}{q}"))
+    }
+
+    /// A call answered 204, no body.
+    fn no_content(&self, method: &str, target: &str) -> Result<(), Error> {
+        let resp = self.http.request(method, target, None)?;
         if resp.is_success() {
             return Ok(());
         }

@@ -6,6 +6,7 @@
 //! which one a token is.
 
 use serde::{Deserialize, Serialize};
+pub use size::ByteSize;
 
 pub mod client;
 
@@ -50,6 +51,65 @@ pub struct TenantInfo {
     pub name: String,
     /// When it was created, in seconds since the Unix epoch.
     pub created_unix: u64,
+}
+
+/// `POST /v1/volumes`: a volume of the caller's (a tenant's), or, for the admin, of `tenant`.
+/// The other fields are storaged's (see storaged's `openapi.yaml`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// 1 to 63 of `a-z`, `0-9` and `-`, starting with a letter or digit; with the tenant's
+    /// name, at most 62 characters. Unique per tenant.
+    pub name: String,
+    pub size: ByteSize,
+    /// A performance tier (storaged's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// "aes-xts-plain64" (storaged's default) or "none".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_limit: Option<u64>,
+    /// Bytes/s (a number or a size such as "100MiB").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preallocate: Option<bool>,
+    /// Whose volume it is: the admin's calls name it; a tenant's leave it out (or name
+    /// themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// `PATCH /v1/volumes/{name}`: what to change (storaged's rules: a volume only grows).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVolume {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<ByteSize>,
+}
+
+/// A volume as the agent shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub tenant: String,
+    pub size_bytes: u64,
+    /// The size as storaged writes it ("10GiB").
+    pub size: String,
+    pub tier: String,
+    pub encryption: String,
+    /// The volume's own limits (none: its tier's).
+    pub iops_limit: Option<u64>,
+    pub bandwidth_limit: Option<u64>,
+    /// storaged's state of it: "serving" or "failed".
+    pub state: String,
 }
 
 /// The body of every error answer.
