@@ -12,18 +12,19 @@
 
 use std::sync::Arc;
 
-use agent_api::{CreateTenant, CreateVolume, ErrorBody, Role, UpdateVolume, Whoami};
+use agent_api::{CreateTenant, CreateVm, CreateVolume, ErrorBody, Role, UpdateVolume, Whoami};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 
 use crate::auth::{self, Authority, Principal};
 use crate::tenants::{self, TenantRegistry};
+use crate::vms::{self, VmSupervisor};
 use crate::volumes::{self, VolumeRegistry};
 
 /// What the handlers share.
@@ -31,6 +32,7 @@ pub struct ApiState {
     pub authority: Arc<Authority>,
     pub tenants: TenantRegistry,
     pub volumes: VolumeRegistry,
+    pub vms: Arc<VmSupervisor>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -68,11 +70,17 @@ impl From<tenants::Error> for ApiError {
 
 impl From<volumes::Error> for ApiError {
     fn from(e: volumes::Error) -> Self {
+        ApiError::from_volumes(&e)
+    }
+}
+
+impl ApiError {
+    fn from_volumes(e: &volumes::Error) -> Self {
         use volumes::Error as E;
         let status = match &e {
             E::InvalidName(_) | E::NameTooLong { .. } => StatusCode::BAD_REQUEST,
             E::NotFound(_) | E::NoTenant(_) => StatusCode::NOT_FOUND,
-            E::Exists(_) => StatusCode::CONFLICT,
+            E::Exists(_) | E::InUse { .. } => StatusCode::CONFLICT,
             // storaged's 4xx is the caller's to fix; its 5xx is storaged's fault.
             E::Refused { status, .. } => StatusCode::from_u16(*status)
                 .ok()
@@ -80,6 +88,24 @@ impl From<volumes::Error> for ApiError {
                 .unwrap_or(StatusCode::BAD_GATEWAY),
             E::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = crate::error_chain(e);
+        if status.is_server_error() {
+            tracing::error!("API request failed: {message}");
+        }
+        ApiError(status, message)
+    }
+}
+
+impl From<vms::Error> for ApiError {
+    fn from(e: vms::Error) -> Self {
+        use vms::Error as E;
+        let status = match &e {
+            E::InvalidId(_) | E::Invalid(_) => StatusCode::BAD_REQUEST,
+            E::NotFound(_) | E::NoTenant(_) => StatusCode::NOT_FOUND,
+            E::Exists(_) | E::VolumeInUse { .. } => StatusCode::CONFLICT,
+            E::Storaged(inner) => return ApiError::from_volumes(inner),
+            E::Spawn { .. } | E::Dir { .. } | E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = crate::error_chain(&e);
         if status.is_server_error() {
@@ -102,6 +128,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/volumes/{name}",
             get(get_volume).patch(update_volume).delete(delete_volume),
         )
+        .route("/v1/images", get(list_images))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/console", get(vm_console))
+        .route("/v1/vms/{id}/{action}", post(vm_action))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(axum::middleware::from_fn_with_state(
@@ -344,6 +375,102 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn list_images(State(state): State<Arc<ApiState>>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(blocking(move || Ok(state.vms.images())).await?))
+}
+
+async fn list_vms(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<impl IntoResponse> {
+    let named = query_tenant(query.as_deref())?;
+    let tenant = match (&p, named) {
+        (Principal::Admin, None) => None,
+        (_, named) => Some(scope(&p, named, "VMs")?),
+    };
+    Ok(Json(
+        blocking(move || Ok(state.vms.list(tenant.as_deref())?)).await?,
+    ))
+}
+
+async fn create_vm(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let req: CreateVm = parse_body(&body)?;
+    let tenant = scope(&p, req.tenant.clone(), "tenant")?;
+    let (vm, created) = blocking(move || Ok(state.vms.create(&tenant, &req)?)).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(vm)))
+}
+
+async fn get_vm(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<impl IntoResponse> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "VM")?;
+    Ok(Json(
+        blocking(move || Ok(state.vms.get(&tenant, &id)?)).await?,
+    ))
+}
+
+async fn delete_vm(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<StatusCode> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "VM")?;
+    blocking(move || Ok(state.vms.delete(&tenant, &id)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The serial console's tail (its last 64 KiB), as text.
+async fn vm_console(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<impl IntoResponse> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "VM")?;
+    let bytes = blocking(move || Ok(state.vms.console(&tenant, &id, 64 << 10)?)).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ))
+}
+
+async fn vm_action(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+    Path((id, action)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<impl IntoResponse> {
+    let tenant = scope(&p, query_tenant(query.as_deref())?, "VM")?;
+    let vms = state.vms.clone();
+    let vm = match action.as_str() {
+        "start" => blocking(move || Ok(vms.start(&tenant, &id)?)).await?,
+        "stop" => blocking(move || Ok(vms.stop(&tenant, &id)?)).await?,
+        "kill" => blocking(move || Ok(vms.kill(&tenant, &id)?)).await?,
+        "restart" => blocking(move || Ok(vms.restart(&tenant, &id)?)).await?,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("No VM action {other:?}: start, stop, kill or restart"),
+            ))
+        }
+    };
+    Ok(Json(vm))
+}
+
 async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
@@ -361,12 +488,17 @@ async fn no_method(method: Method, uri: axum::http::Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 5] = [
+    const ROUTES: [&str; 10] = [
         "/v1/whoami",
         "/v1/tenants",
         "/v1/tenants/{name}",
         "/v1/volumes",
         "/v1/volumes/{name}",
+        "/v1/images",
+        "/v1/vms",
+        "/v1/vms/{id}",
+        "/v1/vms/{id}/console",
+        "/v1/vms/{id}/{action}",
     ];
 
     #[test]

@@ -52,6 +52,11 @@ pub struct Config {
     /// storaged's admin socket, through which volumes are made. Default: `STORAGED_ADMIN_SOCKET`
     /// if set, else [`DEFAULT_STORAGED_SOCKET`].
     pub storaged_socket: Option<PathBuf>,
+    /// The image catalog: the files a VM's `kernel` and `initrd` may name, by their path
+    /// relative to it. Default: `DATA_DIR/images`.
+    pub images_dir: Option<PathBuf>,
+    /// The vmm binary. Default: `vmm` beside the agent's own.
+    pub vmm: Option<PathBuf>,
 }
 
 /// The configuration with its defaults applied.
@@ -64,6 +69,10 @@ pub struct Resolved {
     /// The state database: `DATA_DIR/agent.redb`.
     pub database: PathBuf,
     pub storaged_socket: PathBuf,
+    pub images_dir: PathBuf,
+    pub vmm: PathBuf,
+    /// Each VM's files (its vmm's log, API socket, console): `DATA_DIR/vms`.
+    pub vms_dir: PathBuf,
 }
 
 impl Config {
@@ -115,9 +124,23 @@ impl Config {
                 .clone()
                 .or_else(|| std::env::var_os("STORAGED_ADMIN_SOCKET").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STORAGED_SOCKET)),
+            images_dir: self
+                .images_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("images")),
+            vmm: self.vmm.clone().unwrap_or_else(beside_the_agent),
+            vms_dir: data_dir.join("vms"),
             data_dir,
         })
     }
+}
+
+/// `vmm` in the directory of the running agent's binary.
+fn beside_the_agent() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("vmm")))
+        .unwrap_or_else(|| PathBuf::from("vmm"))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::store::{self, Store};
 use crate::tenants::{self, TenantRegistry};
 use crate::tokens;
+use crate::vms::VmSupervisor;
 use crate::volumes::VolumeRegistry;
 
 /// Errors that stop the agent from starting.
@@ -77,18 +78,33 @@ pub fn run(config: Config) -> Result<(), Error> {
             crate::error_chain(&e)
         ),
     }
-    let state = Arc::new(ApiState {
-        authority: authority.clone(),
-        tenants: TenantRegistry::new(store, authority),
-        volumes,
-    });
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("agent-api")
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
+    let vms = VmSupervisor::new(
+        store.clone(),
+        storaged_api::client::AdminClient::new(&paths.storaged_socket),
+        paths.images_dir.clone(),
+        paths.vmm.clone(),
+        paths.vms_dir.clone(),
+        runtime.handle().clone(),
+    );
+    {
+        // The watches it starts need the runtime's reactor.
+        let _guard = runtime.enter();
+        if let Err(e) = vms.adopt() {
+            tracing::error!("cannot find the VMs again: {}", crate::error_chain(&e));
+        }
+    }
+    let state = Arc::new(ApiState {
+        authority: authority.clone(),
+        tenants: TenantRegistry::new(store, authority),
+        volumes,
+        vms,
+    });
     runtime.block_on(async {
         let tcp = match paths.listen {
             Some(addr) => Some(

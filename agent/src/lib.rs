@@ -8,6 +8,8 @@
 //! - [`store`]: the state database;
 //! - [`tenants`]: creating, listing and revoking tenants;
 //! - [`volumes`]: the tenants' volumes, made through storaged's admin API;
+//! - [`vms`]: the tenants' VMs, each a vmm process started, watched and started again;
+//! - `sys`: the system calls the agent makes itself (pidfds);
 //! - [`api`]: the routes, authentication and audit;
 //! - [`daemon`]: wiring it all, until a signal.
 
@@ -16,8 +18,10 @@ pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod store;
+mod sys;
 pub mod tenants;
 pub mod tokens;
+pub mod vms;
 pub mod volumes;
 
 /// Formats an error with its whole chain of sources: "a: b: c".

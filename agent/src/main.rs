@@ -27,6 +27,9 @@ struct Args {
     /// storaged's admin socket [default: $STORAGED_ADMIN_SOCKET, else /var/lib/storaged/admin.sock].
     #[arg(long)]
     storaged_socket: Option<PathBuf>,
+    /// The image catalog: the files VMs may boot [default: DATA_DIR/images].
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
     /// Log filter, e.g. "info" or "agent=debug,audit=info" (RUST_LOG also works).
     #[arg(long, default_value = "info")]
     log: String,
@@ -52,6 +55,9 @@ fn main() -> ExitCode {
     }
     if args.listen.is_some() {
         config.listen.clone_from(&args.listen);
+    }
+    if args.images_dir.is_some() {
+        config.images_dir.clone_from(&args.images_dir);
     }
     if args.storaged_socket.is_some() {
         config.storaged_socket.clone_from(&args.storaged_socket);

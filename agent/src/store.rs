@@ -3,7 +3,8 @@
 //! record, so that a record can gain fields without a migration.
 //!
 //! - `tenants`: tenant name → [`TenantRecord`] (its token's hash, never the token);
-//! - `volumes`: `TENANT/NAME` → [`VolumeRecord`] (which storaged volume it is).
+//! - `volumes`: `TENANT/NAME` → [`VolumeRecord`] (which storaged volume it is);
+//! - `vms`: `TENANT/ID` → [`VmRecord`] (its spec, whether it should run, its process).
 //!
 //! redb locks the file: a second agent on the same data dir is refused at open.
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 
 /// Errors of the state database.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,37 @@ impl VolumeRecord {
     }
 }
 
+/// A tenant's VM as the database keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub tenant: String,
+    pub id: String,
+    pub spec: VmSpec,
+    /// Whether it should run: set by a create with `start` and by start, cleared by stop,
+    /// kill and the restart cap.
+    pub want_running: bool,
+    /// The running vmm: its pid and start time (clock ticks since boot), which together tell
+    /// it from a process that reused the pid.
+    pub pid: Option<u32>,
+    pub start_ticks: Option<u64>,
+    pub started_unix: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<agent_api::LastExit>,
+    pub state: String,
+}
+
+/// What a VM is made of, as its create said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+    pub volumes: Vec<agent_api::VmVolume>,
+    pub restart_policy: agent_api::RestartPolicy,
+}
+
 /// The open state database.
 pub struct Store {
     db: Database,
@@ -103,6 +136,7 @@ impl Store {
         store.write(|tx| {
             tx.open_table(TENANTS)?;
             tx.open_table(VOLUMES)?;
+            tx.open_table(VMS)?;
             Ok(())
         })?;
         Ok(store)
@@ -216,6 +250,48 @@ impl Store {
     pub fn volumes(&self, tenant: Option<&str>) -> Result<Vec<VolumeRecord>, Error> {
         let prefix = tenant.map(|t| format!("{t}/")).unwrap_or_default();
         self.scan(VOLUMES, "volumes", &prefix)
+    }
+
+    /// Adds a VM record; false (and nothing written) if the tenant has one of that id.
+    pub fn insert_vm(&self, v: &VmRecord) -> Result<bool, Error> {
+        let key = VolumeRecord::key(&v.tenant, &v.id);
+        let value = self.encode("vms", &key, v)?;
+        self.write(|tx| {
+            let mut t = tx.open_table(VMS)?;
+            if t.get(key.as_str())?.is_some() {
+                return Ok(false);
+            }
+            t.insert(key.as_str(), value.as_slice())?;
+            Ok(true)
+        })
+    }
+
+    /// Writes a VM record over the one of its key.
+    pub fn put_vm(&self, v: &VmRecord) -> Result<(), Error> {
+        let key = VolumeRecord::key(&v.tenant, &v.id);
+        let value = self.encode("vms", &key, v)?;
+        self.write(|tx| {
+            tx.open_table(VMS)?.insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn remove_vm(&self, tenant: &str, id: &str) -> Result<bool, Error> {
+        let key = VolumeRecord::key(tenant, id);
+        self.write(|tx| {
+            let removed = tx.open_table(VMS)?.remove(key.as_str())?.is_some();
+            Ok(removed)
+        })
+    }
+
+    pub fn vm(&self, tenant: &str, id: &str) -> Result<Option<VmRecord>, Error> {
+        Ok(self.vms(Some(tenant))?.into_iter().find(|v| v.id == id))
+    }
+
+    /// The VMs of `tenant` (all of them with `None`), by tenant and id.
+    pub fn vms(&self, tenant: Option<&str>) -> Result<Vec<VmRecord>, Error> {
+        let prefix = tenant.map(|t| format!("{t}/")).unwrap_or_default();
+        self.scan(VMS, "vms", &prefix)
     }
 
     /// Adds a tenant; false (and nothing written) if one of that name exists.

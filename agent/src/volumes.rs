@@ -34,6 +34,8 @@ pub enum Error {
     Exists(String),
     #[error("No tenant {0}")]
     NoTenant(String),
+    #[error("Volume {volume} is attached to VM {vm}: delete the VM first")]
+    InUse { volume: String, vm: String },
     /// storaged refused, saying why.
     #[error("storaged: {message}")]
     Refused { status: u16, message: String },
@@ -168,6 +170,17 @@ impl VolumeRegistry {
     /// Deletes the tenant's volume `name`, in storaged and then its record.
     pub fn delete(&self, tenant: &str, name: &str) -> Result<(), Error> {
         let r = self.record(tenant, name)?;
+        if let Some(vm) = self
+            .store
+            .vms(Some(tenant))?
+            .into_iter()
+            .find(|vm| vm.spec.volumes.iter().any(|v| v.name == name))
+        {
+            return Err(Error::InUse {
+                volume: name.to_string(),
+                vm: vm.id,
+            });
+        }
         match self.storaged.delete_volume(&r.storaged_name, false) {
             Ok(_) => {}
             // Gone already (deleted past the agent): the record follows.

@@ -34,6 +34,20 @@ impl Agent {
         Self::start_with(&["--storaged-socket", socket.to_str().expect("a UTF-8 path")])
     }
 
+    /// An agent making its volumes on `storaged` and booting its VMs from the test guests
+    /// (`images/guests/`, assembled: `hello.elf`, `spin.elf`, ...).
+    pub fn with_guests(storaged: &crate::Storaged) -> Self {
+        let socket = storaged.admin_socket();
+        let guests = crate::guest("spin");
+        let dir = guests.parent().expect("the guests' dir");
+        Self::start_with(&[
+            "--storaged-socket",
+            socket.to_str().expect("a UTF-8 path"),
+            "--images-dir",
+            dir.to_str().expect("a UTF-8 path"),
+        ])
+    }
+
     pub fn start_with(args: &[&str]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("agt")
@@ -159,6 +173,12 @@ impl Agent {
             "agent exit {status}:\n{}",
             self.log_text()
         );
+        self.spawn();
+    }
+
+    /// Starts again after [`Agent::signal_and_wait`] stopped it.
+    pub fn restart_after_stop(&mut self) {
+        assert!(self.child.is_none(), "still running");
         self.spawn();
     }
 

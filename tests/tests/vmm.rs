@@ -496,6 +496,37 @@ fn an_api_shutdown_ends_the_vmm_with_0_and_a_busy_api_socket_is_refused() {
 }
 
 #[test]
+fn a_shutdown_that_comes_while_the_vm_is_set_up_ends_it_once_it_runs() {
+    // The API answers as soon as its socket is bound, before the command line's VM runs: a
+    // shutdown then (an agent stopping a VM it has just started) must not be lost.
+    for _ in 0..5 {
+        let tmp = tempfile::tempdir().unwrap();
+        let api = tmp.path().join("api.sock");
+        let mut vmm = Vmm::start(&[
+            "--kernel",
+            guest("spin").to_str().unwrap(),
+            "--memory",
+            "32MiB",
+            "--api-sock",
+            api.to_str().unwrap(),
+        ]);
+        let c = vmm_api::VmmClient::new(&api);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let answer = loop {
+            match c.shutdown() {
+                Ok(t) => break t,
+                Err(_) => {
+                    assert!(std::time::Instant::now() < deadline, "{}", vmm.log_text());
+                    std::thread::yield_now();
+                }
+            }
+        };
+        assert_eq!(answer.exit_code, Some(0));
+        assert_eq!(vmm.wait().code(), Some(0), "{}", vmm.log_text());
+    }
+}
+
+#[test]
 fn an_acpi_power_off_ends_the_vmm_with_0() {
     let k = guest("poweroff");
     let out = Vmm::run(&["--kernel", k.to_str().unwrap(), "--memory", "64MiB"]);

@@ -77,6 +77,10 @@ pub struct Shared {
     running: OnceLock<Running>,
     pending: Mutex<Option<VmConfig>>,
     commands: Mutex<Option<Sender<Command>>>,
+    /// A shutdown or kill that came while the command line's VM was being set up (before
+    /// [`Shared::set_running`]); the VM ends as soon as it runs. The lock also orders a stop
+    /// against `set_running`, so that none falls between the two.
+    early_stop: Mutex<Option<Exit>>,
     api_sock: PathBuf,
     max_vcpus: usize,
 }
@@ -89,6 +93,7 @@ impl Shared {
             running: OnceLock::new(),
             pending: Mutex::new(None),
             commands: Mutex::new(commands),
+            early_stop: Mutex::new(None),
             api_sock: api_sock.to_owned(),
             max_vcpus,
         }
@@ -96,6 +101,10 @@ impl Shared {
 
     /// Called by the VMM once the devices exist and the vCPUs are about to run.
     pub fn set_running(&self, cfg: &VmConfig, control: Arc<Control>, mmio: Arc<MmioBus>) {
+        let mut early = self.early_stop.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(exit) = early.take() {
+            control.end(exit);
+        }
         let _ = self.running.set(Running {
             info: vm_info_of(cfg),
             control,
@@ -258,12 +267,18 @@ async fn resume(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError
 /// Ends the VM, or main's wait for one.
 fn stop(s: &Shared, e: Exit) -> Json<Transition> {
     let code = e.code();
+    let mut early = s.early_stop.lock().unwrap_or_else(|p| p.into_inner());
     match s.running.get() {
         Some(r) => r.control.end(e),
+        // main waits for a configuration: it ends the process; else the command line's VM
+        // is being set up, and ends as soon as it runs.
         None => {
-            let _ = s.command(Command::Stop(e));
+            if !s.command(Command::Stop(e.clone())) {
+                *early = Some(e);
+            }
         }
     }
+    drop(early);
     Json(Transition {
         state: VmState::Stopping,
         exit_code: Some(code),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agent_api::client::AgentClient;
-use agent_api::{ByteSize, CreateVolume, UpdateVolume};
+use agent_api::{ByteSize, CreateVm, CreateVolume, UpdateVolume, VmVolume};
 use clap::{Parser, Subcommand};
 
 /// Call the node agent's API through its Unix socket.
@@ -45,6 +45,75 @@ enum Command {
     /// Volumes: the token's tenant's (the admin names a tenant with --tenant).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// VMs: the token's tenant's (the admin names a tenant with --tenant).
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// The image catalog's files (what a VM's --kernel and --initrd may name).
+    Images,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Creates a VM and starts it (unless --no-start).
+    Create {
+        /// The VM's id (a new UUID when absent).
+        #[arg(long)]
+        id: Option<String>,
+        /// Kernel: a file of the image catalog.
+        #[arg(long)]
+        kernel: String,
+        #[arg(long)]
+        initrd: Option<String>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Guest memory: "512MiB" or bytes.
+        #[arg(long, default_value = "512MiB")]
+        memory: ByteSize,
+        /// A volume of the tenant's: NAME, or NAME:ro. Repeat for more.
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// always, on-failure or never.
+        #[arg(long, default_value = "on-failure")]
+        restart_policy: String,
+        /// Create it stopped.
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Lists VMs (the admin without --tenant: every tenant's).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Shows a VM.
+    Show {
+        id: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// start, stop, kill or restart a VM.
+    Action {
+        id: String,
+        /// start, stop, kill or restart.
+        action: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Prints the tail of a VM's serial console.
+    Console {
+        id: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Kills a VM and forgets it (its volumes stay).
+    Delete {
+        id: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +224,8 @@ fn run(args: &Args) -> Result<(), String> {
             println!("tenant {name} revoked");
         }
         Command::Volume(v) => volume(&client, v).map_err(err)?,
+        Command::Vm(v) => vm(&client, v)?,
+        Command::Images => println!("{}", pretty(&client.images().map_err(err)?)),
     }
     Ok(())
 }
@@ -210,6 +281,79 @@ fn volume(client: &AgentClient, cmd: &VolumeCommand) -> Result<(), agent_api::cl
         VolumeCommand::Delete { name, tenant } => {
             client.delete_volume(name, tenant.as_deref())?;
             println!("volume {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+fn vm(client: &AgentClient, cmd: &VmCommand) -> Result<(), String> {
+    let err = |e: agent_api::client::Error| agent::error_chain(&e);
+    match cmd {
+        VmCommand::Create {
+            id,
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            memory,
+            volumes,
+            restart_policy,
+            no_start,
+            tenant,
+        } => {
+            let restart_policy =
+                serde_json::from_value(serde_json::Value::String(restart_policy.clone())).map_err(
+                    |_| format!("--restart-policy {restart_policy:?}: always, on-failure or never"),
+                )?;
+            let req = CreateVm {
+                id: id.clone(),
+                vcpus: *vcpus,
+                memory: *memory,
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+                volumes: volumes
+                    .iter()
+                    .map(|v| match v.strip_suffix(":ro") {
+                        Some(name) => VmVolume {
+                            name: name.to_string(),
+                            read_only: true,
+                        },
+                        None => VmVolume {
+                            name: v.clone(),
+                            read_only: false,
+                        },
+                    })
+                    .collect(),
+                restart_policy,
+                start: !no_start,
+                tenant: tenant.clone(),
+            };
+            println!("{}", pretty(&client.create_vm(&req).map_err(err)?));
+        }
+        VmCommand::List { tenant } => {
+            println!("{}", pretty(&client.vms(tenant.as_deref()).map_err(err)?))
+        }
+        VmCommand::Show { id, tenant } => {
+            println!(
+                "{}",
+                pretty(&client.vm(id, tenant.as_deref()).map_err(err)?)
+            )
+        }
+        VmCommand::Action { id, action, tenant } => println!(
+            "{}",
+            pretty(
+                &client
+                    .vm_action(id, action, tenant.as_deref())
+                    .map_err(err)?
+            )
+        ),
+        VmCommand::Console { id, tenant } => {
+            print!("{}", client.console(id, tenant.as_deref()).map_err(err)?)
+        }
+        VmCommand::Delete { id, tenant } => {
+            client.delete_vm(id, tenant.as_deref()).map_err(err)?;
+            println!("vm {id} deleted");
         }
     }
     Ok(())

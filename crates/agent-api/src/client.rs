@@ -6,7 +6,10 @@ use std::path::Path;
 
 pub use unix_http::{Error, Response};
 
-use crate::{CreateTenant, CreateVolume, TenantCreated, TenantInfo, UpdateVolume, Volume, Whoami};
+use crate::{
+    CreateTenant, CreateVm, CreateVolume, TenantCreated, TenantInfo, UpdateVolume, Vm, Volume,
+    Whoami,
+};
 
 /// `?tenant=NAME` where a tenant is named (the admin's calls), else nothing.
 fn tenant_query(tenant: Option<&str>) -> String {
@@ -88,6 +91,57 @@ impl AgentClient {
     pub fn delete_volume(&self, name: &str, tenant: Option<&str>) -> Result<(), Error> {
         let q = tenant_query(tenant);
         self.no_content("DELETE", &format!("/v1/volumes/{name}{q}"))
+    }
+
+    /// The image catalog's files.
+    pub fn images(&self) -> Result<Vec<String>, Error> {
+        self.http.call("GET", "/v1/images", None::<&()>)
+    }
+
+    pub fn create_vm(&self, req: &CreateVm) -> Result<Vm, Error> {
+        self.http.call("POST", "/v1/vms", Some(req))
+    }
+
+    /// The caller's VMs; the admin's: `tenant`'s, or every tenant's.
+    pub fn vms(&self, tenant: Option<&str>) -> Result<Vec<Vm>, Error> {
+        let q = tenant_query(tenant);
+        self.http.call("GET", &format!("/v1/vms{q}"), None::<&()>)
+    }
+
+    pub fn vm(&self, id: &str, tenant: Option<&str>) -> Result<Vm, Error> {
+        let q = tenant_query(tenant);
+        self.http
+            .call("GET", &format!("/v1/vms/{id}{q}"), None::<&()>)
+    }
+
+    /// `POST /v1/vms/ID/ACTION`: `start`, `stop`, `kill` or `restart`.
+    pub fn vm_action(&self, id: &str, action: &str, tenant: Option<&str>) -> Result<Vm, Error> {
+        let q = tenant_query(tenant);
+        self.http
+            .call("POST", &format!("/v1/vms/{id}/{action}{q}"), None::<&()>)
+    }
+
+    pub fn delete_vm(&self, id: &str, tenant: Option<&str>) -> Result<(), Error> {
+        let q = tenant_query(tenant);
+        self.no_content("DELETE", &format!("/v1/vms/{id}{q}"))
+    }
+
+    /// The tail of the VM's serial console.
+    pub fn console(&self, id: &str, tenant: Option<&str>) -> Result<String, Error> {
+        let q = tenant_query(tenant);
+        let resp = self
+            .http
+            .request("GET", &format!("/v1/vms/{id}/console{q}"), None)?;
+        if resp.is_success() {
+            return Ok(resp.body);
+        }
+        Err(Error::Api {
+            status: resp.status,
+            message: resp.json()["error"]
+                .as_str()
+                .unwrap_or(&resp.body)
+                .to_string(),
+        })
     }
 
     /// A call answered 204, no body.

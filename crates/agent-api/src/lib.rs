@@ -112,6 +112,104 @@ pub struct Volume {
     pub state: String,
 }
 
+/// What the agent does when a VM's vmm ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Start it again whatever the end (but a stop or kill through the API).
+    Always,
+    /// Start it again when it failed: a crash, a vmm failure, a signal; not a guest power-off
+    /// or reset.
+    #[default]
+    OnFailure,
+    /// Leave it ended.
+    Never,
+}
+
+/// A volume attached to a VM: one of its tenant's, by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmVolume {
+    pub name: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// The caller's id for the VM (a retried create with the same id and spec is answered
+    /// with the VM it made); a new one when absent. 1 to 63 of `a-z`, `0-9` and `-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default = "one")]
+    pub vcpus: u8,
+    pub memory: ByteSize,
+    /// A file of the image catalog, by its path relative to it.
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub volumes: Vec<VmVolume>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Whether it starts now (default true).
+    #[serde(default = "yes")]
+    pub start: bool,
+    /// Whose VM: the admin's calls name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a VM's vmm last ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastExit {
+    /// Its exit code (none: a signal ended it, or it ended while the agent was away and
+    /// its log does not say).
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// In words: vmm's exit-code table, or what the agent knows.
+    pub meaning: String,
+    /// Whether the restart policy counts it a failure.
+    pub failure: bool,
+    /// When, in seconds since the Unix epoch.
+    pub at_unix: u64,
+}
+
+/// A VM as the agent shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: String,
+    pub tenant: String,
+    /// "running", "stopping", "stopped" (ended, not to be started again), "restarting"
+    /// (ended, to be started again after its backoff), "failed" (ended too often: the
+    /// restart cap), "stopped" also before a first start.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub uptime_seconds: Option<u64>,
+    /// How often the agent started it again after it ended.
+    pub restarts: u32,
+    pub last_exit: Option<LastExit>,
+    pub vcpus: u8,
+    pub memory: String,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+    pub volumes: Vec<VmVolume>,
+    pub restart_policy: RestartPolicy,
+}
+
 /// The body of every error answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -176,6 +176,28 @@ impl ProcessExit {
         }
     }
 
+    /// The exit of a process that exited with `code` (one killed by a signal has none: it is
+    /// [`ProcessExit::Signal`]); `None` for a code vmm does not exit with.
+    pub fn from_code(code: i32) -> Option<ProcessExit> {
+        Some(match code {
+            0 => ProcessExit::Ended,
+            1 => ProcessExit::Failed,
+            2 => ProcessExit::Refused,
+            3 => ProcessExit::Crashed,
+            4 => ProcessExit::Killed,
+            129..=192 => ProcessExit::Signal(code - 128),
+            _ => return None,
+        })
+    }
+
+    /// What it means, in the words of [`ProcessExit::TABLE`].
+    pub fn meaning(self) -> String {
+        match self {
+            ProcessExit::Signal(n) => format!("stopped by signal {n}"),
+            other => Self::TABLE[other.code() as usize].1.to_string(),
+        }
+    }
+
     /// [`ProcessExit::TABLE`] as `--help` text.
     pub fn help() -> String {
         let mut s = String::from("Exit codes:");

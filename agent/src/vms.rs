@@ -1,0 +1,788 @@
+//! Tenants' VMs: each one a `vmm` process the agent starts, watches and starts again per the
+//! VM's restart policy, and finds again after its own restart.
+//!
+//! A VM's files are in `DATA_DIR/vms/TENANT_ID/`: `vmm.log` (vmm's stderr and stdout, one
+//! run's), `console.log` (the serial console, at most [`CONSOLE_MAX`], the run before in
+//! `console.log.1`) and `api.sock`. vmm runs in a process group of its own, its output in
+//! files, never in pipes to the agent: nothing ties it to the agent's life, so a VM keeps
+//! running while the agent stops, crashes or restarts.
+//!
+//! Watching: a pidfd per vmm, readable once it has ended (a task per VM on the runtime). A
+//! vmm this agent started is its child, reaped through the pidfd with its exit code or
+//! signal; one found again after a restart (its pid and start time as recorded: a reused pid
+//! is another process) is not, and its end is read from the last line of its log that gives
+//! vmm's exit code (none: it was killed). vmm's exit-code table says what the end means;
+//! a failure is any end but code 0 (the guest powered off or reset, or the API shut it down).
+//!
+//! Restarting: `always` starts it again after any end, `on-failure` after a failure, `never`
+//! not; a stop or kill through the API (which clears `want_running`) never. The backoff is
+//! 1 s, doubling with each restart in the last [`RESTART_WINDOW`], at most 30 s; the
+//! [`RESTART_CAP`]th restart in the window is not made and the VM is `failed`.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent_api::{CreateVm, LastExit, RestartPolicy, Vm};
+use storaged_api::client::AdminClient;
+use vmm_api::ProcessExit;
+
+use crate::store::{self, Store, VmRecord, VmSpec};
+use crate::sys::{self, ChildExit};
+use crate::tenants::valid_name;
+
+/// Most bytes of a VM's serial log before it is rotated to `console.log.1`.
+pub const CONSOLE_MAX: u64 = 1 << 20;
+
+/// Restarts counted for the backoff and the cap.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Restarts in [`RESTART_WINDOW`] after which a VM is left `failed`.
+pub const RESTART_CAP: usize = 5;
+
+/// The longest backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How long a stop waits for vmm to end before it kills it.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the VM calls.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Invalid VM id {0:?}: 1 to 63 of a-z, 0-9 and '-', starting with a letter or digit")]
+    InvalidId(String),
+    #[error("VM {0} exists with another spec")]
+    Exists(String),
+    #[error("No VM {0}")]
+    NotFound(String),
+    #[error("No tenant {0}")]
+    NoTenant(String),
+    #[error("Invalid VM: {0}")]
+    Invalid(String),
+    #[error("Volume {volume} is attached to VM {vm}")]
+    VolumeInUse { volume: String, vm: String },
+    #[error("Cannot start vmm {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot prepare the VM's directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Storaged(#[from] crate::volumes::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// The VMs and their vmm processes.
+pub struct VmSupervisor {
+    store: Arc<Store>,
+    storaged: AdminClient,
+    images_dir: PathBuf,
+    vmm: PathBuf,
+    vms_dir: PathBuf,
+    /// Every VM with a vmm running: its pidfd.
+    running: Mutex<HashMap<String, Arc<OwnedFd>>>,
+    /// When each VM was last started again, within the window.
+    restarted: Mutex<HashMap<String, VecDeque<Instant>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn key(tenant: &str, id: &str) -> String {
+    format!("{tenant}/{id}")
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl VmSupervisor {
+    pub fn new(
+        store: Arc<Store>,
+        storaged: AdminClient,
+        images_dir: PathBuf,
+        vmm: PathBuf,
+        vms_dir: PathBuf,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Arc::new(VmSupervisor {
+            store,
+            storaged,
+            images_dir,
+            vmm,
+            vms_dir,
+            running: Mutex::new(HashMap::new()),
+            restarted: Mutex::new(HashMap::new()),
+            runtime,
+        })
+    }
+
+    fn dir(&self, tenant: &str, id: &str) -> PathBuf {
+        self.vms_dir.join(format!("{tenant}_{id}"))
+    }
+
+    fn pidfd(&self, k: &str) -> Option<Arc<OwnedFd>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(k)
+            .cloned()
+    }
+
+    /// The files of the image catalog, by their paths relative to it.
+    pub fn images(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.images_dir.clone()];
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => dirs.push(p),
+                    Ok(t) if t.is_file() => {
+                        if let Ok(rel) = p.strip_prefix(&self.images_dir) {
+                            out.push(rel.to_string_lossy().into_owned());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The catalog file `name` names: a regular file inside the catalog, else why not.
+    fn image(&self, what: &str, name: &str) -> Result<PathBuf, Error> {
+        let bad = |why: String| Error::Invalid(format!("{what} {name:?}: {why}"));
+        if Path::new(name).is_absolute() {
+            return Err(bad(
+                "a path relative to the image catalog, not an absolute one".into(),
+            ));
+        }
+        let root = self.images_dir.canonicalize().map_err(|e| {
+            bad(format!(
+                "no image catalog at {}: {e}",
+                self.images_dir.display()
+            ))
+        })?;
+        let path = root
+            .join(name)
+            .canonicalize()
+            .map_err(|_| bad("no such file in the image catalog".into()))?;
+        if !path.starts_with(&root) {
+            return Err(bad("outside the image catalog".into()));
+        }
+        if !path.is_file() {
+            return Err(bad("not a file".into()));
+        }
+        Ok(path)
+    }
+
+    /// Creates a VM of `tenant` (started unless `start` is false). A create with the id of an
+    /// existing VM of the tenant and the same spec answers that VM (a retry); another spec is
+    /// refused.
+    pub fn create(self: &Arc<Self>, tenant: &str, req: &CreateVm) -> Result<(Vm, bool), Error> {
+        let id = match &req.id {
+            Some(id) if valid_name(id) => id.clone(),
+            Some(id) => return Err(Error::InvalidId(id.clone())),
+            None => uuid_v4(),
+        };
+        if !self.store.tenants()?.iter().any(|t| t.name == tenant) {
+            return Err(Error::NoTenant(tenant.to_string()));
+        }
+        if !(1..=64).contains(&req.vcpus) {
+            return Err(Error::Invalid(format!("vcpus {}: 1 to 64", req.vcpus)));
+        }
+        let spec = VmSpec {
+            vcpus: req.vcpus,
+            memory_bytes: req.memory.bytes(),
+            kernel: req.kernel.clone(),
+            initrd: req.initrd.clone(),
+            cmdline: req.cmdline.clone(),
+            volumes: req.volumes.clone(),
+            restart_policy: req.restart_policy,
+        };
+        if let Some(existing) = self.store.vm(tenant, &id)? {
+            if existing.spec == spec {
+                return Ok((self.view(&existing), false));
+            }
+            return Err(Error::Exists(id));
+        }
+        self.image("kernel", &spec.kernel)?;
+        if let Some(initrd) = &spec.initrd {
+            self.image("initrd", initrd)?;
+        }
+        self.check_volumes(tenant, &id, &spec)?;
+        let record = VmRecord {
+            tenant: tenant.to_string(),
+            id: id.clone(),
+            spec,
+            want_running: req.start,
+            pid: None,
+            start_ticks: None,
+            started_unix: None,
+            restarts: 0,
+            last_exit: None,
+            state: "stopped".into(),
+        };
+        if !self.store.insert_vm(&record)? {
+            return Err(Error::Exists(id));
+        }
+        let record = if req.start {
+            match self.launch(record.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing half-made: no record of a VM that never started.
+                    let _ = self.store.remove_vm(tenant, &id);
+                    return Err(e);
+                }
+            }
+        } else {
+            record
+        };
+        Ok((self.view(&record), true))
+    }
+
+    /// Each volume is the tenant's and attached to no other VM; returns their sockets.
+    fn check_volumes(
+        &self,
+        tenant: &str,
+        id: &str,
+        spec: &VmSpec,
+    ) -> Result<Vec<(PathBuf, bool)>, Error> {
+        let vms = self.store.vms(Some(tenant))?;
+        let mut sockets = Vec::new();
+        for v in &spec.volumes {
+            let record = match self.store.volume(tenant, &v.name)? {
+                Some(r) if r.created => r,
+                _ => return Err(Error::Invalid(format!("no volume {}", v.name))),
+            };
+            if let Some(other) = vms
+                .iter()
+                .find(|vm| vm.id != id && vm.spec.volumes.iter().any(|x| x.name == v.name))
+            {
+                return Err(Error::VolumeInUse {
+                    volume: v.name.clone(),
+                    vm: other.id.clone(),
+                });
+            }
+            let info = self
+                .storaged
+                .volume(&record.storaged_name)
+                .map_err(crate::volumes::Error::from)?;
+            sockets.push((info.socket, v.read_only));
+        }
+        Ok(sockets)
+    }
+
+    /// Starts `record`'s vmm and its watch; returns the record as saved (running).
+    fn launch(self: &Arc<Self>, mut record: VmRecord) -> Result<VmRecord, Error> {
+        let spec = &record.spec;
+        let kernel = self.image("kernel", &spec.kernel)?;
+        let initrd = spec
+            .initrd
+            .as_ref()
+            .map(|i| self.image("initrd", i))
+            .transpose()?;
+        let disks = self.check_volumes(&record.tenant, &record.id, spec)?;
+        let dir = self.dir(&record.tenant, &record.id);
+        let dir_err = |source| Error::Dir {
+            path: dir.clone(),
+            source,
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(dir_err)?;
+        }
+        let api = dir.join("api.sock");
+        let _ = std::fs::remove_file(&api);
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(dir_err)?;
+        let log2 = log.try_clone().map_err(dir_err)?;
+        let mut cmd = std::process::Command::new(&self.vmm);
+        cmd.arg("--kernel")
+            .arg(&kernel)
+            .args(["--vcpus", &spec.vcpus.to_string()])
+            .args(["--memory", &spec.memory_bytes.to_string()])
+            .arg("--serial")
+            .arg(dir.join("console.log"))
+            .args(["--serial-log-max", &CONSOLE_MAX.to_string()])
+            .arg("--api-sock")
+            .arg(&api);
+        if let Some(i) = &initrd {
+            cmd.arg("--initrd").arg(i);
+        }
+        if let Some(c) = &spec.cmdline {
+            cmd.args(["--cmdline", c]);
+        }
+        for (socket, read_only) in &disks {
+            let ro = if *read_only { ",readonly" } else { "" };
+            cmd.arg("--disk")
+                .arg(format!("socket={}{ro}", socket.display()));
+        }
+        {
+            use std::os::unix::process::CommandExt;
+            // A group of its own: a signal to the agent's group (a terminal's ^C) is not its.
+            cmd.process_group(0);
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            path: self.vmm.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        // Reaped through its pidfd, not through `child`.
+        drop(child);
+        let pidfd = sys::pidfd_open(pid).map_err(|source| Error::Spawn {
+            path: self.vmm.clone(),
+            source,
+        })?;
+        record.pid = Some(pid);
+        record.start_ticks = sys::start_ticks(pid);
+        record.started_unix = Some(now_unix());
+        record.state = "running".into();
+        self.store.put_vm(&record)?;
+        tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm started");
+        self.watch(&record, pidfd, true);
+        Ok(record)
+    }
+
+    /// Watches the vmm behind `pidfd` until it ends (`child`: this agent started it).
+    fn watch(self: &Arc<Self>, record: &VmRecord, pidfd: OwnedFd, child: bool) {
+        let k = key(&record.tenant, &record.id);
+        let pidfd = Arc::new(pidfd);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k.clone(), pidfd.clone());
+        let me = self.clone();
+        let (tenant, id) = (record.tenant.clone(), record.id.clone());
+        self.runtime.spawn(async move {
+            // SAFETY: ArcFd holds an Arc of the pidfd, so the descriptor stays open and the
+            // same for as long as the AsyncFd that owns the ArcFd lives.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    ArcFd(pidfd.clone()),
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            let ended = match registered {
+                Ok(afd) => afd.readable().await.map(|_| ()),
+                Err(e) => Err(std::io::Error::from(e)),
+            };
+            if let Err(e) = ended {
+                tracing::error!(vm = %id, "cannot watch the vmm: {e}");
+                return;
+            }
+            let exit = if child {
+                sys::reap(&pidfd).ok().flatten()
+            } else {
+                None
+            };
+            me.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&k);
+            let me2 = me.clone();
+            let r = tokio::task::spawn_blocking(move || me2.ended(&tenant, &id, exit)).await;
+            if let Ok(Some((record, backoff))) = r {
+                tokio::time::sleep(backoff).await;
+                let _ = tokio::task::spawn_blocking(move || me.restart_after_backoff(record)).await;
+            }
+        });
+    }
+
+    /// A VM's vmm ended (`exit`: its code or signal, when it was this agent's child): records
+    /// how, and returns the record and the backoff if it is to start again.
+    fn ended(
+        &self,
+        tenant: &str,
+        id: &str,
+        exit: Option<ChildExit>,
+    ) -> Option<(VmRecord, Duration)> {
+        let mut record = match self.store.vm(tenant, id) {
+            Ok(Some(r)) => r,
+            _ => return None,
+        };
+        let dir = self.dir(tenant, id);
+        let last = last_exit(exit, &dir.join("vmm.log"));
+        tracing::info!(tenant, vm = id, code = ?last.code, signal = ?last.signal, meaning = %last.meaning, "vm ended");
+        record.pid = None;
+        record.start_ticks = None;
+        record.started_unix = None;
+        let restart = record.want_running
+            && match record.spec.restart_policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => last.failure,
+                RestartPolicy::Never => false,
+            };
+        record.last_exit = Some(last);
+        let mut backoff = None;
+        if !restart {
+            record.want_running = false;
+            record.state = "stopped".into();
+        } else {
+            let k = key(tenant, id);
+            let mut all = self.restarted.lock().unwrap_or_else(|p| p.into_inner());
+            let recent = all.entry(k).or_default();
+            while recent.front().is_some_and(|t| t.elapsed() > RESTART_WINDOW) {
+                recent.pop_front();
+            }
+            if recent.len() >= RESTART_CAP {
+                tracing::warn!(
+                    tenant,
+                    vm = id,
+                    restarts = recent.len(),
+                    "vm ended too often: left failed"
+                );
+                record.want_running = false;
+                record.state = "failed".into();
+            } else {
+                let b = Duration::from_secs(1 << recent.len().min(5)).min(MAX_BACKOFF);
+                recent.push_back(Instant::now());
+                record.state = "restarting".into();
+                backoff = Some(b);
+                tracing::info!(
+                    tenant,
+                    vm = id,
+                    backoff_ms = b.as_millis() as u64,
+                    "vm to start again"
+                );
+            }
+        }
+        if let Err(e) = self.store.put_vm(&record) {
+            tracing::error!(
+                vm = id,
+                "cannot record the VM's end: {}",
+                crate::error_chain(&e)
+            );
+        }
+        backoff.map(|b| (record, b))
+    }
+
+    /// After its backoff: starts the VM again unless a call stopped it meanwhile.
+    fn restart_after_backoff(self: &Arc<Self>, record: VmRecord) {
+        let current = match self.store.vm(&record.tenant, &record.id) {
+            Ok(Some(r)) => r,
+            _ => return,
+        };
+        if !current.want_running || current.state != "restarting" {
+            return;
+        }
+        let mut next = current;
+        next.restarts += 1;
+        if let Err(e) = self.launch(next.clone()) {
+            tracing::error!(vm = %next.id, "cannot start the VM again: {}", crate::error_chain(&e));
+            next.want_running = false;
+            next.state = "failed".into();
+            let _ = self.store.put_vm(&next);
+        }
+    }
+
+    fn get_record(&self, tenant: &str, id: &str) -> Result<VmRecord, Error> {
+        self.store
+            .vm(tenant, id)?
+            .ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    pub fn get(&self, tenant: &str, id: &str) -> Result<Vm, Error> {
+        Ok(self.view(&self.get_record(tenant, id)?))
+    }
+
+    pub fn list(&self, tenant: Option<&str>) -> Result<Vec<Vm>, Error> {
+        Ok(self
+            .store
+            .vms(tenant)?
+            .iter()
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    /// Starts a VM that is not running (and forgets its restarts: the cap starts afresh).
+    pub fn start(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+        let mut record = self.get_record(tenant, id)?;
+        if self.pidfd(&key(tenant, id)).is_some() {
+            return Ok(self.view(&record));
+        }
+        self.restarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(tenant, id));
+        record.want_running = true;
+        let record = self.launch(record)?;
+        Ok(self.view(&record))
+    }
+
+    /// Ends a VM through vmm's API (`shutdown`), killing it after [`STOP_TIMEOUT`]; it is not
+    /// started again.
+    pub fn stop(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+        let mut record = self.get_record(tenant, id)?;
+        record.want_running = false;
+        let pidfd = self.pidfd(&key(tenant, id));
+        record.state = if pidfd.is_some() {
+            "stopping"
+        } else {
+            "stopped"
+        }
+        .into();
+        self.store.put_vm(&record)?;
+        if let Some(pidfd) = pidfd {
+            let api = vmm_api::VmmClient::new(self.dir(tenant, id).join("api.sock"));
+            // A vmm just started may not answer yet: a few tries, while it cannot be reached.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut shutdown = api.shutdown();
+            while matches!(shutdown, Err(vmm_api::client::Error::Connect { .. }))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+                shutdown = api.shutdown();
+            }
+            if let Err(e) = shutdown {
+                tracing::warn!(vm = id, "vmm did not take the shutdown ({e}): killing it");
+                let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+            } else {
+                self.runtime.spawn(async move {
+                    tokio::time::sleep(STOP_TIMEOUT).await;
+                    // Still the same process (its pidfd): past its time.
+                    let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+                });
+            }
+        }
+        Ok(self.view(&record))
+    }
+
+    /// Kills a VM's vmm (SIGKILL); it is not started again.
+    pub fn kill(&self, tenant: &str, id: &str) -> Result<Vm, Error> {
+        let mut record = self.get_record(tenant, id)?;
+        record.want_running = false;
+        let pidfd = self.pidfd(&key(tenant, id));
+        record.state = if pidfd.is_some() {
+            "stopping"
+        } else {
+            "stopped"
+        }
+        .into();
+        self.store.put_vm(&record)?;
+        if let Some(pidfd) = pidfd {
+            let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+        }
+        Ok(self.view(&record))
+    }
+
+    /// Waits until the VM's vmm has ended and its end is recorded, at most `timeout`.
+    fn wait_ended(&self, tenant: &str, id: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let stopped = self.pidfd(&key(tenant, id)).is_none()
+                && self
+                    .store
+                    .vm(tenant, id)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|r| r.state != "stopping");
+            if stopped {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Stops a VM (as [`stop`](Self::stop)) and starts it again.
+    pub fn restart(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+        self.stop(tenant, id)?;
+        self.wait_ended(tenant, id, STOP_TIMEOUT + Duration::from_secs(2));
+        self.start(tenant, id)
+    }
+
+    /// Kills a VM's vmm and forgets the VM: its record and its files.
+    pub fn delete(&self, tenant: &str, id: &str) -> Result<(), Error> {
+        self.kill(tenant, id)?;
+        self.wait_ended(tenant, id, Duration::from_secs(10));
+        self.store.remove_vm(tenant, id)?;
+        let _ = std::fs::remove_dir_all(self.dir(tenant, id));
+        Ok(())
+    }
+
+    /// The tail of a VM's serial console: its last `max` bytes.
+    pub fn console(&self, tenant: &str, id: &str, max: u64) -> Result<Vec<u8>, Error> {
+        self.get_record(tenant, id)?;
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.dir(tenant, id).join("console.log");
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            return Ok(Vec::new());
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+        let mut out = Vec::new();
+        let _ = f.read_to_end(&mut out);
+        Ok(out)
+    }
+
+    /// At start: finds every VM's vmm again (its pid and start time as recorded), watching
+    /// it; a VM whose vmm ended while the agent was away is handled as any end (its policy
+    /// may start it again), and one left between an end and its restart is started.
+    pub fn adopt(self: &Arc<Self>) -> Result<(), Error> {
+        for record in self.store.vms(None)? {
+            let alive = record.pid.filter(|&pid| {
+                record.start_ticks.is_some() && sys::start_ticks(pid) == record.start_ticks
+            });
+            match alive.map(sys::pidfd_open) {
+                Some(Ok(pidfd)) => {
+                    tracing::info!(tenant = %record.tenant, vm = %record.id, pid = record.pid, "vm found running: watching it again");
+                    self.watch(&record, pidfd, false);
+                }
+                _ if record.pid.is_some() => {
+                    tracing::info!(tenant = %record.tenant, vm = %record.id, "vm ended while the agent was away");
+                    if let Some((r, _)) = self.ended(&record.tenant, &record.id, None) {
+                        self.restart_after_backoff(r);
+                    }
+                }
+                _ if record.want_running && record.state == "restarting" => {
+                    self.restart_after_backoff(record);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn view(&self, r: &VmRecord) -> Vm {
+        Vm {
+            id: r.id.clone(),
+            tenant: r.tenant.clone(),
+            state: r.state.clone(),
+            pid: r.pid,
+            uptime_seconds: r.started_unix.map(|t| now_unix().saturating_sub(t)),
+            restarts: r.restarts,
+            last_exit: r.last_exit.clone(),
+            vcpus: r.spec.vcpus,
+            memory: size::ByteSize(r.spec.memory_bytes).to_string(),
+            kernel: r.spec.kernel.clone(),
+            initrd: r.spec.initrd.clone(),
+            cmdline: r.spec.cmdline.clone(),
+            volumes: r.spec.volumes.clone(),
+            restart_policy: r.spec.restart_policy,
+        }
+    }
+}
+
+/// A shared pidfd, for `AsyncFd`.
+struct ArcFd(Arc<OwnedFd>);
+
+impl std::os::fd::AsRawFd for ArcFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// How a vmm ended: from its reaped status, or (not this agent's child) from its log.
+fn last_exit(exit: Option<ChildExit>, log: &Path) -> LastExit {
+    let (code, signal) = match exit {
+        Some(ChildExit::Code(c)) => (Some(c), None),
+        Some(ChildExit::Signal(s)) => (None, Some(s)),
+        None => (code_in_log(log), None),
+    };
+    let meaning = match (code, signal, exit) {
+        (Some(c), _, _) => ProcessExit::from_code(c)
+            .map(ProcessExit::meaning)
+            .unwrap_or_else(|| format!("exit code {c}")),
+        (None, Some(s), _) => ProcessExit::Signal(s).meaning(),
+        (None, None, _) => {
+            "ended while the agent was not its parent, and its log does not say how (killed?)"
+                .into()
+        }
+    };
+    LastExit {
+        code,
+        signal,
+        failure: code != Some(0),
+        meaning,
+        at_unix: now_unix(),
+    }
+}
+
+/// The exit code vmm's log gives in its last line that gives one (`code=N`).
+fn code_in_log(log: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().rev().find_map(|l| {
+        let rest = l.split(" code=").nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// A random id: a UUID v4 in its usual form.
+fn uuid_v4() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    // The system's generator does not fail on Linux; were it to, the id would still be
+    // unique enough for one tenant's VMs (the time), and a clash is refused by the create.
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        b[..8].copy_from_slice(&now_unix().to_le_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_end_read_from_vmms_log_is_its_last_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        std::fs::write(
+            &log,
+            "INFO vmm: started\nINFO vmm::launch: VM ended exit=PowerOff code=0\n",
+        )
+        .unwrap();
+        let e = last_exit(None, &log);
+        assert_eq!((e.code, e.failure), (Some(0), false));
+        std::fs::write(&log, "INFO vmm: started\n").unwrap();
+        let e = last_exit(None, &log);
+        assert_eq!((e.code, e.failure), (None, true));
+        let e = last_exit(Some(ChildExit::Signal(9)), &log);
+        assert_eq!((e.signal, e.failure), (Some(9), true));
+        let e = last_exit(Some(ChildExit::Code(3)), &log);
+        assert!(e.meaning.contains("crashed"), "{}", e.meaning);
+    }
+
+    #[test]
+    fn ids_are_uuids_and_valid_names() {
+        let a = uuid_v4();
+        assert_eq!(a.len(), 36);
+        assert!(valid_name(&a));
+        assert_ne!(a, uuid_v4());
+    }
+}

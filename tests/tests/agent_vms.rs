@@ -1,0 +1,452 @@
+//! Tenants' VMs through the agent: each a vmm process booting a test guest (the assembly
+//! guests of images/guests, the agent's image catalog here), its volumes served by a real
+//! storaged. The lifecycle end to end (a guest that writes its disk, read back with blkio);
+//! a killed vmm started again per its policy, with its backoff and its cap; a guest power-off
+//! not taken for a crash; VMs that outlive a kill -9 of the agent and are found again; another
+//! tenant's VMs and volumes out of reach; bad input refused with nothing left behind.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use storaged_tests::{connect_retry, openapi_properties, wait_until, Agent, AgentClient, Storaged};
+
+fn call(c: &AgentClient, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let r = c.request(method, path, body).unwrap();
+    (
+        r.status,
+        serde_json::from_str(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+fn vm(c: &AgentClient, id: &str) -> Value {
+    let (st, v) = call(c, "GET", &format!("/v1/vms/{id}"), None);
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
+/// Waits until VM `id` says `cond`; returns what it said.
+fn wait_vm(
+    c: &AgentClient,
+    id: &str,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = vm(c, id);
+        if cond(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}; last {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    // SAFETY: signal 0 checks that the process exists; nothing is sent.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+fn tenant(a: &Agent, name: &str) -> AgentClient {
+    a.client(&a.admin().create_tenant(name).unwrap().token)
+}
+
+#[test]
+fn a_tenants_vm_boots_writes_its_volume_and_ends_and_the_data_is_on_the_volume() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = tenant(&a, "acme");
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/volumes",
+        Some(r#"{"name":"data","size":"64MiB","encryption":"none"}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(
+            r#"{"id":"web","memory":"64MiB","kernel":"virtio_blk.elf","volumes":[{"name":"data"}]}"#,
+        ),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["state"], "running");
+    // The guest writes, reads back, resets the machine twice over, then resets: vmm exits 0,
+    // which on-failure does not start again.
+    let v = wait_vm(&t, "web", "the guest ends", Duration::from_secs(60), |v| {
+        v["state"] == "stopped"
+    });
+    assert_eq!(v["last_exit"]["code"], 0, "{v}");
+    assert_eq!(v["last_exit"]["failure"], false);
+    assert_eq!(v["restarts"], 0);
+    let fields = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let schema = |n| openapi_properties("agent/openapi.yaml", &["components", "schemas", n]);
+    assert_eq!(fields(&v), schema("Vm"));
+    assert_eq!(fields(&v["last_exit"]), schema("LastExit"));
+    let r = t.request("GET", "/v1/vms/web/console", None).unwrap();
+    assert_eq!(r.body, "virtio-blk: PASS on queue 0\n".repeat(2));
+    // What the guest wrote to sector 8 is on the volume.
+    let sock = s.admin().volume("acme_data").unwrap().socket;
+    let mut c = connect_retry(&sock, 1);
+    let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
+    assert_eq!(c.read(0, 8 * 512, 4096).unwrap(), want);
+    drop(c);
+    // The volume is the VM's while the VM exists.
+    let (st, v) = call(&t, "DELETE", "/v1/volumes/data", None);
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(call(&t, "DELETE", "/v1/vms/web", None).0, 204);
+    assert_eq!(call(&t, "GET", "/v1/vms/web", None).0, 404);
+    assert_eq!(call(&t, "DELETE", "/v1/volumes/data", None).0, 204);
+}
+
+#[test]
+fn a_killed_vmm_is_started_again_after_its_backoff_until_the_cap_and_a_stop_is_not_a_crash() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = tenant(&a, "acme");
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"spin","memory":"32MiB","kernel":"spin.elf"}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let mut pid = v["pid"].as_u64().unwrap();
+    let mut backoffs = Vec::new();
+    for round in 1..=5u64 {
+        // SAFETY: kill(2) on the vmm the agent started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let killed = Instant::now();
+        let v = wait_vm(&t, "spin", "started again", Duration::from_secs(60), |v| {
+            v["state"] == "running" && v["pid"].as_u64() != Some(pid)
+        });
+        backoffs.push(killed.elapsed());
+        assert_eq!(v["restarts"], round, "{v}");
+        assert_eq!(v["last_exit"]["signal"], 9, "{v}");
+        assert_eq!(v["last_exit"]["failure"], true);
+        pid = v["pid"].as_u64().unwrap();
+    }
+    // 1 s, 2 s, 4 s, ...: each wait at least its backoff, and longer than the one before.
+    for (i, b) in backoffs.iter().enumerate() {
+        assert!(
+            *b >= Duration::from_secs(1 << i),
+            "restart {i} after {b:?}: {backoffs:?}"
+        );
+    }
+    // The sixth end within the minute is one too many.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let v = wait_vm(&t, "spin", "left failed", Duration::from_secs(30), |v| {
+        v["state"] == "failed"
+    });
+    assert_eq!(v["restarts"], 5);
+    assert!(v["pid"].is_null());
+
+    // Started by hand it runs again, and a stop ends it for good.
+    let (st, v) = call(&t, "POST", "/v1/vms/spin/start", None);
+    assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
+    let (st, _) = call(&t, "POST", "/v1/vms/spin/stop", None);
+    assert_eq!(st, 200);
+    let v = wait_vm(&t, "spin", "stopped", Duration::from_secs(30), |v| {
+        v["state"] == "stopped"
+    });
+    assert_eq!(
+        v["last_exit"]["code"],
+        0,
+        "the API's shutdown ends vmm with 0: {v}\n{}",
+        a.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vm(&t, "spin")["state"], "stopped", "not started again");
+}
+
+#[test]
+fn a_guest_power_off_is_not_a_failure_and_always_starts_it_again() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = tenant(&a, "acme");
+    let body = |id: &str, policy: &str| {
+        format!(
+            r#"{{"id":"{id}","memory":"32MiB","kernel":"poweroff.elf","restart_policy":"{policy}"}}"#
+        )
+    };
+    assert_eq!(
+        call(&t, "POST", "/v1/vms", Some(&body("calm", "on-failure"))).0,
+        201
+    );
+    assert_eq!(
+        call(&t, "POST", "/v1/vms", Some(&body("eager", "always"))).0,
+        201
+    );
+    let v = wait_vm(
+        &t,
+        "calm",
+        "the guest powers off",
+        Duration::from_secs(30),
+        |v| v["state"] == "stopped",
+    );
+    assert_eq!(
+        (v["last_exit"]["code"].as_i64(), v["restarts"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    let v = wait_vm(&t, "eager", "started again", Duration::from_secs(30), |v| {
+        v["restarts"].as_u64() >= Some(1)
+    });
+    assert_eq!(v["last_exit"]["failure"], false, "{v}");
+    assert_eq!(vm(&t, "calm")["restarts"], 0);
+    assert_eq!(call(&t, "POST", "/v1/vms/eager/kill", None).0, 200);
+}
+
+#[test]
+fn vms_outlive_a_kill_9_of_the_agent_are_found_again_and_one_that_died_meanwhile_is_restarted() {
+    let s = Storaged::start();
+    let mut a = Agent::with_guests(&s);
+    let token = a.admin().create_tenant("acme").unwrap().token;
+    let t = a.client(&token);
+    for id in ["one", "two"] {
+        let (st, v) = call(
+            &t,
+            "POST",
+            "/v1/vms",
+            Some(&format!(
+                r#"{{"id":"{id}","memory":"32MiB","kernel":"spin.elf"}}"#
+            )),
+        );
+        assert_eq!(st, 201, "{v}");
+    }
+    let pid = |c: &AgentClient, id: &str| vm(c, id)["pid"].as_u64().unwrap();
+    let (one, two) = (pid(&t, "one"), pid(&t, "two"));
+    // The agent dies; the VMs do not.
+    a.signal_and_wait(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(alive(one) && alive(two));
+    let api = a.data_dir.join("vms/acme_one/api.sock");
+    assert_eq!(
+        vmm_api::VmmClient::new(&api).status().unwrap().state,
+        vmm_api::VmState::Running
+    );
+    // One dies while the agent is away.
+    // SAFETY: kill(2) on a vmm the agent started.
+    unsafe { libc::kill(two as i32, libc::SIGKILL) };
+    wait_until("vmm two gone", Duration::from_secs(10), || !alive(two));
+    a.restart_after_stop();
+    let t = a.client(&token);
+    let v = vm(&t, "one");
+    assert_eq!(
+        (v["state"].as_str(), v["pid"].as_u64()),
+        (Some("running"), Some(one)),
+        "{v}"
+    );
+    let v = wait_vm(
+        &t,
+        "two",
+        "two started again",
+        Duration::from_secs(30),
+        |v| v["state"] == "running" && v["pid"].as_u64() != Some(two),
+    );
+    assert_eq!(v["restarts"], 1, "{v}");
+    // The found-again one is watched: its end is seen and handled by its policy.
+    // SAFETY: as above.
+    unsafe { libc::kill(one as i32, libc::SIGKILL) };
+    wait_vm(
+        &t,
+        "one",
+        "one started again",
+        Duration::from_secs(30),
+        |v| v["state"] == "running" && v["pid"].as_u64() != Some(one),
+    );
+    for id in ["one", "two"] {
+        assert_eq!(call(&t, "DELETE", &format!("/v1/vms/{id}"), None).0, 204);
+    }
+}
+
+#[test]
+fn another_tenants_vms_and_volumes_are_out_of_reach_and_bad_vms_leave_nothing_behind() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let acme = tenant(&a, "acme");
+    let globex = tenant(&a, "globex");
+    assert_eq!(
+        call(
+            &acme,
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"name":"data","size":"16MiB"}"#)
+        )
+        .0,
+        201
+    );
+    let (st, v) = call(
+        &acme,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"web","memory":"32MiB","kernel":"spin.elf","volumes":[{"name":"data"}]}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let pid = v["pid"].as_u64().unwrap();
+
+    // globex cannot see, stop, kill or delete acme's VM, nor use acme's volume.
+    for (method, path) in [
+        ("GET", "/v1/vms/web"),
+        ("POST", "/v1/vms/web/stop"),
+        ("POST", "/v1/vms/web/kill"),
+        ("DELETE", "/v1/vms/web"),
+        ("GET", "/v1/vms/web/console"),
+        ("GET", "/v1/vms/web?tenant=acme"),
+    ] {
+        let (st, v) = call(&globex, method, path, None);
+        assert_eq!(st, 404, "{method} {path}: {v}");
+    }
+    assert_eq!(
+        call(&globex, "GET", "/v1/vms", None).1,
+        Value::Array(vec![])
+    );
+    let (st, v) = call(
+        &globex,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"steal","memory":"32MiB","kernel":"spin.elf","volumes":[{"name":"data"}]}"#),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(alive(pid), "acme's VM untouched");
+    assert_eq!(vm(&acme, "web")["state"], "running");
+    // The admin sees it.
+    let (st, v) = call(&a.admin(), "GET", "/v1/vms", None);
+    assert_eq!((st, v.as_array().unwrap().len()), (200, 1));
+
+    // Bad VMs: each its 4xx, and no VM, process or directory left.
+    let bad = [
+        (
+            r#"{"memory":"32MiB","kernel":"spin.elf","colour":"red"}"#,
+            400,
+            "colour",
+        ),
+        (
+            r#"{"memory":"32MiB","kernel":"/etc/passwd"}"#,
+            400,
+            "relative",
+        ),
+        (
+            r#"{"memory":"32MiB","kernel":"../../../../etc/passwd"}"#,
+            400,
+            "catalog",
+        ),
+        (
+            r#"{"memory":"32MiB","kernel":"nothing.elf"}"#,
+            400,
+            "no such file",
+        ),
+        (
+            r#"{"memory":"32MiB","kernel":"spin.elf","volumes":[{"name":"ghost"}]}"#,
+            400,
+            "no volume ghost",
+        ),
+        (
+            r#"{"memory":"32MiB","kernel":"spin.elf","volumes":[{"name":"data"}]}"#,
+            409,
+            "attached to VM web",
+        ),
+        (
+            r#"{"memory":"32MiB","kernel":"spin.elf","vcpus":0}"#,
+            400,
+            "vcpus",
+        ),
+        (r#"{"memory":"lots","kernel":"spin.elf"}"#, 400, "memory"),
+        (
+            r#"{"id":"Bad Id","memory":"32MiB","kernel":"spin.elf"}"#,
+            400,
+            "Invalid VM id",
+        ),
+        (
+            r#"{"id":"web","memory":"64MiB","kernel":"spin.elf"}"#,
+            409,
+            "exists",
+        ),
+    ];
+    for (body, want, says) in bad {
+        let (st, v) = call(&acme, "POST", "/v1/vms", Some(body));
+        assert_eq!(st, want, "{body}: {v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.contains(says), "{body}: {e:?} lacks {says:?}");
+    }
+    let (_, list) = call(&acme, "GET", "/v1/vms", None);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let dirs: Vec<_> = std::fs::read_dir(a.data_dir.join("vms")).unwrap().collect();
+    assert_eq!(dirs.len(), 1);
+    // A retried create with the same id and spec is the same VM.
+    let (st, v) = call(
+        &acme,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"web","memory":"32MiB","kernel":"spin.elf","volumes":[{"name":"data"}]}"#),
+    );
+    assert_eq!((st, v["pid"].as_u64()), (200, Some(pid)), "{v}");
+    // A vmm that cannot start (the volume gone from storaged underneath) leaves no VM.
+    assert_eq!(call(&acme, "POST", "/v1/vms/web/kill", None).0, 200);
+    assert_eq!(call(&acme, "DELETE", "/v1/vms/web", None).0, 204);
+    assert!(!a.data_dir.join("vms/acme_web").exists());
+    let (_, images) = call(&acme, "GET", "/v1/images", None);
+    assert!(
+        images.as_array().unwrap().iter().any(|i| i == "spin.elf"),
+        "{images}"
+    );
+}
+
+#[test]
+fn agentctl_creates_watches_and_deletes_a_vm() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let token = a.admin().create_tenant("acme").unwrap().token;
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(storaged_tests::bin("agentctl"))
+            .arg("--socket")
+            .arg(a.socket())
+            .args(["--token", &token])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "agentctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(ctl(&["images"]).contains("hello.elf"));
+    let created: Value = serde_json::from_str(&ctl(&[
+        "vm",
+        "create",
+        "--id",
+        "hi",
+        "--kernel",
+        "hello.elf",
+        "--memory",
+        "32MiB",
+        "--restart-policy",
+        "never",
+    ]))
+    .unwrap();
+    assert_eq!(created["restart_policy"], "never");
+    let t = a.client(&token);
+    wait_vm(&t, "hi", "the guest ends", Duration::from_secs(30), |v| {
+        v["state"] == "stopped"
+    });
+    assert_eq!(ctl(&["vm", "console", "hi"]), "hello from the test guest\n");
+    let listed: Value = serde_json::from_str(&ctl(&["vm", "list"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    ctl(&["vm", "delete", "hi"]);
+    assert_eq!(call(&t, "GET", "/v1/vms/hi", None).0, 404);
+}
