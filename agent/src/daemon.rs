@@ -6,6 +6,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use systemd_notify::sd_notify;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::{self, ApiState};
@@ -144,6 +145,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 tracing::error!("API on the Unix socket failed: {e}");
             }
         }));
+        sd_notify("READY=1");
         tracing::info!(
             api_url = %url.as_deref().unwrap_or("off"),
             socket = %paths.socket.display(),
@@ -152,7 +154,8 @@ pub fn run(config: Config) -> Result<(), Error> {
             "agent ready"
         );
         wait_for_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!("shutting down; the VMs keep running");
+        sd_notify("STOPPING=1");
         let _ = stop_tx.send(true);
         for t in tasks {
             let _ = t.await;

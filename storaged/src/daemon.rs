@@ -11,8 +11,8 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
-use crate::notify::sd_notify;
 use crate::service::{self, VolumeService};
+use systemd_notify::sd_notify;
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,6 @@ pub mod daemon;
 pub mod keys;
 pub mod log_writer;
 pub mod metrics;
-pub mod notify;
 pub mod qos;
 pub mod replication;
 pub mod service;

@@ -1,4 +1,5 @@
-//! systemd readiness notification (`sd_notify`): a datagram to `$NOTIFY_SOCKET`.
+//! systemd readiness notification (`sd_notify`): a datagram to `$NOTIFY_SOCKET`, for the
+//! daemons whose units are `Type=notify` (storaged, the agent).
 
 use std::os::unix::net::UnixDatagram;
 
