@@ -33,6 +33,7 @@ pub struct ApiState {
     pub tenants: TenantRegistry,
     pub volumes: VolumeRegistry,
     pub vms: Arc<VmSupervisor>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -129,6 +130,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(get_volume).patch(update_volume).delete(delete_volume),
         )
         .route("/v1/images", get(list_images))
+        .route("/metrics", get(metrics))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{id}/console", get(vm_console))
@@ -375,6 +377,25 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The Prometheus scrape (the admin's: it names every tenant's VMs).
+async fn metrics(
+    State(state): State<Arc<ApiState>>,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<impl IntoResponse> {
+    admin_only(&p)?;
+    let text = blocking(move || {
+        let vms = state.vms.list(None)?;
+        let counters = state.vms.counters();
+        let refs: Vec<_> = counters.iter().map(|(v, c)| (v, c.clone())).collect();
+        state
+            .metrics
+            .encode(&vms, &refs)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e)))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
 async fn list_images(State(state): State<Arc<ApiState>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(blocking(move || Ok(state.vms.images())).await?))
 }
@@ -488,7 +509,8 @@ async fn no_method(method: Method, uri: axum::http::Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     /// Routes of [`super::router`]; each must be described in openapi.yaml.
-    const ROUTES: [&str; 10] = [
+    const ROUTES: [&str; 11] = [
+        "/metrics",
         "/v1/whoami",
         "/v1/tenants",
         "/v1/tenants/{name}",

@@ -42,6 +42,8 @@ pub enum Error {
     },
     #[error("{0} exists and is not a socket: not replacing it")]
     NotASocket(PathBuf),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::Error),
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -85,6 +87,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let vms = VmSupervisor::new(
         store.clone(),
         storaged_api::client::AdminClient::new(&paths.storaged_socket),
@@ -92,6 +95,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         paths.vmm.clone(),
         paths.vms_dir.clone(),
         runtime.handle().clone(),
+        metrics.clone(),
     );
     {
         // The watches it starts need the runtime's reactor.
@@ -105,6 +109,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         tenants: TenantRegistry::new(store, authority),
         volumes,
         vms,
+        metrics,
     });
     runtime.block_on(async {
         let tcp = match paths.listen {

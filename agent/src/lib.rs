@@ -10,6 +10,7 @@
 //! - [`volumes`]: the tenants' volumes, made through storaged's admin API;
 //! - [`vms`]: the tenants' VMs, each a vmm process started, watched and started again;
 //! - `sys`: the system calls the agent makes itself (pidfds);
+//! - [`metrics`]: what `GET /metrics` answers;
 //! - [`api`]: the routes, authentication and audit;
 //! - [`daemon`]: wiring it all, until a signal.
 
@@ -17,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod metrics;
 pub mod store;
 mod sys;
 pub mod tenants;

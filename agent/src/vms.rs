@@ -29,6 +29,7 @@ use agent_api::{CreateVm, LastExit, RestartPolicy, Vm};
 use storaged_api::client::AdminClient;
 use vmm_api::ProcessExit;
 
+use crate::metrics::Metrics;
 use crate::store::{self, Store, VmRecord, VmSpec};
 use crate::sys::{self, ChildExit};
 use crate::tenants::valid_name;
@@ -93,6 +94,7 @@ pub struct VmSupervisor {
     /// When each VM was last started again, within the window.
     restarted: Mutex<HashMap<String, VecDeque<Instant>>>,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
 }
 
 fn key(tenant: &str, id: &str) -> String {
@@ -114,6 +116,7 @@ impl VmSupervisor {
         vmm: PathBuf,
         vms_dir: PathBuf,
         runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(VmSupervisor {
             store,
@@ -124,6 +127,7 @@ impl VmSupervisor {
             running: Mutex::new(HashMap::new()),
             restarted: Mutex::new(HashMap::new()),
             runtime,
+            metrics,
         })
     }
 
@@ -361,6 +365,20 @@ impl VmSupervisor {
         record.state = "running".into();
         self.store.put_vm(&record)?;
         tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm started");
+        self.metrics.launches.inc();
+        let (metrics, launched) = (self.metrics.clone(), Instant::now());
+        self.runtime.spawn(async move {
+            // The launch is done when vmm's API answers (a vmm that ends first is not).
+            while launched.elapsed() < Duration::from_secs(10) {
+                if std::os::unix::net::UnixStream::connect(&api).is_ok() {
+                    metrics
+                        .launch_seconds
+                        .observe(launched.elapsed().as_secs_f64());
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
         self.watch(&record, pidfd, true);
         Ok(record)
     }
@@ -424,6 +442,10 @@ impl VmSupervisor {
         };
         let dir = self.dir(tenant, id);
         let last = last_exit(exit, &dir.join("vmm.log"));
+        self.metrics
+            .ends
+            .with_label_values(&[if last.failure { "true" } else { "false" }])
+            .inc();
         tracing::info!(tenant, vm = id, code = ?last.code, signal = ?last.signal, meaning = %last.meaning, "vm ended");
         record.pid = None;
         record.start_ticks = None;
@@ -489,6 +511,7 @@ impl VmSupervisor {
         }
         let mut next = current;
         next.restarts += 1;
+        self.metrics.restarts.inc();
         if let Err(e) = self.launch(next.clone()) {
             tracing::error!(vm = %next.id, "cannot start the VM again: {}", crate::error_chain(&e));
             next.want_running = false;
@@ -663,6 +686,22 @@ impl VmSupervisor {
             }
         }
         Ok(())
+    }
+
+    /// Each running VM's counters, from its vmm's API (a vmm that does not answer is left
+    /// out).
+    pub fn counters(&self) -> Vec<(Vm, vmm_api::Counters)> {
+        let Ok(records) = self.store.vms(None) else {
+            return Vec::new();
+        };
+        records
+            .iter()
+            .filter(|r| self.pidfd(&key(&r.tenant, &r.id)).is_some())
+            .filter_map(|r| {
+                let api = vmm_api::VmmClient::new(self.dir(&r.tenant, &r.id).join("api.sock"));
+                api.counters().ok().map(|c| (self.view(r), c))
+            })
+            .collect()
     }
 
     fn view(&self, r: &VmRecord) -> Vm {

@@ -450,3 +450,94 @@ fn agentctl_creates_watches_and_deletes_a_vm() {
     ctl(&["vm", "delete", "hi"]);
     assert_eq!(call(&t, "GET", "/v1/vms/hi", None).0, 404);
 }
+
+#[test]
+fn metrics_count_vms_by_state_launches_restarts_and_each_vms_exits_for_the_admin_only() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = tenant(&a, "acme");
+    assert_eq!(
+        call(
+            &t,
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"name":"data","size":"16MiB"}"#)
+        )
+        .0,
+        201
+    );
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"spin","memory":"32MiB","kernel":"spin.elf","volumes":[{"name":"data"}]}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let (st, _) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"idle","memory":"32MiB","kernel":"spin.elf","start":false}"#),
+    );
+    assert_eq!(st, 201);
+    // One restart, by the policy.
+    let pid = v["pid"].as_u64().unwrap();
+    // SAFETY: kill(2) on the vmm the agent started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_vm(&t, "spin", "started again", Duration::from_secs(30), |v| {
+        v["state"] == "running" && v["pid"].as_u64() != Some(pid)
+    });
+    let scrape = || a.admin().request("GET", "/metrics", None).unwrap();
+    let m = || {
+        let r = scrape();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    };
+    let value = |text: &str, series: &str| storaged_tests::metric_value(text, series);
+    wait_until(
+        "the launch latency observed twice",
+        Duration::from_secs(10),
+        || value(&m(), "agent_vm_launch_seconds_count") == Some(2.0),
+    );
+    // The vCPU's exits of the running VM, read from its vmm (the guest prints: port writes).
+    wait_until("the VM's exits counted", Duration::from_secs(10), || {
+        value(
+            &m(),
+            r#"agent_vm_vcpu_exits_total{kind="io_out",tenant="acme",vm="spin"}"#,
+        )
+        .is_some_and(|n| n > 0.0)
+    });
+    let text = m();
+    assert_eq!(
+        value(&text, r#"agent_vms{state="running"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, r#"agent_vms{state="stopped"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, r#"agent_vms{state="failed"}"#),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(value(&text, "agent_vm_launches_total"), Some(2.0), "{text}");
+    assert_eq!(value(&text, "agent_vm_restarts_total"), Some(1.0), "{text}");
+    assert_eq!(
+        value(&text, r#"agent_vm_ends_total{failure="true"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    storaged_tests::promtool_check(&text);
+    // Tenants' names and VMs are the admin's to see.
+    assert_eq!(t.request("GET", "/metrics", None).unwrap().status, 403);
+    assert_eq!(
+        a.client("")
+            .request("GET", "/metrics", None)
+            .unwrap()
+            .status,
+        401
+    );
+}
