@@ -57,6 +57,10 @@ pub struct Config {
     pub images_dir: Option<PathBuf>,
     /// The vmm binary. Default: `vmm` beside the agent's own.
     pub vmm: Option<PathBuf>,
+    /// A certificate chain (PEM, leaf first) and its key: the TCP address then serves HTTPS
+    /// only. Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The configuration with its defaults applied.
@@ -73,6 +77,8 @@ pub struct Resolved {
     pub vmm: PathBuf,
     /// Each VM's files (its vmm's log, API socket, console): `DATA_DIR/vms`.
     pub vms_dir: PathBuf,
+    /// The TLS certificate and key of the TCP address.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -111,7 +117,18 @@ impl Config {
                 ),
             });
         }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Invalid {
+                    key: "tls_cert",
+                    reason: "tls_cert and tls_key go together".into(),
+                })
+            }
+        };
         Ok(Resolved {
+            tls,
             listen,
             socket,
             admin_token_file: self
@@ -196,6 +213,16 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(example, defaults.resolve().unwrap());
+    }
+
+    #[test]
+    fn a_tls_cert_without_its_key_is_refused() {
+        let c = Config {
+            data_dir: Some("/d".into()),
+            tls_cert: Some("/c.pem".into()),
+            ..Config::default()
+        };
+        assert!(c.resolve().unwrap_err().to_string().contains("tls_key"));
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum Error {
     NotASocket(PathBuf),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -59,6 +61,11 @@ pub fn run(config: Config) -> Result<(), Error> {
             path: paths.data_dir.clone(),
             source,
         })?;
+    let acceptor = paths
+        .tls
+        .as_ref()
+        .map(|(cert, key)| crate::tls::acceptor(cert, key))
+        .transpose()?;
     // Opened first: it locks the data dir against a second agent.
     let store = Arc::new(Store::open(&paths.database)?);
     let (admin_token, created) = tokens::admin_token(&paths.admin_token_file)?;
@@ -125,23 +132,33 @@ pub fn run(config: Config) -> Result<(), Error> {
             None => None,
         };
         let unix = bind_socket(&paths.socket)?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
         let url = tcp
             .as_ref()
             .and_then(|l| l.local_addr().ok())
-            .map(|a| format!("http://{a}/v1"));
+            .map(|a| format!("{scheme}://{a}/v1"));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        if let Some(l) = tcp {
-            let serve = axum::serve(l, api::router(state.clone()))
-                .with_graceful_shutdown(stopped(stop_rx.clone()));
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = serve.await {
-                    tracing::error!("API on TCP failed: {e}");
-                }
-            }));
+        match (tcp, acceptor) {
+            (Some(l), Some(acceptor)) => tasks.push(tokio::spawn(crate::tls::serve(
+                l,
+                acceptor,
+                api::router(state.clone()),
+                stop_rx.clone(),
+            ))),
+            (Some(l), None) => {
+                let serve = axum::serve(l, api::router(state.clone()))
+                    .with_graceful_shutdown(stopped(stop_rx.clone()));
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = serve.await {
+                        tracing::error!("API on TCP failed: {e}");
+                    }
+                }));
+            }
+            (None, _) => {}
         }
         let serve =
             axum::serve(unix, api::router(state.clone())).with_graceful_shutdown(stopped(stop_rx));

@@ -12,6 +12,7 @@
 //! - `sys`: the system calls the agent makes itself (pidfds);
 //! - [`metrics`]: what `GET /metrics` answers;
 //! - [`api`]: the routes, authentication and audit;
+//! - [`tls`]: the API's TLS on its TCP address;
 //! - [`daemon`]: wiring it all, until a signal.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod store;
 mod sys;
 pub mod tenants;
+pub mod tls;
 pub mod tokens;
 pub mod vms;
 pub mod volumes;

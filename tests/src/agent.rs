@@ -146,8 +146,9 @@ impl Agent {
             .find(|l| l.contains("agent ready"))
             .expect("the ready line");
         let url = line
-            .split("api_url=http://")
+            .split("api_url=")
             .nth(1)
+            .and_then(|r| r.split("://").nth(1))
             .and_then(|r| r.split('/').next())
             .expect("api_url in the ready line");
         url.parse().expect("an IP:port")

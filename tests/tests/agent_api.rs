@@ -283,3 +283,66 @@ fn the_openapi_file_names_every_field_the_api_answers_with() {
         .json();
     assert_eq!(fields(whoami), schema("Whoami"));
 }
+
+#[test]
+fn with_a_certificate_the_tcp_address_serves_https_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = storaged_tests::pki::Ca::new("agent CA");
+    let files = ca.issue(dir.path(), "agent", &["127.0.0.1"]);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            files.cert.display(),
+            files.key.display()
+        ),
+    )
+    .unwrap();
+    let a = Agent::start_with(&["--config", config.to_str().unwrap()]);
+    assert!(
+        a.log_text().contains("api_url=https://"),
+        "{}",
+        a.log_text()
+    );
+    let addr = a.tcp_addr();
+    let mut tls = storaged_tests::pki::connect(addr, "127.0.0.1", None, &files.ca).unwrap();
+    write!(
+        tls,
+        "GET /v1/whoami HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        a.admin_token()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(r#"{"role":"admin"}"#), "{out}");
+    // Plain HTTP on the same address gets no answer.
+    let mut plain = std::net::TcpStream::connect(addr).unwrap();
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(plain, "GET /v1/whoami HTTP/1.1\r\nHost: agent\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = plain.read_to_end(&mut buf);
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    // A certificate file that is not one stops the agent at start, saying which.
+    std::fs::write(&files.cert, "not a certificate").unwrap();
+    let out = std::process::Command::new(bin("agent"))
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("agent.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
