@@ -57,7 +57,7 @@ impl From<tenants::Error> for ApiError {
         use tenants::Error as E;
         let status = match &e {
             E::InvalidName(_) => StatusCode::BAD_REQUEST,
-            E::Exists(_) => StatusCode::CONFLICT,
+            E::Exists(_) | E::HasObjects { .. } => StatusCode::CONFLICT,
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::Store(_) | E::Token(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -44,6 +44,29 @@ pub enum Error {
     },
 }
 
+/// The first VM of `prefix` (a tenant's keys) with a volume `wanted` names: the volume and
+/// the VM's id.
+fn attached(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    prefix: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Option<(String, String)>, TxError> {
+    for entry in t.range(prefix..)? {
+        let (k, v) = entry?;
+        if !k.value().starts_with(prefix) {
+            break;
+        }
+        // A record that does not decode holds nothing: the next read of it says so.
+        let Ok(vm) = serde_json::from_slice::<VmRecord>(v.value()) else {
+            continue;
+        };
+        if let Some(vol) = vm.spec.volumes.iter().find(|x| wanted(&x.name)) {
+            return Ok(Some((vol.name.clone(), vm.id)));
+        }
+    }
+    Ok(None)
+}
+
 /// redb's error (large, so boxed) as the closures run in a transaction return it.
 struct TxError(Box<redb::Error>);
 
@@ -56,7 +79,7 @@ macro_rules! tx_error_from {
         }
     )*};
 }
-tx_error_from!(redb::TableError, redb::StorageError);
+tx_error_from!(redb::TableError, redb::StorageError, redb::Error);
 
 /// A tenant as the database keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,12 +100,40 @@ pub struct VolumeRecord {
     /// False from before storaged is asked to create it until it has: a record found so at
     /// start is settled by asking storaged whether the volume exists.
     pub created: bool,
+    /// Set (in the transaction that checks no VM has it) before storaged is asked to delete
+    /// it: no VM attaches it from then on.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 impl VolumeRecord {
     fn key(tenant: &str, name: &str) -> String {
         format!("{tenant}/{name}")
     }
+}
+
+/// What [`Store::insert_vm`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inserted {
+    Yes,
+    /// The tenant has a VM of that id.
+    Exists,
+    /// A volume of its spec is not there to attach (missing, not created, being deleted).
+    NoVolume(String),
+    /// A volume of its spec is another VM's.
+    VolumeTaken {
+        volume: String,
+        vm: String,
+    },
+}
+
+/// What [`Store::start_volume_delete`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeleteStart {
+    /// Marked deleting: no VM attaches it any more.
+    Marked(VolumeRecord),
+    NotFound,
+    AttachedTo(String),
 }
 
 /// A tenant's VM as the database keeps it.
@@ -252,17 +303,65 @@ impl Store {
         self.scan(VOLUMES, "volumes", &prefix)
     }
 
-    /// Adds a VM record; false (and nothing written) if the tenant has one of that id.
-    pub fn insert_vm(&self, v: &VmRecord) -> Result<bool, Error> {
+    /// Adds a VM record, in one transaction with the checks that its volumes are the
+    /// tenant's, there, and attached to no other VM; nothing is written unless all hold.
+    pub fn insert_vm(&self, v: &VmRecord) -> Result<Inserted, Error> {
         let key = VolumeRecord::key(&v.tenant, &v.id);
         let value = self.encode("vms", &key, v)?;
+        let prefix = format!("{}/", v.tenant);
         self.write(|tx| {
+            {
+                let volumes = tx.open_table(VOLUMES)?;
+                for wanted in &v.spec.volumes {
+                    let k = VolumeRecord::key(&v.tenant, &wanted.name);
+                    let usable = match volumes.get(k.as_str())? {
+                        Some(g) => serde_json::from_slice::<VolumeRecord>(g.value())
+                            .is_ok_and(|r| r.created && !r.deleting),
+                        None => false,
+                    };
+                    if !usable {
+                        return Ok(Inserted::NoVolume(wanted.name.clone()));
+                    }
+                }
+            }
             let mut t = tx.open_table(VMS)?;
             if t.get(key.as_str())?.is_some() {
-                return Ok(false);
+                return Ok(Inserted::Exists);
+            }
+            if let Some((volume, vm)) = attached(&t, &prefix, |name| {
+                v.spec.volumes.iter().any(|w| w.name == name)
+            })? {
+                return Ok(Inserted::VolumeTaken { volume, vm });
             }
             t.insert(key.as_str(), value.as_slice())?;
-            Ok(true)
+            Ok(Inserted::Yes)
+        })
+    }
+
+    /// Marks the tenant's volume `name` deleting, in one transaction with the check that no
+    /// VM has it.
+    pub fn start_volume_delete(&self, tenant: &str, name: &str) -> Result<DeleteStart, Error> {
+        let key = VolumeRecord::key(tenant, name);
+        let prefix = format!("{tenant}/");
+        let path = self.path.clone();
+        self.write(|tx| {
+            if let Some((_, vm)) = attached(&tx.open_table(VMS)?, &prefix, |n| n == name)? {
+                return Ok(DeleteStart::AttachedTo(vm));
+            }
+            let mut volumes = tx.open_table(VOLUMES)?;
+            let record = match volumes.get(key.as_str())? {
+                Some(g) => serde_json::from_slice::<VolumeRecord>(g.value()).ok(),
+                None => None,
+            };
+            let Some(mut record) = record.filter(|r| r.created) else {
+                return Ok(DeleteStart::NotFound);
+            };
+            record.deleting = true;
+            let value = serde_json::to_vec(&record).map_err(|e| {
+                redb::Error::Corrupted(format!("{}: volume {key}: {e}", path.display()))
+            })?;
+            volumes.insert(key.as_str(), value.as_slice())?;
+            Ok(DeleteStart::Marked(record))
         })
     }
 
@@ -361,6 +460,7 @@ mod tests {
             name: name.into(),
             storaged_name: format!("{tenant}_{name}"),
             created: true,
+            deleting: false,
         };
         assert!(s.insert_volume(&v("a", "data")).unwrap());
         assert!(s.insert_volume(&v("ab", "data")).unwrap());

@@ -74,6 +74,32 @@ pub fn pidfd_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the process behind `pidfd` still exists (signal 0).
+pub fn alive(pidfd: &OwnedFd) -> bool {
+    pidfd_signal(pidfd, 0).is_ok()
+}
+
+/// The pid of the process serving the Unix socket at `path` (its peer credential,
+/// `SO_PEERCRED`), if one accepts connections there.
+pub fn socket_peer_pid(path: &std::path::Path) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    // SAFETY: a zeroed ucred is valid; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt on a descriptor `stream` owns, writing one ucred of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
 /// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`, field 22): with
 /// the pid, what tells a process from a later one that reused its pid.
 pub fn start_ticks(pid: u32) -> Option<u64> {
@@ -121,6 +147,15 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
         assert_eq!(exit, ChildExit::Signal(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_sockets_server_is_its_peer_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(socket_peer_pid(&path), Some(std::process::id()));
+        assert_eq!(socket_peer_pid(&dir.path().join("none.sock")), None);
     }
 
     #[test]

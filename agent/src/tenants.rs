@@ -21,6 +21,12 @@ pub enum Error {
     Exists(String),
     #[error("No tenant {0}")]
     NotFound(String),
+    #[error("Tenant {tenant} still has {vms} VMs and {volumes} volumes: delete them first")]
+    HasObjects {
+        tenant: String,
+        vms: usize,
+        volumes: usize,
+    },
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error(transparent)]
@@ -72,8 +78,20 @@ impl TenantRegistry {
         })
     }
 
-    /// Revokes tenant `name`: its token is refused from now on.
+    /// Revokes tenant `name`: its token is refused from now on. A tenant that still has VMs
+    /// or volumes is not deleted: a new tenant of the same name would get them.
     pub fn delete(&self, name: &str) -> Result<(), Error> {
+        let (vms, volumes) = (
+            self.store.vms(Some(name))?.len(),
+            self.store.volumes(Some(name))?.len(),
+        );
+        if vms + volumes > 0 {
+            return Err(Error::HasObjects {
+                tenant: name.to_string(),
+                vms,
+                volumes,
+            });
+        }
         // Refused first, so that no request gets in between the two.
         self.authority.remove_tenant(name);
         if !self.store.remove_tenant(name)? {

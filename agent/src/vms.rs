@@ -9,10 +9,17 @@
 //!
 //! Watching: a pidfd per vmm, readable once it has ended (a task per VM on the runtime). A
 //! vmm this agent started is its child, reaped through the pidfd with its exit code or
-//! signal; one found again after a restart (its pid and start time as recorded: a reused pid
-//! is another process) is not, and its end is read from the last line of its log that gives
+//! signal; one found again after a restart (the process serving the VM's API socket, by its
+//! peer credential) is not, and its end is read from the last line of its log that gives
 //! vmm's exit code (none: it was killed). vmm's exit-code table says what the end means;
 //! a failure is any end but code 0 (the guest powered off or reset, or the API shut it down).
+//!
+//! Each VM has a lock, held across every change of its record and its process: a launch
+//! (the record says `launching` before the spawn), an end, a start, a stop or kill, a delete.
+//! So concurrent calls never give a VM two vmm processes, and the end of an older process
+//! (the record no longer names its pid) changes nothing. A VM's volumes are attached in the
+//! transaction that writes its record, which checks that no other VM has them; a volume is
+//! marked deleting in the transaction that checks no VM has it.
 //!
 //! Restarting: `always` starts it again after any end, `on-failure` after a failure, `never`
 //! not; a stop or kill through the API (which clears `want_running`) never. The backoff is
@@ -91,6 +98,10 @@ pub struct VmSupervisor {
     vms_dir: PathBuf,
     /// Every VM with a vmm running: its pidfd.
     running: Mutex<HashMap<String, Arc<OwnedFd>>>,
+    /// One lock per VM, held across each change of its record and its process (a launch, an
+    /// end, a stop, a kill, a delete): no two of them interleave, so no VM gets two vmm
+    /// processes and no record is written over with a stale copy.
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// When each VM was last started again, within the window.
     restarted: Mutex<HashMap<String, VecDeque<Instant>>>,
     runtime: tokio::runtime::Handle,
@@ -125,6 +136,7 @@ impl VmSupervisor {
             vmm,
             vms_dir,
             running: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
             restarted: Mutex::new(HashMap::new()),
             runtime,
             metrics,
@@ -133,6 +145,16 @@ impl VmSupervisor {
 
     fn dir(&self, tenant: &str, id: &str) -> PathBuf {
         self.vms_dir.join(format!("{tenant}_{id}"))
+    }
+
+    /// The lock of VM `k`.
+    fn lock(&self, k: &str) -> Arc<Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(k.to_string())
+            .or_default()
+            .clone()
     }
 
     fn pidfd(&self, k: &str) -> Option<Arc<OwnedFd>> {
@@ -168,29 +190,25 @@ impl VmSupervisor {
         out
     }
 
-    /// The catalog file `name` names: a regular file inside the catalog, else why not.
+    /// The catalog file `name` names: a regular file inside the catalog. A name with a `..`
+    /// or a root is refused as it is, before any look at the file system, and every other
+    /// failure says the same: the answer tells nothing of what lies outside the catalog.
     fn image(&self, what: &str, name: &str) -> Result<PathBuf, Error> {
-        let bad = |why: String| Error::Invalid(format!("{what} {name:?}: {why}"));
-        if Path::new(name).is_absolute() {
-            return Err(bad(
-                "a path relative to the image catalog, not an absolute one".into(),
-            ));
+        let refused = || {
+            Error::Invalid(format!("{what} {name:?}: not a file of the image catalog (a path relative to it; GET /v1/images lists them)"))
+        };
+        let rel = Path::new(name);
+        let plain = !name.is_empty()
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(refused());
         }
-        let root = self.images_dir.canonicalize().map_err(|e| {
-            bad(format!(
-                "no image catalog at {}: {e}",
-                self.images_dir.display()
-            ))
-        })?;
-        let path = root
-            .join(name)
-            .canonicalize()
-            .map_err(|_| bad("no such file in the image catalog".into()))?;
-        if !path.starts_with(&root) {
-            return Err(bad("outside the image catalog".into()));
-        }
-        if !path.is_file() {
-            return Err(bad("not a file".into()));
+        let root = self.images_dir.canonicalize().map_err(|_| refused())?;
+        let path = root.join(rel).canonicalize().map_err(|_| refused())?;
+        if !path.starts_with(&root) || !path.is_file() {
+            return Err(refused());
         }
         Ok(path)
     }
@@ -210,6 +228,24 @@ impl VmSupervisor {
         if !(1..=64).contains(&req.vcpus) {
             return Err(Error::Invalid(format!("vcpus {}: 1 to 64", req.vcpus)));
         }
+        let memory = req.memory.bytes();
+        if memory == 0 || !memory.is_multiple_of(2 << 20) || memory > host_memory() {
+            return Err(Error::Invalid(format!(
+                "memory {}: a non-zero multiple of 2 MiB, at most the host's {}",
+                req.memory,
+                size::ByteSize(host_memory())
+            )));
+        }
+        if let Some(c) = &req.cmdline {
+            if c.len() > 4096 || c.contains('\0') {
+                return Err(Error::Invalid("cmdline: at most 4096 bytes, no NUL".into()));
+            }
+        }
+        for (i, v) in req.volumes.iter().enumerate() {
+            if req.volumes[..i].iter().any(|w| w.name == v.name) {
+                return Err(Error::Invalid(format!("volume {} is listed twice", v.name)));
+            }
+        }
         let spec = VmSpec {
             vcpus: req.vcpus,
             memory_bytes: req.memory.bytes(),
@@ -219,6 +255,8 @@ impl VmSupervisor {
             volumes: req.volumes.clone(),
             restart_policy: req.restart_policy,
         };
+        let lock = self.lock(&key(tenant, &id));
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = self.store.vm(tenant, &id)? {
             if existing.spec == spec {
                 return Ok((self.view(&existing), false));
@@ -229,7 +267,7 @@ impl VmSupervisor {
         if let Some(initrd) = &spec.initrd {
             self.image("initrd", initrd)?;
         }
-        self.check_volumes(tenant, &id, &spec)?;
+        self.volume_sockets(tenant, &spec)?;
         let record = VmRecord {
             tenant: tenant.to_string(),
             id: id.clone(),
@@ -240,10 +278,17 @@ impl VmSupervisor {
             started_unix: None,
             restarts: 0,
             last_exit: None,
-            state: "stopped".into(),
+            state: if req.start { "launching" } else { "stopped" }.into(),
         };
-        if !self.store.insert_vm(&record)? {
-            return Err(Error::Exists(id));
+        // The record, and with it the volumes' attachment, in one transaction that checks that
+        // no other VM has them.
+        match self.store.insert_vm(&record)? {
+            store::Inserted::Yes => {}
+            store::Inserted::Exists => return Err(Error::Exists(id)),
+            store::Inserted::NoVolume(v) => return Err(Error::Invalid(format!("no volume {v}"))),
+            store::Inserted::VolumeTaken { volume, vm } => {
+                return Err(Error::VolumeInUse { volume, vm })
+            }
         }
         let record = if req.start {
             match self.launch(record.clone()) {
@@ -260,29 +305,14 @@ impl VmSupervisor {
         Ok((self.view(&record), true))
     }
 
-    /// Each volume is the tenant's and attached to no other VM; returns their sockets.
-    fn check_volumes(
-        &self,
-        tenant: &str,
-        id: &str,
-        spec: &VmSpec,
-    ) -> Result<Vec<(PathBuf, bool)>, Error> {
-        let vms = self.store.vms(Some(tenant))?;
+    /// The vhost-user sockets of the spec's volumes, each one of the tenant's.
+    fn volume_sockets(&self, tenant: &str, spec: &VmSpec) -> Result<Vec<(PathBuf, bool)>, Error> {
         let mut sockets = Vec::new();
         for v in &spec.volumes {
             let record = match self.store.volume(tenant, &v.name)? {
                 Some(r) if r.created => r,
                 _ => return Err(Error::Invalid(format!("no volume {}", v.name))),
             };
-            if let Some(other) = vms
-                .iter()
-                .find(|vm| vm.id != id && vm.spec.volumes.iter().any(|x| x.name == v.name))
-            {
-                return Err(Error::VolumeInUse {
-                    volume: v.name.clone(),
-                    vm: other.id.clone(),
-                });
-            }
             let info = self
                 .storaged
                 .volume(&record.storaged_name)
@@ -292,7 +322,9 @@ impl VmSupervisor {
         Ok(sockets)
     }
 
-    /// Starts `record`'s vmm and its watch; returns the record as saved (running).
+    /// Starts `record`'s vmm and its watch; returns the record as saved (running). The caller
+    /// holds the VM's lock. The record says `launching` before the spawn: an agent that dies
+    /// between the spawn and the next write finds the vmm again at start by its API socket.
     fn launch(self: &Arc<Self>, mut record: VmRecord) -> Result<VmRecord, Error> {
         let spec = &record.spec;
         let kernel = self.image("kernel", &spec.kernel)?;
@@ -301,7 +333,7 @@ impl VmSupervisor {
             .as_ref()
             .map(|i| self.image("initrd", i))
             .transpose()?;
-        let disks = self.check_volumes(&record.tenant, &record.id, spec)?;
+        let disks = self.volume_sockets(&record.tenant, spec)?;
         let dir = self.dir(&record.tenant, &record.id);
         let dir_err = |source| Error::Dir {
             path: dir.clone(),
@@ -333,7 +365,8 @@ impl VmSupervisor {
             cmd.arg("--initrd").arg(i);
         }
         if let Some(c) = &spec.cmdline {
-            cmd.args(["--cmdline", c]);
+            // One argument: a command line that starts with "--" is still the value.
+            cmd.arg(format!("--cmdline={c}"));
         }
         for (socket, read_only) in &disks {
             let ro = if *read_only { ",readonly" } else { "" };
@@ -348,21 +381,34 @@ impl VmSupervisor {
         cmd.stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2);
+        record.state = "launching".into();
+        self.store.put_vm(&record)?;
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             path: self.vmm.clone(),
             source,
         })?;
         let pid = child.id();
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(source) => {
+                // Not to be left running unwatched.
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Spawn {
+                    path: self.vmm.clone(),
+                    source,
+                });
+            }
+        };
         // Reaped through its pidfd, not through `child`.
         drop(child);
-        let pidfd = sys::pidfd_open(pid).map_err(|source| Error::Spawn {
-            path: self.vmm.clone(),
-            source,
-        })?;
         record.pid = Some(pid);
         record.start_ticks = sys::start_ticks(pid);
         record.started_unix = Some(now_unix());
         record.state = "running".into();
+        // Watched before the record is written: whatever happens next, its end is seen.
+        self.watch(&record, pidfd, true);
         self.store.put_vm(&record)?;
         tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm started");
         self.metrics.launches.inc();
@@ -379,7 +425,6 @@ impl VmSupervisor {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
-        self.watch(&record, pidfd, true);
         Ok(record)
     }
 
@@ -393,6 +438,7 @@ impl VmSupervisor {
             .insert(k.clone(), pidfd.clone());
         let me = self.clone();
         let (tenant, id) = (record.tenant.clone(), record.id.clone());
+        let pid = record.pid;
         self.runtime.spawn(async move {
             // SAFETY: ArcFd holds an Arc of the pidfd, so the descriptor stays open and the
             // same for as long as the AsyncFd that owns the ArcFd lives.
@@ -407,20 +453,36 @@ impl VmSupervisor {
                 Err(e) => Err(std::io::Error::from(e)),
             };
             if let Err(e) = ended {
-                tracing::error!(vm = %id, "cannot watch the vmm: {e}");
-                return;
+                // Not to be lost: a blocking wait for its end, on a thread of its own.
+                tracing::warn!(vm = %id, "cannot watch the vmm by pidfd ({e}): polling it");
+                let fd = pidfd.clone();
+                let _ = tokio::task::spawn_blocking(move || loop {
+                    if !matches!(sys::reap(&fd), Ok(None)) && !sys::alive(&fd) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                })
+                .await;
             }
             let exit = if child {
                 sys::reap(&pidfd).ok().flatten()
             } else {
                 None
             };
-            me.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&k);
             let me2 = me.clone();
-            let r = tokio::task::spawn_blocking(move || me2.ended(&tenant, &id, exit)).await;
+            let r = tokio::task::spawn_blocking(move || {
+                let lock = me2.lock(&k);
+                let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+                {
+                    // Only this process's entry: a newer vmm of the VM is not this one.
+                    let mut running = me2.running.lock().unwrap_or_else(|p| p.into_inner());
+                    if running.get(&k).is_some_and(|fd| Arc::ptr_eq(fd, &pidfd)) {
+                        running.remove(&k);
+                    }
+                }
+                me2.ended(&tenant, &id, pid, exit)
+            })
+            .await;
             if let Ok(Some((record, backoff))) = r {
                 tokio::time::sleep(backoff).await;
                 let _ = tokio::task::spawn_blocking(move || me.restart_after_backoff(record)).await;
@@ -428,16 +490,19 @@ impl VmSupervisor {
         });
     }
 
-    /// A VM's vmm ended (`exit`: its code or signal, when it was this agent's child): records
-    /// how, and returns the record and the backoff if it is to start again.
+    /// A VM's vmm (`pid`) ended (`exit`: its code or signal, when it was this agent's child):
+    /// records how, and returns the record and the backoff if it is to start again. The caller
+    /// holds the VM's lock. The end of a process the record no longer names (a deleted VM,
+    /// one started again since) changes nothing.
     fn ended(
         &self,
         tenant: &str,
         id: &str,
+        pid: Option<u32>,
         exit: Option<ChildExit>,
     ) -> Option<(VmRecord, Duration)> {
         let mut record = match self.store.vm(tenant, id) {
-            Ok(Some(r)) => r,
+            Ok(Some(r)) if r.pid == pid => r,
             _ => return None,
         };
         let dir = self.dir(tenant, id);
@@ -502,6 +567,13 @@ impl VmSupervisor {
 
     /// After its backoff: starts the VM again unless a call stopped it meanwhile.
     fn restart_after_backoff(self: &Arc<Self>, record: VmRecord) {
+        let lock = self.lock(&key(&record.tenant, &record.id));
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.restart_locked(record);
+    }
+
+    /// [`restart_after_backoff`](Self::restart_after_backoff), the VM's lock held.
+    fn restart_locked(self: &Arc<Self>, record: VmRecord) {
         let current = match self.store.vm(&record.tenant, &record.id) {
             Ok(Some(r)) => r,
             _ => return,
@@ -541,6 +613,8 @@ impl VmSupervisor {
 
     /// Starts a VM that is not running (and forgets its restarts: the cap starts afresh).
     pub fn start(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+        let lock = self.lock(&key(tenant, id));
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut record = self.get_record(tenant, id)?;
         if self.pidfd(&key(tenant, id)).is_some() {
             return Ok(self.view(&record));
@@ -554,9 +628,11 @@ impl VmSupervisor {
         Ok(self.view(&record))
     }
 
-    /// Ends a VM through vmm's API (`shutdown`), killing it after [`STOP_TIMEOUT`]; it is not
-    /// started again.
-    pub fn stop(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+    /// Marks the VM not to run (`stopping` while its vmm is there) and returns its record and
+    /// its vmm's pidfd, under the VM's lock.
+    fn halt(&self, tenant: &str, id: &str) -> Result<(VmRecord, Option<Arc<OwnedFd>>), Error> {
+        let lock = self.lock(&key(tenant, id));
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut record = self.get_record(tenant, id)?;
         record.want_running = false;
         let pidfd = self.pidfd(&key(tenant, id));
@@ -567,7 +643,21 @@ impl VmSupervisor {
         }
         .into();
         self.store.put_vm(&record)?;
+        Ok((record, pidfd))
+    }
+
+    /// Ends a VM through vmm's API (`shutdown`), killing it after [`STOP_TIMEOUT`]; it is not
+    /// started again.
+    pub fn stop(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+        let (record, pidfd) = self.halt(tenant, id)?;
         if let Some(pidfd) = pidfd {
+            // The kill is set first: a vmm whose API hangs is still ended in time.
+            let fd = pidfd.clone();
+            self.runtime.spawn(async move {
+                tokio::time::sleep(STOP_TIMEOUT).await;
+                // Still the same process (its pidfd): past its time.
+                let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
+            });
             let api = vmm_api::VmmClient::new(self.dir(tenant, id).join("api.sock"));
             // A vmm just started may not answer yet: a few tries, while it cannot be reached.
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -581,12 +671,6 @@ impl VmSupervisor {
             if let Err(e) = shutdown {
                 tracing::warn!(vm = id, "vmm did not take the shutdown ({e}): killing it");
                 let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
-            } else {
-                self.runtime.spawn(async move {
-                    tokio::time::sleep(STOP_TIMEOUT).await;
-                    // Still the same process (its pidfd): past its time.
-                    let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
-                });
             }
         }
         Ok(self.view(&record))
@@ -594,16 +678,7 @@ impl VmSupervisor {
 
     /// Kills a VM's vmm (SIGKILL); it is not started again.
     pub fn kill(&self, tenant: &str, id: &str) -> Result<Vm, Error> {
-        let mut record = self.get_record(tenant, id)?;
-        record.want_running = false;
-        let pidfd = self.pidfd(&key(tenant, id));
-        record.state = if pidfd.is_some() {
-            "stopping"
-        } else {
-            "stopped"
-        }
-        .into();
-        self.store.put_vm(&record)?;
+        let (record, pidfd) = self.halt(tenant, id)?;
         if let Some(pidfd) = pidfd {
             let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
         }
@@ -632,14 +707,25 @@ impl VmSupervisor {
     /// Stops a VM (as [`stop`](Self::stop)) and starts it again.
     pub fn restart(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
         self.stop(tenant, id)?;
-        self.wait_ended(tenant, id, STOP_TIMEOUT + Duration::from_secs(2));
+        if !self.wait_ended(tenant, id, STOP_TIMEOUT + Duration::from_secs(2)) {
+            return Err(Error::Invalid(format!(
+                "VM {id} did not end within {STOP_TIMEOUT:?} of its stop; not started again"
+            )));
+        }
         self.start(tenant, id)
     }
 
-    /// Kills a VM's vmm and forgets the VM: its record and its files.
+    /// Kills a VM's vmm and forgets the VM: its record (and with it its volumes'
+    /// attachment) and its files, once the vmm has ended.
     pub fn delete(&self, tenant: &str, id: &str) -> Result<(), Error> {
         self.kill(tenant, id)?;
-        self.wait_ended(tenant, id, Duration::from_secs(10));
+        if !self.wait_ended(tenant, id, Duration::from_secs(10)) {
+            return Err(Error::Invalid(format!(
+                "VM {id}: its vmm did not end after SIGKILL; not deleted"
+            )));
+        }
+        let lock = self.lock(&key(tenant, id));
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         self.store.remove_vm(tenant, id)?;
         let _ = std::fs::remove_dir_all(self.dir(tenant, id));
         Ok(())
@@ -660,29 +746,49 @@ impl VmSupervisor {
         Ok(out)
     }
 
-    /// At start: finds every VM's vmm again (its pid and start time as recorded), watching
-    /// it; a VM whose vmm ended while the agent was away is handled as any end (its policy
-    /// may start it again), and one left between an end and its restart is started.
+    /// At start: finds every VM's vmm again, watching it; a VM whose vmm ended while the
+    /// agent was away is handled as any end (its policy may start it again), and one left in
+    /// its backoff, or before its first launch, is started.
+    ///
+    /// A VM's vmm is the process that serves its API socket (in the VM's own directory): its
+    /// pid is the socket's peer credential. Neither a pid the record names (another process
+    /// by now, after a reboot or a pid's reuse) nor a vmm the agent died too early to record
+    /// can mislead it.
     pub fn adopt(self: &Arc<Self>) -> Result<(), Error> {
         for record in self.store.vms(None)? {
-            let alive = record.pid.filter(|&pid| {
-                record.start_ticks.is_some() && sys::start_ticks(pid) == record.start_ticks
-            });
-            match alive.map(sys::pidfd_open) {
-                Some(Ok(pidfd)) => {
-                    tracing::info!(tenant = %record.tenant, vm = %record.id, pid = record.pid, "vm found running: watching it again");
-                    self.watch(&record, pidfd, false);
+            let k = key(&record.tenant, &record.id);
+            let lock = self.lock(&k);
+            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let api = self.dir(&record.tenant, &record.id).join("api.sock");
+            let found = sys::socket_peer_pid(&api)
+                .and_then(|pid| sys::pidfd_open(pid).ok().map(|fd| (pid, fd)))
+                // The same process once its pidfd is held: no pid reuse in between.
+                .filter(|(pid, _)| sys::socket_peer_pid(&api) == Some(*pid));
+            match found {
+                Some((pid, pidfd)) => {
+                    tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm found running: watching it again");
+                    let mut r = record;
+                    r.pid = Some(pid);
+                    r.start_ticks = sys::start_ticks(pid);
+                    r.started_unix = r.started_unix.or(Some(now_unix()));
+                    if r.state != "stopping" {
+                        r.state = "running".into();
+                    }
+                    self.watch(&r, pidfd, false);
+                    self.store.put_vm(&r)?;
                 }
-                _ if record.pid.is_some() => {
+                None if record.pid.is_some()
+                    || matches!(record.state.as_str(), "launching" | "stopping") =>
+                {
                     tracing::info!(tenant = %record.tenant, vm = %record.id, "vm ended while the agent was away");
-                    if let Some((r, _)) = self.ended(&record.tenant, &record.id, None) {
-                        self.restart_after_backoff(r);
+                    if let Some((r, _)) = self.ended(&record.tenant, &record.id, record.pid, None) {
+                        self.restart_locked(r);
                     }
                 }
-                _ if record.want_running && record.state == "restarting" => {
-                    self.restart_after_backoff(record);
+                None if record.want_running && record.state == "restarting" => {
+                    self.restart_locked(record);
                 }
-                _ => {}
+                None => {}
             }
         }
         Ok(())
@@ -722,6 +828,19 @@ impl VmSupervisor {
             restart_policy: r.spec.restart_policy,
         }
     }
+}
+
+/// The host's memory (`MemTotal` of /proc/meminfo), in bytes; a VM may have at most that.
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(u64::MAX)
 }
 
 /// A shared pidfd, for `AsyncFd`.

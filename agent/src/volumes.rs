@@ -91,6 +91,7 @@ impl VolumeRegistry {
             name: name.clone(),
             storaged_name: format!("{tenant}_{name}"),
             created: false,
+            deleting: false,
         };
         if !self.store.insert_volume(&record)? {
             return Err(Error::Exists(name.clone()));
@@ -110,10 +111,22 @@ impl VolumeRegistry {
         };
         let info = match self.storaged.create_volume(&create) {
             Ok(info) => info,
-            Err(e) => {
-                // Not created: the record goes. (Should this fail too, the next start's
-                // settle finds no volume in storaged and drops it.)
+            // Refused: not created, the record goes.
+            Err(
+                e @ storaged_api::client::Error::Api {
+                    status: 400..=499, ..
+                },
+            ) => {
                 let _ = self.store.remove_volume(tenant, name);
+                return Err(e.into());
+            }
+            // Unknown (no answer, or a 5xx): storaged may have made it. The record stays,
+            // pending, for the next settle to decide; a retry meanwhile is a 409.
+            Err(e) => {
+                if matches!(e, storaged_api::client::Error::Connect { .. }) {
+                    // Not reached at all: nothing was made.
+                    let _ = self.store.remove_volume(tenant, name);
+                }
                 return Err(e.into());
             }
         };
@@ -167,25 +180,28 @@ impl VolumeRegistry {
         Ok(view(&r, &info))
     }
 
-    /// Deletes the tenant's volume `name`, in storaged and then its record.
+    /// Deletes the tenant's volume `name`: marked deleting (if no VM has it), deleted in
+    /// storaged, then its record.
     pub fn delete(&self, tenant: &str, name: &str) -> Result<(), Error> {
-        let r = self.record(tenant, name)?;
-        if let Some(vm) = self
-            .store
-            .vms(Some(tenant))?
-            .into_iter()
-            .find(|vm| vm.spec.volumes.iter().any(|v| v.name == name))
-        {
-            return Err(Error::InUse {
-                volume: name.to_string(),
-                vm: vm.id,
-            });
-        }
+        let mut r = match self.store.start_volume_delete(tenant, name)? {
+            store::DeleteStart::Marked(r) => r,
+            store::DeleteStart::NotFound => return Err(Error::NotFound(name.to_string())),
+            store::DeleteStart::AttachedTo(vm) => {
+                return Err(Error::InUse {
+                    volume: name.to_string(),
+                    vm,
+                })
+            }
+        };
         match self.storaged.delete_volume(&r.storaged_name, false) {
             Ok(_) => {}
             // Gone already (deleted past the agent): the record follows.
             Err(storaged_api::client::Error::Api { status: 404, .. }) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                r.deleting = false;
+                self.store.put_volume(&r)?;
+                return Err(e.into());
+            }
         }
         self.store.remove_volume(tenant, name)?;
         Ok(())
