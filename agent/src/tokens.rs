@@ -81,52 +81,80 @@ pub fn from_hex(s: &str) -> Option<TokenHash> {
 }
 
 /// The admin token in `path`: read (its first line, trimmed), or, where the file does not
-/// exist, a new one written to it with mode 0600. A file others can read is refused: the token
-/// would be theirs too. Returns the token and whether it was created.
+/// exist, a new one written to it with mode 0600 (whole or not at all: a temporary file,
+/// synced, then linked at `path`). The file is opened without following a symlink, and one
+/// that others can read, or that another user owns, is refused: the token would be theirs
+/// too. Returns the token and whether it was created.
 pub fn admin_token(path: &Path) -> Result<(String, bool), Error> {
-    match std::fs::metadata(path) {
-        Ok(meta) => {
-            let mode = meta.mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(Error::Exposed {
-                    path: path.to_owned(),
-                    mode,
-                });
-            }
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return create_admin_token(path),
+        Err(source) => {
+            return Err(Error::Read {
                 path: path.to_owned(),
                 source,
-            })?;
-            let token = text.lines().next().unwrap_or("").trim().to_string();
-            if token.is_empty() {
-                return Err(Error::Empty {
-                    path: path.to_owned(),
-                });
-            }
-            Ok((token, false))
+            })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = generate()?;
-            let create = |source| Error::Create {
-                path: path.to_owned(),
-                source,
-            };
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(create)?;
-            f.write_all(format!("{token}\n").as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(create)?;
-            Ok((token, true))
-        }
-        Err(source) => Err(Error::Read {
+    };
+    let meta = f.metadata().map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o777;
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if mode & 0o077 != 0 || meta.uid() != me || !meta.is_file() {
+        return Err(Error::Exposed {
             path: path.to_owned(),
-            source,
-        }),
+            mode,
+        });
     }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(Error::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok((token, false))
+}
+
+fn create_admin_token(path: &Path) -> Result<(String, bool), Error> {
+    let token = generate()?;
+    let create = |source| Error::Create {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{token}\n").as_bytes())?;
+        f.sync_all()?;
+        // Linked, not renamed: a token another start wrote meanwhile is not replaced.
+        std::fs::hard_link(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(create)?;
+    Ok((token, true))
 }
 
 #[cfg(test)]
@@ -176,6 +204,17 @@ mod tests {
         std::fs::write(&path, "secret\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(admin_token(&path), Err(Error::Exposed { .. })));
+    }
+
+    #[test]
+    fn an_admin_token_file_that_is_a_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "secret\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("admin.token");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(admin_token(&path).is_err());
     }
 
     #[test]

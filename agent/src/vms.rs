@@ -53,6 +53,9 @@ pub const RESTART_CAP: usize = 5;
 /// The longest backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long the agent waits for an answer of a vmm's API.
+const VMM_API_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a stop waits for vmm to end before it kills it.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -658,7 +661,8 @@ impl VmSupervisor {
                 // Still the same process (its pidfd): past its time.
                 let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
             });
-            let api = vmm_api::VmmClient::new(self.dir(tenant, id).join("api.sock"));
+            let api = vmm_api::VmmClient::new(self.dir(tenant, id).join("api.sock"))
+                .with_timeout(VMM_API_TIMEOUT);
             // A vmm just started may not answer yet: a few tries, while it cannot be reached.
             let deadline = Instant::now() + Duration::from_secs(3);
             let mut shutdown = api.shutdown();
@@ -804,7 +808,8 @@ impl VmSupervisor {
             .iter()
             .filter(|r| self.pidfd(&key(&r.tenant, &r.id)).is_some())
             .filter_map(|r| {
-                let api = vmm_api::VmmClient::new(self.dir(&r.tenant, &r.id).join("api.sock"));
+                let api = vmm_api::VmmClient::new(self.dir(&r.tenant, &r.id).join("api.sock"))
+                    .with_timeout(VMM_API_TIMEOUT);
                 api.counters().ok().map(|c| (self.view(r), c))
             })
             .collect()

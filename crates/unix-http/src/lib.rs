@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// How long an answer may take: storaged's longest call (a create that fills a preallocated
-/// volume, a key rotation) stays well inside it.
+/// How long an answer may take by default: storaged's longest call (a create that fills a
+/// preallocated volume, a key rotation) stays well inside it.
 const READ_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Errors of a call.
@@ -90,6 +90,8 @@ pub struct Client {
     daemon: &'static str,
     /// Sent as `Authorization: Bearer ...` with every request, where the API wants a token.
     bearer: Option<String>,
+    /// How long an answer (and the sending of the request) may take.
+    timeout: Duration,
 }
 
 impl Client {
@@ -98,7 +100,14 @@ impl Client {
             path: path.as_ref().to_owned(),
             daemon,
             bearer: None,
+            timeout: READ_TIMEOUT,
         }
+    }
+
+    /// The same client, waiting at most `timeout` for each answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The same client, sending `token` as its bearer token.
@@ -124,7 +133,8 @@ impl Client {
             daemon: self.daemon,
             source,
         })?;
-        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
         let body = body.unwrap_or("");
         let mut req = format!(
             "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",

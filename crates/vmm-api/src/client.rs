@@ -23,6 +23,14 @@ impl VmmClient {
         }
     }
 
+    /// The same client, waiting at most `timeout` for each answer (a supervisor's calls: a
+    /// vmm that does not answer must not hold it).
+    pub fn with_timeout(self, timeout: std::time::Duration) -> Self {
+        VmmClient {
+            http: self.http.with_timeout(timeout),
+        }
+    }
+
     /// Sends one request; `body` is sent as JSON if given.
     pub fn request(
         &self,
