@@ -106,7 +106,9 @@ impl From<vms::Error> for ApiError {
             E::NotFound(_) | E::NoTenant(_) => StatusCode::NOT_FOUND,
             E::Exists(_) | E::VolumeInUse { .. } => StatusCode::CONFLICT,
             E::Storaged(inner) => return ApiError::from_volumes(inner),
-            E::Spawn { .. } | E::Dir { .. } | E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            E::Spawn { .. } | E::Dir { .. } | E::Store(_) | E::Cgroup(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         let message = crate::error_chain(&e);
         if status.is_server_error() {

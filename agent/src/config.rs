@@ -61,6 +61,10 @@ pub struct Config {
     /// only. Both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Whether each VM runs confined (default true): today, in cgroups of its own with its
+    /// CPU and memory limits. Where the host has no cgroups to use, the agent refuses to start
+    /// unless this is false.
+    pub jail: Option<bool>,
 }
 
 /// The configuration with its defaults applied.
@@ -79,6 +83,7 @@ pub struct Resolved {
     pub vms_dir: PathBuf,
     /// The TLS certificate and key of the TCP address.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub jail: bool,
 }
 
 impl Config {
@@ -128,6 +133,7 @@ impl Config {
             }
         };
         Ok(Resolved {
+            jail: self.jail.unwrap_or(true),
             tls,
             listen,
             socket,

@@ -45,6 +45,8 @@ pub enum Error {
     #[error(transparent)]
     Metrics(#[from] crate::metrics::Error),
     #[error(transparent)]
+    Cgroups(#[from] crate::cgroups::Error),
+    #[error(transparent)]
     Tls(#[from] crate::tls::Error),
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
@@ -95,14 +97,23 @@ pub fn run(config: Config) -> Result<(), Error> {
         .build()
         .map_err(Error::Runtime)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
+    let cgroups = if paths.jail {
+        Some(crate::cgroups::Cgroups::detect()?)
+    } else {
+        tracing::warn!("jail = false: the VMs run without cgroups of their own");
+        None
+    };
     let vms = VmSupervisor::new(
         store.clone(),
         storaged_api::client::AdminClient::new(&paths.storaged_socket),
-        paths.images_dir.clone(),
-        paths.vmm.clone(),
-        paths.vms_dir.clone(),
+        crate::vms::VmPaths {
+            images_dir: paths.images_dir.clone(),
+            vmm: paths.vmm.clone(),
+            vms_dir: paths.vms_dir.clone(),
+        },
         runtime.handle().clone(),
         metrics.clone(),
+        cgroups,
     );
     {
         // The watches it starts need the runtime's reactor.

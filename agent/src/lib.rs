@@ -9,6 +9,7 @@
 //! - [`tenants`]: creating, listing and revoking tenants;
 //! - [`volumes`]: the tenants' volumes, made through storaged's admin API;
 //! - [`vms`]: the tenants' VMs, each a vmm process started, watched and started again;
+//! - [`cgroups`]: each VM's cgroups, with its CPU and memory limits;
 //! - `sys`: the system calls the agent makes itself (pidfds);
 //! - [`metrics`]: what `GET /metrics` answers;
 //! - [`api`]: the routes, authentication and audit;
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cgroups;
 pub mod config;
 pub mod daemon;
 pub mod metrics;

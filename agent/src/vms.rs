@@ -36,6 +36,7 @@ use agent_api::{CreateVm, LastExit, RestartPolicy, Vm};
 use storaged_api::client::AdminClient;
 use vmm_api::ProcessExit;
 
+use crate::cgroups::{self, Cgroups};
 use crate::metrics::Metrics;
 use crate::store::{self, Store, VmRecord, VmSpec};
 use crate::sys::{self, ChildExit};
@@ -87,6 +88,8 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Cgroup(#[from] cgroups::Error),
+    #[error(transparent)]
     Storaged(#[from] crate::volumes::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -109,6 +112,8 @@ pub struct VmSupervisor {
     restarted: Mutex<HashMap<String, VecDeque<Instant>>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
+    /// Where each vmm's cgroups go (none: `jail = false`).
+    cgroups: Option<Cgroups>,
 }
 
 fn key(tenant: &str, id: &str) -> String {
@@ -122,27 +127,37 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// What the VMs are made from and where their files go.
+pub struct VmPaths {
+    /// The image catalog.
+    pub images_dir: PathBuf,
+    /// The vmm binary.
+    pub vmm: PathBuf,
+    /// The VMs' directories.
+    pub vms_dir: PathBuf,
+}
+
 impl VmSupervisor {
     pub fn new(
         store: Arc<Store>,
         storaged: AdminClient,
-        images_dir: PathBuf,
-        vmm: PathBuf,
-        vms_dir: PathBuf,
+        paths: VmPaths,
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
+        cgroups: Option<Cgroups>,
     ) -> Arc<Self> {
         Arc::new(VmSupervisor {
             store,
             storaged,
-            images_dir,
-            vmm,
-            vms_dir,
+            images_dir: paths.images_dir,
+            vmm: paths.vmm,
+            vms_dir: paths.vms_dir,
             running: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             restarted: Mutex::new(HashMap::new()),
             runtime,
             metrics,
+            cgroups,
         })
     }
 
@@ -384,12 +399,29 @@ impl VmSupervisor {
         cmd.stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2);
+        // Its cgroups, entered between fork and exec.
+        let cgroup_name = format!("{}_{}", record.tenant, record.id);
+        let procs = match &self.cgroups {
+            Some(cg) => cg.prepare(&cgroup_name, spec.memory_bytes, spec.vcpus)?,
+            None => Vec::new(),
+        };
+        let raw = cgroups::raw(&procs);
+        if !raw.is_empty() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the hook runs in the child between fork and exec; it only calls write(2)
+            // on descriptors the parent opened (and keeps open until the spawn returns),
+            // reading a Vec moved into it: no allocation, no lock.
+            unsafe {
+                cmd.pre_exec(move || cgroups::enter(&raw));
+            }
+        }
         record.state = "launching".into();
         self.store.put_vm(&record)?;
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             path: self.vmm.clone(),
             source,
         })?;
+        drop(procs);
         let pid = child.id();
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
@@ -510,6 +542,9 @@ impl VmSupervisor {
         };
         let dir = self.dir(tenant, id);
         let last = last_exit(exit, &dir.join("vmm.log"));
+        if let Some(cg) = &self.cgroups {
+            cg.remove(&format!("{tenant}_{id}"));
+        }
         self.metrics
             .ends
             .with_label_values(&[if last.failure { "true" } else { "false" }])

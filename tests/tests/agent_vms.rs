@@ -679,3 +679,68 @@ fn a_tenant_with_vms_or_volumes_is_not_deleted_and_odd_specs_are_refused_alike()
         .unwrap();
     assert_eq!(r.status, 204, "{}", r.body);
 }
+
+#[test]
+fn each_vmm_runs_in_cgroups_of_its_own_with_the_vms_cpu_and_memory_limits() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = tenant(&a, "acme");
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"web","vcpus":2,"memory":"64MiB","kernel":"spin.elf"}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let pid = v["pid"].as_u64().unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path_of = |controller: &str| {
+        cgroup.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+            (c.split(',').any(|x| x == controller) || (controller.is_empty() && c.is_empty()))
+                .then(|| path.to_string())
+        })
+    };
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+    let limit = (64u64 << 20) + (64 << 20);
+    let dirs: Vec<std::path::PathBuf> = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers")
+        .exists()
+        && std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .unwrap()
+            .contains("memory")
+    {
+        let d = std::path::Path::new("/sys/fs/cgroup")
+            .join(path_of("").unwrap().trim_start_matches('/'));
+        assert!(d.ends_with("agent-vms/acme_web"), "{cgroup}");
+        assert_eq!(read(d.join("memory.max")), limit.to_string());
+        assert_eq!(read(d.join("cpu.max")), "200000 100000");
+        vec![d]
+    } else {
+        let m = std::path::Path::new("/sys/fs/cgroup/memory")
+            .join(path_of("memory").unwrap().trim_start_matches('/'));
+        let c = std::path::Path::new("/sys/fs/cgroup/cpu")
+            .join(path_of("cpu").unwrap().trim_start_matches('/'));
+        assert!(
+            m.ends_with("agent-vms/acme_web") && c.ends_with("agent-vms/acme_web"),
+            "{cgroup}"
+        );
+        assert_eq!(read(m.join("memory.limit_in_bytes")), limit.to_string());
+        assert_eq!(read(c.join("cpu.cfs_quota_us")), "200000");
+        assert_eq!(read(c.join("cpu.cfs_period_us")), "100000");
+        vec![m, c]
+    };
+    // Its cgroups go with it.
+    assert_eq!(call(&t, "POST", "/v1/vms/web/kill", None).0, 200);
+    wait_vm(&t, "web", "killed", Duration::from_secs(10), |v| {
+        v["state"] == "stopped"
+    });
+    for d in &dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+}

@@ -1,0 +1,181 @@
+//! Each VM's cgroups: its vmm runs in a cgroup of its own under the agent's, with a memory
+//! limit (the guest's memory and [`VMM_OVERHEAD`]) and a CPU quota (one CPU per vCPU), on
+//! cgroup v2 where the host has it with the memory and cpu controllers, else on v1's memory
+//! and cpu hierarchies (as Firecracker's jailer supports both). The vmm enters them before it
+//! runs any of its own code (its pid written to `cgroup.procs` between fork and exec), so
+//! nothing it does escapes the limits; its cgroups are removed when it has ended.
+//!
+//! Under the agent's own cgroup (from `/proc/self/cgroup`): `agent-vms/TENANT_ID`. On v2 a
+//! cgroup with processes cannot give controllers to its children, so the agent first moves
+//! itself into `agent/` beside `agent-vms/` under its own cgroup, then enables the
+//! controllers there (what a systemd unit with `Delegate=yes` allows). This machine has v1
+//! only, so the tests exercise v1; the v2 path has not run here.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Memory a vmm may use beyond its guest's.
+pub const VMM_OVERHEAD: u64 = 64 << 20;
+
+/// The CFS period the CPU quota is a multiple of.
+const PERIOD_US: u64 = 100_000;
+
+/// Errors setting up the cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("No cgroups for the VMs: neither cgroup v2 with the memory and cpu controllers nor v1's memory and cpu hierarchies are mounted under /sys/fs/cgroup (set jail = false to run VMs without them)")]
+    Missing,
+    #[error("Cannot set up cgroup {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where the VMs' cgroups go.
+#[derive(Clone, Debug)]
+pub enum Cgroups {
+    /// v2: the parent of the VMs' cgroups.
+    V2(PathBuf),
+    /// v1: the parents in the memory and in the cpu hierarchy.
+    V1 { memory: PathBuf, cpu: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The calling process's cgroup in hierarchy `controller` (v1), or its v2 cgroup (`""`).
+fn own_cgroup(controller: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let hit = if controller.is_empty() {
+            controllers.is_empty()
+        } else {
+            controllers.split(',').any(|c| c == controller)
+        };
+        hit.then(|| path.trim_start_matches('/').to_string())
+    })
+}
+
+impl Cgroups {
+    /// Finds the host's cgroups and prepares the VMs' parent; [`Error::Missing`] where
+    /// there are none to use.
+    pub fn detect() -> Result<Cgroups, Error> {
+        let root = Path::new("/sys/fs/cgroup");
+        let v2_controllers =
+            std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| v2_controllers.split_whitespace().any(|x| x == c);
+        if has("memory") && has("cpu") {
+            let own = root.join(own_cgroup("").unwrap_or_default());
+            let agent = own.join("agent");
+            std::fs::create_dir_all(&agent).map_err(io_err(&agent))?;
+            let procs = agent.join("cgroup.procs");
+            std::fs::write(&procs, "0").map_err(io_err(&procs))?;
+            let control = own.join("cgroup.subtree_control");
+            std::fs::write(&control, "+memory +cpu").map_err(io_err(&control))?;
+            let vms = own.join("agent-vms");
+            std::fs::create_dir_all(&vms).map_err(io_err(&vms))?;
+            let control = vms.join("cgroup.subtree_control");
+            std::fs::write(&control, "+memory +cpu").map_err(io_err(&control))?;
+            return Ok(Cgroups::V2(vms));
+        }
+        let (memory, cpu) = (root.join("memory"), root.join("cpu"));
+        if memory.join("memory.limit_in_bytes").exists() && cpu.join("cpu.cfs_quota_us").exists() {
+            let m = memory
+                .join(own_cgroup("memory").unwrap_or_default())
+                .join("agent-vms");
+            let c = cpu
+                .join(own_cgroup("cpu").unwrap_or_default())
+                .join("agent-vms");
+            std::fs::create_dir_all(&m).map_err(io_err(&m))?;
+            std::fs::create_dir_all(&c).map_err(io_err(&c))?;
+            return Ok(Cgroups::V1 { memory: m, cpu: c });
+        }
+        Err(Error::Missing)
+    }
+
+    /// The cgroup directories of VM `name`.
+    pub fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V2(p) => vec![p.join(name)],
+            Cgroups::V1 { memory, cpu } => vec![memory.join(name), cpu.join(name)],
+        }
+    }
+
+    /// Makes VM `name`'s cgroups with its limits; returns their `cgroup.procs`, open for the
+    /// vmm to enter between fork and exec.
+    pub fn prepare(&self, name: &str, memory_bytes: u64, vcpus: u8) -> Result<Vec<OwnedFd>, Error> {
+        let limit = memory_bytes + VMM_OVERHEAD;
+        let quota = u64::from(vcpus) * PERIOD_US;
+        let settings: Vec<(PathBuf, Vec<(&str, String)>)> = match self {
+            Cgroups::V2(p) => vec![(
+                p.join(name),
+                vec![
+                    ("memory.max", limit.to_string()),
+                    ("cpu.max", format!("{quota} {PERIOD_US}")),
+                ],
+            )],
+            Cgroups::V1 { memory, cpu } => vec![
+                (
+                    memory.join(name),
+                    vec![("memory.limit_in_bytes", limit.to_string())],
+                ),
+                (
+                    cpu.join(name),
+                    vec![
+                        ("cpu.cfs_period_us", PERIOD_US.to_string()),
+                        ("cpu.cfs_quota_us", quota.to_string()),
+                    ],
+                ),
+            ],
+        };
+        let mut procs = Vec::new();
+        for (dir, files) in settings {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            for (file, value) in files {
+                let path = dir.join(file);
+                std::fs::write(&path, &value).map_err(io_err(&path))?;
+            }
+            let path = dir.join("cgroup.procs");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            procs.push(OwnedFd::from(f));
+        }
+        Ok(procs)
+    }
+
+    /// Removes VM `name`'s cgroups (once its vmm has ended: an empty cgroup).
+    pub fn remove(&self, name: &str) {
+        for d in self.dirs(name) {
+            let _ = std::fs::remove_dir(&d);
+        }
+    }
+}
+
+/// Moves the calling process into each cgroup of `procs` (between fork and exec: only a
+/// `write(2)` per descriptor, async-signal-safe).
+pub fn enter(procs: &[i32]) -> io::Result<()> {
+    for &fd in procs {
+        // SAFETY: write(2) of two bytes from a static buffer to a descriptor the parent
+        // opened and the child inherited.
+        if unsafe { libc::write(fd, b"0\n".as_ptr().cast(), 2) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The raw descriptors of `fds`, for [`enter`].
+pub fn raw(fds: &[OwnedFd]) -> Vec<i32> {
+    fds.iter().map(|f| f.as_raw_fd()).collect()
+}
