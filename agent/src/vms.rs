@@ -281,7 +281,13 @@ impl VmSupervisor {
             }
             return Err(Error::Exists(id));
         }
-        self.image("kernel", &spec.kernel)?;
+        let kernel = self.image("kernel", &spec.kernel)?;
+        if !is_kernel(&kernel) {
+            return Err(Error::Invalid(format!(
+                "kernel {:?}: not a kernel (neither an ELF vmlinux nor a bzImage)",
+                spec.kernel
+            )));
+        }
         if let Some(initrd) = &spec.initrd {
             self.image("initrd", initrd)?;
         }
@@ -870,6 +876,27 @@ impl VmSupervisor {
     }
 }
 
+/// Whether `path` starts as a kernel vmm boots: an ELF executable (`e_type` ET_EXEC), or a
+/// bzImage (its setup header's "HdrS" at 0x202).
+fn is_kernel(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 0x206];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut n = 0;
+            while n < head.len() {
+                match f.read(&mut head[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            Ok(n)
+        })
+        .unwrap_or(0);
+    let elf_exec = n >= 18 && head[..4] == *b"\x7fELF" && head[16..18] == [2, 0];
+    elf_exec || (n >= 0x206 && head[0x202..0x206] == *b"HdrS")
+}
+
 /// The host's memory (`MemTotal` of /proc/meminfo), in bytes; a VM may have at most that.
 fn host_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -974,6 +1001,27 @@ mod tests {
         assert_eq!((e.signal, e.failure), (Some(9), true));
         let e = last_exit(Some(ChildExit::Code(3)), &log);
         assert!(e.meaning.contains("crashed"), "{}", e.meaning);
+    }
+
+    #[test]
+    fn an_elf_and_a_bzimage_are_kernels_and_a_text_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let elf = dir.path().join("vmlinux");
+        let mut e = vec![0u8; 64];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[16] = 2;
+        std::fs::write(&elf, &e).unwrap();
+        let object = dir.path().join("spin.o");
+        e[16] = 1;
+        std::fs::write(&object, &e).unwrap();
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bzimage = dir.path().join("bzImage");
+        std::fs::write(&bzimage, &bz).unwrap();
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, b"hello").unwrap();
+        assert!(is_kernel(&elf) && is_kernel(&bzimage));
+        assert!(!is_kernel(&text) && !is_kernel(&object));
     }
 
     #[test]

@@ -364,6 +364,11 @@ fn another_tenants_vms_and_volumes_are_out_of_reach_and_bad_vms_leave_nothing_be
             400,
             "vcpus",
         ),
+        (
+            r#"{"memory":"32MiB","kernel":"spin.o"}"#,
+            400,
+            "not a kernel",
+        ),
         (r#"{"memory":"lots","kernel":"spin.elf"}"#, 400, "memory"),
         (
             r#"{"id":"Bad Id","memory":"32MiB","kernel":"spin.elf"}"#,
