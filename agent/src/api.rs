@@ -193,6 +193,19 @@ fn admin_only(p: &Principal) -> ApiResult<()> {
     }
 }
 
+/// A volume's own IOPS and bandwidth limits replace its tier's: a tenant that set its own
+/// could take more than the tier it pays for, from the other tenants on the node. They are
+/// the admin's to set.
+fn limits_are_the_admins(p: &Principal, sets_limits: bool) -> ApiResult<()> {
+    if sets_limits && *p != Principal::Admin {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "iops_limit and bandwidth_limit replace the tier's: only the node's admin sets them (pick a tier)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes a JSON body, naming the field that is wrong.
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     let bad = |msg: String| {
@@ -334,6 +347,10 @@ async fn create_volume(
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
     let req: CreateVolume = parse_body(&body)?;
+    limits_are_the_admins(
+        &p,
+        req.iops_limit.is_some() || req.bandwidth_limit.is_some(),
+    )?;
     let tenant = scope(&p, req.tenant.clone(), "tenant")?;
     let v = blocking(move || Ok(state.volumes.create(&tenant, &req)?)).await?;
     tracing::info!(tenant = %v.tenant, volume = %v.name, size = %v.size, "volume created");
@@ -361,6 +378,10 @@ async fn update_volume(
 ) -> ApiResult<impl IntoResponse> {
     let tenant = scope(&p, query_tenant(query.as_deref())?, "volume")?;
     let req: UpdateVolume = parse_body(&body)?;
+    limits_are_the_admins(
+        &p,
+        req.iops_limit.is_some() || req.bandwidth_limit.is_some(),
+    )?;
     Ok(Json(
         blocking(move || Ok(state.volumes.update(&tenant, &name, &req)?)).await?,
     ))

@@ -151,6 +151,10 @@ pub struct VmRecord {
     pub start_ticks: Option<u64>,
     pub started_unix: Option<u64>,
     pub restarts: u32,
+    /// When the restart policy started it again, within the restart window (Unix seconds):
+    /// the backoff and the cap count them.
+    #[serde(default)]
+    pub recent_restarts_unix: Vec<u64>,
     pub last_exit: Option<agent_api::LastExit>,
     pub state: String,
 }

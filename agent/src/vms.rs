@@ -26,7 +26,7 @@
 //! 1 s, doubling with each restart in the last [`RESTART_WINDOW`], at most 30 s; the
 //! [`RESTART_CAP`]th restart in the window is not made and the VM is `failed`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -108,8 +108,6 @@ pub struct VmSupervisor {
     /// end, a stop, a kill, a delete): no two of them interleave, so no VM gets two vmm
     /// processes and no record is written over with a stale copy.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// When each VM was last started again, within the window.
-    restarted: Mutex<HashMap<String, VecDeque<Instant>>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
     /// Where each vmm's cgroups go (none: `jail = false`).
@@ -154,7 +152,6 @@ impl VmSupervisor {
             vms_dir: paths.vms_dir,
             running: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
-            restarted: Mutex::new(HashMap::new()),
             runtime,
             metrics,
             cgroups,
@@ -301,6 +298,7 @@ impl VmSupervisor {
             start_ticks: None,
             started_unix: None,
             restarts: 0,
+            recent_restarts_unix: Vec::new(),
             last_exit: None,
             state: if req.start { "launching" } else { "stopped" }.into(),
         };
@@ -571,12 +569,11 @@ impl VmSupervisor {
             record.want_running = false;
             record.state = "stopped".into();
         } else {
-            let k = key(tenant, id);
-            let mut all = self.restarted.lock().unwrap_or_else(|p| p.into_inner());
-            let recent = all.entry(k).or_default();
-            while recent.front().is_some_and(|t| t.elapsed() > RESTART_WINDOW) {
-                recent.pop_front();
-            }
+            // The restarts in the window, kept in the record: an agent restart does not
+            // reset the cap.
+            let now = now_unix();
+            let recent = &mut record.recent_restarts_unix;
+            recent.retain(|t| now.saturating_sub(*t) <= RESTART_WINDOW.as_secs());
             if recent.len() >= RESTART_CAP {
                 tracing::warn!(
                     tenant,
@@ -588,7 +585,7 @@ impl VmSupervisor {
                 record.state = "failed".into();
             } else {
                 let b = Duration::from_secs(1 << recent.len().min(5)).min(MAX_BACKOFF);
-                recent.push_back(Instant::now());
+                recent.push(now);
                 record.state = "restarting".into();
                 backoff = Some(b);
                 tracing::info!(
@@ -663,10 +660,7 @@ impl VmSupervisor {
         if self.pidfd(&key(tenant, id)).is_some() {
             return Ok(self.view(&record));
         }
-        self.restarted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key(tenant, id));
+        record.recent_restarts_unix.clear();
         record.want_running = true;
         let record = self.launch(record)?;
         Ok(self.view(&record))

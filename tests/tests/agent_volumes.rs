@@ -223,9 +223,20 @@ fn the_openapi_file_names_every_field_of_a_volume() {
     let s = Storaged::start();
     let a = Agent::with_storaged(&s);
     let t = a.client(&a.admin().create_tenant("doc").unwrap().token);
+    // A volume's own limits replace its tier's: the admin's to set, not the tenant's.
+    let (st, v) = create(&t, r#"{"name":"data","size":"8MiB","iops_limit":900}"#);
+    assert_eq!(st, 403, "{v}");
+    let r = t
+        .request(
+            "PATCH",
+            "/v1/volumes/data",
+            Some(r#"{"bandwidth_limit":"1GiB"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
     let (st, v) = create(
-        &t,
-        r#"{"name":"data","size":"8MiB","iops_limit":900,"bandwidth_limit":"10MiB"}"#,
+        &a.admin(),
+        r#"{"name":"data","size":"8MiB","iops_limit":900,"bandwidth_limit":"10MiB","tenant":"doc"}"#,
     );
     assert_eq!(st, 201, "{v}");
     let mut fields: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
