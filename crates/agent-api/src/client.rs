@@ -129,26 +129,19 @@ impl AgentClient {
     /// The tail of the VM's serial console.
     pub fn console(&self, id: &str, tenant: Option<&str>) -> Result<String, Error> {
         let q = tenant_query(tenant);
-        let resp = self
-            .http
-            .request("GET", &format!("/v1/vms/{id}/console{q}"), None)?;
-        if resp.is_success() {
-            return Ok(resp.body);
-        }
-        Err(Error::Api {
-            status: resp.status,
-            message: resp.json()["error"]
-                .as_str()
-                .unwrap_or(&resp.body)
-                .to_string(),
-        })
+        self.text("GET", &format!("/v1/vms/{id}/console{q}"))
     }
 
     /// A call answered 204, no body.
     fn no_content(&self, method: &str, target: &str) -> Result<(), Error> {
+        self.text(method, target).map(|_| ())
+    }
+
+    /// A call whose 2xx answer is its body as it is (not JSON); any other, its error.
+    fn text(&self, method: &str, target: &str) -> Result<String, Error> {
         let resp = self.http.request(method, target, None)?;
         if resp.is_success() {
-            return Ok(());
+            return Ok(resp.body);
         }
         Err(Error::Api {
             status: resp.status,
