@@ -130,6 +130,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         metrics,
     });
     runtime.block_on(async {
+        let signals = StopSignals::install();
         let tcp = match paths.listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -186,7 +187,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             data_dir = %paths.data_dir.display(),
             "agent ready"
         );
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutting down; the VMs keep running");
         sd_notify("STOPPING=1");
         let _ = stop_tx.send(true);
@@ -218,18 +219,33 @@ fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-        _ = int.recv() => tracing::info!("received SIGINT"),
+/// SIGTERM and SIGINT, caught from here on (before readiness is told: a stop that comes
+/// right after it is a clean stop, not the default action's death).
+struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                StopSignals(None)
+            }
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = int.recv() => tracing::info!("received SIGINT"),
+        }
     }
 }

@@ -117,6 +117,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let service = Arc::new(service);
 
     let result = runtime.block_on(async {
+        let signals = StopSignals::install();
         let metrics_listener = match paths.metrics_addr {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -222,7 +223,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
         sd_notify("READY=1");
 
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutting down: closing sockets, finishing in-flight I/O");
         sd_notify("STOPPING=1");
         let _ = stop_tx.send(true);
@@ -306,18 +307,33 @@ fn warn_if_keys_beside_volumes(keys: &dyn crate::keys::KeyProvider, volumes: &Pa
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-        _ = int.recv() => tracing::info!("received SIGINT"),
+/// SIGTERM and SIGINT, caught from here on (before readiness is told: a stop that comes
+/// right after it is a clean stop, not the default action's death).
+struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                StopSignals(None)
+            }
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = int.recv() => tracing::info!("received SIGINT"),
+        }
     }
 }

@@ -91,6 +91,27 @@ fn the_agent_notifies_ready_once_its_api_answers_and_stopping_at_sigterm() {
     let n = notify.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().unwrap().success());
+    // A stop that comes the instant READY=1 does is a clean stop too: the signals are caught
+    // before readiness is told.
+    for _ in 0..5 {
+        let mut child = Command::new(bin("agent"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "off"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let n = notify.recv(&mut buf).expect("no READY=1 within 30 s");
+        assert_eq!(&buf[..n], b"READY=1");
+        // SAFETY: kill() on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let n = notify
+            .recv(&mut buf)
+            .expect("no STOPPING=1 after a SIGTERM at READY=1");
+        assert_eq!(&buf[..n], b"STOPPING=1");
+        assert!(child.wait().unwrap().success());
+    }
 }
 
 #[test]
