@@ -52,6 +52,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The answer `status` with `e`'s whole chain; a server error is logged too.
+    fn of(status: StatusCode, e: &dyn std::error::Error) -> Self {
+        let message = crate::error_chain(e);
+        if status.is_server_error() {
+            tracing::error!("API request failed: {message}");
+        }
+        ApiError(status, message)
+    }
+}
+
 impl From<tenants::Error> for ApiError {
     fn from(e: tenants::Error) -> Self {
         use tenants::Error as E;
@@ -61,11 +72,7 @@ impl From<tenants::Error> for ApiError {
             E::NotFound(_) => StatusCode::NOT_FOUND,
             E::Store(_) | E::Token(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = crate::error_chain(&e);
-        if status.is_server_error() {
-            tracing::error!("API request failed: {message}");
-        }
-        ApiError(status, message)
+        ApiError::of(status, &e)
     }
 }
 
@@ -90,11 +97,7 @@ impl ApiError {
             E::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = crate::error_chain(e);
-        if status.is_server_error() {
-            tracing::error!("API request failed: {message}");
-        }
-        ApiError(status, message)
+        ApiError::of(status, e)
     }
 }
 
@@ -110,11 +113,7 @@ impl From<vms::Error> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        let message = crate::error_chain(&e);
-        if status.is_server_error() {
-            tracing::error!("API request failed: {message}");
-        }
-        ApiError(status, message)
+        ApiError::of(status, &e)
     }
 }
 
@@ -326,17 +325,21 @@ fn scope(p: &Principal, named: Option<String>, what: &str) -> ApiResult<String> 
     }
 }
 
+/// The namespace a listing covers: as [`scope`], but the admin naming none lists every
+/// tenant's (`None`).
+fn list_scope(p: &Principal, query: Option<&str>, what: &str) -> ApiResult<Option<String>> {
+    match (p, query_tenant(query)?) {
+        (Principal::Admin, None) => Ok(None),
+        (_, named) => scope(p, named, what).map(Some),
+    }
+}
+
 async fn list_volumes(
     State(state): State<Arc<ApiState>>,
     Extension(p): Extension<Principal>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<impl IntoResponse> {
-    let named = query_tenant(query.as_deref())?;
-    // The admin without a tenant: every tenant's.
-    let tenant = match (&p, named) {
-        (Principal::Admin, None) => None,
-        (_, named) => Some(scope(&p, named, "volumes")?),
-    };
+    let tenant = list_scope(&p, query.as_deref(), "volumes")?;
     let volumes = blocking(move || Ok(state.volumes.list(tenant.as_deref())?)).await?;
     Ok(Json(volumes))
 }
@@ -413,7 +416,7 @@ async fn metrics(
         state
             .metrics
             .encode(&vms, &refs)
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e)))
+            .map_err(|e| ApiError::of(StatusCode::INTERNAL_SERVER_ERROR, &e))
     })
     .await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
@@ -428,11 +431,7 @@ async fn list_vms(
     Extension(p): Extension<Principal>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<impl IntoResponse> {
-    let named = query_tenant(query.as_deref())?;
-    let tenant = match (&p, named) {
-        (Principal::Admin, None) => None,
-        (_, named) => Some(scope(&p, named, "VMs")?),
-    };
+    let tenant = list_scope(&p, query.as_deref(), "VMs")?;
     Ok(Json(
         blocking(move || Ok(state.vms.list(tenant.as_deref())?)).await?,
     ))
