@@ -145,10 +145,9 @@ pub struct VmRecord {
     /// Whether it should run: set by a create with `start` and by start, cleared by stop,
     /// kill and the restart cap.
     pub want_running: bool,
-    /// The running vmm: its pid and start time (clock ticks since boot), which together tell
-    /// it from a process that reused the pid.
+    /// The running vmm's pid (at start the agent finds it again by its API socket, not by
+    /// this number, which another process may have by then).
     pub pid: Option<u32>,
-    pub start_ticks: Option<u64>,
     pub started_unix: Option<u64>,
     pub restarts: u32,
     /// When the restart policy started it again, within the restart window (Unix seconds):

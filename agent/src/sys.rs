@@ -1,5 +1,6 @@
 //! The system calls the agent makes itself, each behind a small wrapper that holds the
-//! `unsafe`: a process's pidfd, reaping a child through it, a process's start time.
+//! `unsafe`: a process's pidfd, reaping a child through it, signalling it, the pid serving a
+//! Unix socket.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -100,15 +101,6 @@ pub fn socket_peer_pid(path: &std::path::Path) -> Option<u32> {
     (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
-/// When process `pid` started, in clock ticks since boot (`/proc/PID/stat`, field 22): with
-/// the pid, what tells a process from a later one that reused its pid.
-pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count from its end.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,7 +130,6 @@ mod tests {
             .unwrap();
         let fd = pidfd_open(child.id()).unwrap();
         assert_eq!(reap(&fd).unwrap(), None);
-        assert!(start_ticks(child.id()).is_some());
         pidfd_signal(&fd, libc::SIGKILL).unwrap();
         let exit = loop {
             if let Some(e) = reap(&fd).unwrap() {

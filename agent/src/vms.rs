@@ -295,7 +295,6 @@ impl VmSupervisor {
             spec,
             want_running: req.start,
             pid: None,
-            start_ticks: None,
             started_unix: None,
             restarts: 0,
             recent_restarts_unix: Vec::new(),
@@ -443,7 +442,6 @@ impl VmSupervisor {
         // Reaped through its pidfd, not through `child`.
         drop(child);
         record.pid = Some(pid);
-        record.start_ticks = sys::start_ticks(pid);
         record.started_unix = Some(now_unix());
         record.state = "running".into();
         // Watched before the record is written: whatever happens next, its end is seen.
@@ -555,7 +553,6 @@ impl VmSupervisor {
             .inc();
         tracing::info!(tenant, vm = id, code = ?last.code, signal = ?last.signal, meaning = %last.meaning, "vm ended");
         record.pid = None;
-        record.start_ticks = None;
         record.started_unix = None;
         let restart = record.want_running
             && match record.spec.restart_policy {
@@ -808,7 +805,6 @@ impl VmSupervisor {
                     tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm found running: watching it again");
                     let mut r = record;
                     r.pid = Some(pid);
-                    r.start_ticks = sys::start_ticks(pid);
                     r.started_unix = r.started_unix.or(Some(now_unix()));
                     if r.state != "stopping" {
                         r.state = "running".into();
