@@ -6,7 +6,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use systemd_notify::sd_notify;
+use systemd_notify::{sd_notify, StopSignals};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::{self, ApiState};
@@ -217,35 +217,4 @@ fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     let l = UnixListener::bind(path).map_err(listen)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(listen)?;
     Ok(l)
-}
-
-/// SIGTERM and SIGINT, caught from here on (before readiness is told: a stop that comes
-/// right after it is a clean stop, not the default action's death).
-struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
-
-impl StopSignals {
-    fn install() -> StopSignals {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
-            _ => {
-                tracing::error!("cannot install signal handlers; stop with SIGKILL");
-                StopSignals(None)
-            }
-        }
-    }
-
-    async fn wait(self) {
-        let Some((mut term, mut int)) = self.0 else {
-            std::future::pending::<()>().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("received SIGTERM"),
-            _ = int.recv() => tracing::info!("received SIGINT"),
-        }
-    }
 }

@@ -12,7 +12,7 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
 use crate::service::{self, VolumeService};
-use systemd_notify::sd_notify;
+use systemd_notify::{sd_notify, StopSignals};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -304,36 +304,5 @@ fn warn_if_keys_beside_volumes(keys: &dyn crate::keys::KeyProvider, volumes: &Pa
             key_dir = %dir.display(),
             "cannot tell whether the key directory shares the volumes' file system: {e}"
         ),
-    }
-}
-
-/// SIGTERM and SIGINT, caught from here on (before readiness is told: a stop that comes
-/// right after it is a clean stop, not the default action's death).
-struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
-
-impl StopSignals {
-    fn install() -> StopSignals {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
-            _ => {
-                tracing::error!("cannot install signal handlers; stop with SIGKILL");
-                StopSignals(None)
-            }
-        }
-    }
-
-    async fn wait(self) {
-        let Some((mut term, mut int)) = self.0 else {
-            std::future::pending::<()>().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("received SIGTERM"),
-            _ = int.recv() => tracing::info!("received SIGINT"),
-        }
     }
 }
