@@ -3,22 +3,20 @@
 //! (stderr) captured; stopped by a signal, restarted on the same data dir, killed on drop.
 //! Its API is reached with [`AgentClient`], the client `agentctl` uses.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use agent_api::client::AgentClient;
 
-use crate::bin;
+use crate::{bin, Log};
 
 /// A running `agent` on a temporary data dir.
 pub struct Agent {
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
     child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
     _tmp: tempfile::TempDir,
 }
 
@@ -57,7 +55,7 @@ impl Agent {
             data_dir: tmp.path().to_owned(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
-            log: Arc::new(Mutex::new(Vec::new())),
+            log: Log::default(),
             _tmp: tmp,
         };
         a.spawn();
@@ -81,15 +79,7 @@ impl Agent {
             .spawn()
             .expect("spawn agent");
         let stderr = child.stderr.take().expect("stderr");
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("AGENT_TEST_LOG").is_some() {
-                    eprintln!("[agent] {line}");
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
+        self.log.capture(stderr, "AGENT_TEST_LOG", "agent");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -155,7 +145,12 @@ impl Agent {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.text()
+    }
+
+    /// Waits until the log has a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        self.log.wait_for(needle)
     }
 
     /// Sends a signal and waits for the process to exit.

@@ -25,8 +25,8 @@
 //! - [`emulated_host`]: where the full-boot scenarios run (this host, or QEMU emulating one
 //!   with hardware virtualization).
 //!
-//! Beside them, here: where the built binaries are ([`bin`]), polling ([`wait_until`]), data
-//! patterns, a metrics scrape, skipping a test the machine cannot run ([`skip`]), and the
+//! Beside them, here: where the built binaries are ([`bin`]), a daemon's captured log
+//! ([`Log`]), polling ([`wait_until`]), data patterns, a metrics scrape, skipping a test the machine cannot run ([`skip`]), and the
 //! flag parsing of the tools in `src/bin/`.
 
 // Test infrastructure: a failed step should stop the test with its message.
@@ -138,6 +138,52 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     while !cond() {
         assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A daemon's log, read line by line from its stderr by a thread of its own (echoed to the
+/// test's stderr, tagged, when the environment variable `echo_var` is set); kept across the
+/// daemon's restarts.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Log {
+    /// Starts reading `stderr` into the log.
+    pub fn capture(&self, stderr: impl std::io::Read + Send + 'static, echo_var: &str, tag: &str) {
+        use std::io::BufRead;
+        let lines = self.0.clone();
+        let echo = std::env::var_os(echo_var).is_some();
+        let tag = tag.to_string();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if echo {
+                    eprintln!("[{tag}] {line}");
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+
+    /// Waits (30 s at most) until a line contains `needle`: a line the daemon wrote before it
+    /// answered may still be on its way through the pipe.
+    pub fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no '{needle}' in log:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -8,23 +8,21 @@
 //! sockets in the file system, reached from anywhere; its TCP listeners (metrics,
 //! replication) are in its namespace, where [`Storaged::metrics`] scrapes.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use storaged_api::client::{AdminClient, Response};
 use storaged_api::CreateVolume;
 
-use crate::bin;
+use crate::{bin, Log};
 
 /// A running `storaged` on a temporary data dir.
 pub struct Storaged {
     pub data_dir: PathBuf,
     pub extra_args: Vec<String>,
     child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
     _tmp: Option<tempfile::TempDir>,
     /// The network namespace it runs in (`None`: the test's own).
     netns: Option<String>,
@@ -45,7 +43,7 @@ impl Storaged {
             data_dir: tmp.path().to_owned(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
-            log: Arc::new(Mutex::new(Vec::new())),
+            log: Log::default(),
             _tmp: Some(tmp),
             netns: None,
         };
@@ -59,7 +57,7 @@ impl Storaged {
             data_dir: data_dir.to_owned(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
-            log: Arc::new(Mutex::new(Vec::new())),
+            log: Log::default(),
             _tmp: None,
             netns: None,
         };
@@ -78,7 +76,7 @@ impl Storaged {
             data_dir: tmp.path().to_owned(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
-            log: Arc::new(Mutex::new(Vec::new())),
+            log: Log::default(),
             _tmp: Some(tmp),
             netns: Some(netns.to_string()),
         };
@@ -123,15 +121,7 @@ impl Storaged {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn storaged");
         let stderr = child.stderr.take().expect("stderr");
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("STORAGED_TEST_LOG").is_some() {
-                    eprintln!("[storaged] {line}");
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
+        self.log.capture(stderr, "STORAGED_TEST_LOG", "storaged");
         self.child = Some(child);
         self.wait_ready();
     }
@@ -186,20 +176,12 @@ impl Storaged {
 
     /// Everything storaged logged so far.
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.text()
     }
 
     /// Waits until the log has a line containing `needle`.
     pub fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.log_text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no '{needle}' in log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.log.wait_for(needle)
     }
 
     /// Creates a volume from a JSON body (read as the API's [`CreateVolume`]); panics unless

@@ -186,6 +186,8 @@ fn each_mutating_call_writes_one_audit_line_naming_who_and_never_a_token() {
         .request("DELETE", "/v1/tenants/acme", None);
     admin.whoami().unwrap();
     admin.delete_tenant("acme").unwrap();
+    // The line is written before the answer, but reaches the harness through a pipe.
+    a.wait_for_log("action=DELETE /v1/tenants/acme outcome=204");
     let log = a.log_text();
     let audit: Vec<&str> = log.lines().filter(|l| l.contains(" audit: ")).collect();
     assert_eq!(audit.len(), 4, "{audit:#?}");
