@@ -26,8 +26,8 @@
 //!   with hardware virtualization).
 //!
 //! Beside them, here: where the built binaries are ([`bin`]), a daemon's captured log
-//! ([`Log`]), polling ([`wait_until`]), data patterns, a metrics scrape, skipping a test the machine cannot run ([`skip`]), and the
-//! flag parsing of the tools in `src/bin/`.
+//! ([`Log`]), polling ([`wait_until`]), data patterns, a metrics scrape, skipping a test the
+//! machine cannot run ([`skip`]), and the flag parsing of the tools in `src/bin/`.
 
 // Test infrastructure: a failed step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
