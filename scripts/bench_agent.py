@@ -89,7 +89,7 @@ def main():
         agent_rss0 = rss_kib(ag.pid)["VmRSS"]
 
         def console(vm_id):
-            return os.path.join(adir, "vms", f"bench_{vm_id}", "console.log")
+            return os.path.join(adir, "vms", f"bench_{vm_id}", "jail", "run", "console.log")
 
         def printed(vm_id):
             p = console(vm_id)

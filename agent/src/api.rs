@@ -109,7 +109,7 @@ impl From<vms::Error> for ApiError {
             E::NotFound(_) | E::NoTenant(_) => StatusCode::NOT_FOUND,
             E::Exists(_) | E::VolumeInUse { .. } => StatusCode::CONFLICT,
             E::Storaged(inner) => return ApiError::from_volumes(inner),
-            E::Spawn { .. } | E::Dir { .. } | E::Store(_) | E::Cgroup(_) => {
+            E::Spawn { .. } | E::Dir { .. } | E::Store(_) | E::Cgroup(_) | E::Jail(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };

@@ -11,6 +11,10 @@ use serde::Deserialize;
 /// the one storaged's packaging uses.
 pub const DEFAULT_STORAGED_SOCKET: &str = "/var/lib/storaged/admin.sock";
 
+/// The first uid given to a jailed vmm when the config names none: above the ranges
+/// `/etc/subuid` hands out by default (100000 + 65536 per user) for the first users.
+pub const DEFAULT_JAIL_UID_BASE: u32 = 10_000_000;
+
 /// The API's TCP address when the config names none: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9571";
 
@@ -61,10 +65,14 @@ pub struct Config {
     /// only. Both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// Whether each VM runs confined (default true): today, in cgroups of its own with its
-    /// CPU and memory limits. Where the host has no cgroups to use, the agent refuses to start
-    /// unless this is false.
+    /// Whether each VM runs jailed (default true; see the `jail` module): a uid of its own,
+    /// a mount namespace holding only its files, cgroups with its CPU and memory limits. Where
+    /// the host has no cgroups or namespaces to use, the agent refuses to start unless this
+    /// is false.
     pub jail: Option<bool>,
+    /// The first of the jailed vmms' uids: each VM gets the next one no other VM has.
+    /// Default: [`DEFAULT_JAIL_UID_BASE`].
+    pub jail_uid_base: Option<u32>,
 }
 
 /// The configuration with its defaults applied.
@@ -84,6 +92,7 @@ pub struct Resolved {
     /// The TLS certificate and key of the TCP address.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub jail: bool,
+    pub jail_uid_base: u32,
 }
 
 impl Config {
@@ -132,8 +141,18 @@ impl Config {
                 })
             }
         };
+        let jail_uid_base = self.jail_uid_base.unwrap_or(DEFAULT_JAIL_UID_BASE);
+        if jail_uid_base == 0 || jail_uid_base > u32::MAX - (1 << 20) {
+            return Err(Error::Invalid {
+                key: "jail_uid_base",
+                reason: format!(
+                    "{jail_uid_base}: not root's, and leaving room for 2^20 VMs below 2^32"
+                ),
+            });
+        }
         Ok(Resolved {
             jail: self.jail.unwrap_or(true),
+            jail_uid_base,
             tls,
             listen,
             socket,

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::store::{self, Store};
 use crate::tenants::{self, TenantRegistry};
 use crate::tokens;
-use crate::vms::VmSupervisor;
+use crate::vms::{JailSettings, VmSupervisor};
 use crate::volumes::VolumeRegistry;
 
 /// Errors that stop the agent from starting.
@@ -46,10 +46,39 @@ pub enum Error {
     Metrics(#[from] crate::metrics::Error),
     #[error(transparent)]
     Cgroups(#[from] crate::cgroups::Error),
+    #[error("Cannot jail the VMs: {0} (set jail = false to run VMs unjailed)")]
+    NoJail(String),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::Error),
     #[error(transparent)]
     Tls(#[from] crate::tls::Error),
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+}
+
+/// What jailing the VMs takes from this host: root (to mount, give uids and make device
+/// nodes), the namespaces, cgroups; and the libraries of the vmm binary.
+fn jail_settings(paths: &crate::config::Resolved) -> Result<JailSettings, Error> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NoJail(
+            "the agent is not root: jails are made with mounts, uids and a device node".into(),
+        ));
+    }
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        if !Path::new("/proc/self/ns").join(ns).exists() {
+            return Err(Error::NoJail(format!(
+                "this kernel has no {ns} namespaces (/proc/self/ns/{ns})"
+            )));
+        }
+    }
+    let cgroups = crate::cgroups::Cgroups::detect()?;
+    let libraries = crate::jail::libraries(&paths.vmm)?;
+    Ok(JailSettings {
+        cgroups,
+        uid_base: paths.jail_uid_base,
+        libraries,
+    })
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -97,10 +126,10 @@ pub fn run(config: Config) -> Result<(), Error> {
         .build()
         .map_err(Error::Runtime)?;
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
-    let cgroups = if paths.jail {
-        Some(crate::cgroups::Cgroups::detect()?)
+    let jail = if paths.jail {
+        Some(jail_settings(&paths)?)
     } else {
-        tracing::warn!("jail = false: the VMs run without cgroups of their own");
+        tracing::warn!("jail = false: the VMs run as the agent's uid, in its namespaces, without cgroups of their own");
         None
     };
     let vms = VmSupervisor::new(
@@ -113,7 +142,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         },
         runtime.handle().clone(),
         metrics.clone(),
-        cgroups,
+        jail,
     );
     {
         // The watches it starts need the runtime's reactor.

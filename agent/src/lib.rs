@@ -9,8 +9,9 @@
 //! - [`tenants`]: creating, listing and revoking tenants;
 //! - [`volumes`]: the tenants' volumes, made through storaged's admin API;
 //! - [`vms`]: the tenants' VMs, each a vmm process started, watched and started again;
+//! - [`jail`]: each vmm's jail: its uid, mount namespace and root, rlimits;
 //! - [`cgroups`]: each VM's cgroups, with its CPU and memory limits;
-//! - `sys`: the system calls the agent makes itself (pidfds);
+//! - `sys`: the system calls the agent makes itself (pidfds, files in a jail);
 //! - [`metrics`]: what `GET /metrics` answers;
 //! - [`api`]: the routes, authentication and audit;
 //! - [`tls`]: the API's TLS on its TCP address;
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod cgroups;
 pub mod config;
 pub mod daemon;
+pub mod jail;
 pub mod metrics;
 pub mod store;
 mod sys;

@@ -30,6 +30,9 @@ struct Args {
     /// The image catalog: the files VMs may boot [default: DATA_DIR/images].
     #[arg(long)]
     images_dir: Option<PathBuf>,
+    /// The first of the jailed vmms' uids [default: 10000000].
+    #[arg(long)]
+    jail_uid_base: Option<u32>,
     /// Log filter, e.g. "info" or "agent=debug,audit=info" (RUST_LOG also works).
     #[arg(long, default_value = "info")]
     log: String,
@@ -61,6 +64,9 @@ fn main() -> ExitCode {
     }
     if args.storaged_socket.is_some() {
         config.storaged_socket.clone_from(&args.storaged_socket);
+    }
+    if args.jail_uid_base.is_some() {
+        config.jail_uid_base = args.jail_uid_base;
     }
     match agent::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -156,6 +156,10 @@ pub struct VmRecord {
     pub recent_restarts_unix: Vec<u64>,
     pub last_exit: Option<agent_api::LastExit>,
     pub state: String,
+    /// The uid its jailed vmm runs as (gid the same), given at its first jailed launch and
+    /// kept until it is deleted.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// What a VM is made of, as its create said.
@@ -378,6 +382,49 @@ impl Store {
         })
     }
 
+    /// The uid of VM `tenant/id`: the one its record has, else `base` plus the smallest slot
+    /// no other VM's record holds, written to its record in the same transaction. `None`: no
+    /// such VM.
+    pub fn assign_uid(&self, tenant: &str, id: &str, base: u32) -> Result<Option<u32>, Error> {
+        let key = VolumeRecord::key(tenant, id);
+        self.write(|tx| {
+            let mut t = tx.open_table(VMS)?;
+            let mut taken = Vec::new();
+            let mut mine = None;
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let Ok(r) = serde_json::from_slice::<VmRecord>(v.value()) else {
+                    continue;
+                };
+                if k.value() == key {
+                    mine = Some(r);
+                } else if let Some(uid) = r.uid {
+                    taken.push(uid);
+                }
+            }
+            let Some(mut mine) = mine else {
+                return Ok(None);
+            };
+            if let Some(uid) = mine.uid {
+                return Ok(Some(uid));
+            }
+            taken.sort_unstable();
+            let mut uid = base;
+            for t in taken {
+                if t == uid {
+                    uid += 1;
+                } else if t > uid {
+                    break;
+                }
+            }
+            mine.uid = Some(uid);
+            let value = serde_json::to_vec(&mine)
+                .map_err(|e| redb::StorageError::Corrupted(format!("vms/{key}: {e}")))?;
+            t.insert(key.as_str(), value.as_slice())?;
+            Ok(Some(uid))
+        })
+    }
+
     pub fn remove_vm(&self, tenant: &str, id: &str) -> Result<bool, Error> {
         let key = VolumeRecord::key(tenant, id);
         self.write(|tx| {
@@ -490,5 +537,43 @@ mod tests {
         let path = dir.path().join("agent.redb");
         let _s = Store::open(&path).unwrap();
         assert!(matches!(Store::open(&path), Err(Error::Open { .. })));
+    }
+
+    #[test]
+    fn each_vm_gets_the_lowest_free_uid_once_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("agent.redb")).unwrap();
+        let vm = |tenant: &str, id: &str| VmRecord {
+            tenant: tenant.into(),
+            id: id.into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_bytes: 32 << 20,
+                kernel: "k".into(),
+                initrd: None,
+                cmdline: None,
+                volumes: Vec::new(),
+                restart_policy: agent_api::RestartPolicy::Never,
+            },
+            want_running: false,
+            pid: None,
+            started_unix: None,
+            restarts: 0,
+            recent_restarts_unix: Vec::new(),
+            last_exit: None,
+            state: "stopped".into(),
+            uid: None,
+        };
+        for (t, id) in [("a", "one"), ("a", "two"), ("b", "one")] {
+            assert_eq!(s.insert_vm(&vm(t, id)).unwrap(), Inserted::Yes);
+        }
+        assert_eq!(s.assign_uid("a", "one", 500).unwrap(), Some(500));
+        assert_eq!(s.assign_uid("b", "one", 500).unwrap(), Some(501));
+        assert_eq!(s.assign_uid("a", "one", 500).unwrap(), Some(500), "kept");
+        assert_eq!(s.vm("a", "one").unwrap().unwrap().uid, Some(500));
+        // A deleted VM's uid is free again, for the next VM that needs one.
+        assert!(s.remove_vm("a", "one").unwrap());
+        assert_eq!(s.assign_uid("a", "two", 500).unwrap(), Some(500));
+        assert_eq!(s.assign_uid("a", "ghost", 500).unwrap(), None);
     }
 }

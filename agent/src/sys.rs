@@ -1,9 +1,11 @@
 //! The system calls the agent makes itself, each behind a small wrapper that holds the
 //! `unsafe`: a process's pidfd, reaping a child through it, signalling it, the pid serving a
-//! Unix socket.
+//! Unix socket; and opening the files of a directory a jailed vmm's uid owns, where a name
+//! may have been made a symlink, a FIFO or another uid's file.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 /// How a reaped child ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +84,7 @@ pub fn alive(pidfd: &OwnedFd) -> bool {
 
 /// The pid of the process serving the Unix socket at `path` (its peer credential,
 /// `SO_PEERCRED`), if one accepts connections there.
-pub fn socket_peer_pid(path: &std::path::Path) -> Option<u32> {
+pub fn socket_peer_pid(path: &Path) -> Option<u32> {
     use std::os::fd::AsRawFd;
     let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
     // SAFETY: a zeroed ucred is valid; getsockopt fills it.
@@ -99,6 +101,62 @@ pub fn socket_peer_pid(path: &std::path::Path) -> Option<u32> {
         )
     };
     (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// Opens `path` without following a symlink (`O_PATH | O_NOFOLLOW`) and checks what it is:
+/// `Err` unless it has type `kind` (`S_IFSOCK`, `S_IFREG`) and belongs to one of `owners`.
+fn open_checked(path: &Path, flags: i32, kind: u32, owners: &[u32]) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open(2) of a NUL-terminated path alive for the call; returns a new descriptor
+    // or -1.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
+    use std::os::unix::fs::MetadataExt;
+    if meta.mode() & libc::S_IFMT != kind || !owners.contains(&meta.uid()) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{}: not of the kind or owner expected", path.display()),
+        ));
+    }
+    Ok(fd)
+}
+
+/// A Unix socket found without following a symlink and owned by an expected uid, reached
+/// through its descriptor (`/proc/self/fd/N`, which a connect resolves to the socket itself)
+/// for as long as this is held. A short path too, whatever the socket's.
+pub struct SocketRef {
+    fd: OwnedFd,
+}
+
+impl SocketRef {
+    pub fn open(path: &Path, owners: &[u32]) -> io::Result<SocketRef> {
+        open_checked(path, libc::O_PATH, libc::S_IFSOCK, owners).map(|fd| SocketRef { fd })
+    }
+
+    /// The path to connect to.
+    pub fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// Opens a regular file of one of `owners` for reading, without following a symlink and
+/// without waiting on a FIFO.
+pub fn open_own_file(path: &Path, owners: &[u32]) -> io::Result<std::fs::File> {
+    let fd = open_checked(
+        path,
+        libc::O_RDONLY | libc::O_NONBLOCK,
+        libc::S_IFREG,
+        owners,
+    )?;
+    Ok(std::fs::File::from(fd))
 }
 
 #[cfg(test)]

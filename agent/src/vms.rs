@@ -2,8 +2,9 @@
 //! VM's restart policy, and finds again after its own restart.
 //!
 //! A VM's files are in `DATA_DIR/vms/TENANT_ID/`: `vmm.log` (vmm's stderr and stdout, one
-//! run's), `console.log` (the serial console, at most [`CONSOLE_MAX`], the run before in
-//! `console.log.1`) and `api.sock`. vmm runs in a process group of its own, its output in
+//! run's) and its jail (`jail/`, see the `jail` module), whose `run/` holds `api.sock` and
+//! `console.log` (the serial console, at most [`CONSOLE_MAX`], the run before in
+//! `console.log.1`); unjailed, `jail/run/` only. vmm runs in a process group of its own, its output in
 //! files, never in pipes to the agent: nothing ties it to the agent's life, so a VM keeps
 //! running while the agent stops, crashes or restarts.
 //!
@@ -37,6 +38,7 @@ use storaged_api::client::AdminClient;
 use vmm_api::ProcessExit;
 
 use crate::cgroups::{self, Cgroups};
+use crate::jail;
 use crate::metrics::Metrics;
 use crate::store::{self, Store, VmRecord, VmSpec};
 use crate::sys::{self, ChildExit};
@@ -90,6 +92,8 @@ pub enum Error {
     #[error(transparent)]
     Cgroup(#[from] cgroups::Error),
     #[error(transparent)]
+    Jail(#[from] jail::Error),
+    #[error(transparent)]
     Storaged(#[from] crate::volumes::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -110,8 +114,43 @@ pub struct VmSupervisor {
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
-    /// Where each vmm's cgroups go (none: `jail = false`).
-    cgroups: Option<Cgroups>,
+    /// How each vmm is jailed (none: `jail = false`).
+    jail: Option<JailSettings>,
+}
+
+/// How the VMs are jailed (see the `jail` module).
+pub struct JailSettings {
+    /// Where each vmm's cgroups go.
+    pub cgroups: Cgroups,
+    /// The first of the vmms' uids.
+    pub uid_base: u32,
+    /// The files the vmm binary loads besides itself (`ldd`).
+    pub libraries: Vec<PathBuf>,
+}
+
+/// A VM's files on the host, in its directory: `vmm.log`, and its jail (`jail/`) whose
+/// `run/` holds vmm's API socket and serial log.
+struct VmFiles(PathBuf);
+
+impl VmFiles {
+    fn dir(&self) -> &Path {
+        &self.0
+    }
+    fn log(&self) -> PathBuf {
+        self.0.join("vmm.log")
+    }
+    fn jail(&self) -> PathBuf {
+        self.0.join("jail")
+    }
+    fn run(&self) -> PathBuf {
+        self.0.join("jail/run")
+    }
+    fn api(&self) -> PathBuf {
+        self.0.join("jail/run/api.sock")
+    }
+    fn console(&self) -> PathBuf {
+        self.0.join("jail/run/console.log")
+    }
 }
 
 fn key(tenant: &str, id: &str) -> String {
@@ -142,7 +181,7 @@ impl VmSupervisor {
         paths: VmPaths,
         runtime: tokio::runtime::Handle,
         metrics: Arc<Metrics>,
-        cgroups: Option<Cgroups>,
+        jail: Option<JailSettings>,
     ) -> Arc<Self> {
         Arc::new(VmSupervisor {
             store,
@@ -154,12 +193,27 @@ impl VmSupervisor {
             locks: Mutex::new(HashMap::new()),
             runtime,
             metrics,
-            cgroups,
+            jail,
         })
     }
 
-    fn dir(&self, tenant: &str, id: &str) -> PathBuf {
-        self.vms_dir.join(format!("{tenant}_{id}"))
+    fn files(&self, tenant: &str, id: &str) -> VmFiles {
+        VmFiles(self.vms_dir.join(format!("{tenant}_{id}")))
+    }
+
+    /// The uids a VM's own files may belong to: root's, and its vmm's when jailed.
+    fn owners(r: &VmRecord) -> [u32; 2] {
+        [0, r.uid.unwrap_or(0)]
+    }
+
+    /// A client of VM `r`'s vmm API, and the handle of the socket it connects to (held as
+    /// long as the client is used). The socket is in a directory the vmm's uid owns: it is
+    /// opened without following a symlink and must be a socket of that uid or root.
+    fn vmm_api(&self, r: &VmRecord) -> Option<(vmm_api::VmmClient, sys::SocketRef)> {
+        let socket =
+            sys::SocketRef::open(&self.files(&r.tenant, &r.id).api(), &Self::owners(r)).ok()?;
+        let client = vmm_api::VmmClient::new(socket.path()).with_timeout(VMM_API_TIMEOUT);
+        Some((client, socket))
     }
 
     /// The lock of VM `k`.
@@ -300,6 +354,7 @@ impl VmSupervisor {
             recent_restarts_unix: Vec::new(),
             last_exit: None,
             state: if req.start { "launching" } else { "stopped" }.into(),
+            uid: None,
         };
         // The record, and with it the volumes' attachment, in one transaction that checks that
         // no other VM has them.
@@ -315,7 +370,11 @@ impl VmSupervisor {
             match self.launch(record.clone()) {
                 Ok(r) => r,
                 Err(e) => {
-                    // Nothing half-made: no record of a VM that never started.
+                    // Nothing half-made: no record of a VM that never started, its volumes
+                    // root's again.
+                    if let Ok(Some(r)) = self.store.vm(tenant, &id) {
+                        self.release_disks(&r);
+                    }
                     let _ = self.store.remove_vm(tenant, &id);
                     return Err(e);
                 }
@@ -326,9 +385,10 @@ impl VmSupervisor {
         Ok((self.view(&record), true))
     }
 
-    /// The vhost-user sockets of the spec's volumes, each one of the tenant's.
-    fn volume_sockets(&self, tenant: &str, spec: &VmSpec) -> Result<Vec<(PathBuf, bool)>, Error> {
-        let mut sockets = Vec::new();
+    /// The spec's volumes, each one of the tenant's: its name in storaged, its vhost-user
+    /// socket, whether the VM has it read-only.
+    fn volume_sockets(&self, tenant: &str, spec: &VmSpec) -> Result<Vec<Disk>, Error> {
+        let mut disks = Vec::new();
         for v in &spec.volumes {
             let record = match self.store.volume(tenant, &v.name)? {
                 Some(r) if r.created => r,
@@ -338,59 +398,161 @@ impl VmSupervisor {
                 .storaged
                 .volume(&record.storaged_name)
                 .map_err(crate::volumes::Error::from)?;
-            sockets.push((info.socket, v.read_only));
+            disks.push(Disk {
+                storaged_name: record.storaged_name,
+                socket: info.socket,
+                read_only: v.read_only,
+                owner: info.owner,
+            });
         }
-        Ok(sockets)
+        Ok(disks)
+    }
+
+    /// Gives each of `disks` to `owner` in storaged (its socket served to that uid only),
+    /// where it is not already.
+    fn give_disks(&self, disks: &[Disk], owner: &storaged_api::Owner) -> Result<(), Error> {
+        for d in disks.iter().filter(|d| d.owner.as_ref() != Some(owner)) {
+            let update = storaged_api::UpdateVolume {
+                owner: Some(Some(owner.clone())),
+                ..Default::default()
+            };
+            self.storaged
+                .update_volume(&d.storaged_name, &update)
+                .map_err(crate::volumes::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// Gives the volumes of a VM that is going back to root in storaged (served to the agent
+    /// only), logging a volume it cannot.
+    fn release_disks(&self, r: &VmRecord) {
+        let root = storaged_api::Owner {
+            uid: 0,
+            vm_id: None,
+        };
+        match self.volume_sockets(&r.tenant, &r.spec) {
+            Ok(disks) => {
+                if let Err(e) = self.give_disks(&disks, &root) {
+                    tracing::warn!(vm = %r.id, "cannot give its volumes back to root: {}", crate::error_chain(&e));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %r.id, "cannot find its volumes: {}", crate::error_chain(&e))
+            }
+        }
     }
 
     /// Starts `record`'s vmm and its watch; returns the record as saved (running). The caller
     /// holds the VM's lock. The record says `launching` before the spawn: an agent that dies
     /// between the spawn and the next write finds the vmm again at start by its API socket.
     fn launch(self: &Arc<Self>, mut record: VmRecord) -> Result<VmRecord, Error> {
-        let spec = &record.spec;
+        let spec = record.spec.clone();
         let kernel = self.image("kernel", &spec.kernel)?;
         let initrd = spec
             .initrd
             .as_ref()
             .map(|i| self.image("initrd", i))
             .transpose()?;
-        let disks = self.volume_sockets(&record.tenant, spec)?;
-        let dir = self.dir(&record.tenant, &record.id);
-        let dir_err = |source| Error::Dir {
-            path: dir.clone(),
-            source,
+        let disks = self.volume_sockets(&record.tenant, &spec)?;
+        let files = self.files(&record.tenant, &record.id);
+        let dir_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Dir { path, source }
         };
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(&dir)
-                .map_err(dir_err)?;
+                .create(files.dir())
+                .map_err(dir_err(files.dir()))?;
         }
-        let api = dir.join("api.sock");
+        let api = files.api();
         let _ = std::fs::remove_file(&api);
-        let log = std::fs::File::create(dir.join("vmm.log")).map_err(dir_err)?;
-        let log2 = log.try_clone().map_err(dir_err)?;
-        let mut cmd = std::process::Command::new(&self.vmm);
+        let log = std::fs::File::create(files.log()).map_err(dir_err(files.dir()))?;
+        let log2 = log.try_clone().map_err(dir_err(files.dir()))?;
+        // Jailed: its uid, cgroups and jail, entered between fork and exec.
+        let mut procs = Vec::new();
+        let (jailed, inside) = match &self.jail {
+            Some(j) => {
+                let uid = match record.uid {
+                    Some(uid) => uid,
+                    None => self
+                        .store
+                        .assign_uid(&record.tenant, &record.id, j.uid_base)?
+                        .ok_or_else(|| Error::NotFound(record.id.clone()))?,
+                };
+                record.uid = Some(uid);
+                for (what, f) in [("kernel", Some(&kernel)), ("initrd", initrd.as_ref())] {
+                    if let Some(f) = f {
+                        readable_by_others(f).map_err(|reason| {
+                            Error::Invalid(format!("{what} {}: {reason}", f.display()))
+                        })?;
+                    }
+                }
+                let cgroup_name = format!("{}_{}", record.tenant, record.id);
+                procs = j
+                    .cgroups
+                    .prepare(&cgroup_name, spec.memory_bytes, spec.vcpus)?;
+                let sockets: Vec<PathBuf> = disks.iter().map(|d| d.socket.clone()).collect();
+                let contents = jail::Contents {
+                    kernel: &kernel,
+                    initrd: initrd.as_deref(),
+                    disks: &sockets,
+                };
+                let (jail, inside) = jail::prepare(
+                    &files.jail(),
+                    uid,
+                    spec.vcpus,
+                    &self.vmm,
+                    &j.libraries,
+                    &contents,
+                    cgroups::raw(&procs),
+                )?;
+                (Some(jail), inside)
+            }
+            None => {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(files.run())
+                    .map_err(dir_err(&files.run()))?;
+                let inside = jail::Inside {
+                    program: self.vmm.clone(),
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    disks: disks.iter().map(|d| d.socket.clone()).collect(),
+                    api_sock: api.clone(),
+                    serial: files.console(),
+                };
+                (None, inside)
+            }
+        };
+        let owner = storaged_api::Owner {
+            uid: record.uid.unwrap_or(0),
+            vm_id: Some(record.id.clone()),
+        };
+        self.give_disks(&disks, &owner)?;
+        let mut cmd = std::process::Command::new(&inside.program);
         cmd.arg("--kernel")
-            .arg(&kernel)
+            .arg(&inside.kernel)
             .args(["--vcpus", &spec.vcpus.to_string()])
             .args(["--memory", &spec.memory_bytes.to_string()])
             .arg("--serial")
-            .arg(dir.join("console.log"))
+            .arg(&inside.serial)
             .args(["--serial-log-max", &CONSOLE_MAX.to_string()])
             .arg("--api-sock")
-            .arg(&api);
-        if let Some(i) = &initrd {
+            .arg(&inside.api_sock);
+        if let Some(i) = &inside.initrd {
             cmd.arg("--initrd").arg(i);
         }
         if let Some(c) = &spec.cmdline {
             // One argument: a command line that starts with "--" is still the value.
             cmd.arg(format!("--cmdline={c}"));
         }
-        for (socket, read_only) in &disks {
-            let ro = if *read_only { ",readonly" } else { "" };
+        for (socket, d) in inside.disks.iter().zip(&disks) {
+            let ro = if d.read_only { ",readonly" } else { "" };
             cmd.arg("--disk")
                 .arg(format!("socket={}{ro}", socket.display()));
         }
@@ -402,20 +564,20 @@ impl VmSupervisor {
         cmd.stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // Its cgroups, entered between fork and exec.
-        let cgroup_name = format!("{}_{}", record.tenant, record.id);
-        let procs = match &self.cgroups {
-            Some(cg) => cg.prepare(&cgroup_name, spec.memory_bytes, spec.vcpus)?,
-            None => Vec::new(),
-        };
-        let raw = cgroups::raw(&procs);
-        if !raw.is_empty() {
+        if let Some(jail) = jailed {
             use std::os::unix::process::CommandExt;
-            // SAFETY: the hook runs in the child between fork and exec; it only calls write(2)
-            // on descriptors the parent opened (and keeps open until the spawn returns),
-            // reading a Vec moved into it: no allocation, no lock.
+            // Nothing of the agent's environment but how vmm logs.
+            cmd.env_clear();
+            for var in ["RUST_LOG", "RUST_BACKTRACE"] {
+                if let Some(v) = std::env::var_os(var) {
+                    cmd.env(var, v);
+                }
+            }
+            // SAFETY: the hook runs in the child between fork and exec; Jail::enter only makes
+            // system calls on strings and descriptors the parent made (and keeps until the
+            // spawn returns): no allocation, no lock.
             unsafe {
-                cmd.pre_exec(move || cgroups::enter(&raw));
+                cmd.pre_exec(move || jail.enter());
             }
         }
         record.state = "launching".into();
@@ -447,13 +609,16 @@ impl VmSupervisor {
         // Watched before the record is written: whatever happens next, its end is seen.
         self.watch(&record, pidfd, true);
         self.store.put_vm(&record)?;
-        tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm started");
+        tracing::info!(tenant = %record.tenant, vm = %record.id, pid, uid = ?record.uid, "vm started");
         self.metrics.launches.inc();
         let (metrics, launched) = (self.metrics.clone(), Instant::now());
+        let owners = Self::owners(&record);
         self.runtime.spawn(async move {
             // The launch is done when vmm's API answers (a vmm that ends first is not).
             while launched.elapsed() < Duration::from_secs(10) {
-                if std::os::unix::net::UnixStream::connect(&api).is_ok() {
+                let answers = sys::SocketRef::open(&api, &owners)
+                    .is_ok_and(|s| std::os::unix::net::UnixStream::connect(s.path()).is_ok());
+                if answers {
                     metrics
                         .launch_seconds
                         .observe(launched.elapsed().as_secs_f64());
@@ -542,10 +707,9 @@ impl VmSupervisor {
             Ok(Some(r)) if r.pid == pid => r,
             _ => return None,
         };
-        let dir = self.dir(tenant, id);
-        let last = last_exit(exit, &dir.join("vmm.log"));
-        if let Some(cg) = &self.cgroups {
-            cg.remove(&format!("{tenant}_{id}"));
+        let last = last_exit(exit, &self.files(tenant, id).log());
+        if let Some(j) = &self.jail {
+            j.cgroups.remove(&format!("{tenant}_{id}"));
         }
         self.metrics
             .ends
@@ -693,18 +857,18 @@ impl VmSupervisor {
                 // Still the same process (its pidfd): past its time.
                 let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
             });
-            let api = vmm_api::VmmClient::new(self.dir(tenant, id).join("api.sock"))
-                .with_timeout(VMM_API_TIMEOUT);
             // A vmm just started may not answer yet: a few tries, while it cannot be reached.
             let deadline = Instant::now() + Duration::from_secs(3);
-            let mut shutdown = api.shutdown();
-            while matches!(shutdown, Err(vmm_api::client::Error::Connect { .. }))
-                && Instant::now() < deadline
-            {
+            let shutdown = || match self.vmm_api(&record) {
+                Some((api, _socket)) => api.shutdown().map_err(|e| e.to_string()),
+                None => Err("no API socket".to_string()),
+            };
+            let mut result = shutdown();
+            while result.is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
-                shutdown = api.shutdown();
+                result = shutdown();
             }
-            if let Err(e) = shutdown {
+            if let Err(e) = result {
                 tracing::warn!(vm = id, "vmm did not take the shutdown ({e}): killing it");
                 let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
             }
@@ -762,17 +926,21 @@ impl VmSupervisor {
         }
         let lock = self.lock(&key(tenant, id));
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let record = self.get_record(tenant, id)?;
+        self.release_disks(&record);
         self.store.remove_vm(tenant, id)?;
-        let _ = std::fs::remove_dir_all(self.dir(tenant, id));
+        let _ = std::fs::remove_dir_all(self.files(tenant, id).dir());
         Ok(())
     }
 
     /// The tail of a VM's serial console: its last `max` bytes.
     pub fn console(&self, tenant: &str, id: &str, max: u64) -> Result<Vec<u8>, Error> {
-        self.get_record(tenant, id)?;
+        let record = self.get_record(tenant, id)?;
         use std::io::{Read, Seek, SeekFrom};
-        let path = self.dir(tenant, id).join("console.log");
-        let Ok(mut f) = std::fs::File::open(&path) else {
+        // The VM's uid owns the directory: no symlink followed, no FIFO waited on, a regular
+        // file of that uid or root only.
+        let path = self.files(tenant, id).console();
+        let Ok(mut f) = sys::open_own_file(&path, &Self::owners(&record)) else {
             return Ok(Vec::new());
         };
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -795,11 +963,18 @@ impl VmSupervisor {
             let k = key(&record.tenant, &record.id);
             let lock = self.lock(&k);
             let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-            let api = self.dir(&record.tenant, &record.id).join("api.sock");
-            let found = sys::socket_peer_pid(&api)
+            let peer = || {
+                let socket = sys::SocketRef::open(
+                    &self.files(&record.tenant, &record.id).api(),
+                    &Self::owners(&record),
+                )
+                .ok()?;
+                sys::socket_peer_pid(&socket.path())
+            };
+            let found = peer()
                 .and_then(|pid| sys::pidfd_open(pid).ok().map(|fd| (pid, fd)))
                 // The same process once its pidfd is held: no pid reuse in between.
-                .filter(|(pid, _)| sys::socket_peer_pid(&api) == Some(*pid));
+                .filter(|(pid, _)| peer() == Some(*pid));
             match found {
                 Some((pid, pidfd)) => {
                     tracing::info!(tenant = %record.tenant, vm = %record.id, pid, "vm found running: watching it again");
@@ -839,8 +1014,7 @@ impl VmSupervisor {
             .iter()
             .filter(|r| self.pidfd(&key(&r.tenant, &r.id)).is_some())
             .filter_map(|r| {
-                let api = vmm_api::VmmClient::new(self.dir(&r.tenant, &r.id).join("api.sock"))
-                    .with_timeout(VMM_API_TIMEOUT);
+                let (api, _socket) = self.vmm_api(r)?;
                 api.counters().ok().map(|c| (self.view(r), c))
             })
             .collect()
@@ -852,6 +1026,7 @@ impl VmSupervisor {
             tenant: r.tenant.clone(),
             state: r.state.clone(),
             pid: r.pid,
+            uid: r.uid,
             uptime_seconds: r.started_unix.map(|t| now_unix().saturating_sub(t)),
             restarts: r.restarts,
             last_exit: r.last_exit.clone(),
@@ -898,6 +1073,32 @@ fn host_memory() -> u64 {
         })
         .map(|kib| kib * 1024)
         .unwrap_or(u64::MAX)
+}
+
+/// One of a VM's volumes, as its launch needs it.
+struct Disk {
+    storaged_name: String,
+    socket: PathBuf,
+    read_only: bool,
+    /// Whom storaged serves it to now.
+    owner: Option<storaged_api::Owner>,
+}
+
+/// `Ok` when others than the file's owner and group may read `path` (as a jailed vmm's uid
+/// must), else why not.
+fn readable_by_others(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| e.to_string())?
+        .permissions()
+        .mode();
+    if mode & 0o004 == 0 {
+        return Err(format!(
+            "mode {:o}: a jailed vmm runs as a uid of its own and cannot read it (make it readable by others, 0644)",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// A shared pidfd, for `AsyncFd`.

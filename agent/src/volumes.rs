@@ -107,7 +107,11 @@ impl VolumeRegistry {
             iops_limit: req.iops_limit,
             bandwidth_limit: req.bandwidth_limit,
             encryption: req.encryption.clone(),
-            owner: None,
+            // Served to the agent (root) only until a VM has it.
+            owner: Some(storaged_api::Owner {
+                uid: 0,
+                vm_id: None,
+            }),
         };
         let info = match self.storaged.create_volume(&create) {
             Ok(info) => info,

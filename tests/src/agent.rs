@@ -1,9 +1,13 @@
 //! The `agent` harness: the real agent on a temporary data dir, its API on an ephemeral
 //! loopback port and on its socket, waited for until it answers the admin token; its log
-//! (stderr) captured; stopped by a signal, restarted on the same data dir, killed on drop.
+//! (stderr) captured; stopped by a signal, restarted on the same data dir; killed on drop
+//! with its VMs (all in a cgroup of its own). Each agent of a test process has uids of its
+//! own for its VMs.
 //! Its API is reached with [`AgentClient`], the client `agentctl` uses.
 
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,108 @@ pub struct Agent {
     extra_args: Vec<String>,
     child: Option<Child>,
     log: Log,
+    cgroup: TestCgroup,
     _tmp: tempfile::TempDir,
+}
+
+/// A cgroup of its own for each agent a test starts, as systemd gives each unit one, in each
+/// hierarchy the agent puts its VMs' cgroups in (v1's memory and cpu, else v2): the VMs'
+/// cgroups go under it, so agents of tests running side by side never share one, and its
+/// drop ends every process in it: the agent and its VMs, which outlive the agent by design.
+struct TestCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    /// The cgroup of the test process's `instance`th agent.
+    fn new(instance: u32) -> TestCgroup {
+        let name = format!("agent-test-{}-{instance}", std::process::id());
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let own_in = |controller: &str| {
+            own.lines().find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, c, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let hit = if controller.is_empty() {
+                    c.is_empty()
+                } else {
+                    c.split(',').any(|c| c == controller)
+                };
+                hit.then(|| path.trim_start_matches('/').to_string())
+            })
+        };
+        let v1 = ["memory", "cpu"]
+            .iter()
+            .filter_map(|c| {
+                let root = Path::new("/sys/fs/cgroup").join(c);
+                root.join("cgroup.procs")
+                    .exists()
+                    .then(|| Some(root.join(own_in(c)?).join(&name)))
+                    .flatten()
+            })
+            .collect::<Vec<_>>();
+        let dirs = if v1.len() == 2 {
+            v1
+        } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            own_in("")
+                .map(|p| vec![Path::new("/sys/fs/cgroup").join(p).join(&name)])
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for d in &dirs {
+            std::fs::create_dir(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        TestCgroup { dirs }
+    }
+
+    /// The `cgroup.procs` files a new agent writes itself into.
+    fn procs(&self) -> Vec<std::fs::File> {
+        self.dirs
+            .iter()
+            .map(|d| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("cgroup.procs"))
+                    .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for d in &self.dirs {
+            // Depth first: the VMs' cgroups, then theirs, then this one.
+            let mut all = vec![d.clone()];
+            let mut i = 0;
+            while i < all.len() {
+                if let Ok(entries) = std::fs::read_dir(&all[i]) {
+                    all.extend(
+                        entries
+                            .flatten()
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .map(|e| e.path()),
+                    );
+                }
+                i += 1;
+            }
+            for c in all.iter().rev() {
+                loop {
+                    let pids = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+                    if pids.trim().is_empty() || Instant::now() > deadline {
+                        break;
+                    }
+                    for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                        // SAFETY: kill(2) of a process of this test's cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = std::fs::remove_dir(c);
+            }
+        }
+    }
 }
 
 impl Agent {
@@ -51,11 +156,20 @@ impl Agent {
             .prefix("agt")
             .tempdir()
             .expect("tempdir");
+        // Each agent of the test process its own uids and cgroup: tests run side by side.
+        static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut extra_args = vec![
+            "--jail-uid-base".to_string(),
+            (10_000_000 + instance * 1000).to_string(),
+        ];
+        extra_args.extend(args.iter().map(|s| s.to_string()));
         let mut a = Agent {
             data_dir: tmp.path().to_owned(),
-            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
             child: None,
             log: Log::default(),
+            cgroup: TestCgroup::new(instance),
             _tmp: tmp,
         };
         a.spawn();
@@ -63,7 +177,22 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(bin("agent"))
+        let procs = self.cgroup.procs();
+        let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = Command::new(bin("agent"));
+        // SAFETY: between fork and exec the hook only writes to descriptors the parent opened
+        // (kept open until the spawn returns), from a static buffer: no allocation, no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &raw {
+                    if libc::write(fd, b"0\n".as_ptr().cast(), 2) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args([
@@ -78,6 +207,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn agent");
+        drop(procs);
         let stderr = child.stderr.take().expect("stderr");
         self.log.capture(stderr, "AGENT_TEST_LOG", "agent");
         self.child = Some(child);

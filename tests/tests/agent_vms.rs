@@ -97,17 +97,23 @@ fn a_tenants_vm_boots_writes_its_volume_and_ends_and_the_data_is_on_the_volume()
     assert_eq!(fields(&v["last_exit"]), schema("LastExit"));
     let r = t.request("GET", "/v1/vms/web/console", None).unwrap();
     assert_eq!(r.body, "virtio-blk: PASS on queue 0\n".repeat(2));
-    // What the guest wrote to sector 8 is on the volume.
-    let sock = s.admin().volume("acme_data").unwrap().socket;
-    let mut c = connect_retry(&sock, 1);
+    // The volume is the VM's while the VM exists: not deleted, and storaged serves it to the
+    // VM's uid only.
+    let (st, v) = call(&t, "DELETE", "/v1/volumes/data", None);
+    assert_eq!(st, 409, "{v}");
+    let info = s.admin().volume("acme_data").unwrap();
+    let owner = info.owner.expect("an owner");
+    assert_eq!(owner.vm_id.as_deref(), Some("web"));
+    assert!(owner.uid >= 10_000_000, "{owner:?}");
+    assert_eq!(call(&t, "DELETE", "/v1/vms/web", None).0, 204);
+    assert_eq!(call(&t, "GET", "/v1/vms/web", None).0, 404);
+    // Then root's (the agent's) again, and what the guest wrote to sector 8 is on it.
+    let info = s.admin().volume("acme_data").unwrap();
+    assert_eq!(info.owner.map(|o| (o.uid, o.vm_id)), Some((0, None)));
+    let mut c = connect_retry(&info.socket, 1);
     let want: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 0x5a) as u8).collect();
     assert_eq!(c.read(0, 8 * 512, 4096).unwrap(), want);
     drop(c);
-    // The volume is the VM's while the VM exists.
-    let (st, v) = call(&t, "DELETE", "/v1/volumes/data", None);
-    assert_eq!(st, 409, "{v}");
-    assert_eq!(call(&t, "DELETE", "/v1/vms/web", None).0, 204);
-    assert_eq!(call(&t, "GET", "/v1/vms/web", None).0, 404);
     assert_eq!(call(&t, "DELETE", "/v1/volumes/data", None).0, 204);
 }
 
@@ -244,7 +250,7 @@ fn vms_outlive_a_kill_9_of_the_agent_are_found_again_and_one_that_died_meanwhile
     a.signal_and_wait(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(500));
     assert!(alive(one) && alive(two));
-    let api = a.data_dir.join("vms/acme_one/api.sock");
+    let api = a.data_dir.join("vms/acme_one/jail/run/api.sock");
     assert_eq!(
         vmm_api::VmmClient::new(&api).status().unwrap().state,
         vmm_api::VmState::Running
@@ -558,15 +564,18 @@ fn metrics_count_vms_by_state_launches_restarts_and_each_vms_exits_for_the_admin
     );
 }
 
-/// The vmm processes whose command line names `needle` (a VM's directory).
-fn vmms_of(needle: &str) -> Vec<u32> {
+/// The processes of real uid `uid` (a jailed vmm's, its own).
+fn processes_of(uid: u64) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|ids| ids.split_whitespace().next()?.parse::<u64>().ok())
+                    == Some(uid)
+            })
         })
         .collect()
 }
@@ -583,8 +592,7 @@ fn concurrent_starts_make_one_vmm_and_a_delete_leaves_none() {
         Some(r#"{"id":"web","memory":"32MiB","kernel":"spin.elf","start":false}"#),
     );
     assert_eq!(st, 201, "{v}");
-    let dir = a.data_dir.join("vms/acme_web");
-    let needle = dir.to_str().unwrap().to_string();
+    let mut uid = None;
     for _ in 0..3 {
         std::thread::scope(|sc| {
             for _ in 0..8 {
@@ -592,7 +600,8 @@ fn concurrent_starts_make_one_vmm_and_a_delete_leaves_none() {
             }
         });
         std::thread::sleep(Duration::from_millis(300));
-        let pids = vmms_of(&needle);
+        uid = vm(&t, "web")["uid"].as_u64();
+        let pids = processes_of(uid.expect("a jailed vmm's uid"));
         assert_eq!(pids.len(), 1, "one vmm for the VM: {pids:?}");
         assert_eq!(vm(&t, "web")["pid"].as_u64(), Some(u64::from(pids[0])));
         assert_eq!(call(&t, "POST", "/v1/vms/web/kill", None).0, 200);
@@ -617,7 +626,7 @@ fn concurrent_starts_make_one_vmm_and_a_delete_leaves_none() {
         assert_eq!(call(&t, "DELETE", "/v1/vms/web", None).0, 204);
     }
     wait_until("no vmm left", Duration::from_secs(10), || {
-        vmms_of(&needle).is_empty()
+        processes_of(uid.unwrap()).is_empty()
     });
 }
 

@@ -197,6 +197,8 @@ pub struct Vm {
     /// restart cap), "stopped" also before a first start.
     pub state: String,
     pub pid: Option<u32>,
+    /// The uid its jailed vmm runs as (none unjailed, or before its first launch).
+    pub uid: Option<u32>,
     pub uptime_seconds: Option<u64>,
     /// How often the agent started it again after it ended.
     pub restarts: u32,
