@@ -3,7 +3,7 @@
 //! a test drives or stands on:
 //!
 //! - `agent.rs`: [`Agent`], the node agent on a temporary data dir in the same shape, and
-//!   [`AgentClient`] for its API, with a token.
+//!   [`AgentClient`] for its API, with a token; [`agent_calls`], the calls its tests repeat.
 //! - `storaged.rs`: [`Storaged`], the storage daemon on a temporary data dir (start, wait until
 //!   its API answers, log, restart, kill, tear down on drop) and [`AdminClient`] for its API.
 //! - `vmm.rs`: [`Vmm`], the microVM monitor booting a test guest ([`guest`]) in the same shape
@@ -33,6 +33,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agent;
+pub mod agent_calls;
 mod blk_client;
 pub mod devices;
 pub mod emulated_host;

@@ -10,52 +10,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use storaged_tests::agent_calls::{alive, call, processes_of, tenant, vm, wait_vm};
 use storaged_tests::{connect_retry, openapi_properties, wait_until, Agent, AgentClient, Storaged};
-
-fn call(c: &AgentClient, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let r = c.request(method, path, body).unwrap();
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(Value::Null),
-    )
-}
-
-fn vm(c: &AgentClient, id: &str) -> Value {
-    let (st, v) = call(c, "GET", &format!("/v1/vms/{id}"), None);
-    assert_eq!(st, 200, "{v}");
-    v
-}
-
-/// Waits until VM `id` says `cond`; returns what it said.
-fn wait_vm(
-    c: &AgentClient,
-    id: &str,
-    what: &str,
-    timeout: Duration,
-    cond: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let v = vm(c, id);
-        if cond(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}; last {v}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn alive(pid: u64) -> bool {
-    // SAFETY: signal 0 checks that the process exists; nothing is sent.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
-}
-
-fn tenant(a: &Agent, name: &str) -> AgentClient {
-    a.client(&a.admin().create_tenant(name).unwrap().token)
-}
 
 #[test]
 fn a_tenants_vm_boots_writes_its_volume_and_ends_and_the_data_is_on_the_volume() {
@@ -562,22 +518,6 @@ fn metrics_count_vms_by_state_launches_restarts_and_each_vms_exits_for_the_admin
             .status,
         401
     );
-}
-
-/// The processes of real uid `uid` (a jailed vmm's, its own).
-fn processes_of(uid: u64) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))
-                    .and_then(|ids| ids.split_whitespace().next()?.parse::<u64>().ok())
-                    == Some(uid)
-            })
-        })
-        .collect()
 }
 
 #[test]

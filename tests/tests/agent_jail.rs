@@ -1,0 +1,255 @@
+//! The jail of each vmm the agent starts, looked at from outside (`/proc`) and tried from
+//! inside: `jail-probe` enters a jailed vmm's mount namespace as its uid, as a taken-over vmm
+//! would be, and tries what it could open or connect to. Two VMs with a volume each, so that
+//! one tries the other's.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed step stops the test
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use storaged_tests::agent_calls::{call, tenant, vm};
+use storaged_tests::{bin, Agent, AgentClient, Storaged};
+
+/// Two VMs of one tenant, `a` and `b`, each running the spin guest with a volume of its
+/// own (`vol-a`, `vol-b`).
+fn two_vms(a: &Agent) -> AgentClient {
+    let t = tenant(a, "acme");
+    for n in ["a", "b"] {
+        let body = format!(r#"{{"name":"vol-{n}","size":"16MiB","encryption":"none"}}"#);
+        let (st, v) = call(&t, "POST", "/v1/volumes", Some(&body));
+        assert_eq!(st, 201, "{v}");
+        let body = format!(
+            r#"{{"id":"{n}","memory":"32MiB","kernel":"spin.elf","volumes":[{{"name":"vol-{n}"}}]}}"#
+        );
+        let (st, v) = call(&t, "POST", "/v1/vms", Some(&body));
+        assert_eq!(st, 201, "{v}");
+    }
+    t
+}
+
+/// The `Name:` line of /proc/PID/status, its fields.
+fn status(pid: u64, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in status of {pid}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The soft and hard value of a line of /proc/PID/limits.
+fn limit(pid: u64, name: &str) -> (String, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} limit"));
+    let mut f = line[name.len()..].split_whitespace();
+    (f.next().unwrap().into(), f.next().unwrap().into())
+}
+
+/// Every path under `root` (relative, with a trailing `/` for a directory).
+fn tree(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let p = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                out.insert(format!("{}/", p.display()));
+                // The host's kvm_pvm module directory is bound whole: not walked.
+                if !p.starts_with("sys") {
+                    dirs.push(p);
+                }
+            } else {
+                out.insert(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Runs `jail-probe` as `uid` in the mount namespace of `pid` (or on the host) and returns
+/// its lines.
+fn probe(pid: u64, uid: u64, host: bool, tries: &[(&str, &str)]) -> Vec<String> {
+    let mut cmd = std::process::Command::new(bin("jail-probe"));
+    cmd.args(["--pid", &pid.to_string(), "--uid", &uid.to_string()]);
+    if host {
+        cmd.arg("--host");
+    }
+    for (flag, path) in tries {
+        cmd.args([*flag, *path]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn each_vmm_runs_as_a_uid_of_its_own_without_privileges_in_namespaces_of_its_own() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = two_vms(&a);
+    let (va, vb) = (vm(&t, "a"), vm(&t, "b"));
+    let (uid_a, uid_b) = (va["uid"].as_u64().unwrap(), vb["uid"].as_u64().unwrap());
+    assert_ne!(uid_a, uid_b, "each VM its own uid");
+    for (v, uid) in [(&va, uid_a), (&vb, uid_b)] {
+        let pid = v["pid"].as_u64().unwrap();
+        assert!(uid >= 10_000_000, "not a host user's uid: {uid}");
+        let u = uid.to_string();
+        assert_eq!(
+            status(pid, "Uid"),
+            [u.as_str(); 4],
+            "real, effective, saved, fs"
+        );
+        assert_eq!(status(pid, "Gid"), [u.as_str(); 4]);
+        assert!(status(pid, "Groups").is_empty(), "no supplementary groups");
+        assert_eq!(status(pid, "NoNewPrivs"), ["1"]);
+        assert_eq!(
+            status(pid, "CapEff"),
+            ["0000000000000000"],
+            "no capabilities"
+        );
+        assert_eq!(limit(pid, "Max open files"), ("4096".into(), "4096".into()));
+        assert_eq!(limit(pid, "Max processes"), ("65".into(), "65".into()));
+        assert_eq!(limit(pid, "Max core file size"), ("0".into(), "0".into()));
+        for ns in ["mnt", "net", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "{ns} namespace of its own");
+        }
+        // Its storaged volume is given to its uid, the socket file too.
+        let name = if uid == uid_a {
+            "acme_vol-a"
+        } else {
+            "acme_vol-b"
+        };
+        let info = s.admin().volume(name).unwrap();
+        assert_eq!(info.owner.as_ref().map(|o| u64::from(o.uid)), Some(uid));
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&info.socket).unwrap();
+        assert_eq!((u64::from(meta.uid()), meta.mode() & 0o777), (uid, 0o600));
+    }
+}
+
+#[test]
+fn a_jails_root_holds_only_what_vmm_needs_read_only_but_its_run_dir() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = two_vms(&a);
+    let pid = vm(&t, "a")["pid"].as_u64().unwrap();
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let files = tree(&root);
+    let allowed = |p: &str| {
+        [
+            "vmm",
+            "kernel",
+            "disks/",
+            "disks/0.sock",
+            "dev/",
+            "dev/kvm",
+            "run/",
+        ]
+        .contains(&p)
+            || p.starts_with("run/api.sock")
+            || p.starts_with("run/console.log")
+            || p.starts_with("lib")
+            || p.starts_with("usr/")
+            || p == "usr/"
+            || ["proc/", "proc/meminfo", "sys/", "etc/", "etc/ld.so.cache"].contains(&p)
+            || p.starts_with("sys/")
+    };
+    let odd: Vec<_> = files.iter().filter(|p| !allowed(p)).collect();
+    assert!(
+        odd.is_empty(),
+        "unexpected in the jail: {odd:?}\nall: {files:?}"
+    );
+    for must in ["vmm", "kernel", "disks/0.sock", "dev/kvm", "run/api.sock"] {
+        assert!(files.contains(must), "{must} missing: {files:?}");
+    }
+    assert!(
+        files
+            .iter()
+            .any(|p| p.starts_with("lib") && p.contains("libc.so")),
+        "its libc: {files:?}"
+    );
+    // Everything but run/ read-only, from inside.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (target, opts) = (f[1], f[3]);
+        let rw = opts.split(',').any(|o| o == "rw");
+        match target {
+            "/run" | "/dev" => assert!(rw, "{line}"),
+            _ => assert!(!rw, "{target} writable: {line}"),
+        }
+        assert!(opts.contains("nosuid"), "{line}");
+    }
+}
+
+#[test]
+fn a_jailed_uid_reaches_no_file_outside_its_root_and_not_another_vms_disk_socket() {
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = two_vms(&a);
+    let (va, vb) = (vm(&t, "a"), vm(&t, "b"));
+    let pid_a = va["pid"].as_u64().unwrap();
+    let uid_a = va["uid"].as_u64().unwrap();
+    let socket_b = s.admin().volume("acme_vol-b").unwrap().socket;
+    let socket_b = socket_b.to_str().unwrap();
+    let db = a.data_dir.join("agent.redb");
+    let token = a.data_dir.join("admin.token");
+    let inside = probe(
+        pid_a,
+        uid_a,
+        false,
+        &[
+            ("--open", "/kernel"),
+            ("--open", "/dev/kvm"),
+            ("--open", "/etc/passwd"),
+            ("--open", "/proc/1/root/etc/passwd"),
+            ("--open", "/../../etc/passwd"),
+            ("--open", db.to_str().unwrap()),
+            ("--open", token.to_str().unwrap()),
+            ("--write", "/vmm"),
+            ("--write", "/kernel"),
+            ("--connect", socket_b),
+            ("--connect", "/disks/1.sock"),
+        ],
+    );
+    let db = db.display();
+    let token = token.display();
+    assert_eq!(
+        inside,
+        [
+            "open /kernel: ok".to_string(),
+            "open /dev/kvm: ok".into(),
+            "open /etc/passwd: ENOENT".into(),
+            "open /proc/1/root/etc/passwd: ENOENT".into(),
+            "open /../../etc/passwd: ENOENT".into(),
+            format!("open {db}: ENOENT"),
+            format!("open {token}: ENOENT"),
+            "write /vmm: EACCES".into(),
+            "write /kernel: EACCES".into(),
+            format!("connect {socket_b}: ENOENT"),
+            "connect /disks/1.sock: ENOENT".into(),
+        ]
+    );
+    // Were the uid to reach the host's file system, the other VM's socket is not its.
+    let outside = probe(pid_a, uid_a, true, &[("--connect", socket_b)]);
+    assert_eq!(outside, [format!("connect {socket_b}: EACCES")]);
+    // And VM b, which the probes did not touch, still runs.
+    assert_eq!(vm(&t, "b")["state"], "running");
+    assert_eq!(vm(&t, "b")["pid"], vb["pid"]);
+}
