@@ -73,6 +73,9 @@ pub struct Config {
     /// The first of the jailed vmms' uids: each VM gets the next one no other VM has.
     /// Default: [`DEFAULT_JAIL_UID_BASE`].
     pub jail_uid_base: Option<u32>,
+    /// Seccomp filters for every vmm in place of its built-in ones (vmm's `--seccomp-filter`:
+    /// a seccompiler JSON file with a filter per thread kind). Default: the built-in ones.
+    pub seccomp_filter: Option<PathBuf>,
 }
 
 /// The configuration with its defaults applied.
@@ -93,6 +96,7 @@ pub struct Resolved {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub jail: bool,
     pub jail_uid_base: u32,
+    pub seccomp_filter: Option<PathBuf>,
 }
 
 impl Config {
@@ -153,6 +157,7 @@ impl Config {
         Ok(Resolved {
             jail: self.jail.unwrap_or(true),
             jail_uid_base,
+            seccomp_filter: self.seccomp_filter.clone(),
             tls,
             listen,
             socket,

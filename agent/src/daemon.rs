@@ -139,6 +139,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             images_dir: paths.images_dir.clone(),
             vmm: paths.vmm.clone(),
             vms_dir: paths.vms_dir.clone(),
+            seccomp_filter: paths.seccomp_filter.clone(),
         },
         runtime.handle().clone(),
         metrics.clone(),

@@ -11,7 +11,8 @@
 //! 2. binds the jail onto itself and, read-only, nosuid and nodev, onto its empty files: the
 //!    vmm binary at `/vmm` and the libraries its loader lists (`ldd`) at their own paths;
 //!    the kernel and initrd at `/kernel` and `/initrd`; each disk's vhost-user socket at
-//!    `/disks/N.sock`; the host files vmm reads ([`HOST_FILES`]) where the host has them.
+//!    `/disks/N.sock`; a seccomp filter file, if one is configured, at `/seccomp.json`; the
+//!    host files vmm reads ([`HOST_FILES`]) where the host has them.
 //!    It binds `run/` read-write (nosuid, nodev, noexec), mounts a tmpfs on `/dev` holding
 //!    only `kvm` (the VM uid's, mode 0600), and remounts the jail's root read-only;
 //! 3. pivots into the jail and detaches the old root: nothing else of the host's file system
@@ -117,6 +118,8 @@ pub struct Contents<'a> {
     pub initrd: Option<&'a Path>,
     /// The disks' vhost-user sockets, `/disks/N.sock` in the jail in this order.
     pub disks: &'a [PathBuf],
+    /// vmm's seccomp filter file, `/seccomp.json` in the jail.
+    pub seccomp_filter: Option<&'a Path>,
 }
 
 /// Where a jailed vmm finds its files.
@@ -127,6 +130,7 @@ pub struct Inside {
     pub disks: Vec<PathBuf>,
     pub api_sock: PathBuf,
     pub serial: PathBuf,
+    pub seccomp_filter: Option<PathBuf>,
 }
 
 /// The rlimits of a jailed vmm with `vcpus` vCPUs: descriptors, threads (its uid is its
@@ -228,6 +232,10 @@ pub fn prepare(
         .initrd
         .map(|i| bind(i, Path::new("/initrd")))
         .transpose()?;
+    let seccomp_filter = contents
+        .seccomp_filter
+        .map(|f| bind(f, Path::new("/seccomp.json")))
+        .transpose()?;
     let disks = contents
         .disks
         .iter()
@@ -262,6 +270,7 @@ pub fn prepare(
         disks,
         api_sock: PathBuf::from("/run/api.sock"),
         serial: PathBuf::from("/run/console.log"),
+        seccomp_filter,
     };
     Ok((jail, inside))
 }

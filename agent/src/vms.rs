@@ -106,6 +106,7 @@ pub struct VmSupervisor {
     images_dir: PathBuf,
     vmm: PathBuf,
     vms_dir: PathBuf,
+    seccomp_filter: Option<PathBuf>,
     /// Every VM with a vmm running: its pidfd.
     running: Mutex<HashMap<String, Arc<OwnedFd>>>,
     /// One lock per VM, held across each change of its record and its process (a launch, an
@@ -172,6 +173,8 @@ pub struct VmPaths {
     pub vmm: PathBuf,
     /// The VMs' directories.
     pub vms_dir: PathBuf,
+    /// vmm's `--seccomp-filter`, if not its built-in filters.
+    pub seccomp_filter: Option<PathBuf>,
 }
 
 impl VmSupervisor {
@@ -189,6 +192,7 @@ impl VmSupervisor {
             images_dir: paths.images_dir,
             vmm: paths.vmm,
             vms_dir: paths.vms_dir,
+            seccomp_filter: paths.seccomp_filter,
             running: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             runtime,
@@ -499,6 +503,7 @@ impl VmSupervisor {
                     kernel: &kernel,
                     initrd: initrd.as_deref(),
                     disks: &sockets,
+                    seccomp_filter: self.seccomp_filter.as_deref(),
                 };
                 let (jail, inside) = jail::prepare(
                     &files.jail(),
@@ -525,6 +530,7 @@ impl VmSupervisor {
                     disks: disks.iter().map(|d| d.socket.clone()).collect(),
                     api_sock: api.clone(),
                     serial: files.console(),
+                    seccomp_filter: self.seccomp_filter.clone(),
                 };
                 (None, inside)
             }
@@ -546,6 +552,9 @@ impl VmSupervisor {
             .arg(&inside.api_sock);
         if let Some(i) = &inside.initrd {
             cmd.arg("--initrd").arg(i);
+        }
+        if let Some(f) = &inside.seccomp_filter {
+            cmd.arg("--seccomp-filter").arg(f);
         }
         if let Some(c) = &spec.cmdline {
             // One argument: a command line that starts with "--" is still the value.

@@ -140,15 +140,22 @@ impl Agent {
     /// An agent making its volumes on `storaged` and booting its VMs from the test guests
     /// (`images/guests/`, assembled: `hello.elf`, `spin.elf`, ...).
     pub fn with_guests(storaged: &crate::Storaged) -> Self {
+        Self::with_guests_and(storaged, &[])
+    }
+
+    /// [`with_guests`](Self::with_guests) with more arguments.
+    pub fn with_guests_and(storaged: &crate::Storaged, more: &[&str]) -> Self {
         let socket = storaged.admin_socket();
         let guests = crate::guest("spin");
         let dir = guests.parent().expect("the guests' dir");
-        Self::start_with(&[
+        let mut args = vec![
             "--storaged-socket",
             socket.to_str().expect("a UTF-8 path"),
             "--images-dir",
             dir.to_str().expect("a UTF-8 path"),
-        ])
+        ];
+        args.extend_from_slice(more);
+        Self::start_with(&args)
     }
 
     pub fn start_with(args: &[&str]) -> Self {

@@ -8,8 +8,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use storaged_tests::agent_calls::{call, tenant, vm};
-use storaged_tests::{bin, Agent, AgentClient, Storaged};
+use std::time::Duration;
+
+use storaged_tests::agent_calls::{call, tenant, vm, wait_vm};
+use storaged_tests::{bin, wait_until, Agent, AgentClient, Storaged};
 
 /// Two VMs of one tenant, `a` and `b`, each running the spin guest with a volume of its
 /// own (`vol-a`, `vol-b`).
@@ -96,6 +98,22 @@ fn probe(pid: u64, uid: u64, host: bool, tries: &[(&str, &str)]) -> Vec<String> 
         .collect()
 }
 
+/// The threads of `pid` without a seccomp filter, by name.
+fn unfiltered(pid: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let st = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        if !st
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]))
+        {
+            out.push(std::fs::read_to_string(task.join("comm")).unwrap_or_default());
+        }
+    }
+    out
+}
+
 #[test]
 fn each_vmm_runs_as_a_uid_of_its_own_without_privileges_in_namespaces_of_its_own() {
     let s = Storaged::start();
@@ -124,6 +142,11 @@ fn each_vmm_runs_as_a_uid_of_its_own_without_privileges_in_namespaces_of_its_own
         assert_eq!(limit(pid, "Max open files"), ("4096".into(), "4096".into()));
         assert_eq!(limit(pid, "Max processes"), ("65".into(), "65".into()));
         assert_eq!(limit(pid, "Max core file size"), ("0".into(), "0".into()));
+        // Each thread under a seccomp filter (mode 2): the main thread's is installed once
+        // the VM is set up.
+        wait_until("every thread filtered", Duration::from_secs(10), || {
+            unfiltered(pid).is_empty()
+        });
         for ns in ["mnt", "net", "ipc", "uts"] {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
@@ -252,4 +275,45 @@ fn a_jailed_uid_reaches_no_file_outside_its_root_and_not_another_vms_disk_socket
     // And VM b, which the probes did not touch, still runs.
     assert_eq!(vm(&t, "b")["state"], "running");
     assert_eq!(vm(&t, "b")["pid"], vb["pid"]);
+}
+
+#[test]
+fn a_system_call_outside_the_filter_kills_the_vmm_by_sigsys_and_the_agent_says_so() {
+    let s = Storaged::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Every kind allowed everything but the vCPU threads' ioctl: the first KVM_RUN.
+    let allow_all = r#"{"mismatch_action": "allow", "match_action": "kill_process", "filter": []}"#;
+    let filters = format!(
+        r#"{{"main": {allow_all}, "api": {allow_all}, "console": {allow_all}, "device": {allow_all},
+            "vcpu": {{"mismatch_action": "allow", "match_action": "kill_process",
+                      "filter": [{{"syscall": "ioctl"}}]}}}}"#
+    );
+    let filter_file = dir.path().join("seccomp.json");
+    std::fs::write(&filter_file, filters).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("seccomp_filter = {:?}\n", filter_file.to_str().unwrap()),
+    )
+    .unwrap();
+    let a = Agent::with_guests_and(&s, &["--config", config.to_str().unwrap()]);
+    let t = tenant(&a, "acme");
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"a","memory":"32MiB","kernel":"spin.elf","restart_policy":"never"}"#),
+    );
+    assert_eq!(st, 201, "{v}");
+    let v = wait_vm(&t, "a", "killed", Duration::from_secs(30), |v| {
+        v["state"] == "stopped"
+    });
+    let last = &v["last_exit"];
+    assert_eq!(last["signal"], 31, "{v}");
+    assert_eq!(last["failure"], true);
+    assert!(
+        last["meaning"].as_str().unwrap().contains("seccomp"),
+        "{last}"
+    );
+    a.wait_for_log("signal=Some(31)");
 }

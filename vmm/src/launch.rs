@@ -1,4 +1,5 @@
-//! The process, from its parsed command line to its exit code: logging; the stop signals,
+//! The process, from its parsed command line to its exit code: logging; the seccomp filters
+//! its threads install; the stop signals,
 //! blocked before any thread starts so that only the signalfd gets them; the API, if asked
 //! for; the VM's configuration, the command line's or (without `--kernel`) the API's
 //! `PUT /v1/vm/config` and `POST /v1/vm/start`; the VM's run; and the [`ProcessExit`] it all
@@ -27,8 +28,19 @@ pub struct Options<'a> {
     pub serial: &'a str,
     pub serial_log_max: Option<&'a str>,
     pub api_sock: Option<&'a Path>,
+    pub seccomp: Seccomp<'a>,
     /// The log filter (tracing syntax).
     pub log: &'a str,
+}
+
+/// Which seccomp filters the threads install.
+#[derive(Clone, Copy, Debug)]
+pub enum Seccomp<'a> {
+    BuiltIn,
+    /// A seccompiler JSON file's.
+    File(&'a Path),
+    /// None.
+    Off,
 }
 
 /// Runs the VMM as `opts` say; `started` is when the process started, for the
@@ -39,6 +51,21 @@ pub fn run(opts: &Options<'_>, started: Instant) -> ProcessExit {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before any thread exists, so that every thread finds its filter.
+    let filters = match opts.seccomp {
+        Seccomp::Off => Ok(None),
+        Seccomp::BuiltIn => crate::seccomp::Filters::built_in().map(Some),
+        Seccomp::File(path) => crate::seccomp::Filters::from_file(path).map(Some),
+    };
+    match filters {
+        Ok(f) => {
+            let _ = crate::seccomp::FILTERS.set(f);
+        }
+        Err(e) => {
+            eprintln!("vmm: {}", crate::error_chain(&e));
+            return ProcessExit::Refused;
+        }
+    }
     // Before any thread exists, so SIGTERM and SIGINT only ever reach this signalfd.
     let signals = match vm::block_stop_signals() {
         Ok(s) => s,

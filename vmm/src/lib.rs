@@ -17,8 +17,8 @@
 //!   latch and the exit counters shared with [`api`], the HTTP API on a Unix socket;
 //!   [`exit`]: why the VM ended, the process's exit codes, the vCPU exit kinds counted.
 //! - [`threads`]: every thread is started there, by its kind (vCPU, API, console, device;
-//!   the main thread is the process's own); [`sys`]: the raw system calls, behind small
-//!   wrappers.
+//!   the main thread is the process's own), and [`seccomp`]: each kind's seccomp filter,
+//!   which the thread installs; [`sys`]: the raw system calls, behind small wrappers.
 
 pub mod acpi;
 pub mod api;
@@ -33,6 +33,7 @@ pub mod exit;
 pub mod launch;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod sys;
 pub mod threads;
 pub mod vhost_user;

@@ -45,6 +45,13 @@ struct Args {
     /// API socket (HTTP/1.1 + JSON under /v1; see vmm/openapi.yaml), mode 0600.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Seccomp filters replacing the built-in ones: a seccompiler JSON file with a filter for
+    /// each thread kind (main, vcpu, api, console, device).
+    #[arg(long, conflicts_with = "no_seccomp")]
+    seccomp_filter: Option<PathBuf>,
+    /// Run every thread without a seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
     /// Log filter (tracing syntax), e.g. "info" or "vmm=debug".
     #[arg(long, default_value = "info", env = "VMM_LOG")]
     log: String,
@@ -63,6 +70,11 @@ fn main() -> ExitCode {
         serial: &args.serial,
         serial_log_max: args.serial_log_max.as_deref(),
         api_sock: args.api_sock.as_deref(),
+        seccomp: match (&args.seccomp_filter, args.no_seccomp) {
+            (_, true) => vmm::launch::Seccomp::Off,
+            (Some(f), _) => vmm::launch::Seccomp::File(f),
+            (None, false) => vmm::launch::Seccomp::BuiltIn,
+        },
         log: &args.log,
     };
     vmm::launch::run(&opts, started).into()

@@ -1,7 +1,8 @@
 //! Every thread vmm starts is started by [`spawn`], which is told its [`ThreadKind`]: the one
-//! place that knows what each thread of the process is. That is where a jail installs a
-//! seccomp filter per kind (as Firecracker does for its vmm, API and vCPU threads); none is
-//! installed yet: [`spawn`] names the thread and starts it.
+//! place that knows what each thread of the process is. [`spawn`] names the thread, starts
+//! it, and the thread installs its kind's seccomp filter ([`crate::seccomp`]) before it runs
+//! anything else; one that cannot ends the process (exit code 1: vmm failed) rather than run
+//! unfiltered.
 //!
 //! The kinds, and what each thread does:
 //!
@@ -40,5 +41,11 @@ where
     );
     let name = name.into();
     tracing::trace!(?kind, thread = %name, "starting thread");
-    std::thread::Builder::new().name(name).spawn(f)
+    std::thread::Builder::new().name(name).spawn(move || {
+        if let Err(e) = crate::seccomp::apply(kind) {
+            eprintln!("vmm: {}", crate::error_chain(&e));
+            std::process::exit(i32::from(crate::exit::ProcessExit::Failed.code()));
+        }
+        f()
+    })
 }

@@ -46,6 +46,8 @@ pub enum Error {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] vhost_user::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 impl Error {
@@ -190,6 +192,8 @@ pub fn run(
         vcpu_threads.push(t);
     }
 
+    // Set up: from here the main thread only waits for the end and takes the VM down.
+    crate::seccomp::apply(ThreadKind::Main)?;
     let exit = wait(&control, signals);
     drop(console_end);
     if let Some(first) = console.first_byte() {

@@ -193,6 +193,10 @@ impl ProcessExit {
     /// What it means, in the words of [`ProcessExit::TABLE`].
     pub fn meaning(self) -> String {
         match self {
+            ProcessExit::Signal(libc_sig::SIGSYS) => {
+                "killed by SIGSYS: a system call outside its seccomp filter".into()
+            }
+            ProcessExit::Signal(libc_sig::SIGKILL) => "killed (SIGKILL)".into(),
             ProcessExit::Signal(n) => format!("stopped by signal {n}"),
             other => Self::TABLE[other.code() as usize].1.to_string(),
         }
@@ -212,6 +216,12 @@ impl From<ProcessExit> for std::process::ExitCode {
     fn from(e: ProcessExit) -> Self {
         std::process::ExitCode::from(e.code())
     }
+}
+
+/// The signal numbers [`ProcessExit::meaning`] names (x86-64 Linux).
+mod libc_sig {
+    pub const SIGKILL: i32 = 9;
+    pub const SIGSYS: i32 = 31;
 }
 
 /// The kinds of vCPU exit counted, in the order of their counters.
