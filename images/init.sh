@@ -12,17 +12,25 @@
 #   vmm.test=boot   only says "vmm-test: init started" (as every mode does first) and powers
 #                   off a second later (the VMM's memory is read in between): the end of the
 #                   boot benchmark
+# With vmm.end=button the guest does not power off by itself after its test: it says
+# "vmm-test: waiting for the power button" and powers off when the ACPI power button is
+# pressed (the button driver's KEY_POWER on its evdev device), saying "vmm-test: power button
+# pressed" first.
 echo "vmm-test: init started"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 test=fio
+end=poweroff
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in vmm.test=*) test="${arg#vmm.test=}" ;; esac
+    case "$arg" in
+    vmm.test=*) test="${arg#vmm.test=}" ;;
+    vmm.end=*) end="${arg#vmm.end=}" ;;
+    esac
 done
 [ "$test" = boot ] && { sleep 1; poweroff -f; }
-for m in virtio_ring virtio virtio_mmio virtio_blk; do
+for m in virtio_ring virtio virtio_mmio virtio_blk button evdev; do
     insmod /lib/modules/$m.ko || echo "vmm-test: FAIL insmod $m"
 done
 i=0
@@ -71,4 +79,24 @@ else
     fi
 fi
 sync
+if [ "$end" = button ]; then
+    # The power button's input device (its name is the button driver's).
+    event=""
+    i=0
+    while [ -z "$event" ] && [ $i -lt 100 ]; do
+        for d in /sys/class/input/input*; do
+            [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
+            for e in "$d"/event*; do [ -e "$e" ] && event="/dev/input/${e##*/}"; done
+        done
+        [ -n "$event" ] || { sleep 0.1; i=$((i + 1)); }
+    done
+    if [ -z "$event" ] || [ ! -c "$event" ]; then
+        echo "vmm-test: FAIL no power button device"
+    else
+        echo "vmm-test: waiting for the power button"
+        # One input event (24 bytes): the button sends nothing but its key.
+        dd if="$event" of=/dev/null bs=24 count=1 2>/dev/null
+        echo "vmm-test: power button pressed"
+    fi
+fi
 poweroff -f

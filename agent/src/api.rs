@@ -11,6 +11,7 @@
 //! their 4xx/5xx, unknown paths and methods included.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agent_api::{CreateTenant, CreateVm, CreateVolume, ErrorBody, Role, UpdateVolume, Whoami};
 use axum::body::Bytes;
@@ -284,6 +285,19 @@ async fn delete_tenant(
 }
 
 /// The `tenant` of a query string; any other key is refused.
+/// The value of parameter `name` in a query, and the query without it.
+fn take_param(query: Option<&str>, name: &str) -> (Option<String>, Option<String>) {
+    let mut value = None;
+    let mut rest = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if k == name => value = Some(v.to_string()),
+            _ => rest.push(pair),
+        }
+    }
+    (value, (!rest.is_empty()).then(|| rest.join("&")))
+}
+
 fn query_tenant(query: Option<&str>) -> ApiResult<Option<String>> {
     let mut tenant = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -497,13 +511,36 @@ async fn vm_action(
     Path((id, action)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<impl IntoResponse> {
-    let tenant = scope(&p, query_tenant(query.as_deref())?, "VM")?;
+    // stop and restart take how long the guest has to power off.
+    let (timeout, rest) = take_param(query.as_deref(), "timeout_seconds");
+    let timeout = match (timeout, action.as_str()) {
+        (None, _) => vms::STOP_TIMEOUT,
+        (Some(t), "stop" | "restart") => match t.parse::<u64>().map(Duration::from_secs) {
+            Ok(d) if d <= vms::MAX_STOP_TIMEOUT => d,
+            _ => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "timeout_seconds {t:?}: a number of seconds, at most {}",
+                        vms::MAX_STOP_TIMEOUT.as_secs()
+                    ),
+                ))
+            }
+        },
+        (Some(_), _) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "timeout_seconds is for stop and restart".into(),
+            ))
+        }
+    };
+    let tenant = scope(&p, query_tenant(rest.as_deref())?, "VM")?;
     let vms = state.vms.clone();
     let vm = match action.as_str() {
         "start" => blocking(move || Ok(vms.start(&tenant, &id)?)).await?,
-        "stop" => blocking(move || Ok(vms.stop(&tenant, &id)?)).await?,
+        "stop" => blocking(move || Ok(vms.stop(&tenant, &id, timeout)?)).await?,
         "kill" => blocking(move || Ok(vms.kill(&tenant, &id)?)).await?,
-        "restart" => blocking(move || Ok(vms.restart(&tenant, &id)?)).await?,
+        "restart" => blocking(move || Ok(vms.restart(&tenant, &id, timeout)?)).await?,
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,

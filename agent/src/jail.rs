@@ -9,7 +9,7 @@
 //! 1. enters its cgroups, then unshares a mount, network, IPC and UTS namespace and makes
 //!    every mount a slave of the host's: nothing it mounts reaches the host;
 //! 2. binds the jail onto itself and, read-only, nosuid and nodev, onto its empty files: the
-//!    vmm binary at `/vmm` and the libraries its loader lists (`ldd`) at their own paths;
+//!    vmm binary at `/vmm` and the libraries its loader lists at their own paths;
 //!    the kernel and initrd at `/kernel` and `/initrd`; each disk's vhost-user socket at
 //!    `/disks/N.sock`; a seccomp filter file, if one is configured, at `/seccomp.json`; the
 //!    host files vmm reads ([`HOST_FILES`]) where the host has them.
@@ -31,6 +31,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -58,7 +59,7 @@ pub enum Error {
     },
     #[error("{0} holds a NUL byte")]
     Nul(PathBuf),
-    #[error("Cannot list the libraries of {vmm} with ldd: {reason}")]
+    #[error("Cannot list the libraries of {vmm}: {reason}")]
     Libraries { vmm: PathBuf, reason: String },
 }
 
@@ -73,34 +74,69 @@ fn cstring(p: &Path) -> Result<CString, Error> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Nul(p.to_owned()))
 }
 
-/// The files a dynamically linked `vmm` loads (the loader included), as `ldd` lists them;
-/// none for a static one.
+/// The files a dynamically linked `vmm` loads (the loader included), as its loader lists
+/// them (`LOADER --list VMM`, what `ldd` runs); none for a static one (no `PT_INTERP`).
 pub fn libraries(vmm: &Path) -> Result<Vec<PathBuf>, Error> {
     let err = |reason: String| Error::Libraries {
         vmm: vmm.to_owned(),
         reason,
     };
-    let out = std::process::Command::new("ldd")
+    let elf = std::fs::read(vmm).map_err(|e| err(e.to_string()))?;
+    let Some(loader) = interpreter(&elf).map_err(|e| err(e.into()))? else {
+        return Ok(Vec::new());
+    };
+    let out = std::process::Command::new(&loader)
+        .arg("--list")
         .arg(vmm)
         .output()
-        .map_err(|e| err(e.to_string()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
+        .map_err(|e| err(format!("{}: {e}", loader.display())))?;
     if !out.status.success() {
-        // ldd says so, and fails, for a static executable.
-        if text.contains("not a dynamic executable") || text.contains("statically linked") {
-            return Ok(Vec::new());
-        }
         return Err(err(format!(
-            "{}{}",
-            text.trim(),
+            "{} --list: {}",
+            loader.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(parse_ldd(&text))
+    let mut libs = parse_ldd(&String::from_utf8_lossy(&out.stdout));
+    if !libs.contains(&loader) {
+        libs.push(loader);
+    }
+    Ok(libs)
 }
 
-/// The absolute paths of `ldd`'s lines: "libc.so.6 => /lib/.../libc.so.6 (0x...)" and
-/// "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has none.
+/// The program interpreter (`PT_INTERP`) of a 64-bit little-endian ELF file; `None` for one
+/// without (static).
+fn interpreter(elf: &[u8]) -> Result<Option<PathBuf>, &'static str> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err("not a 64-bit little-endian ELF file");
+    }
+    let short = "a truncated ELF header";
+    let phoff = usize::try_from(u64_at(0x20).ok_or(short)?).map_err(|_| short)?;
+    let phentsize = usize::from(u16_at(0x36).ok_or(short)?);
+    let phnum = usize::from(u16_at(0x38).ok_or(short)?);
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let kind = elf.get(ph..ph + 4).ok_or(short)?;
+        if kind != 3u32.to_le_bytes() {
+            continue;
+        }
+        let offset = usize::try_from(u64_at(ph + 8).ok_or(short)?).map_err(|_| short)?;
+        let size = usize::try_from(u64_at(ph + 32).ok_or(short)?).map_err(|_| short)?;
+        let name = elf.get(offset..offset + size).ok_or(short)?;
+        let name = name.split(|b| *b == 0).next().unwrap_or_default();
+        return Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(name))));
+    }
+    Ok(None)
+}
+
+/// The absolute paths of the loader's `--list` lines (as `ldd` prints them): "libc.so.6 =>
+/// /lib/.../libc.so.6 (0x...)" and "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has none.
 fn parse_ldd(text: &str) -> Vec<PathBuf> {
     text.lines()
         .filter_map(|l| {
@@ -389,6 +425,15 @@ mod tests {
                 PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
             ]
         );
+    }
+
+    #[test]
+    fn a_static_binary_has_no_interpreter_and_a_text_file_is_no_elf() {
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        assert_eq!(interpreter(&elf), Ok(None));
+        assert!(interpreter(b"#!/bin/sh\n").is_err());
+        assert!(interpreter(&elf[..30]).is_err());
     }
 
     #[test]

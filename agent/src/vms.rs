@@ -59,8 +59,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the agent waits for an answer of a vmm's API.
 const VMM_API_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a stop waits for vmm to end before it kills it.
+/// How long a stop waits for the guest to power off after its power button, unless the
+/// call says otherwise.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest a stop may be told to wait.
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a stop waits for vmm to end after its API's shutdown before it kills it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Errors of the VM calls.
 #[derive(Debug, thiserror::Error)]
@@ -854,32 +861,49 @@ impl VmSupervisor {
         Ok((record, pidfd))
     }
 
-    /// Ends a VM through vmm's API (`shutdown`), killing it after [`STOP_TIMEOUT`]; it is not
-    /// started again.
-    pub fn stop(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
+    /// Stops a VM, which is not started again: its ACPI power button (vmm's API), and if the
+    /// guest has not powered off within `timeout`, vmm's shutdown (the VM ends at once), and
+    /// if vmm has not ended [`SHUTDOWN_GRACE`] later, SIGKILL. A vmm whose API cannot be
+    /// reached (after a few tries: one just started may not answer yet) is killed at once.
+    pub fn stop(self: &Arc<Self>, tenant: &str, id: &str, timeout: Duration) -> Result<Vm, Error> {
         let (record, pidfd) = self.halt(tenant, id)?;
         if let Some(pidfd) = pidfd {
-            // The kill is set first: a vmm whose API hangs is still ended in time.
-            let fd = pidfd.clone();
+            // Both later steps are set first: a vmm whose API hangs is still ended in time.
+            let (fd, me, r) = (pidfd.clone(), self.clone(), record.clone());
             self.runtime.spawn(async move {
-                tokio::time::sleep(STOP_TIMEOUT).await;
+                tokio::time::sleep(timeout).await;
+                if sys::alive(&fd) {
+                    tracing::info!(vm = %r.id, "the guest did not power off in time: shutting its vmm down");
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Some((api, _socket)) = me.vmm_api(&r) {
+                            let _ = api.shutdown();
+                        }
+                    })
+                    .await;
+                }
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
                 // Still the same process (its pidfd): past its time.
                 let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
             });
-            // A vmm just started may not answer yet: a few tries, while it cannot be reached.
             let deadline = Instant::now() + Duration::from_secs(3);
-            let shutdown = || match self.vmm_api(&record) {
-                Some((api, _socket)) => api.shutdown().map_err(|e| e.to_string()),
+            let press = || match self.vmm_api(&record) {
+                Some((api, _socket)) => api.power_button().map_err(|e| e.to_string()),
                 None => Err("no API socket".to_string()),
             };
-            let mut result = shutdown();
+            let mut result = press();
             while result.is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
-                result = shutdown();
+                result = press();
             }
-            if let Err(e) = result {
-                tracing::warn!(vm = id, "vmm did not take the shutdown ({e}): killing it");
-                let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+            match result {
+                Ok(_) => tracing::info!(vm = id, ?timeout, "power button pressed"),
+                Err(e) => {
+                    tracing::warn!(
+                        vm = id,
+                        "vmm did not take the power button ({e}): killing it"
+                    );
+                    let _ = sys::pidfd_signal(&pidfd, libc::SIGKILL);
+                }
             }
         }
         Ok(self.view(&record))
@@ -914,11 +938,17 @@ impl VmSupervisor {
     }
 
     /// Stops a VM (as [`stop`](Self::stop)) and starts it again.
-    pub fn restart(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Vm, Error> {
-        self.stop(tenant, id)?;
-        if !self.wait_ended(tenant, id, STOP_TIMEOUT + Duration::from_secs(2)) {
+    pub fn restart(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Vm, Error> {
+        self.stop(tenant, id, timeout)?;
+        let most = timeout + SHUTDOWN_GRACE + Duration::from_secs(2);
+        if !self.wait_ended(tenant, id, most) {
             return Err(Error::Invalid(format!(
-                "VM {id} did not end within {STOP_TIMEOUT:?} of its stop; not started again"
+                "VM {id} did not end within {most:?} of its stop; not started again"
             )));
         }
         self.start(tenant, id)

@@ -127,20 +127,44 @@ fn a_killed_vmm_is_started_again_after_its_backoff_until_the_cap_and_a_stop_is_n
     assert_eq!(v["restarts"], 5);
     assert!(v["pid"].is_null());
 
-    // Started by hand it runs again, and a stop ends it for good.
+    // Started by hand it runs again, and a stop ends it for good: the spin guest ignores its
+    // power button, so once the stop's timeout has passed, vmm's shutdown ends it.
     let (st, v) = call(&t, "POST", "/v1/vms/spin/start", None);
     assert_eq!((st, v["state"].as_str()), (200, Some("running")), "{v}");
-    let (st, _) = call(&t, "POST", "/v1/vms/spin/stop", None);
+    for bad in ["abc", "301", "-1"] {
+        let (st, v) = call(
+            &t,
+            "POST",
+            &format!("/v1/vms/spin/stop?timeout_seconds={bad}"),
+            None,
+        );
+        assert_eq!(st, 400, "{bad}: {v}");
+    }
+    let (st, v) = call(&t, "POST", "/v1/vms/spin/kill?timeout_seconds=1", None);
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(
+        vm(&t, "spin")["state"],
+        "running",
+        "the refused calls changed nothing"
+    );
+    let stopped = Instant::now();
+    let (st, _) = call(&t, "POST", "/v1/vms/spin/stop?timeout_seconds=1", None);
     assert_eq!(st, 200);
     let v = wait_vm(&t, "spin", "stopped", Duration::from_secs(30), |v| {
         v["state"] == "stopped"
     });
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(1),
+        "the guest had its second"
+    );
     assert_eq!(
         v["last_exit"]["code"],
         0,
         "the API's shutdown ends vmm with 0: {v}\n{}",
         a.log_text()
     );
+    a.wait_for_log("power button pressed");
+    a.wait_for_log("the guest did not power off in time");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(vm(&t, "spin")["state"], "stopped", "not started again");
 }

@@ -1,5 +1,6 @@
 //! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, MADT (a local APIC per
-//! vCPU, one IOAPIC) and a DSDT describing the serial port. Linux finds the RSDP in the BIOS
+//! vCPU, one IOAPIC) and a DSDT describing the serial port, the virtio-mmio disks, and the
+//! power button behind a Generic Event Device. Linux finds the RSDP in the BIOS
 //! area (0xe0000) and through the zero page.
 
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
@@ -14,7 +15,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 
-use crate::devices::{SERIAL_IRQ, SERIAL_PORT, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use crate::devices::{
+    GED_IRQ, GED_PORT, GED_POWER_BUTTON, SERIAL_IRQ, SERIAL_PORT, SLEEP_CONTROL_PORT,
+    SLEEP_STATUS_PORT,
+};
 
 /// Where the RSDP goes (the start of the BIOS read-only area Linux scans).
 pub const RSDP_ADDR: u64 = 0xe_0000;
@@ -110,8 +114,11 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: the 16550 at 0x3f8, IRQ 4, and each virtio-mmio device (`LNRO0005`, which
-/// Linux's virtio_mmio driver matches).
+/// The DSDT: the 16550 at 0x3f8, IRQ 4; each virtio-mmio device (`LNRO0005`, which
+/// Linux's virtio_mmio driver matches); the power button (`PNP0C0C`) and the Generic Event
+/// Device (`ACPI0013`) that signals it: hardware-reduced ACPI has no fixed power button
+/// event, so the GED's interrupt runs its `_EVT`, which reads the event register
+/// ([`GED_PORT`]) and, for the power button's bit, notifies the button (0x80: pressed).
 fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
     let hid = aml::EISAName::new("PNP0501");
@@ -124,6 +131,55 @@ fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
     dsdt.append_slice(&bytes_of(&com1));
     // S5 (soft off): SLP_TYP 5 in the sleep control register.
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let pwrb_name_hid = aml::Name::new("_HID".into(), &pwrb_hid);
+    let pwrb_name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pwrb = aml::Device::new("_SB_.PWRB".into(), vec![&pwrb_name_hid, &pwrb_name_uid]);
+    dsdt.append_slice(&bytes_of(&pwrb));
+    let ged_hid = aml::AmlStr::from("ACPI0013");
+    let ged_irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let ged_name_hid = aml::Name::new("_HID".into(), &ged_hid);
+    let ged_name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_name_crs = aml::Name::new("_CRS".into(), &ged_crs);
+    let port = aml::Usize::from(usize::from(GED_PORT));
+    let one_byte = aml::Usize::from(1usize);
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &port,
+        &one_byte,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let (local0, local1) = (aml::Local(0), aml::Local(1));
+    let gdat = aml::Path::new("GDAT");
+    let button_bit = aml::Usize::from(usize::from(GED_POWER_BUTTON));
+    let read = aml::Store::new(&local0, &gdat);
+    let masked = aml::And::new(&local1, &local0, &button_bit);
+    let pressed = aml::Usize::from(0x80usize);
+    let button_path = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&button_path, &pressed);
+    let is_button = aml::Equal::new(&local1, &button_bit);
+    let if_button = aml::If::new(&is_button, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &masked, &if_button]);
+    let ged = aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &ged_name_hid,
+            &ged_name_uid,
+            &ged_name_crs,
+            &region,
+            &field,
+            &evt,
+        ],
+    );
+    dsdt.append_slice(&bytes_of(&ged));
     let s5_typ = aml::Usize::from(5usize);
     let s5 = aml::Package::new(vec![&s5_typ, &s5_typ]);
     dsdt.append_slice(&bytes_of(&aml::Name::new("_S5_".into(), &s5)));

@@ -5,6 +5,8 @@
 //! - `PUT /v1/vm/config`, `POST /v1/vm/start`: configure and boot a VM started without
 //!   `--kernel` (the checks are the command line's; 409 once it runs)
 //! - `POST /v1/vm/pause`, `/v1/vm/resume`: stop and restart every vCPU (409 if already so)
+//! - `POST /v1/vm/power-button`: presses the ACPI power button (the guest decides: a Linux
+//!   with a power key handler powers off, and vmm ends with 0)
 //! - `POST /v1/vm/shutdown`, `/v1/vm/kill`: end the VMM (exit codes 0 and 4)
 //! - `GET /v1/vm/counters`: vCPU exits by kind, and per disk the requests the backend completed
 //!
@@ -25,6 +27,7 @@ use vmm_api::{Counters, Disk, DiskCounters, ErrorBody, Transition, VmInfo, VmSta
 
 use crate::config::{self, VmConfig};
 use crate::control::Control;
+use crate::devices::PowerButton;
 use crate::exit::{Exit, ExitKind};
 use crate::threads::{self, ThreadKind};
 use crate::vm::MmioBus;
@@ -70,6 +73,7 @@ struct Running {
     info: VmInfo,
     control: Arc<Control>,
     mmio: Arc<MmioBus>,
+    button: Arc<PowerButton>,
 }
 
 /// State shared by the API and the VMM, from before the VM starts.
@@ -100,7 +104,13 @@ impl Shared {
     }
 
     /// Called by the VMM once the devices exist and the vCPUs are about to run.
-    pub fn set_running(&self, cfg: &VmConfig, control: Arc<Control>, mmio: Arc<MmioBus>) {
+    pub fn set_running(
+        &self,
+        cfg: &VmConfig,
+        control: Arc<Control>,
+        mmio: Arc<MmioBus>,
+        button: Arc<PowerButton>,
+    ) {
         let mut early = self.early_stop.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(exit) = early.take() {
             control.end(exit);
@@ -109,6 +119,7 @@ impl Shared {
             info: vm_info_of(cfg),
             control,
             mmio,
+            button,
         });
     }
 
@@ -285,6 +296,23 @@ fn stop(s: &Shared, e: Exit) -> Json<Transition> {
     })
 }
 
+async fn power_button(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let r = running(&s)?;
+    r.button.press().map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("Cannot raise the power button's interrupt: {e}"),
+        )
+    })?;
+    tracing::info!("power button pressed");
+    let state = if r.control.is_paused() {
+        VmState::Paused
+    } else {
+        VmState::Running
+    };
+    Ok(to(state))
+}
+
 async fn shutdown(State(s): State<ApiState>) -> impl IntoResponse {
     stop(&s, Exit::ApiShutdown)
 }
@@ -328,12 +356,13 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Routes; each is described in vmm/openapi.yaml.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 9] = [
     "/v1/vm",
     "/v1/vm/config",
     "/v1/vm/start",
     "/v1/vm/pause",
     "/v1/vm/resume",
+    "/v1/vm/power-button",
     "/v1/vm/shutdown",
     "/v1/vm/kill",
     "/v1/vm/counters",
@@ -346,6 +375,7 @@ fn router(state: ApiState) -> Router {
         .route("/v1/vm/start", post(start))
         .route("/v1/vm/pause", post(pause))
         .route("/v1/vm/resume", post(resume))
+        .route("/v1/vm/power-button", post(power_button))
         .route("/v1/vm/shutdown", post(shutdown))
         .route("/v1/vm/kill", post(kill))
         .route("/v1/vm/counters", get(counters))

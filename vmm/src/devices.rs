@@ -1,6 +1,11 @@
 //! Legacy devices on the port I/O bus: the 16550 UART at 0x3f8 (ttyS0, IRQ 4), the i8042
-//! controller's reset line (a write of 0xfe to port 0x64 ends the VM, as a reboot), and the
-//! ACPI sleep control register of the hardware-reduced FADT (S5 ends the VM, as a power-off).
+//! controller's reset line (a write of 0xfe to port 0x64 ends the VM, as a reboot), the
+//! ACPI sleep control register of the hardware-reduced FADT (S5 ends the VM, as a power-off),
+//! and the event register of the ACPI Generic Event Device through which the power button
+//! is pressed.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -17,6 +22,15 @@ pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_S5: u8 = 5;
 
+/// The ACPI Generic Event Device's event register and interrupt (see [`crate::acpi`]): the
+/// register holds the events raised since the guest last read it, and a read clears them.
+/// The GED's `_EVT` method reads it when the interrupt fires. The interrupt is the IOAPIC's
+/// last pin, above the disks'.
+pub const GED_PORT: u16 = 0x3c4;
+pub const GED_IRQ: u32 = 23;
+/// The event register's bit for the power button.
+pub const GED_POWER_BUTTON: u8 = 1;
+
 /// i8042 command port.
 pub const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
@@ -28,6 +42,35 @@ impl Trigger for IrqLine {
     type E = std::io::Error;
     fn trigger(&self) -> std::io::Result<()> {
         self.0.write(1)
+    }
+}
+
+/// The power button: a press raises [`GED_POWER_BUTTON`] in the GED's event register and
+/// the GED's interrupt; the guest's ACPI then notifies its power button device (`PNP0C0C`),
+/// and its OS decides what to do (Linux reports a KEY_POWER, and its init or logind powers
+/// off).
+pub struct PowerButton {
+    pending: AtomicU8,
+    irq: IrqLine,
+}
+
+impl PowerButton {
+    /// A button whose presses raise the GED interrupt `irq` (an irqfd's eventfd).
+    pub fn new(irq: EventFd) -> Self {
+        PowerButton {
+            pending: AtomicU8::new(0),
+            irq: IrqLine(irq),
+        }
+    }
+
+    pub fn press(&self) -> std::io::Result<()> {
+        self.pending.fetch_or(GED_POWER_BUTTON, Ordering::SeqCst);
+        self.irq.trigger()
+    }
+
+    /// The events raised since the last read, cleared (the event register's read).
+    fn take(&self) -> u8 {
+        self.pending.swap(0, Ordering::SeqCst)
     }
 }
 
@@ -45,12 +88,14 @@ pub enum Action {
 /// on the host.
 pub struct PortBus {
     pub serial: Serial<IrqLine, NoEvents, Console>,
+    button: Arc<PowerButton>,
 }
 
 impl PortBus {
-    pub fn new(irq: EventFd, console: Console) -> Self {
+    pub fn new(irq: EventFd, console: Console, button: Arc<PowerButton>) -> Self {
         PortBus {
             serial: Serial::new(IrqLine(irq), console),
+            button,
         }
     }
 
@@ -62,6 +107,7 @@ impl PortBus {
             }
             // i8042 status: nothing to read, ready for commands.
             I8042_COMMAND if data.len() == 1 => data[0] = 0,
+            GED_PORT if data.len() == 1 => data[0] = self.button.take(),
             _ => {}
         }
     }

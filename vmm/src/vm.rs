@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{SerialOut, VmConfig};
 use crate::console::{self, Console, ConsoleBuffer, ConsoleWriter, RotatingFile};
 use crate::control::{self, Control};
-use crate::devices::{Action, PortBus, SERIAL_IRQ};
+use crate::devices::{Action, PortBus, PowerButton, GED_IRQ, SERIAL_IRQ};
 use crate::exit::{Exit, ExitKind};
 use crate::layout::{KVM_IDENTITY_MAP, KVM_TSS};
 use crate::threads::{self, ThreadKind};
@@ -135,9 +135,14 @@ pub fn run(
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| Error::KvmSetup("serial irqfd", e))?;
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&ged_irq, GED_IRQ)
+        .map_err(|e| Error::KvmSetup("GED irqfd", e))?;
+    let button = Arc::new(PowerButton::new(ged_irq));
     let bus = Arc::new(Mutex::new(PortBus::new(
         serial_irq,
         Console::new(console.clone()),
+        button.clone(),
     )));
 
     let pvm = cpu::host_is_pvm();
@@ -173,7 +178,7 @@ pub fn run(
     // The API sees the VM as running before any vCPU runs (a pause before the threads start
     // parks them at their first loop).
     if let Some(api) = api {
-        api.set_running(cfg, control.clone(), mmio.clone());
+        api.set_running(cfg, control.clone(), mmio.clone(), button.clone());
     }
     let writer = ConsoleWriter::new(console.clone(), sink);
     threads::spawn(ThreadKind::Console, "console", move || writer.run())

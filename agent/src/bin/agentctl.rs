@@ -99,6 +99,10 @@ enum VmCommand {
         id: String,
         /// start, stop, kill or restart.
         action: String,
+        /// stop and restart: seconds the guest has to power off after its power button
+        /// [default: the agent's, 10].
+        #[arg(long)]
+        timeout: Option<u64>,
         #[arg(long)]
         tenant: Option<String>,
     },
@@ -340,11 +344,16 @@ fn vm(client: &AgentClient, cmd: &VmCommand) -> Result<(), String> {
                 pretty(&client.vm(id, tenant.as_deref()).map_err(err)?)
             )
         }
-        VmCommand::Action { id, action, tenant } => println!(
+        VmCommand::Action {
+            id,
+            action,
+            timeout,
+            tenant,
+        } => println!(
             "{}",
             pretty(
                 &client
-                    .vm_action(id, action, tenant.as_deref())
+                    .vm_action(id, action, *timeout, tenant.as_deref())
                     .map_err(err)?
             )
         ),

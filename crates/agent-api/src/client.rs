@@ -114,9 +114,20 @@ impl AgentClient {
             .call("GET", &format!("/v1/vms/{id}{q}"), None::<&()>)
     }
 
-    /// `POST /v1/vms/ID/ACTION`: `start`, `stop`, `kill` or `restart`.
-    pub fn vm_action(&self, id: &str, action: &str, tenant: Option<&str>) -> Result<Vm, Error> {
-        let q = tenant_query(tenant);
+    /// `POST /v1/vms/ID/ACTION`: `start`, `stop`, `kill` or `restart`; for a stop or restart,
+    /// how long the guest has to power off (`None`: the agent's default).
+    pub fn vm_action(
+        &self,
+        id: &str,
+        action: &str,
+        timeout_seconds: Option<u64>,
+        tenant: Option<&str>,
+    ) -> Result<Vm, Error> {
+        let mut q = tenant_query(tenant);
+        if let Some(t) = timeout_seconds {
+            q.push(if q.is_empty() { '?' } else { '&' });
+            q.push_str(&format!("timeout_seconds={t}"));
+        }
         self.http
             .call("POST", &format!("/v1/vms/{id}/{action}{q}"), None::<&()>)
     }

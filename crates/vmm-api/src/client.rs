@@ -70,6 +70,11 @@ impl VmmClient {
         self.transition("resume")
     }
 
+    /// `POST /v1/vm/power-button`: the guest decides (a power-off ends vmm with 0).
+    pub fn power_button(&self) -> Result<Transition, Error> {
+        self.transition("power-button")
+    }
+
     /// `POST /v1/vm/shutdown`: the VM ends and vmm exits with 0.
     pub fn shutdown(&self) -> Result<Transition, Error> {
         self.transition("shutdown")
