@@ -8,8 +8,9 @@
 //! Under the agent's own cgroup (from `/proc/self/cgroup`): `agent-vms/TENANT_ID`. On v2 a
 //! cgroup with processes cannot give controllers to its children, so the agent first moves
 //! itself into `agent/` beside `agent-vms/` under its own cgroup, then enables the
-//! controllers there (what a systemd unit with `Delegate=yes` allows). This machine has v1
-//! only, so the tests exercise v1; the v2 path has not run here.
+//! controllers there (what a systemd unit with `Delegate=yes` allows). The development
+//! machine has v1 only: the tests there exercise v1, and the emulated host's agent scenario
+//! (`tests/scenarios/agent.sh`, on cgroup v2 alone) exercises v2.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -16,7 +16,8 @@
 //!    It binds `run/` read-write (nosuid, nodev, noexec), mounts a tmpfs on `/dev` holding
 //!    only `kvm` (the VM uid's, mode 0600), and remounts the jail's root read-only;
 //! 3. pivots into the jail and detaches the old root: nothing else of the host's file system
-//!    can be reached;
+//!    can be reached (on a host whose root is the initramfs, which cannot be pivoted away
+//!    from, it moves the jail over the root and chroots into it instead);
 //! 4. sets the rlimits ([`rlimits`]), drops every supplementary group, takes the VM's uid
 //!    and gid for its real, effective and saved ids (no way back), and sets no_new_privs;
 //!
@@ -170,13 +171,12 @@ pub struct Inside {
 }
 
 /// The rlimits of a jailed vmm with `vcpus` vCPUs: descriptors, threads (its uid is its
-/// own, so RLIMIT_NPROC counts only its own), the size of a file it writes (its serial log
-/// rotates well below, its log is small), no core dumps (guest memory).
-pub fn rlimits(vcpus: u8) -> [(libc::__rlimit_resource_t, u64); 4] {
+/// own, so RLIMIT_NPROC counts only its own), no core dumps (guest memory). No RLIMIT_FSIZE:
+/// the guest's memory is a memfd of its size, which the limit would cut.
+pub fn rlimits(vcpus: u8) -> [(libc::__rlimit_resource_t, u64); 3] {
     [
         (libc::RLIMIT_NOFILE, 4096),
         (libc::RLIMIT_NPROC, 64 + u64::from(vcpus)),
-        (libc::RLIMIT_FSIZE, 64 << 20),
         (libc::RLIMIT_CORE, 0),
     ]
 }
@@ -195,7 +195,7 @@ pub struct Jail {
     kvm: CString,
     binds: Vec<Bind>,
     uid: u32,
-    rlimits: [(libc::__rlimit_resource_t, u64); 4],
+    rlimits: [(libc::__rlimit_resource_t, u64); 3],
     cgroup_procs: Vec<i32>,
 }
 
@@ -388,8 +388,24 @@ impl Jail {
             ))?;
             check(libc::chdir(root))?;
             // pivot_root(".", "."): the old root stacks under the new one, then goes.
-            check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as i32)?;
-            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            let dot = c".".as_ptr();
+            if libc::syscall(libc::SYS_pivot_root, dot, dot) == 0 {
+                check(libc::umount2(dot, libc::MNT_DETACH))?;
+            } else if *libc::__errno_location() == libc::EINVAL {
+                // A root that is the initramfs's rootfs cannot be pivoted away from: the jail
+                // is moved over it and chrooted into (as runc's no_pivot_root does); the
+                // uid, without capabilities, cannot chroot out again.
+                check(libc::mount(
+                    dot,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_MOVE,
+                    null.cast(),
+                ))?;
+                check(libc::chroot(dot))?;
+            } else {
+                return Err(io::Error::last_os_error());
+            }
             check(libc::chdir(c"/".as_ptr()))?;
             for (resource, limit) in self.rlimits {
                 let l = libc::rlimit {

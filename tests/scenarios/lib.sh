@@ -7,11 +7,12 @@ set -u
 
 # What the scenario started is stopped when it ends, however it ends.
 STORAGED_PID=""
+AGENT_PID=""
 VMM_PID=""
 VMM_CODE=""
 FOLLOW_PID=""
 stop_all() {
-    for pid in $VMM_PID $STORAGED_PID $FOLLOW_PID; do kill -9 "$pid" 2>/dev/null; done
+    for pid in $VMM_PID $AGENT_PID $STORAGED_PID $FOLLOW_PID; do kill -9 "$pid" 2>/dev/null; done
 }
 trap stop_all EXIT
 
@@ -38,6 +39,23 @@ start_storaged() {
     until storagectl info >/dev/null 2>&1; do
         kill -0 "$STORAGED_PID" 2>/dev/null || fail "storaged exited at start"
         [ $i -lt 300 ] || fail "storaged not ready within 30 s"
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+
+# start_agent: the agent on $WORK/agent (its API on its socket only) with storaged's admin
+# socket and $IMAGES as its image catalog, ready once its API answers; exports AGENT_SOCKET
+# and AGENT_TOKEN_FILE (the admin's) for agentctl.
+start_agent() {
+    agent --data-dir "$WORK/agent" --listen off --storaged-socket "$STORAGED_ADMIN_SOCKET" \
+        --images-dir "$IMAGES" >"$WORK/agent.log" 2>&1 &
+    AGENT_PID=$!
+    export AGENT_SOCKET="$WORK/agent/agent.sock" AGENT_TOKEN_FILE="$WORK/agent/admin.token"
+    i=0
+    until agentctl whoami >/dev/null 2>&1; do
+        kill -0 "$AGENT_PID" 2>/dev/null || fail "the agent exited at start"
+        [ $i -lt 300 ] || fail "the agent not ready within 30 s"
         sleep 0.1
         i=$((i + 1))
     done

@@ -8,8 +8,8 @@
 //! directly ([`Runner::Direct`]). Elsewhere it runs in an emulated host ([`Runner::Emulated`]):
 //! QEMU's TCG emulating an AMD EPYC with SVM and nested paging (`-cpu EPYC,+svm,+npt`), 2 vCPUs,
 //! booting the same Debian kernel with an initramfs that holds busybox, the kernel's KVM
-//! modules, the workspace's binaries (storaged, storagectl, vmm, blkcheck, boottime) with their
-//! libraries, the guest images and the scenarios. Its init (`emulated_host_init.sh`) loads
+//! modules, the workspace's binaries (storaged, storagectl, vmm, agent, agentctl, blkcheck,
+//! boottime) with their libraries, the guest images and the scenarios. Its init (`emulated_host_init.sh`) loads
 //! `kvm_amd`, which finds the emulated SVM, runs the scenario, prints its outcome on the serial
 //! console and powers the host off; [`run_scenario`] reads the outcome back from the console.
 //!
@@ -38,13 +38,43 @@ use crate::bin;
 const HOST_MEMORY: &str = "3G";
 
 /// Binaries of the workspace the scenarios use, put on the emulated host's PATH.
-const BINARIES: &[&str] = &["storaged", "storagectl", "vmm", "blkcheck", "boottime"];
+const BINARIES: &[&str] = &[
+    "storaged",
+    "storagectl",
+    "vmm",
+    "agent",
+    "agentctl",
+    "blkcheck",
+    "boottime",
+];
 
 /// Guest images of `images/out` the scenarios boot.
 const IMAGES: &[&str] = &["vmlinuz", "vmlinux", "initramfs.cpio.gz"];
 
 /// The KVM modules of the Debian kernel, loaded in this order by the emulated host's init.
 const HOST_MODULES: &[&str] = &["irqbypass", "kvm", "kvm-amd"];
+
+/// Runs full-boot scenario `scenario` of `tests/scenarios/` where a host with hardware
+/// virtualization can be had: this one, or the emulated host; says why it skips where neither
+/// is possible. Panics, with the console's tail, unless it passes. `SCENARIO_ECHO=1` shows its
+/// console as it runs.
+pub fn full_boot(scenario: &str) {
+    let runner = match Runner::pick() {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("SKIPPED full Linux boot ({scenario}): {why}");
+            return;
+        }
+    };
+    let echo = std::env::var_os("SCENARIO_ECHO").is_some();
+    let outcome = run_scenario(&runner, scenario, Duration::from_secs(900), echo);
+    assert!(
+        outcome.passed,
+        "scenario {scenario} failed, run {}; the console's tail:\n{}",
+        runner.describe(),
+        outcome.tail(150)
+    );
+}
 
 /// The workspace's root directory.
 pub fn workspace() -> PathBuf {

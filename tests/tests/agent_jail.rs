@@ -317,3 +317,12 @@ fn a_system_call_outside_the_filter_kills_the_vmm_by_sigsys_and_the_agent_says_s
     );
     a.wait_for_log("signal=Some(31)");
 }
+
+/// `tests/scenarios/agent.sh`, on a host with hardware virtualization (this one or the
+/// emulated host): the agent launches, jailed, the Debian cloud kernel whose fio runs on the
+/// tenant's volume; the tenant's stop presses the guest's ACPI power button, the guest powers
+/// off, the agent records exit code 0; the volume holds what fio wrote.
+#[test]
+fn a_jailed_debian_guest_runs_fio_on_its_volume_and_a_stop_powers_it_off_by_acpi() {
+    storaged_tests::emulated_host::full_boot("agent");
+}

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use storaged_tests::emulated_host::{images_dir, run_scenario, Runner};
+use storaged_tests::emulated_host::{full_boot, images_dir};
 use storaged_tests::scripted_backend::{self, GET_VRING_BASE, SET_VRING_ENABLE, SET_VRING_KICK};
 use storaged_tests::{bin, guest, wait_for_console, wait_until, Vmm};
 use vmm_api::{ExitKind, VmState};
@@ -535,26 +535,6 @@ fn an_acpi_power_off_ends_the_vmm_with_0() {
         text(&out.stderr).contains("PowerOff"),
         "{}",
         text(&out.stderr)
-    );
-}
-
-/// Runs a full-boot scenario of `tests/scenarios/` where a host with hardware virtualization
-/// can be had: this one, or the emulated host (QEMU TCG with SVM and nested paging); says why
-/// it skips where neither is possible.
-fn full_boot(scenario: &str) {
-    let runner = match Runner::pick() {
-        Ok(r) => r,
-        Err(why) => {
-            eprintln!("SKIPPED full Linux boot ({scenario}): {why}");
-            return;
-        }
-    };
-    let outcome = run_scenario(&runner, scenario, Duration::from_secs(900), false);
-    assert!(
-        outcome.passed,
-        "scenario {scenario} failed, run {}; the console's tail:\n{}",
-        runner.describe(),
-        outcome.tail(150)
     );
 }
 
