@@ -35,10 +35,19 @@ start_storaged() {
     storaged --data-dir "$WORK/storaged" --metrics-addr off >"$WORK/storaged.log" 2>&1 &
     STORAGED_PID=$!
     export STORAGED_ADMIN_SOCKET="$WORK/storaged/admin.sock"
+    wait_ready "$STORAGED_PID" storaged storagectl info
+}
+
+# wait_ready PID NAME COMMAND...: waits (30 s at most) until COMMAND succeeds, failing if the
+# daemon PID (NAME) exits first.
+wait_ready() {
+    ready_pid=$1
+    ready_name=$2
+    shift 2
     i=0
-    until storagectl info >/dev/null 2>&1; do
-        kill -0 "$STORAGED_PID" 2>/dev/null || fail "storaged exited at start"
-        [ $i -lt 300 ] || fail "storaged not ready within 30 s"
+    until "$@" >/dev/null 2>&1; do
+        kill -0 "$ready_pid" 2>/dev/null || fail "$ready_name exited at start"
+        [ $i -lt 300 ] || fail "$ready_name not ready within 30 s"
         sleep 0.1
         i=$((i + 1))
     done
@@ -52,13 +61,7 @@ start_agent() {
         --images-dir "$IMAGES" >"$WORK/agent.log" 2>&1 &
     AGENT_PID=$!
     export AGENT_SOCKET="$WORK/agent/agent.sock" AGENT_TOKEN_FILE="$WORK/agent/admin.token"
-    i=0
-    until agentctl whoami >/dev/null 2>&1; do
-        kill -0 "$AGENT_PID" 2>/dev/null || fail "the agent exited at start"
-        [ $i -lt 300 ] || fail "the agent not ready within 30 s"
-        sleep 0.1
-        i=$((i + 1))
-    done
+    wait_ready "$AGENT_PID" "the agent" agentctl whoami
 }
 
 # field KEY: the value of the first "KEY": ... in the JSON on stdin (a string or a number).
