@@ -54,29 +54,16 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def main():
-    ap = argparse.ArgumentParser(description="The agent's VM launch latency, launch rate and memory")
-    ap.add_argument("--reps", type=int, default=30, help="launches timed one at a time (default 30)")
-    ap.add_argument("--burst", type=int, default=50, help="VMs asked for at once (default 50)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
-    ap.add_argument("--dir", default="/var/tmp", help="parent of the data dirs (default /var/tmp: a disk, not tmpfs)")
-    args = ap.parse_args()
-
-    guest = glob.glob(os.path.join(ROOT, "target/release/build/storaged-tests-*/out/guests/spin.elf"))
-    if not guest:
-        sys.exit("no spin.elf: cargo build --release -p storaged-tests")
-    work = tempfile.mkdtemp(prefix="bench-agent.", dir=args.dir)
-    images = os.path.join(work, "images")
-    os.makedirs(images)
-    shutil.copy(guest[0], images)
+def measure(args, work, images, jail):
+    """One agent's launches: latencies, the burst, memory."""
     procs = []
     try:
-        sd = subprocess.Popen([os.path.join(BIN, "storaged"), "--data-dir", os.path.join(work, "storaged"),
-                               "--metrics-addr", "off", "--log", "warn"])
-        procs.append(sd)
-        wait_for_socket(os.path.join(work, "storaged", "admin.sock"), sd, "storaged")
-        adir = os.path.join(work, "agent")
-        ag = subprocess.Popen([os.path.join(BIN, "agent"), "--data-dir", adir, "--listen", "off",
+        adir = os.path.join(work, "agent-jailed" if jail else "agent-unjailed")
+        os.makedirs(adir)
+        config = os.path.join(adir, "agent.toml")
+        with open(config, "w") as f:
+            f.write(f"jail = {'true' if jail else 'false'}\n")
+        ag = subprocess.Popen([os.path.join(BIN, "agent"), "--data-dir", adir, "--config", config, "--listen", "off",
                                "--storaged-socket", os.path.join(work, "storaged", "admin.sock"),
                                "--images-dir", images, "--log", "warn"])
         procs.append(ag)
@@ -96,7 +83,8 @@ def main():
             return os.path.exists(p) and os.path.getsize(p) > 0
 
         spec = {"memory": "32MiB", "kernel": "spin.elf", "restart_policy": "never"}
-        print(f"==> {args.reps} launches, one at a time", flush=True)
+        kind = "jailed" if jail else "unjailed"
+        print(f"==> {kind}: {args.reps} launches, one at a time", flush=True)
         latencies, api_ms = [], []
         for i in range(args.reps):
             vm_id = f"one-{i}"
@@ -110,7 +98,7 @@ def main():
             api_ms.append((t1 - t0) * 1000)
             st, _ = call(sock, token, "DELETE", f"/v1/vms/{vm_id}")
             assert st == 204
-        print(f"==> {args.burst} VMs asked for at once", flush=True)
+        print(f"==> {kind}: {args.burst} VMs asked for at once", flush=True)
         import threading
         errors = []
 
@@ -140,9 +128,46 @@ def main():
         agent_rss1 = rss_kib(ag.pid)["VmRSS"]
         for v in vms:
             call(sock, token, "DELETE", f"/v1/vms/{v['id']}")
+        return {"latencies": latencies, "api_ms": api_ms, "burst_s": burst_s,
+                "agent_rss": (agent_rss0, agent_rss1), "vmm_mib": vmm_mib}
+    finally:
+        stop(procs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="The agent's VM launch latency, launch rate and memory")
+    ap.add_argument("--reps", type=int, default=30, help="launches timed one at a time (default 30)")
+    ap.add_argument("--burst", type=int, default=50, help="VMs asked for at once (default 50)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    ap.add_argument("--dir", default="/var/tmp", help="parent of the data dirs (default /var/tmp: a disk, not tmpfs)")
+    args = ap.parse_args()
+
+    guest = glob.glob(os.path.join(ROOT, "target/release/build/storaged-tests-*/out/guests/spin.elf"))
+    if not guest:
+        sys.exit("no spin.elf: cargo build --release -p storaged-tests")
+    work = tempfile.mkdtemp(prefix="bench-agent.", dir=args.dir)
+    images = os.path.join(work, "images")
+    os.makedirs(images)
+    shutil.copy(guest[0], images)
+    procs = []
+    try:
+        sd = subprocess.Popen([os.path.join(BIN, "storaged"), "--data-dir", os.path.join(work, "storaged"),
+                               "--metrics-addr", "off", "--log", "warn"])
+        procs.append(sd)
+        wait_for_socket(os.path.join(work, "storaged", "admin.sock"), sd, "storaged")
+        # The same runs with each VM jailed (the default) and with jail = false, one agent after
+        # the other: what the jail costs, side by side.
+        results = {}
+        for jail in (True, False):
+            results[jail] = measure(args, work, images, jail)
+        j, u = results[True], results[False]
         cores = os.cpu_count()
         fs = subprocess.run(["df", "--output=fstype", work], capture_output=True, text=True).stdout.split()[-1]
-        rate = args.burst / burst_s
+
+        def both(key, fmt):
+            return f"{fmt(j[key])} | {fmt(u[key])}"
+
+        lat = lambda r: f"{statistics.median(r):.1f} / {pct(r, 99):.1f} ms"
         lines = [
             "# agent: VM launches",
             "",
@@ -152,15 +177,21 @@ def main():
             f"Latency: POST /v1/vms on the agent's Unix socket to the first byte in the VM's console file "
             f"(polled every 0.5 ms), {args.reps} launches one at a time, each VM deleted after. Burst: "
             f"{args.burst} creates at once (one thread each), until every console has a byte. Memory: RSS, "
-            "a vmm's less its guest memory's resident pages (RssShmem).",
+            "a vmm's less its guest memory's resident pages (RssShmem). Jailed: the default (a uid, namespaces, "
+            "a pivoted root, cgroups, seccomp); unjailed: `jail = false`, the same agent and vmm otherwise, "
+            "run after the jailed one.",
             "",
-            "| measure | agent | Firecracker (published) |",
-            "|---|---|---|",
-            f"| launch to first serial byte p50 / p99 | {statistics.median(latencies):.1f} / {pct(latencies, 99):.1f} ms | API ready within 8 CPU ms (of the VMM; no agent) |",
-            f"| POST /v1/vms answered p50 / p99 | {statistics.median(api_ms):.1f} / {pct(api_ms, 99):.1f} ms | |",
-            f"| launch rate, {args.burst} at once | {rate:.1f} VMs/s ({rate / cores:.1f} per core), all printed after {burst_s:.2f} s | 5 microVMs per host core per second |",
-            f"| agent RSS, idle / with {len(vms)} VMs | {agent_rss0 / 1024:.1f} / {agent_rss1 / 1024:.1f} MiB | |",
-            f"| each vmm beyond its guest memory, median (min-max) | {statistics.median(vmm_mib):.2f} MiB ({min(vmm_mib):.2f}-{max(vmm_mib):.2f}) | < 5 MiB |",
+            "| measure | jailed | unjailed | Firecracker (published) |",
+            "|---|---|---|---|",
+            f"| launch to first serial byte p50 / p99 | {both('latencies', lat)} | API ready within 8 CPU ms (of the VMM; no agent) |",
+            f"| POST /v1/vms answered p50 / p99 | {both('api_ms', lat)} | |",
+            f"| launch rate, {args.burst} at once | "
+            + both("burst_s", lambda s: f"{args.burst / s:.1f} VMs/s ({args.burst / s / cores:.1f} per core), all printed after {s:.2f} s")
+            + " | 5 microVMs per host core per second |",
+            f"| agent RSS, idle / with {args.burst} VMs | "
+            + both("agent_rss", lambda r: f"{r[0] / 1024:.1f} / {r[1] / 1024:.1f} MiB") + " | |",
+            "| each vmm beyond its guest memory, median (min-max) | "
+            + both("vmm_mib", lambda m: f"{statistics.median(m):.2f} MiB ({min(m):.2f}-{max(m):.2f})") + " | < 5 MiB |",
         ]
         write_table(lines, args.out, "agent.md")
     finally:
