@@ -350,8 +350,13 @@ impl VmSupervisor {
                 spec.kernel
             )));
         }
-        if let Some(initrd) = &spec.initrd {
-            self.image("initrd", initrd)?;
+        let initrd = spec
+            .initrd
+            .as_ref()
+            .map(|i| self.image("initrd", i))
+            .transpose()?;
+        if self.jail.is_some() {
+            self.readable_by_vms(&kernel, initrd.as_deref())?;
         }
         self.volume_sockets(tenant, &spec)?;
         let record = VmRecord {
@@ -387,6 +392,7 @@ impl VmSupervisor {
                         self.release_disks(&r);
                     }
                     let _ = self.store.remove_vm(tenant, &id);
+                    let _ = std::fs::remove_dir_all(self.files(tenant, &id).dir());
                     return Err(e);
                 }
             }
@@ -430,6 +436,21 @@ impl VmSupervisor {
             self.storaged
                 .update_volume(&d.storaged_name, &update)
                 .map_err(crate::volumes::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// `Ok` when a jailed vmm, running as a uid of its own, can read the kernel and initrd.
+    fn readable_by_vms(&self, kernel: &Path, initrd: Option<&Path>) -> Result<(), Error> {
+        for (what, f) in [("kernel", Some(kernel)), ("initrd", initrd)] {
+            if let Some(f) = f {
+                readable_by_others(f).map_err(|reason| {
+                    Error::Invalid(format!(
+                        "{what} {:?}: {reason}",
+                        f.file_name().unwrap_or_default()
+                    ))
+                })?;
+            }
         }
         Ok(())
     }
@@ -483,6 +504,7 @@ impl VmSupervisor {
         let log = std::fs::File::create(files.log()).map_err(dir_err(files.dir()))?;
         let log2 = log.try_clone().map_err(dir_err(files.dir()))?;
         // Jailed: its uid, cgroups and jail, entered between fork and exec.
+        let cgroup_name = format!("{}_{}", record.tenant, record.id);
         let mut procs = Vec::new();
         let (jailed, inside) = match &self.jail {
             Some(j) => {
@@ -598,10 +620,18 @@ impl VmSupervisor {
         }
         record.state = "launching".into();
         self.store.put_vm(&record)?;
-        let child = cmd.spawn().map_err(|source| Error::Spawn {
-            path: self.vmm.clone(),
-            source,
-        })?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(j) = &self.jail {
+                    j.cgroups.remove(&cgroup_name);
+                }
+                return Err(Error::Spawn {
+                    path: self.vmm.clone(),
+                    source,
+                });
+            }
+        };
         drop(procs);
         let pid = child.id();
         let pidfd = match sys::pidfd_open(pid) {
@@ -1124,7 +1154,7 @@ struct Disk {
 }
 
 /// `Ok` when others than the file's owner and group may read `path` (as a jailed vmm's uid
-/// must), else why not.
+/// must), else why not (a tenant's answer: the catalog's path is not in it).
 fn readable_by_others(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)

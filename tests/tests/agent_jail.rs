@@ -326,3 +326,85 @@ fn a_system_call_outside_the_filter_kills_the_vmm_by_sigsys_and_the_agent_says_s
 fn a_jailed_debian_guest_runs_fio_on_its_volume_and_a_stop_powers_it_off_by_acpi() {
     storaged_tests::emulated_host::full_boot("agent");
 }
+
+#[test]
+fn an_image_a_jailed_vmm_cannot_read_is_refused_and_leaves_nothing_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Storaged::start();
+    let images = tempfile::tempdir().unwrap();
+    let private = images.path().join("private.elf");
+    std::fs::copy(storaged_tests::guest("spin"), &private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let socket = s.admin_socket();
+    let a = Agent::start_with(&[
+        "--storaged-socket",
+        socket.to_str().unwrap(),
+        "--images-dir",
+        images.path().to_str().unwrap(),
+    ]);
+    let t = tenant(&a, "acme");
+    let (st, v) = call(
+        &t,
+        "POST",
+        "/v1/vms",
+        Some(r#"{"id":"a","memory":"32MiB","kernel":"private.elf"}"#),
+    );
+    assert_eq!(st, 400, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains("cannot read it") && e.contains("0644"), "{e}");
+    assert!(
+        !e.contains(images.path().to_str().unwrap()),
+        "no host path: {e}"
+    );
+    assert_eq!(call(&t, "GET", "/v1/vms/a", None).0, 404);
+    assert!(!a.data_dir.join("vms/acme_a").exists());
+}
+
+#[test]
+fn an_agent_that_is_not_root_refuses_to_jail_and_says_why_unless_jail_is_false() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = 65534;
+    std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("agent"));
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen", "off", "--storaged-socket", "/nonexistent.sock"])
+            .args(extra)
+            .uid(nobody)
+            .gid(nobody)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let out = run(&[]).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Cannot jail the VMs: the agent is not root") && err.contains("jail = false"),
+        "{err}"
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "jail = false\n").unwrap();
+    let mut child = run(&["--config", config.to_str().unwrap()]);
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let ready = loop {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
+            break false;
+        }
+        log.push_str(&line);
+        if line.contains("agent ready") {
+            break true;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "{log}");
+    assert!(
+        log.contains("jail = false"),
+        "it says the VMs run unjailed: {log}"
+    );
+}
