@@ -56,8 +56,11 @@ pub const RESTART_CAP: usize = 5;
 /// The longest backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// How long the agent waits for an answer of a vmm's API.
+/// How long the agent waits for an answer of a vmm's API, however slowly it comes.
 const VMM_API_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest answer of a vmm's API the agent reads (a vmm is its guest's, if taken over).
+const VMM_API_MAX_RESPONSE: u64 = 1 << 20;
 
 /// How long a stop waits for the guest to power off after its power button, unless the
 /// call says otherwise.
@@ -223,7 +226,9 @@ impl VmSupervisor {
     fn vmm_api(&self, r: &VmRecord) -> Option<(vmm_api::VmmClient, sys::SocketRef)> {
         let socket =
             sys::SocketRef::open(&self.files(&r.tenant, &r.id).api(), &Self::owners(r)).ok()?;
-        let client = vmm_api::VmmClient::new(socket.path()).with_timeout(VMM_API_TIMEOUT);
+        let client = vmm_api::VmmClient::new(socket.path())
+            .with_timeout(VMM_API_TIMEOUT)
+            .with_max_response(VMM_API_MAX_RESPONSE);
         Some((client, socket))
     }
 

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 /// How long an answer may take by default: storaged's longest call (a create that fills a
 /// preallocated volume, a key rotation) stays well inside it.
 const READ_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The largest answer taken by default.
+const MAX_RESPONSE: u64 = 64 << 20;
 
 /// Errors of a call.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,10 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("Malformed HTTP response: {0}")]
     Malformed(String),
+    #[error("The answer took longer than {0:?}")]
+    TimedOut(Duration),
+    #[error("The answer is larger than {0} bytes")]
+    TooLarge(u64),
     /// The daemon answered with an error status; `message` is its `"error"`.
     #[error("{message} (HTTP {status})")]
     Api { status: u16, message: String },
@@ -90,8 +97,11 @@ pub struct Client {
     daemon: &'static str,
     /// Sent as `Authorization: Bearer ...` with every request, where the API wants a token.
     bearer: Option<String>,
-    /// How long an answer (and the sending of the request) may take.
+    /// How long the whole exchange may take: the request sent and the answer read, however
+    /// slowly it comes.
     timeout: Duration,
+    /// The largest answer read.
+    max_response: u64,
 }
 
 impl Client {
@@ -101,12 +111,20 @@ impl Client {
             daemon,
             bearer: None,
             timeout: READ_TIMEOUT,
+            max_response: MAX_RESPONSE,
         }
     }
 
-    /// The same client, waiting at most `timeout` for each answer.
+    /// The same client, giving each exchange at most `timeout`.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The same client, reading answers of at most `bytes` (a peer it does not trust cannot
+    /// make it hold more).
+    pub fn with_max_response(mut self, bytes: u64) -> Self {
+        self.max_response = bytes;
         self
     }
 
@@ -133,7 +151,7 @@ impl Client {
             daemon: self.daemon,
             source,
         })?;
-        stream.set_read_timeout(Some(self.timeout))?;
+        let deadline = Instant::now() + self.timeout;
         stream.set_write_timeout(Some(self.timeout))?;
         let body = body.unwrap_or("");
         let mut req = format!(
@@ -153,7 +171,34 @@ impl Client {
         req.push_str(body);
         stream.write_all(req.as_bytes())?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            // The time left, whatever each read takes: an answer trickled a byte at a time
+            // still ends at the deadline.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::TimedOut(self.timeout));
+            }
+            stream.set_read_timeout(Some(left))?;
+            let n = match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Error::TimedOut(self.timeout))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if (raw.len() + n) as u64 > self.max_response {
+                return Err(Error::TooLarge(self.max_response));
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
         parse_response(&raw)
     }
 
@@ -248,6 +293,51 @@ mod tests {
         .unwrap();
         assert_eq!(r.body, "abcde");
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    /// A server on a socket in `dir` that reads a request and then runs `answer` on the
+    /// connection.
+    fn serve(dir: &Path, answer: impl FnOnce(&mut UnixStream) + Send + 'static) -> PathBuf {
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            answer(&mut c);
+        });
+        path
+    }
+
+    #[test]
+    fn an_answer_trickled_past_the_timeout_ends_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = serve(dir.path(), |c| {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\n");
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(50));
+                if c.write_all(b"X").is_err() {
+                    return;
+                }
+            }
+        });
+        let client = Client::new(&path, "test").with_timeout(Duration::from_millis(300));
+        let started = Instant::now();
+        let r = client.request("GET", "/", None);
+        assert!(matches!(r, Err(Error::TimedOut(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_answer_larger_than_the_cap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = serve(dir.path(), |c| {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let _ = c.write_all(&vec![b'x'; 100_000]);
+        });
+        let client = Client::new(&path, "test").with_max_response(10_000);
+        let r = client.request("GET", "/", None);
+        assert!(matches!(r, Err(Error::TooLarge(10_000))), "{r:?}");
     }
 
     #[test]

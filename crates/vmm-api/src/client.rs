@@ -31,6 +31,14 @@ impl VmmClient {
         }
     }
 
+    /// The same client, reading answers of at most `bytes` (a supervisor's calls: a vmm
+    /// taken over by its guest must not make it hold more).
+    pub fn with_max_response(self, bytes: u64) -> Self {
+        VmmClient {
+            http: self.http.with_max_response(bytes),
+        }
+    }
+
     /// Sends one request; `body` is sent as JSON if given.
     pub fn request(
         &self,
