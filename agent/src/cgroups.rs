@@ -155,6 +155,34 @@ impl Cgroups {
         Ok(procs)
     }
 
+    /// Whether process `pid` is in VM `name`'s cgroups (`/proc/PID/cgroup`).
+    pub fn holds(&self, name: &str, pid: u32) -> bool {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return false;
+        };
+        let root = Path::new("/sys/fs/cgroup");
+        self.dirs(name).iter().all(|dir| {
+            text.lines().any(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
+                    (Some(a), Some(b), Some(c)) => (a, b, c),
+                    _ => return false,
+                };
+                let hierarchy = match self {
+                    Cgroups::V2(_) => root.to_owned(),
+                    Cgroups::V1 { .. } => match controllers
+                        .split(',')
+                        .find(|c| dir.starts_with(root.join(c)))
+                    {
+                        Some(c) => root.join(c),
+                        None => return false,
+                    },
+                };
+                hierarchy.join(path.trim_start_matches('/')) == *dir
+            })
+        })
+    }
+
     /// Removes VM `name`'s cgroups (once its vmm has ended: an empty cgroup).
     pub fn remove(&self, name: &str) {
         for d in self.dirs(name) {

@@ -1,9 +1,10 @@
 //! The jail each vmm runs in, after Firecracker's jailer: a uid of its own, a root holding
 //! only what vmm opens, no new privileges, rlimits (its cgroups are [`crate::cgroups`]'s).
 //!
-//! On the host a VM's jail is `jail/` in its directory, made by [`prepare`] before each
-//! launch: root-owned directories and empty files for the mounts to cover, and `run/`, the
-//! VM uid's own (mode 0700), where vmm makes its API socket and writes its serial log.
+//! On the host a VM's jail is `jail/` in its directory, made anew by [`prepare`] before each
+//! launch: root-owned directories and empty files for the mounts to cover (their modes set
+//! whatever the umask), and `run/`, empty, the VM uid's own (mode 0700), where vmm makes its
+//! API socket and writes its serial log.
 //! Between fork and exec the child ([`Jail::enter`]):
 //!
 //! 1. enters its cgroups, then unshares a mount, network, IPC and UTS namespace and makes
@@ -199,21 +200,33 @@ pub struct Jail {
     cgroup_procs: Vec<i32>,
 }
 
-/// Makes `path` (in a directory of the jail) as a mount point for `source`: a directory for
-/// a directory, else an empty file; root's, not writable by the VM's uid.
-fn mount_point(path: &Path, source: &Path) -> Result<(), Error> {
-    if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .map_err(io_err(parent))?;
+/// Makes directory `path` with `mode` whatever the umask (under systemd's `UMask=0077` a
+/// created 0755 would be 0700, which the VM's uid cannot search).
+fn make_dir(path: &Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(path)(e)),
+        _ => {}
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+/// Makes `path` (under the jail's root `dir`) as a mount point for `source`: a directory for
+/// a directory, else an empty file; root's, not writable by the VM's uid; its missing parents
+/// 0755.
+fn mount_point(dir: &Path, path: &Path, source: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(rel) = path.parent().and_then(|p| p.strip_prefix(dir).ok()) {
+        let mut at = dir.to_owned();
+        for c in rel.components() {
+            at.push(c);
+            if !at.is_dir() {
+                make_dir(&at, 0o755)?;
+            }
+        }
     }
     if source.is_dir() {
-        match std::fs::DirBuilder::new().mode(0o555).create(path) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(path)(e)),
-            _ => {}
-        }
+        make_dir(path, 0o555)?;
     } else if !path.exists() {
         std::fs::OpenOptions::new()
             .write(true)
@@ -222,12 +235,16 @@ fn mount_point(path: &Path, source: &Path) -> Result<(), Error> {
             .mode(0o444)
             .open(path)
             .map_err(io_err(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+            .map_err(io_err(path))?;
     }
     Ok(())
 }
 
-/// Prepares the jail of a vmm in `dir` (the VM's `jail/`): its mount points and `run/`,
-/// given to `uid`. `cgroup_procs` are the descriptors of the `cgroup.procs` files it enters.
+/// Prepares the jail of a vmm in `dir` (the VM's `jail/`), made anew for each launch (nothing
+/// a vmm before it left there, no mount point of a host file since gone): its mount points,
+/// and `run/`, empty, given to `uid`. `cgroup_procs` are the descriptors of the
+/// `cgroup.procs` files it enters.
 pub fn prepare(
     dir: &Path,
     uid: u32,
@@ -237,16 +254,17 @@ pub fn prepare(
     contents: &Contents<'_>,
     cgroup_procs: Vec<i32>,
 ) -> Result<(Jail, Inside), Error> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(io_err(dir))?;
+    // remove_dir_all follows no symlink the uid may have left in run/.
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(dir)(e)),
+        _ => {}
+    }
+    make_dir(dir, 0o755)?;
     let mut binds = Vec::new();
     let mut bind = |source: &Path, inside: &Path| -> Result<PathBuf, Error> {
         let rel = inside.strip_prefix("/").unwrap_or(inside);
         let target = dir.join(rel);
-        mount_point(&target, source)?;
+        mount_point(dir, &target, source)?;
         binds.push(Bind {
             source: cstring(source)?,
             target: cstring(&target)?,
@@ -279,16 +297,10 @@ pub fn prepare(
         .map(|(n, s)| bind(s, &PathBuf::from(format!("/disks/{n}.sock"))))
         .collect::<Result<Vec<_>, _>>()?;
     let run = dir.join("run");
-    match std::fs::DirBuilder::new().mode(0o700).create(&run) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(&run)(e)),
-        _ => {}
-    }
+    make_dir(&run, 0o700)?;
     std::os::unix::fs::chown(&run, Some(uid), Some(uid)).map_err(io_err(&run))?;
     let dev = dir.join("dev");
-    match std::fs::DirBuilder::new().mode(0o755).create(&dev) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_err(&dev)(e)),
-        _ => {}
-    }
+    make_dir(&dev, 0o755)?;
     let jail = Jail {
         root: cstring(dir)?,
         run: cstring(&run)?,

@@ -82,11 +82,24 @@ pub fn alive(pidfd: &OwnedFd) -> bool {
     pidfd_signal(pidfd, 0).is_ok()
 }
 
+/// The real uid of process `pid` (`/proc/PID/status`).
+pub fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The pid of the process serving the Unix socket at `path` (its peer credential,
 /// `SO_PEERCRED`), if one accepts connections there.
 pub fn socket_peer_pid(path: &Path) -> Option<u32> {
     use std::os::fd::AsRawFd;
-    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    // Bounded: a vmm (its guest's, if taken over) that accepts nothing cannot hold the agent.
+    let stream = unix_http::connect(path, std::time::Duration::from_secs(1)).ok()?;
     // SAFETY: a zeroed ucred is valid; getsockopt fills it.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;

@@ -552,6 +552,14 @@ impl VmSupervisor {
             }
             None => {
                 use std::os::unix::fs::DirBuilderExt;
+                // Made anew: nothing a vmm before it (jailed, as another uid) left in run/
+                // is followed by this one, which runs as root.
+                match std::fs::remove_dir_all(files.jail()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(dir_err(&files.jail())(e))
+                    }
+                    _ => {}
+                }
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
@@ -665,10 +673,17 @@ impl VmSupervisor {
         let (metrics, launched) = (self.metrics.clone(), Instant::now());
         let owners = Self::owners(&record);
         self.runtime.spawn(async move {
-            // The launch is done when vmm's API answers (a vmm that ends first is not).
+            // The launch is done when vmm's API answers (a vmm that ends first is not). A
+            // blocking connect, bounded, off the runtime's threads.
             while launched.elapsed() < Duration::from_secs(10) {
-                let answers = sys::SocketRef::open(&api, &owners)
-                    .is_ok_and(|s| std::os::unix::net::UnixStream::connect(s.path()).is_ok());
+                let (api, owners) = (api.clone(), owners);
+                let answers = tokio::task::spawn_blocking(move || {
+                    sys::SocketRef::open(&api, &owners).is_ok_and(|s| {
+                        unix_http::connect(&s.path(), Duration::from_millis(100)).is_ok()
+                    })
+                })
+                .await
+                .unwrap_or(false);
                 if answers {
                     metrics
                         .launch_seconds
@@ -903,7 +918,14 @@ impl VmSupervisor {
     pub fn stop(self: &Arc<Self>, tenant: &str, id: &str, timeout: Duration) -> Result<Vm, Error> {
         let (record, pidfd) = self.halt(tenant, id)?;
         if let Some(pidfd) = pidfd {
-            // Both later steps are set first: a vmm whose API hangs is still ended in time.
+            // Both later steps are set first, each on its own timer: a vmm whose API hangs
+            // is still killed in time.
+            let fd = pidfd.clone();
+            self.runtime.spawn(async move {
+                tokio::time::sleep(timeout + SHUTDOWN_GRACE).await;
+                // Still the same process (its pidfd): past its time.
+                let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
+            });
             let (fd, me, r) = (pidfd.clone(), self.clone(), record.clone());
             self.runtime.spawn(async move {
                 tokio::time::sleep(timeout).await;
@@ -916,9 +938,6 @@ impl VmSupervisor {
                     })
                     .await;
                 }
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-                // Still the same process (its pidfd): past its time.
-                let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
             });
             let deadline = Instant::now() + Duration::from_secs(3);
             let press = || match self.vmm_api(&record) {
@@ -1029,9 +1048,12 @@ impl VmSupervisor {
     /// its backoff, or before its first launch, is started.
     ///
     /// A VM's vmm is the process that serves its API socket (in the VM's own directory): its
-    /// pid is the socket's peer credential. Neither a pid the record names (another process
-    /// by now, after a reboot or a pid's reuse) nor a vmm the agent died too early to record
-    /// can mislead it.
+    /// pid is the socket's peer credential, and (jailed) the process runs as the VM's uid in
+    /// the VM's cgroup. The credential is the pid of the process that listened, which may
+    /// have ended and its pid gone to another process: the uid and cgroup, read while the
+    /// pidfd shows the process alive, rule that out. Neither a pid the record names (another
+    /// process by now, after a reboot or a pid's reuse) nor a vmm the agent died too early to
+    /// record can mislead it.
     pub fn adopt(self: &Arc<Self>) -> Result<(), Error> {
         for record in self.store.vms(None)? {
             let k = key(&record.tenant, &record.id);
@@ -1047,6 +1069,7 @@ impl VmSupervisor {
             };
             let found = peer()
                 .and_then(|pid| sys::pidfd_open(pid).ok().map(|fd| (pid, fd)))
+                .filter(|(pid, fd)| self.is_vmm_of(&record, *pid, fd))
                 // The same process once its pidfd is held: no pid reuse in between.
                 .filter(|(pid, _)| peer() == Some(*pid));
             match found {
@@ -1076,6 +1099,19 @@ impl VmSupervisor {
             }
         }
         Ok(())
+    }
+
+    /// Whether process `pid` (held by `pidfd`) is VM `r`'s vmm: jailed, it runs as the VM's
+    /// uid in the VM's cgroup (what a process of another uid, or of no VM, cannot be); read
+    /// from `/proc` while the pidfd shows it alive, so the pid is still its.
+    fn is_vmm_of(&self, r: &VmRecord, pid: u32, pidfd: &OwnedFd) -> bool {
+        let Some(j) = &self.jail else {
+            return sys::alive(pidfd);
+        };
+        let ours = r.uid.is_some()
+            && sys::process_uid(pid) == r.uid
+            && j.cgroups.holds(&format!("{}_{}", r.tenant, r.id), pid);
+        ours && sys::alive(pidfd)
     }
 
     /// Each running VM's counters, from its vmm's API (a vmm that does not answer is left

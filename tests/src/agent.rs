@@ -187,10 +187,13 @@ impl Agent {
         let procs = self.cgroup.procs();
         let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let mut cmd = Command::new(bin("agent"));
-        // SAFETY: between fork and exec the hook only writes to descriptors the parent opened
-        // (kept open until the spawn returns), from a static buffer: no allocation, no lock.
+        // SAFETY: between fork and exec the hook only sets the umask and writes to descriptors
+        // the parent opened (kept open until the spawn returns), from a static buffer: no
+        // allocation, no lock.
         unsafe {
             cmd.pre_exec(move || {
+                // As systemd/agent.service runs it (UMask=0077).
+                libc::umask(0o077);
                 for &fd in &raw {
                     if libc::write(fd, b"0\n".as_ptr().cast(), 2) < 0 {
                         return Err(std::io::Error::last_os_error());

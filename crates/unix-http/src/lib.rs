@@ -88,6 +88,66 @@ struct ErrorBody {
     error: String,
 }
 
+/// Connects to the Unix stream socket at `path`, waiting at most `timeout`: a server that
+/// does not accept, its backlog full, makes a plain connect wait for ever. The connect is
+/// non-blocking, tried again while the backlog is full (EAGAIN); the stream it returns blocks.
+pub fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid (AF_UNSPEC, empty path) before it is filled in.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "path longer than a Unix socket address holds",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new socket that nothing else owns; the stream closes it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: connect(2) on the socket `stream` owns, with an address alive for the call
+        // and its size.
+        let r = unsafe {
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Some(libc::EAGAIN) => return Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+            _ => return Err(e),
+        }
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 /// Client of one API socket.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -146,12 +206,12 @@ impl Client {
         target: &str,
         body: Option<&str>,
     ) -> Result<Response, Error> {
-        let mut stream = UnixStream::connect(&self.path).map_err(|source| Error::Connect {
+        let deadline = Instant::now() + self.timeout;
+        let mut stream = connect(&self.path, self.timeout).map_err(|source| Error::Connect {
             path: self.path.clone(),
             daemon: self.daemon,
             source,
         })?;
-        let deadline = Instant::now() + self.timeout;
         stream.set_write_timeout(Some(self.timeout))?;
         let body = body.unwrap_or("");
         let mut req = format!(
@@ -326,6 +386,33 @@ mod tests {
         let r = client.request("GET", "/", None);
         assert!(matches!(r, Err(Error::TimedOut(_))), "{r:?}");
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_server_that_accepts_nothing_makes_the_connect_time_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Fill the backlog: nothing is ever accepted.
+        let mut held = Vec::new();
+        loop {
+            match connect(&path, Duration::from_millis(50)) {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+                    break;
+                }
+            }
+            assert!(held.len() < 10_000, "the backlog never filled");
+        }
+        let client = Client::new(&path, "test").with_timeout(Duration::from_millis(200));
+        let started = Instant::now();
+        assert!(matches!(
+            client.request("GET", "/", None),
+            Err(Error::Connect { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(listener);
     }
 
     #[test]
