@@ -108,7 +108,7 @@ impl From<vms::Error> for ApiError {
         let status = match &e {
             E::InvalidId(_) | E::Invalid(_) => StatusCode::BAD_REQUEST,
             E::NotFound(_) | E::NoTenant(_) => StatusCode::NOT_FOUND,
-            E::Exists(_) | E::VolumeInUse { .. } => StatusCode::CONFLICT,
+            E::Exists(_) | E::VolumeInUse { .. } | E::Busy(_) => StatusCode::CONFLICT,
             E::Storaged(inner) => return ApiError::from_volumes(inner),
             E::Spawn { .. } | E::Dir { .. } | E::Store(_) | E::Cgroup(_) | E::Jail(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -284,7 +284,6 @@ async fn delete_tenant(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The `tenant` of a query string; any other key is refused.
 /// The value of parameter `name` in a query, and the query without it.
 fn take_param(query: Option<&str>, name: &str) -> (Option<String>, Option<String>) {
     let mut value = None;
@@ -298,6 +297,7 @@ fn take_param(query: Option<&str>, name: &str) -> (Option<String>, Option<String
     (value, (!rest.is_empty()).then(|| rest.join("&")))
 }
 
+/// The `tenant` of a query string; any other key is refused.
 fn query_tenant(query: Option<&str>) -> ApiResult<Option<String>> {
     let mut tenant = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {

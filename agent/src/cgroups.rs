@@ -183,10 +183,37 @@ impl Cgroups {
         })
     }
 
-    /// Removes VM `name`'s cgroups (once its vmm has ended: an empty cgroup).
+    /// Removes VM `name`'s cgroups once its vmm has ended, first killing what is left in
+    /// them: processes the vmm forked (its guest's, if it was taken over) end with it, and
+    /// nothing of a VM outlives it as its uid, which the next VM may get. Logs a cgroup it
+    /// cannot empty or remove.
     pub fn remove(&self, name: &str) {
         for d in self.dirs(name) {
-            let _ = std::fs::remove_dir(&d);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<i32> = procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
+                if pids.is_empty() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                // v2 kills the whole cgroup at once (Linux 5.14); v1 and older, each process.
+                if std::fs::write(d.join("cgroup.kill"), "1").is_err() {
+                    for pid in pids {
+                        // SAFETY: kill(2) with a pid read from the VM's own cgroup.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            match std::fs::remove_dir(&d) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(cgroup = %d.display(), "cannot remove the VM's cgroup: {e}")
+                }
+                _ => {}
+            }
         }
     }
 }

@@ -12,8 +12,9 @@ use serde::Deserialize;
 pub const DEFAULT_STORAGED_SOCKET: &str = "/var/lib/storaged/admin.sock";
 
 /// The first uid given to a jailed vmm when the config names none: above the ranges
-/// `/etc/subuid` hands out by default (100000 + 65536 per user) for the first users.
-pub const DEFAULT_JAIL_UID_BASE: u32 = 10_000_000;
+/// container runtimes map by default (LXD's 1000000-1000999999, `/etc/subuid`'s 100000 on),
+/// below 2^31, which some tools take for a negative id.
+pub const DEFAULT_JAIL_UID_BASE: u32 = 2_000_000_000;
 
 /// The API's TCP address when the config names none: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9571";
@@ -146,11 +147,11 @@ impl Config {
             }
         };
         let jail_uid_base = self.jail_uid_base.unwrap_or(DEFAULT_JAIL_UID_BASE);
-        if jail_uid_base == 0 || jail_uid_base > u32::MAX - (1 << 20) {
+        if jail_uid_base == 0 || jail_uid_base > (1 << 31) - (1 << 20) {
             return Err(Error::Invalid {
                 key: "jail_uid_base",
                 reason: format!(
-                    "{jail_uid_base}: not root's, and leaving room for 2^20 VMs below 2^32"
+                    "{jail_uid_base}: not root's, and leaving room for 2^20 VMs below 2^31"
                 ),
             });
         }

@@ -30,7 +30,7 @@ struct Args {
     /// The image catalog: the files VMs may boot [default: DATA_DIR/images].
     #[arg(long)]
     images_dir: Option<PathBuf>,
-    /// The first of the jailed vmms' uids [default: 10000000].
+    /// The first of the jailed vmms' uids [default: 2000000000].
     #[arg(long)]
     jail_uid_base: Option<u32>,
     /// Log filter, e.g. "info" or "agent=debug,audit=info" (RUST_LOG also works).

@@ -393,9 +393,10 @@ impl Store {
             let mut mine = None;
             for entry in t.iter()? {
                 let (k, v) = entry?;
-                let Ok(r) = serde_json::from_slice::<VmRecord>(v.value()) else {
-                    continue;
-                };
+                // A record that cannot be read might hold a uid: none is given out blind.
+                let r = serde_json::from_slice::<VmRecord>(v.value()).map_err(|e| {
+                    redb::StorageError::Corrupted(format!("vms/{}: {e}", k.value()))
+                })?;
                 if k.value() == key {
                     mine = Some(r);
                 } else if let Some(uid) = r.uid {

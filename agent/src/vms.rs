@@ -87,6 +87,8 @@ pub enum Error {
     Invalid(String),
     #[error("Volume {volume} is attached to VM {vm}")]
     VolumeInUse { volume: String, vm: String },
+    #[error("{0}")]
+    Busy(String),
     #[error("Cannot start vmm {path}")]
     Spawn {
         path: PathBuf,
@@ -510,6 +512,8 @@ impl VmSupervisor {
         let log2 = log.try_clone().map_err(dir_err(files.dir()))?;
         // Jailed: its uid, cgroups and jail, entered between fork and exec.
         let cgroup_name = format!("{}_{}", record.tenant, record.id);
+        // Until the spawn: a launch that fails leaves no cgroup behind.
+        let mut made_cgroups = CgroupsMade(None, &cgroup_name);
         let mut procs = Vec::new();
         let (jailed, inside) = match &self.jail {
             Some(j) => {
@@ -521,17 +525,11 @@ impl VmSupervisor {
                         .ok_or_else(|| Error::NotFound(record.id.clone()))?,
                 };
                 record.uid = Some(uid);
-                for (what, f) in [("kernel", Some(&kernel)), ("initrd", initrd.as_ref())] {
-                    if let Some(f) = f {
-                        readable_by_others(f).map_err(|reason| {
-                            Error::Invalid(format!("{what} {}: {reason}", f.display()))
-                        })?;
-                    }
-                }
-                let cgroup_name = format!("{}_{}", record.tenant, record.id);
+                self.readable_by_vms(&kernel, initrd.as_deref())?;
                 procs = j
                     .cgroups
                     .prepare(&cgroup_name, spec.memory_bytes, spec.vcpus)?;
+                made_cgroups.0 = Some(&j.cgroups);
                 let sockets: Vec<PathBuf> = disks.iter().map(|d| d.socket.clone()).collect();
                 let contents = jail::Contents {
                     kernel: &kernel,
@@ -617,12 +615,11 @@ impl VmSupervisor {
             .stderr(log2);
         if let Some(jail) = jailed {
             use std::os::unix::process::CommandExt;
-            // Nothing of the agent's environment but how vmm logs.
+            // Nothing of the agent's environment but how vmm logs (no RUST_BACKTRACE: a
+            // backtrace opens files, which the seccomp filters refuse).
             cmd.env_clear();
-            for var in ["RUST_LOG", "RUST_BACKTRACE"] {
-                if let Some(v) = std::env::var_os(var) {
-                    cmd.env(var, v);
-                }
+            if let Some(v) = std::env::var_os("RUST_LOG") {
+                cmd.env("RUST_LOG", v);
             }
             // SAFETY: the hook runs in the child between fork and exec; Jail::enter only makes
             // system calls on strings and descriptors the parent made (and keeps until the
@@ -633,18 +630,10 @@ impl VmSupervisor {
         }
         record.state = "launching".into();
         self.store.put_vm(&record)?;
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(source) => {
-                if let Some(j) = &self.jail {
-                    j.cgroups.remove(&cgroup_name);
-                }
-                return Err(Error::Spawn {
-                    path: self.vmm.clone(),
-                    source,
-                });
-            }
-        };
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            path: self.vmm.clone(),
+            source,
+        })?;
         drop(procs);
         let pid = child.id();
         let pidfd = match sys::pidfd_open(pid) {
@@ -660,14 +649,18 @@ impl VmSupervisor {
                 });
             }
         };
-        // Reaped through its pidfd, not through `child`.
+        // Reaped through its pidfd, not through `child`; its cgroups go at its end.
         drop(child);
+        made_cgroups.0 = None;
         record.pid = Some(pid);
         record.started_unix = Some(now_unix());
         record.state = "running".into();
         // Watched before the record is written: whatever happens next, its end is seen.
         self.watch(&record, pidfd, true);
-        self.store.put_vm(&record)?;
+        if let Err(e) = self.store.put_vm(&record) {
+            // It runs and is watched: its end is recorded (the record says launching).
+            tracing::error!(vm = %record.id, "cannot record the VM as running: {}", crate::error_chain(&e));
+        }
         tracing::info!(tenant = %record.tenant, vm = %record.id, pid, uid = ?record.uid, "vm started");
         self.metrics.launches.inc();
         let (metrics, launched) = (self.metrics.clone(), Instant::now());
@@ -1019,6 +1012,12 @@ impl VmSupervisor {
         }
         let lock = self.lock(&key(tenant, id));
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.pidfd(&key(tenant, id)).is_some() {
+            // A start between the kill and the lock: that vmm is not left without its VM.
+            return Err(Error::Busy(format!(
+                "VM {id} was started again while it was being deleted; not deleted"
+            )));
+        }
         let record = self.get_record(tenant, id)?;
         self.release_disks(&record);
         self.store.remove_vm(tenant, id)?;
@@ -1039,7 +1038,8 @@ impl VmSupervisor {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
         let mut out = Vec::new();
-        let _ = f.read_to_end(&mut out);
+        // At most `max`: the file grows while it is read, as far as the vmm likes.
+        let _ = f.take(max).read_to_end(&mut out);
         Ok(out)
     }
 
@@ -1185,6 +1185,18 @@ fn host_memory() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// A VM's cgroups made by a launch that has not spawned its vmm yet: removed when dropped
+/// while it still names them.
+struct CgroupsMade<'a>(Option<&'a Cgroups>, &'a str);
+
+impl Drop for CgroupsMade<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.remove(self.1);
+        }
+    }
+}
+
 /// One of a VM's volumes, as its launch needs it.
 struct Disk {
     storaged_name: String,
@@ -1248,7 +1260,14 @@ fn last_exit(exit: Option<ChildExit>, log: &Path) -> LastExit {
 
 /// The exit code vmm's log gives in its last line that gives one (`code=N`).
 fn code_in_log(log: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(log).ok()?;
+    use std::io::{Read, Seek, SeekFrom};
+    // Its last 64 KiB: the end is there, and the log is as long as the vmm made it.
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut bytes = Vec::new();
+    f.take(64 << 10).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     text.lines().rev().find_map(|l| {
         let rest = l.split(" code=").nth(1)?;
         rest.split(|c: char| !c.is_ascii_digit())

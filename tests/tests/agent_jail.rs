@@ -408,3 +408,78 @@ fn an_agent_that_is_not_root_refuses_to_jail_and_says_why_unless_jail_is_false()
         "it says the VMs run unjailed: {log}"
     );
 }
+
+#[test]
+fn a_process_left_in_a_vms_cgroup_is_killed_at_the_vms_end_and_its_cgroups_go() {
+    use std::os::unix::process::CommandExt;
+    let s = Storaged::start();
+    let a = Agent::with_guests(&s);
+    let t = two_vms(&a);
+    let v = vm(&t, "a");
+    let (pid, uid) = (
+        v["pid"].as_u64().unwrap(),
+        v["uid"].as_u64().unwrap() as u32,
+    );
+    // The VM's cgroups, as its vmm's /proc/PID/cgroup names them.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let dirs: Vec<PathBuf> = cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            if !path.ends_with("/agent-vms/acme_a") {
+                return None;
+            }
+            let hierarchy = match controllers {
+                "" => PathBuf::from("/sys/fs/cgroup"),
+                c => PathBuf::from("/sys/fs/cgroup").join(c.split(',').next()?),
+            };
+            Some(hierarchy.join(path.trim_start_matches('/')))
+        })
+        .filter(|d| d.exists())
+        .collect();
+    assert!(!dirs.is_empty(), "{cgroup}");
+    // What a taken-over vmm could have forked: a process of its uid in its cgroups.
+    let procs: Vec<std::fs::File> = dirs
+        .iter()
+        .map(|d| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("cgroup.procs"))
+                .unwrap()
+        })
+        .collect();
+    use std::os::fd::AsRawFd;
+    let raw: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("600").uid(uid).gid(uid);
+    // SAFETY: between fork and exec the hook only writes to descriptors the parent opened.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &raw {
+                if libc::write(fd, b"0\n".as_ptr().cast(), 2) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut left = cmd.spawn().unwrap();
+    drop(procs);
+    assert_eq!(call(&t, "POST", "/v1/vms/a/kill", None).0, 200);
+    wait_vm(&t, "a", "killed", Duration::from_secs(10), |v| {
+        v["state"] == "stopped"
+    });
+    let status = left.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "killed at the VM's end"
+    );
+    wait_until("the VM's cgroups removed", Duration::from_secs(5), || {
+        dirs.iter().all(|d| !d.exists())
+    });
+    // VM b, in cgroups of its own, runs on.
+    assert_eq!(vm(&t, "b")["state"], "running");
+}

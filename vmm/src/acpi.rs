@@ -130,7 +130,7 @@ fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
     let name_crs = aml::Name::new("_CRS".into(), &crs);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&name_hid, &name_uid, &name_crs]);
     dsdt.append_slice(&bytes_of(&com1));
-    // S5 (soft off): SLP_TYP 5 in the sleep control register.
+    // The power button, and the GED that notifies it.
     let pwrb_hid = aml::EISAName::new("PNP0C0C");
     let pwrb_name_hid = aml::Name::new("_HID".into(), &pwrb_hid);
     let pwrb_name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
@@ -180,6 +180,7 @@ fn dsdt(mmio: &[(u64, u32)]) -> Sdt {
         ],
     );
     dsdt.append_slice(&bytes_of(&ged));
+    // S5 (soft off): SLP_TYP 5 in the sleep control register.
     let s5_typ = aml::Usize::from(5usize);
     let s5 = aml::Package::new(vec![&s5_typ, &s5_typ]);
     dsdt.append_slice(&bytes_of(&aml::Name::new("_S5_".into(), &s5)));

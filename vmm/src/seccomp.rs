@@ -5,8 +5,16 @@
 //!
 //! Each thread installs its kind's filter itself: a spawned thread first thing in
 //! [`crate::threads::spawn`], before its own code runs; the main thread once the VM is set
-//! up, just before it waits for the VM's end. A thread another one starts (the API's
-//! runtime threads) inherits its starter's filter.
+//! up, before any vCPU runs the guest (they wait for it), just before it waits for the VM's
+//! end. A thread another one starts (the API's runtime threads) inherits its starter's
+//! filter. Beside its kind's, each thread installs [`no_clone3`]: `clone3` fails, glibc falls
+//! back to `clone`, and `clone` is allowed only for threads (`CLONE_THREAD`), so no filtered
+//! thread starts a process.
+//!
+//! The threads share their memory: code that runs in one of them (a taken-over vmm) can make
+//! another make its calls. What the process as a whole can do is the union of the kinds'
+//! lists; the split keeps each kind's own code to what it needs, and the union is what a
+//! jailed vmm is confined to.
 //!
 //! The filters are built in ([`built_in`]); `--seccomp-filter FILE` replaces them by a file in
 //! seccompiler's JSON format with one filter per kind (`main`, `vcpu`, `api`, `console`,
@@ -47,8 +55,11 @@ pub enum Error {
 /// The filters every thread installs: set once at start (`None`: `--no-seccomp`).
 pub static FILTERS: OnceLock<Option<Filters>> = OnceLock::new();
 
-/// One compiled filter per thread kind.
-pub struct Filters(BTreeMap<&'static str, BpfProgram>);
+/// One compiled filter per thread kind, and [`no_clone3`].
+pub struct Filters {
+    kinds: BTreeMap<&'static str, BpfProgram>,
+    no_clone3: BpfProgram,
+}
 
 const KINDS: [(ThreadKind, &str); 5] = [
     (ThreadKind::Main, "main"),
@@ -99,6 +110,7 @@ const COMMON: &[i64] = &[
     libc::SYS_sched_yield,
     libc::SYS_set_robust_list,
     libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
     libc::SYS_write,
     libc::SYS_writev,
 ];
@@ -131,6 +143,7 @@ fn own(kind: ThreadKind) -> &'static [i64] {
         // vCPUs (a signal to each vCPU thread).
         ThreadKind::Api => &[
             libc::SYS_accept4,
+            libc::SYS_clone,
             libc::SYS_clone3,
             libc::SYS_epoll_create1,
             libc::SYS_epoll_ctl,
@@ -147,7 +160,6 @@ fn own(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_shutdown,
             libc::SYS_socketpair,
             libc::SYS_statx,
-            libc::SYS_tgkill,
         ],
         // The serial log: written, rotated (renamed, a new one opened).
         ThreadKind::Console => &[
@@ -184,6 +196,14 @@ fn arg_is(arg: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError>
 fn rules(kind: ThreadKind, syscall: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     match syscall {
         libc::SYS_prctl => Ok(vec![arg_is(0, libc::PR_SET_NAME as u64)?]),
+        // Threads only, not processes ([`no_clone3`] makes glibc use clone, whose flags a
+        // filter can read).
+        libc::SYS_clone => Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?])?]),
         libc::SYS_ioctl if kind == ThreadKind::Vcpu => {
             [KVM_RUN(), KVM_GET_REGS(), KVM_SET_REGS(), KVM_GET_SREGS()]
                 .into_iter()
@@ -223,14 +243,34 @@ pub fn built_in(kind: ThreadKind) -> Result<BpfProgram, Error> {
     filter.try_into().map_err(err)
 }
 
+/// A filter every thread installs beside its kind's: `clone3` fails with ENOSYS, so that
+/// glibc starts threads with `clone`, whose flags (in a register, unlike `clone3`'s) the
+/// kinds' filters check: a thread, never a process.
+pub fn no_clone3() -> Result<BpfProgram, Error> {
+    let err = |e: seccompiler::BackendError| Error::Build(ThreadKind::Main, e.to_string());
+    let map = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    SeccompFilter::new(
+        map,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(err)?
+    .try_into()
+    .map_err(err)
+}
+
 impl Filters {
     /// The built-in filters.
     pub fn built_in() -> Result<Filters, Error> {
-        let mut out = BTreeMap::new();
+        let mut kinds = BTreeMap::new();
         for (kind, name) in KINDS {
-            out.insert(name, built_in(kind)?);
+            kinds.insert(name, built_in(kind)?);
         }
-        Ok(Filters(out))
+        Ok(Filters {
+            kinds,
+            no_clone3: no_clone3()?,
+        })
     }
 
     /// The filters of a seccompiler JSON file, which must have one for each kind.
@@ -246,28 +286,38 @@ impl Filters {
                     reason: e.to_string(),
                 }
             })?;
-        let mut out = BTreeMap::new();
+        let mut kinds = BTreeMap::new();
         for (_, name) in KINDS {
             let program = map.remove(name).ok_or(Error::Missing {
                 path: path.to_owned(),
                 kind: name,
             })?;
-            out.insert(name, program);
+            kinds.insert(name, program);
         }
-        Ok(Filters(out))
+        Ok(Filters {
+            kinds,
+            no_clone3: no_clone3()?,
+        })
     }
 }
 
-/// Installs `kind`'s filter on the calling thread, if there are filters.
+/// Installs `kind`'s filters on the calling thread, if there are filters (none before
+/// [`FILTERS`] is set, as in unit tests, or with `--no-seccomp`). Once there are, a kind
+/// without one is an error, not a thread left unfiltered.
 pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     let Some(Some(filters)) = FILTERS.get() else {
         return Ok(());
     };
-    match filters.0.get(name(kind)) {
-        // An empty program (a file's filter with no rules) cannot be installed: nothing to do.
-        Some(p) if !p.is_empty() => seccompiler::apply_filter(p).map_err(|e| Error::Apply(kind, e)),
-        _ => Ok(()),
-    }
+    let program = filters
+        .kinds
+        .get(name(kind))
+        .filter(|p| !p.is_empty())
+        .ok_or(Error::Missing {
+            path: PathBuf::from("(the filters in use)"),
+            kind: name(kind),
+        })?;
+    seccompiler::apply_filter(&filters.no_clone3).map_err(|e| Error::Apply(kind, e))?;
+    seccompiler::apply_filter(program).map_err(|e| Error::Apply(kind, e))
 }
 
 #[cfg(test)]
@@ -277,8 +327,9 @@ mod tests {
     #[test]
     fn every_kind_has_a_built_in_filter() {
         let f = Filters::built_in().unwrap();
-        assert_eq!(f.0.len(), 5);
-        assert!(f.0.values().all(|p| !p.is_empty()));
+        assert_eq!(f.kinds.len(), 5);
+        assert!(f.kinds.values().all(|p| !p.is_empty()));
+        assert!(!f.no_clone3.is_empty());
     }
 
     #[test]

@@ -186,11 +186,15 @@ pub fn run(
     // From here on, however this returns, what the guest wrote is written out first.
     let console_end = ConsoleEnd(console.clone());
     let mut vcpu_threads = Vec::new();
+    // No vCPU runs the guest before the main thread's seccomp filter is on.
+    let gate = Arc::new(std::sync::Barrier::new(vcpus.len() + 1));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let control = control.clone();
         let mmio = mmio.clone();
+        let gate = gate.clone();
         let t = threads::spawn(ThreadKind::Vcpu, format!("vcpu{id}"), move || {
+            gate.wait();
             vcpu_loop(vcpu, id, &bus, &mmio, &control)
         })
         .map_err(|e| Error::Thread("vCPU", e))?;
@@ -199,6 +203,7 @@ pub fn run(
 
     // Set up: from here the main thread only waits for the end and takes the VM down.
     crate::seccomp::apply(ThreadKind::Main)?;
+    gate.wait();
     let exit = wait(&control, signals);
     drop(console_end);
     if let Some(first) = console.first_byte() {
