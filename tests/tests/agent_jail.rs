@@ -483,3 +483,26 @@ fn a_process_left_in_a_vms_cgroup_is_killed_at_the_vms_end_and_its_cgroups_go() 
     // VM b, in cgroups of its own, runs on.
     assert_eq!(vm(&t, "b")["state"], "running");
 }
+
+#[test]
+fn an_agent_on_a_host_without_cgroups_refuses_to_jail_and_says_why() {
+    // The agent in a mount namespace of its own whose /sys/fs/cgroup is an empty tmpfs: a
+    // host without cgroups, as far as it can see.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = bin("agent");
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs none /sys/fs/cgroup && exec {} --data-dir {} --listen off --storaged-socket /nonexistent.sock",
+        agent.display(),
+        dir.path().join("data").display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No cgroups for the VMs") && err.contains("jail = false"),
+        "{err}"
+    );
+}
