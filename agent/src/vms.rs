@@ -3,8 +3,9 @@
 //!
 //! A VM's files are in `DATA_DIR/vms/TENANT_ID/`: `vmm.log` (vmm's stderr and stdout, one
 //! run's) and its jail (`jail/`, see the `jail` module), whose `run/` holds `api.sock` and
-//! `console.log` (the serial console, at most [`CONSOLE_MAX`], the run before in
-//! `console.log.1`); unjailed, `jail/run/` only. vmm runs in a process group of its own, its output in
+//! `console.log` (the serial console: the last 64 KiB of the run before, then this run's, at
+//! most [`CONSOLE_MAX`] before vmm rotates it to `console.log.1`); unjailed, `jail/run/`
+//! only. Both are made anew at each launch. vmm runs in a process group of its own, its output in
 //! files, never in pipes to the agent: nothing ties it to the agent's life, so a VM keeps
 //! running while the agent stops, crashes or restarts.
 //!
@@ -44,8 +45,11 @@ use crate::store::{self, Store, VmRecord, VmSpec};
 use crate::sys::{self, ChildExit};
 use crate::tenants::valid_name;
 
-/// Most bytes of a VM's serial log before it is rotated to `console.log.1`.
+/// Most bytes of a VM's serial log before vmm rotates it to `console.log.1`.
 pub const CONSOLE_MAX: u64 = 1 << 20;
+
+/// How much of a run's console a launch carries into the next run's.
+const CONSOLE_KEPT: u64 = 64 << 10;
 
 /// Restarts counted for the backoff and the cap.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
@@ -515,6 +519,9 @@ impl VmSupervisor {
         // Until the spawn: a launch that fails leaves no cgroup behind.
         let mut made_cgroups = CgroupsMade(None, &cgroup_name);
         let mut procs = Vec::new();
+        // The jail is made anew: the run before's last console output goes into the new
+        // console, so that a crash's last words stay readable after its restart.
+        let previous = self.console_of(&record, CONSOLE_KEPT).unwrap_or_default();
         let (jailed, inside) = match &self.jail {
             Some(j) => {
                 let uid = match record.uid {
@@ -575,6 +582,10 @@ impl VmSupervisor {
                 (None, inside)
             }
         };
+        if !previous.is_empty() {
+            carry_console(&files.console(), &previous, record.uid)
+                .map_err(dir_err(&files.run()))?;
+        }
         let owner = storaged_api::Owner {
             uid: record.uid.unwrap_or(0),
             vm_id: Some(record.id.clone()),
@@ -1028,19 +1039,21 @@ impl VmSupervisor {
     /// The tail of a VM's serial console: its last `max` bytes.
     pub fn console(&self, tenant: &str, id: &str, max: u64) -> Result<Vec<u8>, Error> {
         let record = self.get_record(tenant, id)?;
+        Ok(self.console_of(&record, max).unwrap_or_default())
+    }
+
+    /// The last `max` bytes of VM `r`'s console file. The VM's uid owns its directory: no
+    /// symlink followed, no FIFO waited on, a regular file of that uid or root only.
+    fn console_of(&self, r: &VmRecord, max: u64) -> Option<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
-        // The VM's uid owns the directory: no symlink followed, no FIFO waited on, a regular
-        // file of that uid or root only.
-        let path = self.files(tenant, id).console();
-        let Ok(mut f) = sys::open_own_file(&path, &Self::owners(&record)) else {
-            return Ok(Vec::new());
-        };
+        let path = self.files(&r.tenant, &r.id).console();
+        let mut f = sys::open_own_file(&path, &Self::owners(r)).ok()?;
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
         let mut out = Vec::new();
         // At most `max`: the file grows while it is read, as far as the vmm likes.
         let _ = f.take(max).read_to_end(&mut out);
-        Ok(out)
+        Some(out)
     }
 
     /// At start: finds every VM's vmm again, watching it; a VM whose vmm ended while the
@@ -1183,6 +1196,24 @@ fn host_memory() -> u64 {
         })
         .map(|kib| kib * 1024)
         .unwrap_or(u64::MAX)
+}
+
+/// Starts the console file at `path` (in a new, empty `run/`) with `bytes`, the run before's
+/// last output, owned by `uid` (root's unjailed), for vmm to append to.
+fn carry_console(path: &Path, bytes: &[u8], uid: Option<u32>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(bytes)?;
+    if let Some(uid) = uid {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(uid))?;
+    }
+    Ok(())
 }
 
 /// A VM's cgroups made by a launch that has not spawned its vmm yet: removed when dropped

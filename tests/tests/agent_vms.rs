@@ -87,7 +87,20 @@ fn a_killed_vmm_is_started_again_after_its_backoff_until_the_cap_and_a_stop_is_n
     assert_eq!(st, 201, "{v}");
     let mut pid = v["pid"].as_u64().unwrap();
     let mut backoffs = Vec::new();
+    // The console carries the runs before into each new one's: each run printed its line.
+    let console_lines = |want: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = t.console("spin", None).unwrap();
+            if c.matches("spinning\n").count() == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{want} lines wanted: {c:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     for round in 1..=5u64 {
+        console_lines(round as usize);
         // SAFETY: kill(2) on the vmm the agent started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         let killed = Instant::now();
