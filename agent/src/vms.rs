@@ -170,6 +170,11 @@ impl VmFiles {
     }
 }
 
+/// A VM's name on the host: its directory's and its cgroups' (`_` is in neither name).
+fn host_name(tenant: &str, id: &str) -> String {
+    format!("{tenant}_{id}")
+}
+
 fn key(tenant: &str, id: &str) -> String {
     format!("{tenant}/{id}")
 }
@@ -218,7 +223,7 @@ impl VmSupervisor {
     }
 
     fn files(&self, tenant: &str, id: &str) -> VmFiles {
-        VmFiles(self.vms_dir.join(format!("{tenant}_{id}")))
+        VmFiles(self.vms_dir.join(host_name(tenant, id)))
     }
 
     /// The uids a VM's own files may belong to: root's, and its vmm's when jailed.
@@ -511,11 +516,10 @@ impl VmSupervisor {
                 .map_err(dir_err(files.dir()))?;
         }
         let api = files.api();
-        let _ = std::fs::remove_file(&api);
         let log = std::fs::File::create(files.log()).map_err(dir_err(files.dir()))?;
         let log2 = log.try_clone().map_err(dir_err(files.dir()))?;
         // Jailed: its uid, cgroups and jail, entered between fork and exec.
-        let cgroup_name = format!("{}_{}", record.tenant, record.id);
+        let cgroup_name = host_name(&record.tenant, &record.id);
         // Until the spawn: a launch that fails leaves no cgroup behind.
         let mut made_cgroups = CgroupsMade(None, &cgroup_name);
         let mut procs = Vec::new();
@@ -779,7 +783,7 @@ impl VmSupervisor {
         };
         let last = last_exit(exit, &self.files(tenant, id).log());
         if let Some(j) = &self.jail {
-            j.cgroups.remove(&format!("{tenant}_{id}"));
+            j.cgroups.remove(&host_name(tenant, id));
         }
         self.metrics
             .ends
@@ -1123,7 +1127,7 @@ impl VmSupervisor {
         };
         let ours = r.uid.is_some()
             && sys::process_uid(pid) == r.uid
-            && j.cgroups.holds(&format!("{}_{}", r.tenant, r.id), pid);
+            && j.cgroups.holds(&host_name(&r.tenant, &r.id), pid);
         ours && sys::alive(pidfd)
     }
 

@@ -48,6 +48,8 @@ pub enum Error {
     Invalid { path: PathBuf, reason: String },
     #[error("The seccomp filter file {path} has no filter {kind:?} (it needs main, vcpu, api, console and device)")]
     Missing { path: PathBuf, kind: &'static str },
+    #[error("No seccomp filter for the {0:?} threads among the filters in use")]
+    NoFilter(ThreadKind),
     #[error("Cannot install the seccomp filter of the {0:?} threads")]
     Apply(ThreadKind, #[source] seccompiler::Error),
 }
@@ -83,7 +85,8 @@ ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_bindings::kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
 
 /// What every thread does whatever its kind: memory, locks, signals masks and returns,
-/// time, its own end (or the process's), writing its log and closing what it owns.
+/// time, its own end (or the process's), writing its log, closing what it owns, naming
+/// itself (`prctl`, see [`rules`]).
 const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
@@ -102,6 +105,7 @@ const COMMON: &[i64] = &[
     libc::SYS_mremap,
     libc::SYS_munmap,
     libc::SYS_nanosleep,
+    libc::SYS_prctl,
     libc::SYS_restart_syscall,
     libc::SYS_rseq,
     libc::SYS_rt_sigprocmask,
@@ -133,6 +137,7 @@ fn own(kind: ThreadKind) -> &'static [i64] {
         // KVM_RUN and the exits it serves: port and MMIO devices, a disk's vhost-user
         // messages, its eventfds.
         ThreadKind::Vcpu => &[
+            libc::SYS_ioctl,
             libc::SYS_poll,
             libc::SYS_read,
             libc::SYS_recvmsg,
@@ -220,17 +225,7 @@ fn rules(kind: ThreadKind, syscall: i64) -> Result<Vec<SeccompRule>, seccompiler
 pub fn built_in(kind: ThreadKind) -> Result<BpfProgram, Error> {
     let err = |e: seccompiler::BackendError| Error::Build(kind, e.to_string());
     let mut map = BTreeMap::new();
-    let vcpu_ioctl: &[i64] = if kind == ThreadKind::Vcpu {
-        &[libc::SYS_ioctl]
-    } else {
-        &[]
-    };
-    for &syscall in COMMON
-        .iter()
-        .chain(own(kind))
-        .chain(vcpu_ioctl)
-        .chain(&[libc::SYS_prctl])
-    {
+    for &syscall in COMMON.iter().chain(own(kind)) {
         map.insert(syscall, rules(kind, syscall).map_err(err)?);
     }
     let filter = SeccompFilter::new(
@@ -312,10 +307,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
         .kinds
         .get(name(kind))
         .filter(|p| !p.is_empty())
-        .ok_or(Error::Missing {
-            path: PathBuf::from("(the filters in use)"),
-            kind: name(kind),
-        })?;
+        .ok_or(Error::NoFilter(kind))?;
     seccompiler::apply_filter(&filters.no_clone3).map_err(|e| Error::Apply(kind, e))?;
     seccompiler::apply_filter(program).map_err(|e| Error::Apply(kind, e))
 }
