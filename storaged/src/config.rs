@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpus::CpuList;
 use crate::qos::QosConfig;
 use crate::volume::{self, Tier};
 use size::ByteSize;
@@ -72,6 +73,19 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     /// Replication of volumes to a peer storaged.
     pub replication: ReplicationConfig,
+    /// Which CPUs the data plane and the control plane run on.
+    pub cpus: CpusConfig,
+}
+
+/// CPU affinity (see [`crate::cpus`]): Linux CPU lists such as `"2-7"`. Each unset one leaves
+/// its threads on every CPU the daemon may use.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpusConfig {
+    /// The volumes' threads: each one's socket thread, queue workers and io_uring workers.
+    pub data_plane: Option<String>,
+    /// Everything else: the admin API, metrics, replication streams.
+    pub control_plane: Option<String>,
 }
 
 /// Replication to and from peer storaged daemons (see [`crate::replication`]). Every
@@ -195,6 +209,10 @@ pub struct Resolved {
     pub metrics_addr: Option<SocketAddr>,
     /// None when replication is not configured.
     pub replication: Option<ReplicationResolved>,
+    /// The CPUs of the data plane and of the control plane, where set (the data plane's too
+    /// where only the control plane's is: every CPU the daemon may use).
+    pub data_plane_cpus: Option<CpuList>,
+    pub control_plane_cpus: Option<CpuList>,
 }
 
 impl Config {
@@ -296,12 +314,29 @@ impl Config {
             volume::validate_size(cap.0).map_err(|e| invalid("pool_capacity", e.to_string()))?;
         }
         let replication = self.replication.resolve()?;
+        let cpus = |key, list: &Option<String>| {
+            list.as_deref()
+                .map(|l| CpuList::parse(l).and_then(CpuList::check_allowed))
+                .transpose()
+                .map_err(|e| invalid(key, e.to_string()))
+        };
+        let control_plane_cpus = cpus("cpus.control_plane", &self.cpus.control_plane)?;
+        // A thread starts on the CPUs of the one that started it: with the control plane
+        // pinned, the data plane moves back to every CPU the daemon may use.
+        let data_plane_cpus = match cpus("cpus.data_plane", &self.cpus.data_plane)? {
+            None if control_plane_cpus.is_some() => {
+                Some(CpuList::allowed().map_err(|e| invalid("cpus.data_plane", e.to_string()))?)
+            }
+            set => set,
+        };
         Ok(Resolved {
             data_dir,
             admin_socket,
             socket_dir,
             metrics_addr,
             replication,
+            data_plane_cpus,
+            control_plane_cpus,
         })
     }
 }
@@ -385,12 +420,17 @@ mod tests {
             max_queue_size = 256
             direct = false
             seg_max = 64
+            [cpus]
+            data_plane = "0"
             "#,
         )
         .unwrap();
         assert_eq!(c.pool_capacity, Some(ByteSize(10 << 40)));
         assert_eq!(c.volume_defaults.tier, Tier::Premium);
-        assert!(c.validate().unwrap().metrics_addr.is_none());
+        let r = c.validate().unwrap();
+        assert!(r.metrics_addr.is_none());
+        assert_eq!(r.data_plane_cpus, Some(CpuList::parse("0").unwrap()));
+        assert_eq!(r.control_plane_cpus, None);
     }
 
     #[test]
@@ -524,6 +564,22 @@ mod tests {
                 ..
             })
         ));
+        for (data_plane, control_plane, key) in [
+            (Some("0-"), None, "cpus.data_plane"),
+            (
+                None,
+                Some(crate::cpus::MAX_CPU.to_string()),
+                "cpus.control_plane",
+            ),
+        ] {
+            let mut c = base();
+            c.cpus.data_plane = data_plane.map(String::from);
+            c.cpus.control_plane = control_plane;
+            match c.validate() {
+                Err(Error::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
         let mut c = base();
         c.metrics_addr = Some("localhost".into());
         assert!(matches!(

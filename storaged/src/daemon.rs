@@ -48,6 +48,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("Cannot run the control plane on its CPUs")]
+    Cpus(#[from] crate::cpus::Error),
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("Cannot set up replication's TLS")]
@@ -87,9 +89,20 @@ fn lock_data_dir(dir: &Path) -> Result<File, Error> {
     Ok(file)
 }
 
+/// A CPU set as the startup log shows it.
+fn cpus_shown(cpus: &Option<crate::cpus::CpuList>) -> String {
+    cpus.as_ref()
+        .map_or_else(|| "all".to_owned(), ToString::to_string)
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), Error> {
     let paths = config.validate()?;
+    // The control plane: this thread and every thread it starts (the runtime's, and theirs)
+    // but the volumes' socket threads, which move to the data plane's CPUs themselves.
+    if let Some(cpus) = &paths.control_plane_cpus {
+        cpus.pin_current_thread()?;
+    }
     create_dir(&paths.data_dir, 0o700)?;
     create_dir(&paths.data_dir.join("volumes"), 0o700)?;
     create_dir(&paths.socket_dir, 0o755)?;
@@ -218,6 +231,8 @@ pub fn run(config: Config) -> Result<(), Error> {
             metrics_url = metrics_url.as_deref().unwrap_or("off"),
             replication_listen = replication_listen.as_deref().unwrap_or("off"),
             data_dir = %paths.data_dir.display(),
+            data_plane_cpus = %cpus_shown(&paths.data_plane_cpus),
+            control_plane_cpus = %cpus_shown(&paths.control_plane_cpus),
             volumes,
             "storaged ready"
         );

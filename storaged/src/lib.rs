@@ -9,6 +9,7 @@ pub mod blk;
 pub mod blockdev;
 pub mod catalog;
 pub mod config;
+pub mod cpus;
 pub mod crypto;
 pub mod daemon;
 pub mod keys;

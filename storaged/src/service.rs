@@ -390,6 +390,7 @@ impl VolumeService {
             io,
             &self.socket_path(&spec.name),
             spec.owner.as_ref(),
+            self.paths.data_plane_cpus.clone(),
         )?)
     }
 

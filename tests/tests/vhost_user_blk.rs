@@ -584,3 +584,113 @@ fn buffered_io_serves_the_same_data_when_direct_io_is_off() {
     let mut c = connect_retry(&socket, 1);
     assert_eq!(c.read(0, 12288, 65536).unwrap(), pattern(65536, 12288, 6));
 }
+
+/// The CPUs each of `pid`'s threads may run on, by thread name (a volume's threads by their
+/// kind: `export-NAME` as `export`).
+fn cpus_by_thread(
+    pid: u32,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut by = std::collections::BTreeMap::<_, std::collections::BTreeSet<_>>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let name = field("Name:");
+        let name = match name.split_once('-') {
+            Some((kind @ ("export" | "wait" | "vu"), _)) => kind.to_owned(),
+            _ => name,
+        };
+        by.entry(name)
+            .or_default()
+            .insert(field("Cpus_allowed_list:"));
+    }
+    by
+}
+
+#[test]
+fn queues_run_on_the_data_planes_cpus_and_the_rest_on_the_control_planes() {
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Cpus_allowed_list:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap();
+    let ncpus = std::thread::available_parallelism().unwrap().get();
+    if ncpus < 2 {
+        skip("CPU affinity: one CPU only, the two planes cannot be told apart");
+        return;
+    }
+    // The last CPU this test may use for the data plane, the first for the control plane.
+    let first = allowed.split([',', '-']).next().unwrap().to_owned();
+    let last = allowed.rsplit([',', '-']).next().unwrap().to_owned();
+    assert_ne!(first, last, "{allowed}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("storaged.toml");
+    std::fs::write(
+        &cfg,
+        format!("[cpus]\ndata_plane = \"{last}\"\ncontrol_plane = \"{first}\"\n"),
+    )
+    .unwrap();
+    let s = Storaged::start_with(&["--config", cfg.to_str().unwrap()]);
+    assert!(
+        s.log_text().contains(&format!(
+            "data_plane_cpus={last} control_plane_cpus={first}"
+        )),
+        "{}",
+        s.log_text()
+    );
+    s.create_volume(r#"{"name":"pinned","size":"8MiB","num_queues":2}"#);
+    let mut c = connect_retry(&s.socket_of("pinned"), 2);
+    assert_eq!(c.write(0, 0, &pattern(4096, 0, 1)), 0);
+    assert_eq!(c.write(1, 4096, &pattern(4096, 4096, 2)), 0);
+
+    let by = cpus_by_thread(s.pid());
+    let only = |name: &str, cpus: &str| {
+        let got = by
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} thread: {by:?}"));
+        assert_eq!(got.iter().collect::<Vec<_>>(), [cpus], "{name}: {by:?}");
+    };
+    only("vring_worker", &last);
+    only("export", &last);
+    only("storaged-ctl", &first);
+    only("storaged", &first);
+    drop(c);
+
+    // A control plane alone moves the queues back to every CPU the daemon may use.
+    std::fs::write(&cfg, format!("[cpus]\ncontrol_plane = \"{first}\"\n")).unwrap();
+    let mut s = s;
+    s.restart();
+    let mut c = connect_retry(&s.socket_of("pinned"), 2);
+    assert_eq!(c.write(0, 0, &pattern(4096, 0, 3)), 0);
+    let by = cpus_by_thread(s.pid());
+    assert_eq!(
+        by["vring_worker"].iter().collect::<Vec<_>>(),
+        [&allowed],
+        "{by:?}"
+    );
+    assert_eq!(by["storaged-ctl"].iter().collect::<Vec<_>>(), [&first]);
+    drop(c);
+
+    // A CPU the daemon may not use is refused at start, naming the key.
+    std::fs::write(&cfg, "[cpus]\ndata_plane = \"1023\"\n").unwrap();
+    let out = Command::new(bin("storaged"))
+        .args(["--data-dir", dir.path().join("other").to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cpus.data_plane") && err.contains("1023"),
+        "{err}"
+    );
+}

@@ -32,6 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::BlkBackend;
 use super::VolumeIo;
+use crate::cpus::CpuList;
 use crate::lock;
 use crate::volume::Owner;
 
@@ -90,11 +91,13 @@ pub struct Export {
 
 impl Export {
     /// Binds the socket (listening when this returns), gives it to `owner` if there is one,
-    /// and starts serving it.
+    /// and starts serving it on a thread of the data plane's `cpus` (all if none), where the
+    /// queue workers it starts run too.
     pub fn start(
         volume: Arc<VolumeIo>,
         socket_path: &Path,
         owner: Option<&Owner>,
+        cpus: Option<CpuList>,
     ) -> Result<Self, Error> {
         let listener = Listener::new(socket_path, true).map_err(|source| Error::Listen {
             path: socket_path.to_owned(),
@@ -114,7 +117,13 @@ impl Export {
         };
         let thread = thread::Builder::new()
             .name(format!("export-{}", volume.name))
-            .spawn(move || server.run())
+            .spawn(move || {
+                if let Some(Err(e)) = cpus.map(|c| c.pin_current_thread()) {
+                    let name = &server.volume.name;
+                    tracing::warn!(volume = %name, "the volume's queues run on the control plane's CPUs: {}", crate::error_chain(&e));
+                }
+                server.run()
+            })
             .map_err(|source| Error::Thread {
                 volume: volume.name.clone(),
                 source,
