@@ -320,10 +320,30 @@ impl Applier {
     /// volume in whole sectors: its frame joins those to be written to the log, and no I/O is
     /// done here. On an error nothing is staged.
     pub fn stage(&mut self, record: Message) -> Result<(), Error> {
+        self.stage_as(record, None)
+    }
+
+    /// [`stage`](Self::stage) of a record that came in as `frame` (checked by
+    /// [`wire::decode`], which gave `record`): that frame is what joins the log, not encoded
+    /// again.
+    pub fn stage_frame(&mut self, record: Message, frame: &[u8]) -> Result<(), Error> {
+        self.stage_as(record, Some(frame))
+    }
+
+    fn stage_as(&mut self, record: Message, frame: Option<&[u8]>) -> Result<(), Error> {
         self.usable()?;
         let (offset, len) = record_range(&record)?;
         self.check_range(offset, len)?;
-        wire::encode(&record, &mut self.unwritten)?;
+        match frame {
+            Some(frame) => {
+                debug_assert!(
+                    matches!(wire::decode(frame), Ok(Some((ref m, n))) if *m == record && n == frame.len()),
+                    "a staged frame is the record's"
+                );
+                self.unwritten.extend_from_slice(frame);
+            }
+            None => wire::encode(&record, &mut self.unwritten)?,
+        }
         if let Some(memo) = &mut self.memo {
             let data = match &record {
                 Message::Write { data, .. } | Message::Region { data, .. } => data.len(),

@@ -33,6 +33,8 @@ pub struct Link<S> {
     buf: Vec<u8>,
     start: usize,
     filled: usize,
+    /// Where in `buf` the frame the last `recv` decoded lies.
+    last: std::ops::Range<usize>,
     /// Frames encoded and not yet written.
     out: Vec<u8>,
     /// Bytes sent and received since the last [`take_counts`](Self::take_counts).
@@ -49,6 +51,7 @@ impl<S> Link<S> {
             buf: Vec::new(),
             start: 0,
             filled: 0,
+            last: 0..0,
             out: Vec::new(),
             sent: 0,
             received: 0,
@@ -68,12 +71,18 @@ impl<S> Link<S> {
         use zeroize::Zeroize;
         self.buf.zeroize();
         self.out.zeroize();
-        (self.start, self.filled) = (0, 0);
+        (self.start, self.filled, self.last) = (0, 0, 0..0);
     }
 
     /// Bytes queued and not yet flushed.
     pub fn queued(&self) -> usize {
         self.out.len()
+    }
+
+    /// The frame of the message the last [`recv`](Self::recv) returned, as it came in (until
+    /// the next `recv`).
+    pub fn last_frame(&self) -> &[u8] {
+        self.buf.get(self.last.clone()).unwrap_or_default()
     }
 }
 
@@ -114,6 +123,7 @@ impl<S: AsyncRead + Unpin> Link<S> {
     pub async fn recv(&mut self) -> Result<Option<Message>, Error> {
         loop {
             if let Some((msg, used)) = wire::decode(&self.buf[self.start..self.filled])? {
+                self.last = self.start..self.start + used;
                 self.start += used;
                 if self.start == self.filled {
                     (self.start, self.filled) = (0, 0);
@@ -193,6 +203,10 @@ mod tests {
         assert_eq!(a.queued(), 0);
         for f in &frames {
             assert_eq!(b.recv().await.unwrap().as_ref(), Some(f));
+            // Each message's frame is there as it came, for the applier to stage as it is.
+            let mut encoded = Vec::new();
+            wire::encode(f, &mut encoded).unwrap();
+            assert_eq!(b.last_frame(), &encoded[..]);
         }
 
         let (mut a, b) = tokio::io::duplex(1024);

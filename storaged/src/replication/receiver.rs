@@ -272,7 +272,7 @@ where
                 if in_place {
                     tokio::task::block_in_place(|| app.write_in_place(offset, data))?;
                 } else {
-                    stage(app, msg)?;
+                    stage(app, msg, link.last_frame())?;
                 }
                 resync_done += len;
                 if status.set_progress(resync_done, resync_bytes) {
@@ -282,11 +282,11 @@ where
             }
             // A region that is a hole (seq 0; a record's is at least 1).
             Message::Zero { len, seq: 0, .. } if status.percent_done.is_some() => {
-                stage(app, msg)?;
+                stage(app, msg, link.last_frame())?;
                 resync_done += len;
             }
             Message::Write { .. } | Message::Zero { .. } => {
-                stage(app, msg)?;
+                stage(app, msg, link.last_frame())?;
             }
             Message::Cut {
                 epoch,
@@ -359,9 +359,10 @@ where
     }
 }
 
-/// Stages a record; writes the staged frames to the log once they are a chunk.
-fn stage(app: &mut Applier, record: Message) -> Result<(), Error> {
-    app.stage(record)?;
+/// Stages a record, `frame` the one it came in; writes the staged frames to the log once they
+/// are a chunk.
+fn stage(app: &mut Applier, record: Message, frame: &[u8]) -> Result<(), Error> {
+    app.stage_frame(record, frame)?;
     if app.write_due() {
         tokio::task::block_in_place(|| app.write_staged())?;
     }
