@@ -86,7 +86,7 @@ struct Words {
     now: Vec<u64>,
     disk: Vec<u64>,
     /// Requests in flight per region (marked, not yet done); absent: none.
-    in_flight: std::collections::HashMap<u64, u32>,
+    in_flight: std::collections::BTreeMap<u64, u32>,
     /// Per region, when a request last marked it ([`DirtyMap::mark_all`]), in whole seconds
     /// since `opened`, plus one; 0: no request since it was last cleared on disk (or ever).
     written: Vec<u32>,
@@ -201,8 +201,12 @@ impl DirtyMap {
             }
         }
         ahead.retain(|a| !regions(ranges).any(|r| r == *a));
-        let extra: Vec<(u64, u64)> = ahead.iter().map(|&a| (a * REGION, REGION)).collect();
-        let mut w = self.mark_locked(w, &[ranges, &extra].concat())?;
+        let mut w = if ahead.is_empty() {
+            self.mark_locked(w, ranges)?
+        } else {
+            let extra: Vec<(u64, u64)> = ahead.iter().map(|&a| (a * REGION, REGION)).collect();
+            self.mark_locked(w, &[ranges, &extra].concat())?
+        };
         let now = w.seconds() + 1;
         for r in regions(ranges) {
             if r as usize >= w.written.len() {
@@ -218,7 +222,7 @@ impl DirtyMap {
     pub fn done(&self, ranges: &[(u64, u64)]) {
         let mut w = self.lock();
         for r in regions(ranges) {
-            if let std::collections::hash_map::Entry::Occupied(mut e) = w.in_flight.entry(r) {
+            if let std::collections::btree_map::Entry::Occupied(mut e) = w.in_flight.entry(r) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
                     e.remove();

@@ -74,9 +74,16 @@ struct Inner {
     generation: u64,
     /// Per region, the seq of the last record that touched it (kept or dropped), or of the
     /// resync that sends it: a region is clean once an epoch up to that seq is committed.
-    /// `u64::MAX`: untouched since this daemon started.
+    /// `u64::MAX`: untouched since this daemon started. The top bit ([`PENDING`]) of a
+    /// touched region's says it is in `pending`.
     region_seq: Vec<u64>,
+    /// The regions touched since a commit last found them clean, each once: what a commit
+    /// looks at, rather than every region of the volume.
+    pending: Vec<u64>,
 }
+
+/// In a region's `region_seq`: the region is in `pending`. Seqs stay below it.
+const PENDING: u64 = 1 << 63;
 
 impl ReplicationLog {
     /// The log of a volume holding at most `capacity` bytes of data, over its dirty map.
@@ -89,6 +96,7 @@ impl ReplicationLog {
                 overflowed: false,
                 generation: 0,
                 region_seq: Vec::new(),
+                pending: Vec::new(),
             }),
             capacity,
             dirty,
@@ -123,14 +131,26 @@ impl ReplicationLog {
     /// regions were cleared; the map on disk follows at the next
     /// [`DirtyMap::flush_clears`].
     pub fn committed(&self, seq: u64) -> usize {
-        let inner = self.lock();
-        let clean: Vec<u64> = inner
-            .region_seq
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s <= seq)
-            .map(|(r, _)| r as u64)
-            .collect();
+        let mut inner = self.lock();
+        let Inner {
+            region_seq,
+            pending,
+            ..
+        } = &mut *inner;
+        // Only the regions touched since the last commits: a region that one of them found
+        // clean and that a request in flight kept dirty is touched again as that request
+        // ends (or the resync its failure starts touches it).
+        let mut clean = Vec::new();
+        pending.retain(|&r| {
+            let s = &mut region_seq[r as usize];
+            if *s & !PENDING <= seq {
+                *s &= !PENDING;
+                clean.push(r);
+                false
+            } else {
+                true
+            }
+        });
         // Under the log's lock: no record can be appended between the check and the clear.
         self.dirty.clear_idle(clean)
     }
@@ -282,7 +302,7 @@ impl ReplicationLog {
                 inner
                     .region_seq
                     .get((offset / REGION) as usize)
-                    .is_some_and(|&s| s != u64::MAX && s > since)
+                    .is_some_and(|&s| s != u64::MAX && s & !PENDING > since)
             })
             .collect();
         let at = inner.restart();
@@ -316,7 +336,14 @@ impl Inner {
                 self.region_seq.resize(r + 1, u64::MAX);
             }
             let s = &mut self.region_seq[r];
-            *s = if *s == u64::MAX { seq } else { (*s).max(seq) };
+            if *s == u64::MAX || *s & PENDING == 0 {
+                self.pending.push(r as u64);
+            }
+            *s = if *s == u64::MAX {
+                seq
+            } else {
+                (*s & !PENDING).max(seq)
+            } | PENDING;
         }
     }
 
@@ -432,6 +459,42 @@ mod tests {
         assert_eq!(write(&log, 0, 4096), 5, "numbering goes on across a resync");
         assert_eq!(log.drain().len(), 1);
         assert_eq!(log.start_resync().0.len(), 6);
+    }
+
+    #[test]
+    fn a_commit_cleans_the_regions_written_up_to_its_cut_and_later_ones_at_their_commit() {
+        let (log, _dir) = log(1 << 20);
+        // Marked, recorded and done, as a queue does a write that completed.
+        let write = |log: &ReplicationLog, offset, len| {
+            let seq = write(log, offset, len);
+            log.done(&[(offset, len as u64)]);
+            seq
+        };
+        // Far into a large volume, and near its start.
+        let far = (16u64 << 40) - REGION;
+        write(&log, far, 4096);
+        let first = write(&log, 0, 4096);
+        // A write in flight on region 5 when the first commit comes, and one after its cut.
+        log.before_submit(&[(5 * REGION, 4096)]).unwrap();
+        let later = write(&log, 7 * REGION, 4096);
+        assert_eq!(log.committed(first), 2, "regions 0 and far");
+        assert_eq!(
+            log.dirty().dirty_ranges().len(),
+            2,
+            "regions 5 and 7 stay dirty"
+        );
+        assert_eq!(log.committed(first), 0, "nothing more to clean");
+        // Region 5's write completes (recorded after the cut), then everything is committed.
+        let last = log.write(5 * REGION, 4096, |_| true);
+        log.done(&[(5 * REGION, 4096)]);
+        assert!(last > later);
+        assert_eq!(log.committed(later), 1, "region 7");
+        assert_eq!(log.committed(last), 1, "region 5");
+        assert_eq!(log.dirty().dirty_bytes(), 0);
+        // Written again: dirty again, and clean again at its commit.
+        let again = write(&log, far, 4096);
+        assert_eq!(log.dirty().dirty_ranges(), vec![(far, REGION)]);
+        assert_eq!(log.committed(again), 1);
     }
 
     #[test]

@@ -120,13 +120,31 @@ impl Replicate {
     }
 }
 
-/// The byte ranges a request changes: `None` for one that changes nothing.
-fn changed_ranges(op: &Operation) -> Option<Vec<(u64, u64)>> {
-    match op {
-        Operation::Write { offset, len } => Some(vec![(*offset, *len)]),
-        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => {
-            Some(ranges.iter().map(|r| (r.offset, r.len)).collect())
+/// The byte ranges a request changes (a write's on the stack, a discard's or write-zeroes'
+/// collected).
+enum Changed {
+    One([(u64, u64); 1]),
+    Many(Vec<(u64, u64)>),
+}
+
+impl std::ops::Deref for Changed {
+    type Target = [(u64, u64)];
+
+    fn deref(&self) -> &[(u64, u64)] {
+        match self {
+            Changed::One(r) => r,
+            Changed::Many(r) => r,
         }
+    }
+}
+
+/// The byte ranges a request changes: `None` for one that changes nothing.
+fn changed_ranges(op: &Operation) -> Option<Changed> {
+    match op {
+        Operation::Write { offset, len } => Some(Changed::One([(*offset, *len)])),
+        Operation::Discard(ranges) | Operation::WriteZeroes(ranges) => Some(Changed::Many(
+            ranges.iter().map(|r| (r.offset, r.len)).collect(),
+        )),
         Operation::Read { .. } | Operation::Flush | Operation::GetId { .. } => None,
     }
 }
