@@ -130,6 +130,7 @@ class Sampler(threading.Thread):
         self.samples = []
         self.threads = {}  # tid -> (name, CPU seconds), last reading
         self.waits = []  # (time, syscall) of each queue worker at each sample
+        self.sched = {}  # tid -> [(time, ns on a CPU, ns runnable and waiting)] of each queue worker
         self.lock = threading.Lock()
         self.done = threading.Event()
 
@@ -164,6 +165,12 @@ class Sampler(threading.Thread):
             except (OSError, IndexError):
                 continue
             self.waits.append((t, SYSCALLS.get(nr, nr if not nr.isdigit() else f"syscall {nr}")))
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                    on, waiting = (int(x) for x in f.read().split()[:2])
+            except (OSError, ValueError):
+                continue
+            self.sched.setdefault(tid, []).append((t, on, waiting))
 
     def between(self, t0, t1):
         return [s for s in self.samples if t0 <= s[0] <= t1]
@@ -172,6 +179,17 @@ class Sampler(threading.Thread):
         """Share of the queue workers' samples in each system call between t0 and t1."""
         w = [x[1] for x in self.waits if t0 <= x[0] <= t1]
         return {k: w.count(k) / len(w) for k in set(w)}
+
+    def sched_between(self, t0, t1):
+        """The queue workers' time on a CPU and time runnable but waiting for one (the
+        scheduler's own counts, /proc/TID/schedstat), each in cores, between t0 and t1."""
+        on = waiting = 0
+        for rows in self.sched.values():
+            inside = [r for r in rows if t0 <= r[0] <= t1]
+            if len(inside) >= 2:
+                on += inside[-1][1] - inside[0][1]
+                waiting += inside[-1][2] - inside[0][2]
+        return on / 1e9 / (t1 - t0), waiting / 1e9 / (t1 - t0)
 
     def stop(self):
         self.done.set()
@@ -218,13 +236,14 @@ class Window:
         c1 = self.procs()
         h1 = host_cpu()
         ours = [(b - a) / wall for a, b in zip(self.c0, c1)]
-        d = {k: (h1[k] - self.h0[k]) / CLK_TCK / wall for k in h1}
+        d = {k: (h1[k] - self.h0[k]) / CLK_TCK / wall for k in h1 if k != "cpus"}
+        per_cpu = [(b1 - b0) / max(1, t1_ - t0_) for (t0_, b0), (t1_, b1) in zip(self.h0["cpus"], h1["cpus"])]
         ours[-1] += d["irq"]
         other = max(0.0, d["task"] - sum(ours[:-1]) - (ours[-1] - d["irq"]))
-        return {"t0": self.t0, "t1": t1, "cpu": ours + [other], "host": d["busy"] / d["total"],
+        return {"t0": self.t0, "t1": t1, "cpu": ours + [other], "host": d["busy"] / d["total"], "per_cpu": per_cpu,
                 "threads": thread_delta(self.th0, self.sampler.read_threads(), wall),
                 "threads1": thread_delta(self.th1, thread_cpu(self.daemons[1].pid), wall),
-                "waits": self.sampler.waits_between(self.t0, t1)}
+                "waits": self.sampler.waits_between(self.t0, t1), "sched": self.sampler.sched_between(self.t0, t1)}
 
 
 class Zones:
@@ -232,18 +251,28 @@ class Zones:
     when asked, a rate limit: netem where the kernel has it, otherwise an NFQUEUE rule per
     namespace and scripts/delayline.c holding the packets (the rate then from tbf)."""
 
-    def __init__(self, name, one_way_us, method, idle_b=False, split=None):
+    def __init__(self, name, one_way_us, method, idle_b=False, split=None, control_apart=False):
         self.netns = (f"{name}-a", f"{name}-b")
         # What runs in zone 1 (its delay line here, its storaged in main): under SCHED_IDLE
         # when asked, so that it takes only the CPU zone 0 leaves, as a host of its own would.
         # With `split` (the CPU lists of zone 0 and of zone 1), each zone's storaged on its own
         # CPUs, and both delay lines (the wire) on zone 1's; each end's received packets are
         # processed (RPS) on its zone's CPUs.
+        # With `control_apart`, zone 0's storaged may use both zones' CPUs: its config keeps its
+        # data plane on zone 0's and moves its control plane to zone 1's, where zone 0's
+        # received packets are processed too; the wire stays on zone 1's CPUs at normal
+        # priority, and zone 1 under SCHED_IDLE (`idle_b`) takes only what zone 0's sender, the
+        # wire and the kernel leave of them.
         self.split = split
+        self.control_apart = control_apart
         self.prefix = ([], ["chrt", "--idle", "0"] if idle_b else [])
+        wire = self.prefix[1]
         if split:
             self.prefix = tuple(["taskset", "-c", cpus] + p for cpus, p in zip(split, self.prefix))
-        wire = self.prefix[1]
+            wire = self.prefix[1]
+            if control_apart:
+                wire = ["taskset", "-c", split[1]]
+                self.prefix = (["taskset", "-c", ",".join(split)], wire + (["chrt", "--idle", "0"] if idle_b else []))
         self.veth = ("veth-a", "veth-b")  # each in its own namespace
         self.one_way_us = one_way_us
         self.delaylines = []
@@ -264,7 +293,8 @@ class Zones:
             run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 16384 16777216",
                 "net.ipv4.tcp_rmem=4096 131072 33554432")
         if split:
-            for ns, dev, cpus in zip(self.netns, self.veth, split):
+            rps = (split[1], split[1]) if control_apart else split
+            for ns, dev, cpus in zip(self.netns, self.veth, rps):
                 mask = sum(1 << int(c) for c in cpus.split(","))
                 run("ip", "netns", "exec", ns, "sh", "-c", f"echo {mask:x} > /sys/class/net/{dev}/queues/rx-0/rps_cpus")
         if method in ("auto", "netem"):
@@ -365,6 +395,48 @@ class Zones:
                 run("ip", "netns", "del", ns, check=False)
 
 
+def disk_irq_cpus(path):
+    """{IRQ: the CPUs it is handled on} of the disk under `path` (its PCI function's MSI
+    interrupts that have fired), or {} when there is none to find."""
+    st = os.stat(path)
+    dev = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    if os.path.exists(os.path.join(dev, "partition")):
+        dev = os.path.dirname(dev)
+    d = os.path.realpath(os.path.join(dev, "device"))
+    while d != "/" and not os.path.isdir(os.path.join(d, "msi_irqs")):
+        d = os.path.dirname(d)
+    if d == "/":
+        return {}
+    counts = {}
+    with open("/proc/interrupts") as f:
+        for line in f:
+            head, _, rest = line.partition(":")
+            if head.strip().isdigit():
+                counts[int(head)] = sum(int(x) for x in rest.split()[:os.cpu_count()] if x.isdigit())
+    found = {}
+    for irq in (int(i) for i in os.listdir(os.path.join(d, "msi_irqs"))):
+        try:
+            with open(f"/proc/irq/{irq}/effective_affinity_list") as f:
+                cpus = parse_cpu_list(f.read())
+        except OSError:
+            continue
+        if counts.get(irq, 0) > 0:
+            found[irq] = cpus
+    return found
+
+
+def parse_cpu_list(text):
+    """'0-2,5' -> [0, 1, 2, 5]."""
+    cpus = []
+    for part in text.strip().split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            cpus.extend(range(int(a), int(b) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus
+
+
 def make_pki(d):
     """A CA and one certificate per zone naming its address (ECDSA P-256, openssl)."""
     os.makedirs(d, exist_ok=True)
@@ -388,6 +460,7 @@ def make_pki(d):
 
 
 # The client's CPUs (with --split-cpus, zone 0's: the guest's on the primary's host).
+DISK_IRQS = {}  # with --split-cpus: zone 0's disk's IRQs and the CPUs they are handled on
 CLIENT_PREFIX = []
 
 
@@ -403,10 +476,16 @@ def blkbench(sock, rw, bs, qd, runtime, ramp=0.0, span=None):
 
 def host_cpu():
     """Jiffies of all CPUs from /proc/stat: total, busy, task (user, nice, system) and irq
-    (irq, softirq)."""
+    (irq, softirq); and "cpus", each CPU's (total, busy)."""
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return {"total": sum(v), "busy": sum(v) - v[3] - v[4], "task": v[0] + v[1] + v[2], "irq": v[5] + v[6]}
+        lines = [line.split() for line in f if line.startswith("cpu")]
+    v = [int(x) for x in lines[0][1:]]
+    cpus = []
+    for line in lines[1:]:
+        c = [int(x) for x in line[1:]]
+        cpus.append((sum(c), sum(c) - c[3] - c[4]))
+    return {"total": sum(v), "busy": sum(v) - v[3] - v[4], "task": v[0] + v[1] + v[2], "irq": v[5] + v[6],
+            "cpus": cpus}
 
 
 def kernel_threads_cpu():
@@ -463,6 +542,11 @@ def main():
                     help="each zone on CPUs of its own, as two hosts: zone 0's storaged and the client on "
                          "the first half of the CPUs, zone 1's storaged and both delay lines (the wire) on "
                          "the rest; each end's packets received on its zone's CPUs")
+    ap.add_argument("--control-apart", action="store_true",
+                    help="with --split-cpus: zone 0's control plane (its replication sender's TLS and TCP, "
+                         "its API) on zone 1's CPUs, by storaged's [cpus], and zone 0's received packets "
+                         "(the replication's) processed there too; its queues and the client keep zone 0's "
+                         "CPUs: a primary whose sender has a core its queue workers do not use")
     ap.add_argument("--max-other", type=float, default=0.15,
                     help="a rep during which anything else on the host took more CPU (cores) is run again (default 0.15)")
     ap.add_argument("--retries", type=int, default=3, help="how often a rep is run again at most (default 3)")
@@ -506,14 +590,18 @@ def main():
     try:
         progress(f"==> zones: namespaces {args.netns}-a and {args.netns}-b, {args.rtt_us} µs round trip")
         split = None
+        if args.control_apart and not args.split_cpus:
+            sys.exit("--control-apart needs --split-cpus")
         if args.split_cpus:
             cpus = sorted(os.sched_getaffinity(0))
             if len(cpus) < 2:
                 sys.exit("--split-cpus needs at least 2 CPUs")
             half = len(cpus) // 2
             split = (",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half:])))
+            # Shown in the table: where zone 0's disk's completions are handled.
+            DISK_IRQS.update(disk_irq_cpus(work))
             CLIENT_PREFIX[:] = ["taskset", "-c", split[0]]
-        zones = Zones(args.netns, args.rtt_us // 2, args.delay, args.zone1_idle, split)
+        zones = Zones(args.netns, args.rtt_us // 2, args.delay, args.zone1_idle, split, args.control_apart)
         rtt = zones.rtt_ms()
         link_mbps = zones.stream_mbps()
         progress(f"    delay by {zones.method}; TCP connect time across: {rtt:.2f} ms; one TCP stream "
@@ -527,6 +615,8 @@ def main():
             config = os.path.join(work, f"zone{i}.toml")
             with open(config, "w") as f:
                 f.write(f'[replication]\nlisten = "{addr}:{PORT}"\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n')
+                if i == 0 and zones.control_apart:
+                    f.write(f'[cpus]\ndata_plane = "{zones.split[0]}"\ncontrol_plane = "{zones.split[1]}"\n')
             p = subprocess.Popen([*DIE_WITH_DRIVER, "ip", "netns", "exec", ns, *prefix, os.path.join(BIN, "storaged"), "--data-dir", data,
                                   "--config", config, "--metrics-addr", "off", "--log", "warn"])
             procs.append(p)
@@ -645,8 +735,11 @@ def main():
                          f"({controls[-1]:.3f}); repl lag p50/p99 {fmt(percentile(rr['lags'], 50))}/"
                          f"{fmt(percentile(rr['lags'], 99))} s, states {','.join(rr['states'])}, lag 0 "
                          f"{rr['catch_up']:.1f} s after; queue worker in fdatasync {rr['waits'].get('fdatasync', 0):.0%} "
-                         f"of the repl run, {rp['waits'].get('fdatasync', 0):.0%} of the plain run; CPU of the repl "
-                         f"run: {cpu_label(rr['cpu'])}; of the plain run: {cpu_label(rp['cpu'])}")
+                         f"of the repl run, {rp['waits'].get('fdatasync', 0):.0%} of the plain run; on a CPU / runnable "
+                         f"{rr['sched'][0]:.2f}/{rr['sched'][1]:.2f} cores in the repl run, {rp['sched'][0]:.2f}/"
+                         f"{rp['sched'][1]:.2f} in the plain run; CPU of the repl "
+                         f"run: {cpu_label(rr['cpu'])} (CPUs {'/'.join(f'{c:.0%}' for c in rr['per_cpu'])} busy); of the "
+                         f"plain run: {cpu_label(rp['cpu'])} (CPUs {'/'.join(f'{c:.0%}' for c in rp['per_cpu'])} busy)")
             res = {vol: {k: statistics.median(r[k] for r in rs) for k in ("iops", "mbps", "lat_p50_us", "lat_p99_us")}
                    for vol, rs in runs.items()}
             res["ratio"], res["ratios"] = statistics.median(ratios), (min(ratios), max(ratios))
@@ -662,10 +755,13 @@ def main():
             for vol in ("plain", "repl"):
                 res[vol]["cpu"] = [statistics.median(r["cpu"][i] for r in runs[vol]) for i in range(len(Window.KINDS))]
                 res[vol]["host"] = statistics.median(r["host"] for r in runs[vol])
+                res[vol]["per_cpu"] = [statistics.median(r["per_cpu"][i] for r in runs[vol])
+                                       for i in range(len(runs[vol][0]["per_cpu"]))]
                 for key in ("threads", "threads1"):
                     kinds = set().union(*(r[key] for r in runs[vol]))
                     res[vol][key] = {k: statistics.median(r[key].get(k, 0.0) for r in runs[vol]) for k in kinds}
                 kinds = set().union(*(r["waits"] for r in runs[vol]))
+                res[vol]["sched"] = tuple(statistics.median(r["sched"][i] for r in runs[vol]) for i in (0, 1))
                 res[vol]["waits"] = {k: statistics.median(r["waits"].get(k, 0.0) for r in runs[vol])
                                      for k in kinds}
             res["redone"] = redone
@@ -768,7 +864,8 @@ def main():
             progress(f"    POST replication mode sync: {status} {out}")
 
         lines = report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_rows, resync_rows, sync)
-        variant = ("-split-cpus" if args.split_cpus else "") + ("-zone1-idle" if args.zone1_idle else "")
+        variant = (("-split-cpus" if args.split_cpus else "") + ("-control-apart" if args.control_apart else "")
+                   + ("-zone1-idle" if args.zone1_idle else ""))
         write_table(lines, args.out, f"replication{variant}{'-quick' if args.quick else ''}.md")
     finally:
         cleanup()
@@ -832,7 +929,7 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
              f"fully written; client blkbench (blkio crate), 1 queue, on the host."
              + (" Zone 1 (its storaged and delay line) under SCHED_IDLE (--zone1-idle): it takes only the CPU "
                 "zone 0 leaves, as a host of its own would; the kernel's work for its packets still runs "
-                "on the shared CPUs." if args.zone1_idle else
+                "on the shared CPUs." if args.zone1_idle and not zones.control_apart else
                 " Both zones share the host's CPUs: the secondary's work takes CPU from the primary's "
                 "(--zone1-idle puts zone 1 under SCHED_IDLE)."
                 if not zones.split else "")
@@ -840,7 +937,23 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
                 f"on CPU {zones.split[0]}, zone 1's storaged and both delay lines (the wire) on CPU "
                 f"{zones.split[1]}; each end's received packets processed there (RPS). Zone 0's replication "
                 "work (the sender's TLS and TCP) shares its CPU with the queue worker."
-                if zones.split else ""), ""]
+                if zones.split and not zones.control_apart else "")
+             + (f" Zone 0's queues (export, queue and io_uring workers: storaged's [cpus] data_plane) and "
+                f"the client on CPU {zones.split[0]}; zone 0's control plane (its replication sender's TLS and "
+                f"TCP, its API: [cpus] control_plane, --control-apart) and both delay lines (the wire) on CPU "
+                f"{zones.split[1]}, with both ends' received packets processed there (RPS; zone 0 receives "
+                "only the replication's): a primary whose sender has a core its queue workers do not use. "
+                + (f"Zone 1's storaged there too, under SCHED_IDLE (--zone1-idle): it takes only the CPU "
+                   "zone 0's sender, the wire and the kernel (zone 0's disk completions among its work) leave, "
+                   "the nearest this host comes to a host of its own."
+                   if args.zone1_idle else
+                   f"Zone 1's storaged on CPU {zones.split[1]} too, beside the sender and the wire.")
+                if zones.control_apart else "")
+             + (" Zone 0's disk's interrupts: " + ", ".join(f"IRQ {i} on CPU {','.join(map(str, c))}"
+                                                       for i, c in sorted(DISK_IRQS.items()))
+                + " (virtio-blk's are the kernel's to place: writing their affinity is refused); where that "
+                "is zone 1's CPU, zone 0's completions are handled beside the wire's work."
+                if zones.split and DISK_IRQS else ""), ""]
     lines += ["## Replicated against unreplicated, same daemon, same run", "",
               f"Three volumes of {size // MIB} MiB on zone 0: plain, repl (async to zone 1, rpo 5 s), and "
               f"control (plain again: the A/A). {args.runtime:g} s per run, {args.reps} reps; in each rep repl runs "
@@ -883,10 +996,12 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
               "of those, i.e. someone else's load. By thread: names without their numbers; a queue's worker "
               "(vring_worker) ends with its connection, so its last 100 ms may be missing. Zone 0's queue "
               "worker: what it was doing at each 100 ms sample (/proc/TID/syscall): running, or the system "
-              "call it waited in.", "",
-              "| case | volume | " + " | ".join(Window.KINDS) + " | host busy | zone 0 by thread | zone 0's queue "
-              "worker | zone 1 by thread |",
-              "|---|---|" + "---|" * len(Window.KINDS) + "---|---|---|---|"]
+              "call it waited in; and, by the scheduler's own counts (/proc/TID/schedstat), its time on a "
+              "CPU and its time runnable but waiting for one, in cores. Busy by CPU: each CPU's share not "
+              "idle (/proc/stat).", "",
+              "| case | volume | " + " | ".join(Window.KINDS) + " | host busy | busy by CPU | zone 0 by thread "
+              "| zone 0's queue worker | zone 1 by thread |",
+              "|---|---|" + "---|" * len(Window.KINDS) + "---|---|---|---|---|"]
     for name, *_ in CASES:
         for vol in ("plain", "repl"):
             v = results[name][vol]
@@ -894,8 +1009,10 @@ def report(args, size, seed, rtt, link_mbps, zones, results, steady_rows, sync_r
                          for key in ("threads", "threads1"))
             waits = sorted(((c, k) for k, c in v["waits"].items() if c >= 0.01), reverse=True)
             lines.append(f"| {name} | {vol} | " + " | ".join(f"{c:.2f}" for c in v["cpu"])
-                         + f" | {v['host']:.0%} | {', '.join(f'{k} {c:.2f}' for c, k in top)} "
-                         f"| {', '.join(f'{k} {c:.0%}' for c, k in waits)} "
+                         + f" | {v['host']:.0%} | {', '.join(f'{i}: {c:.0%}' for i, c in enumerate(v['per_cpu']))} "
+                         f"| {', '.join(f'{k} {c:.2f}' for c, k in top)} "
+                         f"| {', '.join(f'{k} {c:.0%}' for c, k in waits)}; on a CPU {v['sched'][0]:.2f}, "
+                         f"runnable {v['sched'][1]:.2f} "
                          f"| {', '.join(f'{k} {c:.2f}' for c, k in top1)} |")
     lines += ["", "## Lag under steady loads the link carries", "",
               f"repl held to a limit (its QoS bucket), {2 * args.runtime:g} s measured after 2 s spending the burst; "
