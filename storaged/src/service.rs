@@ -953,8 +953,11 @@ impl VolumeService {
         let r = spec
             .replication
             .ok_or_else(|| Error::NotReplicated(name.to_string()))?;
+        // A status of an ended relationship (its sender had not seen the end yet) says
+        // nothing of this one.
         let st = crate::lock(&self.link_status)
             .get(name)
+            .filter(|s| s.relationship.as_ref().is_none_or(|id| *id == r.id))
             .cloned()
             .unwrap_or_else(|| LinkStatus {
                 state: "disconnected",
@@ -1011,6 +1014,16 @@ impl VolumeService {
     /// Records what the link knows of the relationship of volume `name`, and shows it in the
     /// volume's replication metrics.
     pub fn set_link_status(&self, name: &str, mut status: LinkStatus) {
+        if let Some(id) = &status.relationship {
+            let current = self
+                .spec(name)
+                .ok()
+                .and_then(|s| s.replication)
+                .map(|r| r.id);
+            if current.as_ref() != Some(id) {
+                return;
+            }
+        }
         {
             let mut all = crate::lock(&self.link_status);
             // A split brain stays one until a stream runs again or an operator resolves it

@@ -509,7 +509,7 @@ fn wait_replication(
     s: &Storaged,
     name: &str,
     what: &str,
-    cond: impl Fn(&storaged_api::ReplicationInfo) -> bool,
+    mut cond: impl FnMut(&storaged_api::ReplicationInfo) -> bool,
 ) -> storaged_api::ReplicationInfo {
     let mut last = None;
     storaged_tests::wait_until(what, std::time::Duration::from_secs(60), || {
@@ -1096,8 +1096,60 @@ fn unreplicate_ends_the_relationship_on_both_sides_and_both_keep_their_data() {
             Err(e) => panic!("delete: {e}"),
         },
     );
+    // What the primary shows of the new relationship, from its start, is the new one's: no
+    // consistent point before it began (the old one's sender may not have ended yet).
+    let restarted = unix_now();
     a.admin().start_replication("db", &start(&b)).unwrap();
+    let mut seen = Vec::new();
+    wait_replication(&a, "db", "a new relationship syncs", |r| {
+        seen.push(r.clone());
+        r.consistent && r.state == "replicating"
+    });
+    for r in &seen {
+        assert!(
+            r.consistent_at.is_none_or(|t| t >= restarted),
+            "the ended relationship's consistent point shown for the new one: {r:?}"
+        );
+        assert!(!r.consistent || r.consistent_at.is_some(), "{r:?}");
+    }
     wait_replication(&b, "db", "a new relationship syncs", |r| r.consistent);
+}
+
+#[test]
+fn a_relationship_started_while_the_ended_ones_sender_waits_to_reconnect_gets_a_sender_of_its_own()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, mut b) = replicating_pair(tmp.path());
+    let old = a.admin().replication("db").unwrap();
+    // The peer dies: the sender fails to reconnect and backs off (1 s, 2 s, 4 s...).
+    b.signal_and_wait(libc::SIGKILL);
+    wait_replication(&a, "db", "the link down", |r| r.state == "disconnected");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Ended on both sides while it waits, and started again, to a fresh copy.
+    assert!(!a.admin().unreplicate("db").unwrap().peer_ended);
+    b.restart_after_stop();
+    b.admin().unreplicate("db").unwrap();
+    b.admin().delete_volume("db", false).unwrap();
+    let restarted = unix_now();
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    let mut seen = Vec::new();
+    let last = wait_replication(&a, "db", "the new relationship syncs", |r| {
+        seen.push(r.clone());
+        r.consistent && r.state == "replicating"
+    });
+    assert_ne!(last.relationship, old.relationship);
+    // Never the ended relationship's consistent point for the new one.
+    for r in &seen {
+        assert!(r.consistent_at.is_none_or(|t| t >= restarted), "{r:?}");
+        assert!(!r.consistent || r.consistent_at.is_some(), "{r:?}");
+    }
+    // Served by one sender: the stream runs, the secondary holds the data.
+    write_flushed(&a, "db", 9 << 20, &pattern(4096, 9 << 20, 7));
+    let flushed = unix_now();
+    wait_replication(&b, "db", "the write on the secondary", |r| {
+        r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert_eq!(a.log_text().matches("replication started").count(), 2);
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub struct LinkStatus {
     /// The peer's generation, when it was last met as a primary (a superseded or split side
     /// knows its new primary's).
     pub peer_generation: Option<u64>,
+    /// The relationship (its id) this is the status of, where the one who says it serves only
+    /// that one (a primary's sender): shown only while it is the volume's.
+    pub relationship: Option<String>,
 }
 
 impl LinkStatus {

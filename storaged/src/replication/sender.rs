@@ -1,5 +1,7 @@
-//! The primary's side of the stream: one task per primary volume ([`start`]) that keeps a
-//! connection to the secondary's storaged and ships the volume's replication log over it.
+//! The primary's side of the stream: one task per relationship of a primary volume ([`run`])
+//! that keeps a connection to the secondary's storaged and ships the volume's replication log
+//! over it; it ends with its relationship (a new one gets a new task), and what it says of the
+//! link is shown only while its relationship is the volume's.
 //!
 //! Each connection (see docs/ARCHITECTURE.md, "The stream's conversation"):
 //!
@@ -114,8 +116,14 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // The relationship this sender serves: a new one of the same volume gets a sender of its
+    // own, starting from nothing known.
+    let Some(served) = service.primary_link(&name).map(|l| l.relationship.id) else {
+        return;
+    };
     let mut known = LinkStatus {
         state: "disconnected",
+        relationship: Some(served.clone()),
         ..LinkStatus::default()
     };
     let mut first = true;
@@ -125,7 +133,9 @@ pub async fn run(
         }
         let Some(PrimaryLink {
             relationship: rel, ..
-        }) = service.primary_link(&name)
+        }) = service
+            .primary_link(&name)
+            .filter(|l| l.relationship.id == served)
         else {
             return;
         };
@@ -197,7 +207,10 @@ async fn connection(
         size,
         block_size,
         spec,
-    } = service.primary_link(name).ok_or(Error::Gone)?;
+    } = service
+        .primary_link(name)
+        .filter(|l| known.relationship.as_ref() == Some(&l.relationship.id))
+        .ok_or(Error::Gone)?;
     let relationship = *uuid::Uuid::parse_str(&rel.id)
         .map_err(|_| Error::Gone)?
         .as_bytes();

@@ -1,8 +1,8 @@
 //! The replication supervisor: the one place senders are started. It runs one sender per
-//! primary volume: those of the catalog at start, and each volume that becomes a primary
-//! later (a relationship started, a promote, a switchover) as soon as the service rings
-//! ([`VolumeService::wake_senders`]); it looks again every second, so a sender that ended
-//! while its volume is still a primary is started again. Each round also opens the sync gate
+//! relationship of a primary volume: those of the catalog at start, and each volume that
+//! becomes a primary later (a relationship started, a promote, a switchover) as soon as the
+//! service rings ([`VolumeService::wake_senders`]); it looks again every second, so a sender
+//! that ended while its volume is still a primary is started again. Each round also opens the sync gate
 //! (`sync.rs`) of a sync relationship whose secondary has not committed a write within the
 //! sync timeout.
 
@@ -25,11 +25,17 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let listen = listen.unwrap_or_default();
-    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    // By volume and relationship: the sender of a relationship just ended may still run (it
+    // ends at its next look) when the volume's next one starts.
+    let mut running: HashMap<(String, String), tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
         running.retain(|_, task| !task.is_finished());
         for name in service.primaries() {
-            running.entry(name.clone()).or_insert_with(|| {
+            let Some(link) = service.primary_link(&name) else {
+                continue;
+            };
+            let key = (name.clone(), link.relationship.id);
+            running.entry(key).or_insert_with(|| {
                 tokio::spawn(sender::run(
                     service.clone(),
                     tls.clone(),
@@ -40,8 +46,11 @@ pub async fn run(
             });
         }
         // Sync relationships whose secondary takes too long fall back to async.
-        for name in running.keys() {
-            let Some(link) = service.primary_link(name) else {
+        for (name, id) in running.keys() {
+            let Some(link) = service
+                .primary_link(name)
+                .filter(|l| l.relationship.id == *id)
+            else {
                 continue;
             };
             if link.relationship.mode == ReplicationMode::Sync
