@@ -106,7 +106,16 @@ pub struct ReplicationConfig {
     /// Mode sync: how long a write may wait for the secondary before the relationship falls
     /// back to async (logged, shown, counted) until the stream catches up. Default: 5.
     pub sync_timeout_seconds: u64,
+    /// Most data one primary volume's replication log holds before it overflows (the
+    /// regions are then sent by a resync): what a stall of the link or the sender can take
+    /// without one, and the memory a primary volume holds for its stream at most (a write
+    /// larger than it always overflows it). 1 MiB to 16 GiB. Default: 64MiB.
+    pub log_capacity: ByteSize,
 }
+
+/// Bounds of `replication.log_capacity`.
+pub const MIN_LOG_CAPACITY: u64 = 1 << 20;
+pub const MAX_LOG_CAPACITY: u64 = 16 << 30;
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
@@ -116,6 +125,7 @@ impl Default for ReplicationConfig {
             key: None,
             ca: None,
             sync_timeout_seconds: 5,
+            log_capacity: ByteSize(crate::replication::log::DEFAULT_CAPACITY as u64),
         }
     }
 }
@@ -314,6 +324,13 @@ impl Config {
             volume::validate_size(cap.0).map_err(|e| invalid("pool_capacity", e.to_string()))?;
         }
         let replication = self.replication.resolve()?;
+        let cap = self.replication.log_capacity.0;
+        if !(MIN_LOG_CAPACITY..=MAX_LOG_CAPACITY).contains(&cap) {
+            return Err(invalid(
+                "replication.log_capacity",
+                format!("{cap} bytes is not between 1 MiB and 16 GiB"),
+            ));
+        }
         let cpus = |key, list: &Option<String>| {
             list.as_deref()
                 .map(|l| CpuList::parse(l).and_then(CpuList::check_allowed))
@@ -447,6 +464,8 @@ mod tests {
         assert_eq!(c.volume_defaults.tier, d.volume_defaults.tier);
         assert_eq!(c.qos, d.qos);
         assert_eq!(c.validate().unwrap().replication, None);
+        assert_eq!(c.replication.log_capacity, d.replication.log_capacity);
+        assert_eq!(c.cpus.data_plane, None);
     }
 
     #[test]
@@ -579,6 +598,17 @@ mod tests {
                 Err(Error::Invalid { key: k, .. }) => assert_eq!(k, key),
                 other => panic!("{key}: {other:?}"),
             }
+        }
+        for cap in [(1 << 20) - 1, (16 << 30) + 1] {
+            let mut c = base();
+            c.replication.log_capacity = ByteSize(cap);
+            assert!(matches!(
+                c.validate(),
+                Err(Error::Invalid {
+                    key: "replication.log_capacity",
+                    ..
+                })
+            ));
         }
         let mut c = base();
         c.metrics_addr = Some("localhost".into());

@@ -903,7 +903,9 @@ impl VolumeService {
                 map.mark(0, spec.size_bytes)
                     .map_err(|e| Error::Replication(crate::error_chain(&e)))?;
             }
-            let log = ReplicationLog::new(replication::log::DEFAULT_CAPACITY, map);
+            let capacity = usize::try_from(self.config.replication.log_capacity.0)
+                .unwrap_or(replication::log::DEFAULT_CAPACITY);
+            let log = ReplicationLog::new(capacity, map);
             io.replication.store(Some(Arc::new(log)));
         }
         Ok(())

@@ -427,6 +427,45 @@ fn resync_regions(s: &Storaged, skip: usize) -> Option<(u64, u64)> {
 }
 
 #[test]
+fn writes_past_the_configured_log_capacity_overflow_it_and_a_resync_sends_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("zone CA");
+    let (a, _) = daemon_with(
+        tmp.path(),
+        &ca,
+        "zone-a",
+        free_port(),
+        "log_capacity = \"1MiB\"",
+    );
+    let (b, _) = daemon(tmp.path(), &ca, "zone-b", free_port());
+    a.create_volume(r#"{"name":"db","size":"32MiB"}"#);
+    a.admin().start_replication("db", &start(&b)).unwrap();
+    wait_replication(&a, "db", "the initial sync", |r| {
+        r.state == "replicating" && r.consistent
+    });
+    let before = resyncs(&a);
+    // 8 MiB at once: more than the log holds before the sender takes it (every 100 ms).
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    for i in 0..8u64 {
+        assert_eq!(c.write(0, i << 20, &pattern(1 << 20, i << 20, 5)), 0);
+    }
+    assert_eq!(c.flush(0), 0);
+    let flushed = unix_now();
+    drop(c);
+    wait_replication(&b, "db", "the writes on the secondary", |r| {
+        r.consistent_at.is_some_and(|t| t >= flushed)
+    });
+    assert!(resyncs(&a) > before, "no resync:\n{}", a.log_text());
+    for i in 0..8u64 {
+        assert_eq!(
+            read_back(&b, "db", i << 20, 1 << 20),
+            pattern(1 << 20, i << 20, 5),
+            "MiB {i}"
+        );
+    }
+}
+
+#[test]
 fn the_primarys_dirty_map_survives_its_kill_9_and_a_resync_sends_only_the_changed_regions() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut a, b) = two_daemons(tmp.path());
