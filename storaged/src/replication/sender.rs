@@ -153,17 +153,6 @@ pub async fn run(
         let mut split = false;
         match outcome {
             Err(Error::Gone) => return,
-            // The link works: a resync starts over on a new connection at once, the state
-            // still `resync`.
-            Err(e @ Error::ResyncOverflow) => {
-                tracing::warn!(volume = %name, peer = %rel.peer, "replication: {e}");
-                backoff = BACKOFF_MIN;
-                tokio::select! {
-                    () = tokio::time::sleep(EPOCH_INTERVAL) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                continue;
-            }
             Err(e @ Error::Resized) => {
                 tracing::info!(volume = %name, "replication: {e}");
                 backoff = BACKOFF_MIN / 2;
