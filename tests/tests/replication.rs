@@ -427,7 +427,7 @@ fn resync_regions(s: &Storaged, skip: usize) -> Option<(u64, u64)> {
 }
 
 #[test]
-fn writes_past_the_configured_log_capacity_overflow_it_and_a_resync_sends_them() {
+fn writes_past_the_configured_log_capacity_overflow_it_the_lag_grows_and_a_resync_sends_them() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new("zone CA");
     let (a, _) = daemon_with(
@@ -463,6 +463,19 @@ fn writes_past_the_configured_log_capacity_overflow_it_and_a_resync_sends_them()
             "MiB {i}"
         );
     }
+    // With the secondary frozen, writes past the log overflow it: the records are dropped,
+    // and the lag still grows (the regions are not on the secondary).
+    freeze(&b, true);
+    let mut c = connect_retry(&a.socket_of("db"), 1);
+    for i in 0..16u64 {
+        assert_eq!(c.write(0, (i % 32) << 20, &pattern(1 << 20, i, 6)), 0);
+    }
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    wait_replication(&a, "db", "the lag grows", |r| {
+        r.lag_seconds.is_some_and(|l| l > 2.0)
+    });
+    freeze(&b, false);
 }
 
 #[test]

@@ -174,6 +174,11 @@ pub async fn run(
         }
         known.state = if split { "split_brain" } else { "disconnected" };
         known.end_progress();
+        // Behind while anything written is not on the secondary: records, dropped ones
+        // (an overflowed log), or regions marked since its last commit.
+        known.behind |= service.primary_link(&name).is_some_and(|l| {
+            l.log.has_records() || l.log.overflowed() || l.log.dirty().dirty_bytes() > 0
+        });
         known.disconnected_since.get_or_insert_with(now_unix);
         service.set_link_status(&name, known.clone());
         tokio::select! {
@@ -552,6 +557,7 @@ async fn send_regions<W: AsyncWrite + Unpin>(
         "initial_sync"
     };
     known.set_progress(0, bytes);
+    known.behind |= bytes > 0;
     service.set_link_status(name, known.clone());
     send(
         tx,
@@ -764,7 +770,7 @@ where
                 }
             }
         }
-        known.behind = !sent.is_empty() || log.has_records();
+        known.behind = !sent.is_empty() || log.has_records() || log.overflowed();
         count(service, name, rx, tx);
         service.set_link_status(name, known.clone());
     }
