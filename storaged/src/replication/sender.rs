@@ -132,7 +132,9 @@ pub async fn run(
             service.count_replication_reconnect(&name);
         }
         let Some(PrimaryLink {
-            relationship: rel, ..
+            relationship: rel,
+            log,
+            ..
         }) = service
             .primary_link(&name)
             .filter(|l| l.relationship.id == served)
@@ -176,9 +178,7 @@ pub async fn run(
         known.end_progress();
         // Behind while anything written is not on the secondary: records, dropped ones
         // (an overflowed log), or regions marked since its last commit.
-        known.behind |= service.primary_link(&name).is_some_and(|l| {
-            l.log.has_records() || l.log.overflowed() || l.log.dirty().dirty_bytes() > 0
-        });
+        known.behind |= log.has_records() || log.overflowed() || log.dirty().dirty_bytes() > 0;
         known.disconnected_since.get_or_insert_with(now_unix);
         service.set_link_status(&name, known.clone());
         tokio::select! {

@@ -2,9 +2,9 @@
 //! relationship of a primary volume: those of the catalog at start, and each volume that
 //! becomes a primary later (a relationship started, a promote, a switchover) as soon as the
 //! service rings ([`VolumeService::wake_senders`]); it looks again every second, so a sender
-//! that ended while its volume is still a primary is started again. Each round also opens the sync gate
-//! (`sync.rs`) of a sync relationship whose secondary has not committed a write within the
-//! sync timeout.
+//! that ended while its volume is still a primary is started again. Each round also opens the
+//! sync gate (`sync.rs`) of a sync relationship whose secondary has not committed a write
+//! within the sync timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
