@@ -135,42 +135,53 @@ start_vmm() {
     VMM_PID=$(cat "$WORK/vmm.pid")
 }
 
-# wait_vmm SILENCE: waits for vmm's end, its exit code then in VMM_CODE. A guest whose
-# console stays silent for SILENCE seconds is stalled: vmm is killed and the scenario fails,
+# start_watch: a wait on the guest begins; check_stall counts its silence from here.
+start_watch() {
+    WATCH_SIZE=-1
+    WATCH_GREW=0
+}
+# check_stall SILENCE: called about once a second while waiting on the guest. A guest whose
+# console has not grown for SILENCE seconds is stalled: vmm is killed and the scenario fails,
 # saying whether the guest's kernel had reached its init.
+check_stall() {
+    size=$(wc -c <"$WORK/console")
+    now=$(date +%s)
+    if [ "$size" != "$WATCH_SIZE" ]; then
+        WATCH_SIZE=$size
+        WATCH_GREW=$now
+        return 0
+    fi
+    [ $((now - WATCH_GREW)) -ge "$1" ] || return 0
+    kill -9 "$VMM_PID" 2>/dev/null
+    VMM_PID=""
+    stop_following
+    guest_said "vmm-test: init started" ||
+        fail "the guest stalled before its init ran: its console was silent for $1 s"
+    fail "the guest stalled: its console was silent for $1 s"
+}
+
+# wait_vmm SILENCE: waits for vmm's end, its exit code then in VMM_CODE; a guest silent for
+# SILENCE seconds fails the scenario (check_stall).
 wait_vmm() {
-    last=-1
-    quiet=0
+    start_watch
     until vmm_gone; do
-        size=$(wc -c <"$WORK/console")
-        if [ "$size" = "$last" ]; then
-            quiet=$((quiet + 1))
-        else
-            quiet=0
-            last=$size
-        fi
-        if [ $quiet -ge "$1" ]; then
-            kill -9 "$VMM_PID" 2>/dev/null
-            VMM_PID=""
-            stop_following
-            guest_said "vmm-test: init started" ||
-                fail "the guest stalled before its init ran: its console was silent for $1 s"
-            fail "the guest stalled: its console was silent for $1 s"
-        fi
+        check_stall "$1"
         sleep 1
     done
 }
 
-# wait_console TEXT SECONDS: waits until the guest's console has a line containing TEXT;
-# fails at once if vmm ends first.
+# wait_console TEXT SILENCE: waits until the guest's console has a line containing TEXT;
+# fails at once if vmm ends first, and as wait_vmm does if the guest is silent for SILENCE
+# seconds.
 wait_console() {
+    start_watch
     i=0
     until guest_said "$1"; do
         if vmm_gone; then
             stop_following
             vmm_ended_early "without '$1' on the guest's console"
         fi
-        [ $i -lt $(($2 * 10)) ] || fail "no '$1' on the guest's console within $2 s"
+        [ $((i % 10)) -ne 0 ] || check_stall "$2"
         sleep 0.1
         i=$((i + 1))
     done

@@ -363,9 +363,9 @@ pub fn run_scenario_with(
 /// cores also busy with other tests, that happens about once in twenty runs here: the host
 /// kernel overflows a KVM vCPU thread's stack (`BUG: TASK stack guard page was hit`, then a
 /// panic), or the nested guest's kernel triple-faults or stops at a random point of its early
-/// boot (bringing up its second CPU, printing a line). Neither says anything about the code
-/// under test; a scenario that fails once the guest's init has run, or for a reason of its
-/// own, is never run again.
+/// boot (bringing up its second CPU, loading its ACPI tables, printing a line). Neither says
+/// anything about the code under test; a scenario that fails once the guest's init has run,
+/// or for a reason of its own, is never run again.
 const HOST_ATTEMPTS: u32 = 3;
 
 /// How [`run_with_timeout`]'s last line starts when it killed the run at its time limit.
@@ -374,7 +374,7 @@ const KILLED: &str = "(killed after ";
 /// Why a failed run is a fault of the emulation, if it is: the emulated host's own kernel
 /// (not the guest's: its lines are marked `guest| `) reported a BUG or a panic, or the guest's
 /// kernel crashed or stalled before its init ran (the scenario says so: `lib.sh`'s
-/// `vmm_ended_early` and `wait_vmm`), or the whole run was killed at its time limit before
+/// `vmm_ended_early` and `check_stall`), or the whole run was killed at its time limit before
 /// the guest's init ran (the emulated host itself stopped, so its scenario could not say).
 fn emulation_fault(console: &str) -> Option<&'static str> {
     let host_crashed = console.lines().any(|l| {
@@ -784,6 +784,48 @@ mod tests {
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn waiting_for_the_console_ends_when_the_guest_falls_silent_saying_whether_its_init_ran() {
+        // A guest stopped in its early boot (as the emulation sometimes leaves one): waited
+        // out, the failure would come after 600 s and not say it is the emulation's.
+        let (ok, out) = with_scenario_lib(
+            "echo '[    1.8] ACPI: 1 ACPI AML tables successfully acquired and loaded' \
+             >>\"$WORK/console\"; exec sleep 60",
+            "follow_guest_console\nstart_vmm\nwait_console 'vmm-test: waiting' 2",
+        );
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(
+                "scenario: FAIL the guest stalled before its init ran: its console was silent \
+                 for 2 s"
+            ),
+            "{out}"
+        );
+        assert!(emulation_fault(&out).is_some(), "{out}");
+
+        // Silent after its init ran: the scenario's own failure.
+        let (ok, out) = with_scenario_lib(
+            "echo 'vmm-test: init started' >>\"$WORK/console\"; exec sleep 60",
+            "follow_guest_console\nstart_vmm\nwait_console 'vmm-test: waiting' 2",
+        );
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("scenario: FAIL the guest stalled: its console was silent for 2 s"),
+            "{out}"
+        );
+        assert_eq!(emulation_fault(&out), None, "{out}");
+
+        // A guest that keeps talking is waited for until it says what is waited for.
+        let (ok, out) = with_scenario_lib(
+            "for i in 1 2 3 4; do echo \"line $i\" >>\"$WORK/console\"; sleep 1; done; \
+             echo 'vmm-test: waiting for vda to grow' >>\"$WORK/console\"; exec sleep 60",
+            "follow_guest_console\nstart_vmm\nwait_console 'vmm-test: waiting' 2\n\
+             echo scenario: seen",
+        );
+        assert!(ok, "{out}");
+        assert!(out.contains("scenario: seen"), "{out}");
     }
 
     #[test]
