@@ -80,6 +80,12 @@ struct Inner {
     /// The regions touched since a commit last found them clean, each once: what a commit
     /// looks at, rather than every region of the volume.
     pending: Vec<u64>,
+    /// The last seq taken when the log was last emptied for a resync's pass, and how many
+    /// regions records after it touched: what the pass's successor would send.
+    pass_start: u64,
+    touched_in_pass: u64,
+    /// Bytes of every write appended, kept or dropped: what the volume's writer has written.
+    written: u64,
 }
 
 /// In a region's `region_seq`: the region is in `pending`. Seqs stay below it.
@@ -97,6 +103,9 @@ impl ReplicationLog {
                 generation: 0,
                 region_seq: Vec::new(),
                 pending: Vec::new(),
+                pass_start: 0,
+                touched_in_pass: 0,
+                written: 0,
             }),
             capacity,
             dirty,
@@ -175,6 +184,7 @@ impl ReplicationLog {
         let mut inner = self.lock();
         let seq = inner.take_seq();
         inner.touch(offset, len as u64, seq);
+        inner.written += len as u64;
         let fits = inner.fits(cost, self.capacity);
         match data {
             Some(data) if fits => {
@@ -270,6 +280,19 @@ impl ReplicationLog {
         self.lock().bytes
     }
 
+    /// Bytes of every write appended since the log was made, whether its record was kept or
+    /// dropped: the volume's writes, as a meter reads them.
+    pub fn written_bytes(&self) -> u64 {
+        self.lock().written
+    }
+
+    /// Bytes of the regions that records touched since the current resync pass began
+    /// ([`start_resync`](Self::start_resync), [`continue_resync`](Self::continue_resync)):
+    /// about what the next pass would send, were the log to overflow.
+    pub fn touched_in_pass(&self) -> u64 {
+        self.lock().touched_in_pass * REGION
+    }
+
     /// The start of a resync: the regions it sends (the dirty ones, as byte ranges), and a
     /// fresh log: emptied and no longer overflowed, so that the records from now on follow
     /// the regions. The regions stay dirty until the secondary has committed the resync.
@@ -339,6 +362,9 @@ impl Inner {
             if *s == u64::MAX || *s & PENDING == 0 {
                 self.pending.push(r as u64);
             }
+            if seq > self.pass_start && (*s == u64::MAX || *s & !PENDING <= self.pass_start) {
+                self.touched_in_pass += 1;
+            }
             *s = if *s == u64::MAX {
                 seq
             } else {
@@ -364,7 +390,9 @@ impl Inner {
         self.records.clear();
         self.bytes = 0;
         self.overflowed = false;
-        self.next_seq - 1
+        self.pass_start = self.next_seq - 1;
+        self.touched_in_pass = 0;
+        self.pass_start
     }
 
     fn overflow(&mut self) {
@@ -511,7 +539,12 @@ mod tests {
         log.before_submit(&[(13 * REGION, 4096)]).unwrap();
         log.zero(13 * REGION, 4096, false);
         assert!(log.overflowed());
+        // Each region once, however often it is written: what the next pass sends.
+        write(&log, 9 * REGION + 8192, 4096);
+        assert_eq!(log.touched_in_pass(), 3 * REGION);
+        assert_eq!(log.written_bytes(), 7 * 4096, "dropped records count too");
         let (ranges, since) = log.continue_resync(since);
+        assert_eq!(log.touched_in_pass(), 0, "a new pass");
         assert_eq!(
             ranges,
             vec![
@@ -520,11 +553,11 @@ mod tests {
                 (13 * REGION, REGION)
             ]
         );
-        assert_eq!(since, 7);
+        assert_eq!(since, 8);
         assert!(!log.overflowed());
         // Nothing written during that pass: the next one has nothing to send, and records
         // are kept again.
-        assert_eq!(log.continue_resync(since), (vec![], 7));
+        assert_eq!(log.continue_resync(since), (vec![], 8));
         write(&log, 4 * REGION, 4096);
         assert_eq!(log.drain().len(), 1);
     }

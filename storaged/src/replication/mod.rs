@@ -12,6 +12,7 @@
 //! - `session.rs`: what an authenticated connection does (a primary asking its peer to create
 //!   the secondary).
 //! - `sender.rs`: the primary's side of the stream (resync, then records and cuts);
+//! - `pace.rs`: when a resync the volume's writes outran starts again;
 //! - `supervisor.rs`: starts the sender of every primary volume.
 //! - `receiver.rs`: the secondary's side (staging and committing through `apply.rs`).
 //! - `relationship.rs`: a volume's relationship as the catalog keeps it.
@@ -22,6 +23,7 @@ pub mod dirty;
 pub mod link;
 pub mod listener;
 pub mod log;
+pub mod pace;
 pub mod receiver;
 pub mod relationship;
 pub mod roles;

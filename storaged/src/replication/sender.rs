@@ -12,9 +12,11 @@
 //!    sent as a discard of it), then the records appended since the resync began, then
 //!    `ResyncEnd`, the epoch's cut. Should the log overflow while the regions are read (writes
 //!    faster than the link), a further pass in the same epoch sends the regions written
-//!    meanwhile, while the passes shrink; else the connection is made again. The secondary
-//!    commits the epoch whole (in place the first time, when it has no consistent image to
-//!    keep) and answers `Committed`.
+//!    meanwhile, while the passes shrink; else the resync is lost to the writes, given up as
+//!    soon as a pass is known to be no shorter than the last, and tried again on a new
+//!    connection once the writes slow (`pace.rs`). The secondary commits the epoch whole (in
+//!    place the first time, when it has no consistent image to keep) and answers
+//!    `Committed`.
 //! 3. The stream: every [`EPOCH_INTERVAL`] the log is cut and its records sent, each cut as a
 //!    `Cut` with the next epoch; each `Committed` moves the secondary's consistent point
 //!    (`consistent_at`, the primary's time of that cut).
@@ -43,6 +45,7 @@ use tokio::sync::watch;
 
 use super::link::{self, Link};
 use super::log::{Record, ReplicationLog};
+use super::pace;
 use super::roles::{self, Meeting, Side};
 use super::session::{self, wire_spec};
 use super::tls::Tls;
@@ -95,8 +98,12 @@ enum Error {
          since they were level; resolve with keep = local or peer"
     )]
     SplitBrain(u64),
-    #[error("the log overflowed during the resync (writes faster than the link): resync again")]
-    ResyncOverflow,
+    #[error(
+        "the volume's writes ({:.1} MB/s) outran the resync: the log overflowed during a pass \
+         and the regions written since it began were as many bytes as it sends",
+        writes_per_second / 1e6
+    )]
+    ResyncOverflow { writes_per_second: f64 },
     #[error("the volume grew: the secondary grows at the next connection")]
     Resized,
     #[error("cannot change the volume's role: {0}")]
@@ -127,6 +134,7 @@ pub async fn run(
         ..LinkStatus::default()
     };
     let mut first = true;
+    let mut losses = pace::Losses::default();
     loop {
         if !std::mem::take(&mut first) {
             service.count_replication_reconnect(&name);
@@ -141,10 +149,14 @@ pub async fn run(
         else {
             return;
         };
+        let committed = known.consistent_at_ns;
         let outcome = tokio::select! {
             r = connection(&service, &tls, &name, &listen, &mut known) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
+        if known.consistent_at_ns != committed {
+            losses.reset();
+        }
         if service.switchover_pending(&name) {
             let why = match &outcome {
                 Err(e) => crate::error_chain(e),
@@ -155,6 +167,24 @@ pub async fn run(
         let mut split = false;
         match outcome {
             Err(Error::Gone) => return,
+            Err(ref e @ Error::ResyncOverflow { writes_per_second }) => {
+                wait_out_the_writes(
+                    &service,
+                    &name,
+                    &log,
+                    &mut known,
+                    &mut losses,
+                    e,
+                    writes_per_second,
+                    &mut stop,
+                )
+                .await;
+                if *stop.borrow() {
+                    return;
+                }
+                backoff = BACKOFF_MIN;
+                continue;
+            }
             Err(e @ Error::Resized) => {
                 tracing::info!(volume = %name, "replication: {e}");
                 backoff = BACKOFF_MIN / 2;
@@ -186,6 +216,48 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// After a resync the writes outran (`lost`, writes of `writes_per_second`): shows the
+/// resync waiting with the dirty bytes left, and waits as `pace.rs` says, or until `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn wait_out_the_writes(
+    service: &VolumeService,
+    name: &str,
+    log: &ReplicationLog,
+    known: &mut LinkStatus,
+    losses: &mut pace::Losses,
+    lost: &Error,
+    writes_per_second: f64,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let holdoff = losses.holdoff();
+    tracing::warn!(
+        volume = %name,
+        "replication: {lost}; the resync starts again once they slow to half, or in {} s",
+        holdoff.as_secs()
+    );
+    known.state = if known.consistent {
+        "resync"
+    } else {
+        "initial_sync"
+    };
+    known.set_progress(0, log.dirty().dirty_bytes());
+    known.behind = true;
+    known.disconnected_since = None;
+    service.set_link_status(name, known.clone());
+    let start = tokio::select! {
+        s = losses.wait(log, writes_per_second) => s,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    match start {
+        pace::Start::Slower(rate) => {
+            tracing::info!(volume = %name, "replication: the volume's writes slowed to {:.1} MB/s; the resync starts again", rate / 1e6);
+        }
+        pace::Start::HeldOff(after) => {
+            tracing::info!(volume = %name, "replication: the resync starts again after {} s, the writes as fast", after.as_secs());
+        }
     }
 }
 
@@ -490,10 +562,18 @@ async fn resync<W: AsyncWrite + Unpin>(
     tx: &mut Link<W>,
     known: &mut LinkStatus,
 ) -> Result<(u64, u64), Error> {
+    let meter = pace::WriteMeter::start(log);
+    let lost = || Error::ResyncOverflow {
+        writes_per_second: meter.rate(log),
+    };
     let (mut ranges, mut since) = log.start_resync();
     let mut pass = 1;
     let (time_unix_ns, records, seq) = loop {
-        let bytes = send_regions(service, name, file, size, epoch, &ranges, tx, known).await?;
+        let Some(bytes) =
+            send_regions(service, name, log, file, size, epoch, &ranges, tx, known).await?
+        else {
+            return Err(lost());
+        };
         // What completed while the regions were read; cuts inside a resync are not epochs.
         // The resync's cut is the last record taken with them: what comes after goes to the
         // stream. Its time is read before: every write answered by then is among them.
@@ -509,7 +589,7 @@ async fn resync<W: AsyncWrite + Unpin>(
         let left: u64 = next.0.iter().map(|(_, l)| l).sum();
         pass += 1;
         if pass > RESYNC_PASSES || left >= bytes {
-            return Err(Error::ResyncOverflow);
+            return Err(lost());
         }
         tracing::info!(volume = %name, epoch, pass, bytes = left, "replication: the log overflowed during the resync; another pass");
         (ranges, since) = next;
@@ -532,18 +612,21 @@ async fn resync<W: AsyncWrite + Unpin>(
 }
 
 /// Sends one pass of a resync: `ResyncBegin`, then the regions `ranges` (cut to the
-/// volume's `size`); returns their bytes.
+/// volume's `size`); returns their bytes. `None`: the pass was given up, lost to the writes
+/// (`log` overflowed and they touched as many bytes of regions as the pass sends, so the next
+/// pass would be no shorter).
 #[allow(clippy::too_many_arguments)]
 async fn send_regions<W: AsyncWrite + Unpin>(
     service: &VolumeService,
     name: &str,
+    log: &ReplicationLog,
     file: &File,
     size: u64,
     epoch: u64,
     ranges: &[(u64, u64)],
     tx: &mut Link<W>,
     known: &mut LinkStatus,
-) -> Result<u64, Error> {
+) -> Result<Option<u64>, Error> {
     let ranges: Vec<(u64, u64)> = ranges
         .iter()
         .filter(|(off, _)| *off < size)
@@ -577,8 +660,11 @@ async fn send_regions<W: AsyncWrite + Unpin>(
         if known.set_progress(done, bytes) {
             service.set_link_status(name, known.clone());
         }
+        if log.overflowed() && log.touched_in_pass() >= bytes {
+            return Ok(None);
+        }
     }
-    Ok(bytes)
+    Ok(Some(bytes))
 }
 
 /// A region as the backing file holds it: its bytes, or a discard where the file has a hole.
