@@ -3,8 +3,9 @@
 //! with the workload of generations (`storaged_tests::generations`), and the secondary's image
 //! checked after a steady state, a cut link, and kills of either side at bad moments: every
 //! block at one generation or the next, none torn, none older than `consistent_at` and the RPO
-//! allow. Besides: a resync after an outage sends the changed regions, not the volume; an
-//! encrypted volume crosses the link and lands on the peer as its ciphertext.
+//! allow. Besides: a resync after an outage sends the changed regions, not the volume; a
+//! resync the writes outrun waits until they slow; an encrypted volume crosses the link and
+//! lands on the peer as its ciphertext.
 //!
 //! Where the secondary's image is read (the primary gone, the stream ended) it is promoted
 //! and read: [`secondary_image`].
@@ -767,6 +768,89 @@ fn after_a_link_outage_the_resync_sends_about_the_changed_regions_not_the_volume
         assert!(
             ro.read(0, offset, len).unwrap() == pattern(len, offset, i as u8),
             "write {i} at {offset}"
+        );
+    }
+}
+
+#[test]
+fn a_resync_the_writes_outrun_waits_until_they_slow_then_brings_the_secondary_level() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(z) = zones() else {
+        return;
+    };
+    z.replicate(r#""size":"64MiB","encryption":"none""#);
+    // A link of 5 MB/s and a writer going round the whole volume, 1 MiB at a time, as fast as
+    // it can: the stream falls behind, the log overflows, and every resync pass would take
+    // longer than the writer takes to write over all its regions again.
+    z.net.rate(40);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socket = z.a.socket_of(VOLUME);
+    let w = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c = connect_retry(&socket, 1);
+            let mut round = 0u8;
+            loop {
+                for i in 0..64u64 {
+                    assert_eq!(c.write(0, i << 20, &pattern(1 << 20, i << 20, round)), 0);
+                }
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                round = round.wrapping_add(1);
+            }
+            assert_eq!(c.flush(0), 0);
+            round
+        })
+    };
+    let lost = |s: &Storaged| {
+        s.log_text()
+            .lines()
+            .filter(|l| l.contains("outran the resync"))
+            .count()
+    };
+    wait_until(
+        "a resync lost to the writes",
+        Duration::from_secs(60),
+        || lost(&z.a) > 0,
+    );
+    // It waits while they go on: no pass is started, the regions are shown left to send and
+    // the lag grows.
+    let passes = resyncs(&z.a);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        resyncs(&z.a),
+        passes,
+        "a resync started under the same writes:\n{}",
+        z.logs()
+    );
+    let r = z.a.admin().replication(VOLUME).unwrap();
+    assert_eq!(r.state, "resync", "{r:?}");
+    assert!(r.bytes_left.is_some_and(|b| b > 0), "{r:?}");
+    assert!(r.lag_seconds.is_some_and(|l| l > 2.0), "{r:?}");
+
+    // The writer stops: the resync starts within a second or two and brings the secondary
+    // level with the last round.
+    z.net.unlimited();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let round = w.join().unwrap();
+    let flushed = unix_now();
+    wait_replication(
+        &z.a,
+        "the resync after the writes",
+        Duration::from_secs(60),
+        |r| r.state == "replicating" && r.consistent_at.is_some_and(|t| t >= flushed),
+    );
+    assert!(
+        z.a.log_text().contains("writes slowed to"),
+        "the resync did not start for the writes' slowing:\n{}",
+        z.logs()
+    );
+    let mut ro = BlkClient::connect_read_only(&z.b.socket_of(VOLUME)).unwrap();
+    for i in 0..64u64 {
+        assert!(
+            ro.read(0, i << 20, 1 << 20).unwrap() == pattern(1 << 20, i << 20, round),
+            "MiB {i} is not the last round's"
         );
     }
 }
