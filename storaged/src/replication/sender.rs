@@ -439,6 +439,9 @@ type Sent = std::collections::VecDeque<(u64, u64, u64)>;
 /// [`resync`]).
 const RESYNC_PASSES: u32 = 16;
 
+/// Regions (of [`super::log::REGION`] bytes) a resync reads ahead of what the link has taken.
+const READ_AHEAD: usize = 8;
+
 /// Bytes of frames written to the link at once.
 const BATCH: usize = 256 << 10;
 
@@ -651,10 +654,23 @@ async fn send_regions<W: AsyncWrite + Unpin>(
         },
     )
     .await?;
+    // The regions are read on the runtime's blocking side, up to READ_AHEAD of them ahead
+    // of the link: the disk's reads overlap the sends. Dropping `regions` (the pass given
+    // up, the link broken) stops the reads.
+    let (ahead, mut regions) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let file = file.try_clone().map_err(Error::Read)?;
+    tokio::task::spawn_blocking(move || {
+        for (offset, len) in ranges {
+            let region = read_region(&file, offset, len).map(|msg| (len, msg));
+            let failed = region.is_err();
+            if ahead.blocking_send(region).is_err() || failed {
+                return;
+            }
+        }
+    });
     let mut done = 0u64;
-    for (offset, len) in ranges {
-        let msg =
-            tokio::task::block_in_place(|| read_region(file, offset, len)).map_err(Error::Read)?;
+    while let Some(region) = regions.recv().await {
+        let (len, msg) = region.map_err(Error::Read)?;
         send(tx, &msg).await?;
         done += len;
         if known.set_progress(done, bytes) {
@@ -663,6 +679,13 @@ async fn send_regions<W: AsyncWrite + Unpin>(
         if log.overflowed() && log.touched_in_pass() >= bytes {
             return Ok(None);
         }
+    }
+    if done != bytes {
+        // The reader ended without an error of its own to say (it panicked): the pass is
+        // not whole, and must not be committed.
+        return Err(Error::Read(std::io::Error::other(
+            "the resync's reads ended before its last region",
+        )));
     }
     Ok(Some(bytes))
 }
