@@ -84,7 +84,8 @@ struct Inner {
     /// regions records after it touched: what the pass's successor would send.
     pass_start: u64,
     touched_in_pass: u64,
-    /// Bytes of every write appended, kept or dropped: what the volume's writer has written.
+    /// Bytes of every write, discard and write-zeroes appended, kept or dropped: what the
+    /// volume's writer has changed.
     written: u64,
 }
 
@@ -207,6 +208,7 @@ impl ReplicationLog {
         let mut inner = self.lock();
         let seq = inner.take_seq();
         inner.touch(offset, len, seq);
+        inner.written += len;
         if !inner.fits(RECORD_OVERHEAD, self.capacity) {
             inner.overflow();
         } else {
@@ -280,8 +282,8 @@ impl ReplicationLog {
         self.lock().bytes
     }
 
-    /// Bytes of every write appended since the log was made, whether its record was kept or
-    /// dropped: the volume's writes, as a meter reads them.
+    /// Bytes of every write, discard and write-zeroes appended since the log was made,
+    /// whether its record was kept or dropped: the volume's changes, as a meter reads them.
     pub fn written_bytes(&self) -> u64 {
         self.lock().written
     }
@@ -542,7 +544,11 @@ mod tests {
         // Each region once, however often it is written: what the next pass sends.
         write(&log, 9 * REGION + 8192, 4096);
         assert_eq!(log.touched_in_pass(), 3 * REGION);
-        assert_eq!(log.written_bytes(), 7 * 4096, "dropped records count too");
+        assert_eq!(
+            log.written_bytes(),
+            8 * 4096,
+            "dropped records and zeroed ranges count too"
+        );
         let (ranges, since) = log.continue_resync(since);
         assert_eq!(log.touched_in_pass(), 0, "a new pass");
         assert_eq!(

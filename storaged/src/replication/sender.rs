@@ -25,7 +25,8 @@
 //! epoch, and that no request has in flight, is cleared (on disk once it stayed clean for
 //! [`super::dirty::DISK_CLEAN_AGE`]), so a resync sends only the regions changed since the
 //! secondary last had them. A broken connection is made
-//! again after a backoff of 1 s doubling to 10 s.
+//! again after a backoff of 1 s doubling to 10 s; after a resync lost to the writes, once
+//! they slow (`pace.rs`).
 //!
 //! When the peer answers as a primary too, `roles.rs` decides: this side demotes itself (and
 //! the sender ends), waits for the peer to, or reports a split brain. A secondary's `Hello`
@@ -136,9 +137,6 @@ pub async fn run(
     let mut first = true;
     let mut losses = pace::Losses::default();
     loop {
-        if !std::mem::take(&mut first) {
-            service.count_replication_reconnect(&name);
-        }
         let Some(PrimaryLink {
             relationship: rel,
             log,
@@ -149,6 +147,9 @@ pub async fn run(
         else {
             return;
         };
+        if !std::mem::take(&mut first) {
+            service.count_replication_reconnect(&name);
+        }
         let committed = known.consistent_at_ns;
         let outcome = tokio::select! {
             r = connection(&service, &tls, &name, &listen, &mut known) => r,
@@ -243,13 +244,21 @@ async fn wait_out_the_writes(
     } else {
         "initial_sync"
     };
-    known.set_progress(0, log.dirty().dirty_bytes());
     known.behind = true;
     known.disconnected_since = None;
-    service.set_link_status(name, known.clone());
-    let start = tokio::select! {
-        s = losses.wait(log, writes_per_second) => s,
-        _ = stop.wait_for(|s| *s) => return,
+    let wait = losses.wait(log, writes_per_second);
+    tokio::pin!(wait);
+    // What the next resync will send, as the writes go on marking regions.
+    let mut shown = tokio::time::interval(Duration::from_secs(1));
+    let start = loop {
+        tokio::select! {
+            s = &mut wait => break s,
+            _ = shown.tick() => {
+                known.set_progress(0, log.dirty().dirty_bytes());
+                service.set_link_status(name, known.clone());
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
     };
     match start {
         pace::Start::Slower(rate) => {
@@ -440,7 +449,7 @@ type Sent = std::collections::VecDeque<(u64, u64, u64)>;
 const RESYNC_PASSES: u32 = 16;
 
 /// Regions (of [`super::log::REGION`] bytes) a resync reads ahead of what the link has taken.
-const READ_AHEAD: usize = 8;
+const READ_AHEAD: usize = 4;
 
 /// Bytes of frames written to the link at once.
 const BATCH: usize = 256 << 10;
@@ -538,6 +547,13 @@ fn count<R, W>(service: &VolumeService, name: &str, rx: &mut Link<R>, tx: &mut L
     service.count_replication_bytes(name, sent, received);
 }
 
+/// Adds what the sending half carried to the volume's sent-bytes counter (during a resync,
+/// whose passes may be given up with the connection).
+fn count_sent<W>(service: &VolumeService, name: &str, tx: &mut Link<W>) {
+    let (sent, _) = tx.take_counts();
+    service.count_replication_bytes(name, sent, 0);
+}
+
 /// Writes out the dirty map's clears that are due.
 fn flush_clears(log: &ReplicationLog) {
     let flushed =
@@ -565,8 +581,9 @@ async fn resync<W: AsyncWrite + Unpin>(
     tx: &mut Link<W>,
     known: &mut LinkStatus,
 ) -> Result<(u64, u64), Error> {
-    let meter = pace::WriteMeter::start(log);
-    let lost = || Error::ResyncOverflow {
+    // The writes during the pass being sent: what a lost resync waits to see slow.
+    let mut meter = pace::WriteMeter::start(log);
+    let lost = |meter: &pace::WriteMeter| Error::ResyncOverflow {
         writes_per_second: meter.rate(log),
     };
     let (mut ranges, mut since) = log.start_resync();
@@ -575,8 +592,13 @@ async fn resync<W: AsyncWrite + Unpin>(
         let Some(bytes) =
             send_regions(service, name, log, file, size, epoch, &ranges, tx, known).await?
         else {
-            return Err(lost());
+            return Err(lost(&meter));
         };
+        // Grown meanwhile: the regions past the size the secondary was told are not in
+        // this resync, and its commit would clear them. A new connection grows it first.
+        if service.primary_link(name).is_some_and(|l| l.size != size) {
+            return Err(Error::Resized);
+        }
         // What completed while the regions were read; cuts inside a resync are not epochs.
         // The resync's cut is the last record taken with them: what comes after goes to the
         // stream. Its time is read before: every write answered by then is among them.
@@ -592,8 +614,9 @@ async fn resync<W: AsyncWrite + Unpin>(
         let left: u64 = next.0.iter().map(|(_, l)| l).sum();
         pass += 1;
         if pass > RESYNC_PASSES || left >= bytes {
-            return Err(lost());
+            return Err(lost(&meter));
         }
+        meter = pace::WriteMeter::start(log);
         tracing::info!(volume = %name, epoch, pass, bytes = left, "replication: the log overflowed during the resync; another pass");
         (ranges, since) = next;
     };
@@ -659,7 +682,7 @@ async fn send_regions<W: AsyncWrite + Unpin>(
     // up, the link broken) stops the reads.
     let (ahead, mut regions) = tokio::sync::mpsc::channel(READ_AHEAD);
     let file = file.try_clone().map_err(Error::Read)?;
-    tokio::task::spawn_blocking(move || {
+    let reader = tokio::task::spawn_blocking(move || {
         for (offset, len) in ranges {
             let region = read_region(&file, offset, len).map(|msg| (len, msg));
             let failed = region.is_err();
@@ -674,18 +697,22 @@ async fn send_regions<W: AsyncWrite + Unpin>(
         send(tx, &msg).await?;
         done += len;
         if known.set_progress(done, bytes) {
+            count_sent(service, name, tx);
             service.set_link_status(name, known.clone());
         }
         if log.overflowed() && log.touched_in_pass() >= bytes {
+            count_sent(service, name, tx);
             return Ok(None);
         }
     }
     if done != bytes {
-        // The reader ended without an error of its own to say (it panicked): the pass is
-        // not whole, and must not be committed.
-        return Err(Error::Read(std::io::Error::other(
-            "the resync's reads ended before its last region",
-        )));
+        // The reader ended without an error of its own to say: the pass is not whole, and
+        // must not be committed.
+        let why = match reader.await {
+            Err(e) if e.is_panic() => "the resync's reader panicked",
+            _ => "the resync's reads ended before its last region",
+        };
+        return Err(Error::Read(std::io::Error::other(why)));
     }
     Ok(Some(bytes))
 }
