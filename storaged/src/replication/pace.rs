@@ -140,34 +140,37 @@ mod tests {
         (Arc::new(ReplicationLog::new(1 << 20, map)), dir)
     }
 
-    /// Writes `len` bytes to `log` every `every` until `stop` turns true.
-    fn writer(
-        log: Arc<ReplicationLog>,
-        len: usize,
-        every: Duration,
+    /// A writer appending 64 KiB to a log every 10 ms (about 6.4 MB/s) until stopped.
+    struct Writer {
         stop: Arc<std::sync::atomic::AtomicBool>,
-    ) -> std::thread::JoinHandle<()> {
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                log.before_submit(&[(0, len as u64)]).unwrap();
-                log.write(0, len, |_| true);
-                log.drain();
-                std::thread::sleep(every);
-            }
-        })
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Writer {
+        fn start(log: Arc<ReplicationLog>) -> Self {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = std::thread::spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    log.before_submit(&[(0, 64 << 10)]).unwrap();
+                    log.write(0, 64 << 10, |_| true);
+                    log.drain();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            Writer { stop, thread }
+        }
+
+        fn stop(self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.thread.join().unwrap();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_resync_waits_while_the_writes_go_on_and_starts_once_they_slow() {
         let (log, _dir) = log();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // About 6.4 MB/s: 64 KiB every 10 ms.
-        let w = writer(
-            log.clone(),
-            64 << 10,
-            Duration::from_millis(10),
-            stop.clone(),
-        );
+        let w = Writer::start(log.clone());
         let meter = WriteMeter::start(&log);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rate = meter.rate(&log);
@@ -186,8 +189,7 @@ mod tests {
         // Still writing: it waits.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(!waiting.is_finished(), "started under the same writes");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        w.join().unwrap();
+        w.stop();
         let (start, after) = waiting.await.unwrap();
         assert!(matches!(start, Start::Slower(r) if r <= limit), "{start:?}");
         // The writes stopped after 1.5 s; a window later they are slow enough.
@@ -197,17 +199,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_that_stay_as_fast_start_the_resync_at_the_holdoff_which_doubles_per_loss() {
         let (log, _dir) = log();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let w = writer(
-            log.clone(),
-            64 << 10,
-            Duration::from_millis(10),
-            stop.clone(),
-        );
+        let w = Writer::start(log.clone());
         let start = wait_slower(&log, 1.0, Duration::from_millis(300), TICK).await;
         assert_eq!(start, Start::HeldOff(Duration::from_millis(300)));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        w.join().unwrap();
+        w.stop();
 
         let mut losses = Losses::default();
         assert_eq!(losses.holdoff(), HOLDOFF_MIN);
