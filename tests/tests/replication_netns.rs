@@ -268,10 +268,12 @@ fn metric(s: &Storaged, series: &str) -> f64 {
 
 /// How many "replication: resync" lines `s` has logged.
 fn resyncs(s: &Storaged) -> usize {
-    s.log_text()
-        .lines()
-        .filter(|l| l.contains("replication: resync"))
-        .count()
+    log_lines(s, "replication: resync")
+}
+
+/// How many lines `s` has logged that contain `text`.
+fn log_lines(s: &Storaged, text: &str) -> usize {
+    s.log_text().lines().filter(|l| l.contains(text)).count()
 }
 
 /// The writer's report once it has stopped (after a kill of its daemon, it stops on its own
@@ -803,16 +805,10 @@ fn a_resync_the_writes_outrun_waits_until_they_slow_then_brings_the_secondary_le
             round
         })
     };
-    let lost = |s: &Storaged| {
-        s.log_text()
-            .lines()
-            .filter(|l| l.contains("outran the resync"))
-            .count()
-    };
     wait_until(
         "a resync lost to the writes",
         Duration::from_secs(60),
-        || lost(&z.a) > 0,
+        || log_lines(&z.a, "outran the resync") > 0,
     );
     // It waits while they go on: no pass is started, the regions are shown left to send and
     // the lag grows.

@@ -114,10 +114,10 @@ async fn wait_slower(log: &ReplicationLog, limit: f64, holdoff: Duration, tick: 
         while readings.len() > 2 && now.duration_since(readings[1].0) >= WINDOW {
             readings.pop_front();
         }
-        let (first_at, first) = readings[0];
+        let ((first_at, first), (_, last)) = (readings[0], readings[readings.len() - 1]);
         let span = now.duration_since(first_at);
         if span >= WINDOW {
-            let rate = log.written_bytes().saturating_sub(first) as f64 / span.as_secs_f64();
+            let rate = last.saturating_sub(first) as f64 / span.as_secs_f64();
             if rate <= limit {
                 return Start::Slower(rate);
             }

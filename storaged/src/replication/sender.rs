@@ -169,13 +169,17 @@ pub async fn run(
         match outcome {
             Err(Error::Gone) => return,
             Err(ref e @ Error::ResyncOverflow { writes_per_second }) => {
+                tracing::warn!(
+                    volume = %name,
+                    "replication: {e}; the resync starts again once they slow to half, or in {} s",
+                    losses.holdoff().as_secs()
+                );
                 wait_out_the_writes(
                     &service,
                     &name,
                     &log,
                     &mut known,
                     &mut losses,
-                    e,
                     writes_per_second,
                     &mut stop,
                 )
@@ -220,25 +224,17 @@ pub async fn run(
     }
 }
 
-/// After a resync the writes outran (`lost`, writes of `writes_per_second`): shows the
-/// resync waiting with the dirty bytes left, and waits as `pace.rs` says, or until `stop`.
-#[allow(clippy::too_many_arguments)]
+/// After a resync lost to writes of `writes_per_second`: shows the resync waiting with the
+/// dirty bytes left, and waits as `pace.rs` says, or until `stop`.
 async fn wait_out_the_writes(
     service: &VolumeService,
     name: &str,
     log: &ReplicationLog,
     known: &mut LinkStatus,
     losses: &mut pace::Losses,
-    lost: &Error,
     writes_per_second: f64,
     stop: &mut watch::Receiver<bool>,
 ) {
-    let holdoff = losses.holdoff();
-    tracing::warn!(
-        volume = %name,
-        "replication: {lost}; the resync starts again once they slow to half, or in {} s",
-        holdoff.as_secs()
-    );
     known.state = if known.consistent {
         "resync"
     } else {
